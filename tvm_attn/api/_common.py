@@ -1,0 +1,214 @@
+"""What every wrapper shares: device and target, the kernel cache, variant arguments, run calls."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import tvm
+
+from .. import dtypes
+from ..cache import KernelCache, get_cache
+from ..config import AttentionKey
+from ..tensor import dtype_of, empty, like_input, shape_of, to_tvm
+from ..variants import ALiBi, AttentionVariant, Causal, LogitsSoftCap, RoPE, SlidingWindow, compose
+from ..variants.base import CONFIG_DIMS, ScalarParam, TensorParam
+
+_POS_ENCODING = ("NONE", "ROPE_LLAMA", "ALIBI")
+
+
+def resolve_device(device) -> tuple[tvm.runtime.Device, str]:
+    """``"cpu"`` (default) or a CPU ``tvm.runtime.Device`` -> (device, target name)."""
+    if device is None or device == "cpu" or device == "llvm":
+        return tvm.cpu(0), "llvm"
+    if isinstance(device, tvm.runtime.Device) and device.dlpack_device_type() == 1:
+        return device, "llvm"
+    raise ValueError(
+        f"device: {device!r} is not supported by this build of tvm_attn; its kernels run on the CPU "
+        "(device='cpu'). The CUDA kernels are built separately (see the README's roadmap)."
+    )
+
+
+def flashinfer_variant(
+    variant: AttentionVariant | None = None, *, causal: bool = False, pos_encoding_mode: str = "NONE",
+    window_left: int = -1, logits_soft_cap: float | None = None, rope_scale: float | None = None,
+    rope_theta: float | None = None,
+) -> AttentionVariant:
+    """Compose FlashInfer's plan options (``causal``, ``pos_encoding_mode``, ``window_left``,
+    ``logits_soft_cap``, ``rope_*``) with a user variant into one variant."""
+    if pos_encoding_mode not in _POS_ENCODING:
+        raise ValueError(f"pos_encoding_mode: must be one of {_POS_ENCODING}, got {pos_encoding_mode!r}")
+    if not isinstance(window_left, (int, np.integer)):
+        raise ValueError(f"window_left: must be an int, got {window_left!r}")
+    parts = []
+    if causal:
+        parts.append(Causal())
+    if pos_encoding_mode == "ROPE_LLAMA":
+        parts.append(RoPE("llama", rope_scale=rope_scale, rope_theta=rope_theta))
+    elif rope_scale is not None or rope_theta is not None:
+        raise ValueError("rope_scale/rope_theta: only apply with pos_encoding_mode='ROPE_LLAMA'")
+    if pos_encoding_mode == "ALIBI":
+        parts.append(ALiBi())
+    if window_left >= 0:
+        parts.append(SlidingWindow(int(window_left)))
+    if logits_soft_cap is not None and logits_soft_cap > 0:
+        parts.append(LogitsSoftCap(float(logits_soft_cap)))
+    elif logits_soft_cap is not None and logits_soft_cap < 0:
+        raise ValueError(f"logits_soft_cap: must be > 0 (or 0/None for none), got {logits_soft_cap!r}")
+    if variant is not None and not isinstance(variant, AttentionVariant):
+        raise TypeError(f"variant: expected an AttentionVariant, got {type(variant).__name__}")
+    return compose(*parts, variant) if variant is not None else compose(*parts)
+
+
+def default_sm_scale(sm_scale, head_dim: int) -> float:
+    if sm_scale is None:
+        return 1.0 / math.sqrt(head_dim)
+    sm_scale = float(sm_scale)
+    if not math.isfinite(sm_scale):
+        raise ValueError(f"sm_scale: must be finite, got {sm_scale!r}")
+    return sm_scale
+
+
+def check_tensor(name: str, x, shape: tuple, dtype: str) -> None:
+    """Shape and dtype check (``None`` in ``shape`` matches any size)."""
+    got = shape_of(x)
+    if len(got) != len(shape) or any(e is not None and e != g for e, g in zip(shape, got)):
+        want = "(" + ", ".join("*" if e is None else str(e) for e in shape) + ")"
+        raise ValueError(f"{name}: expected shape {want}, got {got}")
+    if dtype_of(x) != dtype:
+        raise ValueError(f"{name}: expected dtype {dtype}, got {dtype_of(x)}")
+
+
+def pack_variant_args(key: AttentionKey, given: dict, device) -> list:
+    """The variant's extra arguments in kernel order, from ``run``'s keywords and the defaults."""
+    given = dict(given)
+    dims = {"num_qo_heads": key.num_qo_heads, "num_kv_heads": key.num_kv_heads, "head_dim": key.head_dim}
+    values, args = {}, []
+    for p in key.extra_params():
+        if p.name in given:
+            value = given.pop(p.name)
+        elif p.default is not None:
+            value = p.default(**dims) if isinstance(p, TensorParam) else p.default
+        else:
+            raise TypeError(f"run: missing argument {p.name!r}, which the variant {key.variant!r} needs")
+        if isinstance(p, ScalarParam):
+            try:
+                value = int(value) if p.dtype == "int32" else float(value)
+            except (TypeError, ValueError):
+                raise ValueError(f"{p.name}: expected a {p.dtype} scalar, got {value!r}") from None
+            values[p.name] = value
+            args.append(value)
+            continue
+        shape = tuple(dims[d] if d in CONFIG_DIMS else (d if isinstance(d, int) else None) for d in p.shape)
+        value = value if hasattr(value, "shape") else np.asarray(value, dtype=dtypes.to_numpy_dtype(p.dtype))
+        check_tensor(p.name, value, shape, p.dtype)
+        values[p.name] = value
+        args.append(to_tvm(value, device, p.name))
+    if given:
+        names = [p.name for p in key.extra_params()]
+        raise TypeError(f"run: unexpected arguments {sorted(given)}; the variant takes {names}")
+    key.variant.validate_args(values)
+    return args
+
+
+@dataclass
+class KernelCall:
+    """A planned kernel: its key, function, device, and the index tensors ``run`` passes each time.
+
+    Call order: ``q, *qo_args, *data_args, *kv_args, o, lse, sm_scale, *variant_args`` (``qo_args`` is
+    ``(qo_indptr,)`` for prefill; ``data_args`` the paged cache or ``k, v``; ``kv_args`` the KV index).
+    """
+
+    key: AttentionKey
+    fn: object
+    device: tvm.runtime.Device
+    qo_args: tuple
+    kv_args: tuple
+    num_q_rows: int
+    sm_scale: float
+
+    def __call__(self, q, data_args: list[tuple[str, object]], variant_args: dict, out=None, lse=None, return_lse=False):
+        key = self.key
+        if return_lse and not key.variant.use_softmax:
+            raise ValueError(f"return_lse: the variant {key.variant!r} uses no softmax, so it has no LSE")
+        extra = pack_variant_args(key, variant_args, self.device)
+        o_shape = (self.num_q_rows, key.num_qo_heads, key.head_dim)
+        o_t = _out_tensor("out", out, o_shape, key.o_dtype, self.device)
+        lse_t = _out_tensor("lse", lse, o_shape[:2], "float32", self.device)
+        data = [to_tvm(x, self.device, n) for n, x in data_args]
+        q_t = to_tvm(q, self.device, "q")
+        self.fn(q_t, *self.qo_args, *data, *self.kv_args, o_t, lse_t, self.sm_scale, *extra)
+        o_res = _finish(o_t, out, q)
+        if return_lse:
+            return o_res, _finish(lse_t, lse, q)
+        return o_res
+
+
+def _out_tensor(name, given, shape, dtype, device):
+    if given is None:
+        return empty(shape, dtype, device)
+    check_tensor(name, given, shape, dtype)
+    if isinstance(given, np.ndarray):
+        return empty(shape, dtype, device)  # filled, then copied back by _finish
+    return to_tvm(given, device, name)
+
+
+def _finish(t, given, like):
+    if given is None:
+        return like_input(t, like)
+    if isinstance(given, np.ndarray):
+        given[...] = t.numpy()
+    return given
+
+
+def kernel_cache(cache: KernelCache | str | None) -> KernelCache:
+    if isinstance(cache, KernelCache):
+        return cache
+    return get_cache(cache)
+
+
+class Wrapper:
+    """Base of the plan/run wrappers: holds the device, the cache, and the current plan.
+
+    ``plan`` does all host work (checks, kernel lookup, index upload) once per step; ``run`` only
+    checks shapes and dtypes, then calls the kernel, so one plan serves every layer of a step.
+    """
+
+    def __init__(self, kv_layout: str = "NHD", *, device=None, cache: KernelCache | str | None = None):
+        from ..kv.validate import check_layout
+
+        self._kv_layout = check_layout(kv_layout)
+        self._device, self._target = resolve_device(device)
+        self._cache = kernel_cache(cache)
+        self._call: KernelCall | None = None
+
+    @property
+    def kernel_key(self) -> AttentionKey:
+        return self._planned().key
+
+    def _planned(self) -> KernelCall:
+        if self._call is None:
+            raise RuntimeError(f"{type(self).__name__}.run: call plan(...) first")
+        return self._call
+
+    def _plan_call(self, key: AttentionKey, sm_scale, qo_args, kv_args, num_q_rows: int) -> None:
+        fn = self._cache.get(key)
+        upload = lambda arrs: tuple(tvm.runtime.tensor(a, self._device) for a in arrs)  # noqa: E731
+        self._call = KernelCall(
+            key, fn, self._device, upload(qo_args), upload(kv_args), int(num_q_rows),
+            default_sm_scale(sm_scale, key.head_dim),
+        )
+
+
+def data_dtypes(q_data_type, kv_data_type) -> tuple[str, str]:
+    q = dtypes.check_data_dtype("q_data_type", q_data_type)
+    kv = dtypes.check_data_dtype("kv_data_type", kv_data_type if kv_data_type is not None else q)
+    return q, kv
+
+
+def reshape(x, shape):
+    """Reshape a numpy array, torch tensor or TVM tensor (a view of contiguous data)."""
+    if isinstance(x, tvm.runtime.Tensor):
+        return x._create_view(tuple(shape))
+    return x.reshape(tuple(shape))

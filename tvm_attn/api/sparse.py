@@ -1,0 +1,50 @@
+"""Block-sparse attention (BSR with any block size ``(R, C)``; vector-sparse is ``C = 1``).
+
+Lineage: FlashInfer ``sparse.py`` ``BlockSparseAttentionWrapper``. The whole ``M x N`` matrix is one
+request: variant hooks see the absolute query row and key column (so ``causal=True`` means
+``col <= row + N - M``).
+"""
+
+from __future__ import annotations
+
+from ..config import AttentionKey
+from ..kv.formats import BlockSparseKV
+from ._common import Wrapper, check_tensor, data_dtypes, flashinfer_variant
+
+
+class BlockSparseAttentionWrapper(Wrapper):
+    """Example::
+
+        >>> w = BlockSparseAttentionWrapper()
+        >>> w.plan(indptr, indices, M=1024, N=1024, R=16, C=16, num_qo_heads=32, num_kv_heads=8, head_dim=128)
+        >>> o = w.run(q, k, v)     # q [M, 32, 128], k/v [N, 8, 128]
+    """
+
+    def __init__(self, *, device=None, cache=None):
+        super().__init__("NHD", device=device, cache=cache)
+
+    def plan(
+        self, indptr, indices, M: int, N: int, R: int, C: int, num_qo_heads: int, num_kv_heads: int,
+        head_dim: int, *, causal: bool = False, variant=None, pos_encoding_mode: str = "NONE",
+        logits_soft_cap=None, q_data_type="float16", kv_data_type=None, sm_scale=None, rope_scale=None,
+        rope_theta=None,
+    ) -> None:
+        fmt = BlockSparseKV(R, C)
+        indptr, indices = fmt.validate(indptr, indices, M, N)
+        q_dtype, kv_dtype = data_dtypes(q_data_type, kv_data_type)
+        v = flashinfer_variant(
+            variant, causal=causal, pos_encoding_mode=pos_encoding_mode, logits_soft_cap=logits_soft_cap,
+            rope_scale=rope_scale, rope_theta=rope_theta,
+        )
+        key = AttentionKey("bsr", fmt, num_qo_heads, num_kv_heads, head_dim, q_dtype, kv_dtype, v, self._target)
+        self._M, self._N = int(M), int(N)
+        self._plan_call(key, sm_scale, (), (indptr, indices), self._M)
+
+    def run(self, q, k, v, *, out=None, lse=None, return_lse: bool = False, **variant_args):
+        """``q`` ``[M, Hq, D]``, ``k``/``v`` ``[N, Hkv, D]`` -> ``o`` ``[M, Hq, D]``."""
+        call = self._planned()
+        key = call.key
+        check_tensor("q", q, (self._M, key.num_qo_heads, key.head_dim), key.q_dtype)
+        for name, x in (("k", k), ("v", v)):
+            check_tensor(name, x, (self._N, key.num_kv_heads, key.head_dim), key.kv_dtype)
+        return call(q, [("k", k), ("v", v)], variant_args, out, lse, return_lse)

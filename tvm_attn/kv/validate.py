@@ -1,0 +1,80 @@
+"""Host-side checks that run in ``plan`` before any kernel sees the data.
+
+Every failure is a ``ValueError`` that names the argument and the bad value, so a wrong page table
+never reaches a kernel (where it would read out of bounds or silently give garbage).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..dtypes import INDEX_DTYPE
+
+SUPPORTED_HEAD_DIMS = (64, 128, 256)
+
+
+def as_index_array(name: str, value) -> np.ndarray:
+    """A 1-D int32 numpy copy of ``value`` (any array-like or DLPack tensor)."""
+    from ..tensor import to_numpy
+
+    arr = to_numpy(value)
+    if arr.ndim != 1:
+        raise ValueError(f"{name}: must be 1-D, got shape {arr.shape}")
+    if arr.dtype.kind not in "iu":
+        raise ValueError(f"{name}: must hold integers (int32), got dtype {arr.dtype}")
+    if arr.size and (arr.min() < np.iinfo(np.int32).min or arr.max() > np.iinfo(np.int32).max):
+        raise ValueError(f"{name}: values do not fit in int32")
+    return np.ascontiguousarray(arr, dtype=INDEX_DTYPE)
+
+
+def check_indptr(name: str, indptr: np.ndarray, total: int | None = None, total_name: str = "") -> None:
+    """``indptr`` is non-empty, starts at 0, never decreases, and ends within ``total``."""
+    if indptr.size == 0:
+        raise ValueError(f"{name}: needs at least one entry (batch_size + 1), got an empty array")
+    if indptr[0] != 0:
+        raise ValueError(f"{name}: must start at 0, got {name}[0] = {int(indptr[0])}")
+    steps = np.diff(indptr)
+    if steps.size and steps.min() < 0:
+        i = int(np.argmin(steps))
+        raise ValueError(
+            f"{name}: must be non-decreasing, but {name}[{i}] = {int(indptr[i])} > {name}[{i + 1}] = {int(indptr[i + 1])}"
+        )
+    if total is not None and indptr[-1] > total:
+        raise ValueError(f"{name}: last entry {int(indptr[-1])} exceeds {total_name} = {total}")
+
+
+def check_range(name: str, arr: np.ndarray, low: int, high: int, what: str) -> None:
+    """Every entry lies in ``[low, high)``."""
+    if arr.size == 0:
+        return
+    bad = np.nonzero((arr < low) | (arr >= high))[0]
+    if bad.size:
+        i = int(bad[0])
+        raise ValueError(f"{name}: {name}[{i}] = {int(arr[i])} is out of range [{low}, {high}) ({what})")
+
+
+def check_heads(num_qo_heads: int, num_kv_heads: int) -> None:
+    for name, value in (("num_qo_heads", num_qo_heads), ("num_kv_heads", num_kv_heads)):
+        if not isinstance(value, (int, np.integer)) or value <= 0:
+            raise ValueError(f"{name}: must be a positive int, got {value!r}")
+    if num_qo_heads % num_kv_heads:
+        raise ValueError(
+            f"num_qo_heads: {num_qo_heads} is not a multiple of num_kv_heads = {num_kv_heads} (GQA needs whole groups)"
+        )
+
+
+def check_head_dim(head_dim: int) -> None:
+    if head_dim not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"head_dim: {head_dim!r} is not supported; use one of {SUPPORTED_HEAD_DIMS}")
+
+
+def check_positive(name: str, value) -> int:
+    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value <= 0:
+        raise ValueError(f"{name}: must be a positive int, got {value!r}")
+    return int(value)
+
+
+def check_layout(layout: str) -> str:
+    if layout not in ("NHD", "HND"):
+        raise ValueError(f"kv_layout: must be 'NHD' or 'HND', got {layout!r}")
+    return layout

@@ -1,0 +1,70 @@
+"""Small helpers over TVM's script IR builder, so kernel generators read like TVMScript.
+
+The generators use the builder (the API that ``@T.prim_func`` parsing drives) rather than a parsed
+function, because their parameter lists come from the KV format and the variant: one generator makes
+every format's kernel instead of one hand-written copy per format.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+from tvm import tirx
+from tvm.script.ir_builder import IRBuilder
+from tvm.tirx.script.builder import ir as T
+
+__all__ = ["T", "IRBuilder", "buffer_param", "scalar_param", "let", "local", "loop", "store", "when", "sym"]
+
+
+def sym(name: str, dtype: str = "int32") -> tirx.Var:
+    """A symbolic dimension, bound by TVM from the shapes of the arguments at call time."""
+    return tirx.Var(name, dtype)
+
+
+def buffer_param(name: str, shape, dtype: str) -> tirx.Buffer:
+    """Declare a tensor argument ``name`` matched to ``shape`` (ints or symbolic vars)."""
+    handle = T.arg(name, T.handle())
+    buf = T.match_buffer(handle, tuple(shape), dtype)
+    IRBuilder.name(name, buf)
+    return buf
+
+
+def scalar_param(name: str, dtype: str) -> tirx.Var:
+    return T.arg(name, tirx.Var(name, dtype))
+
+
+def let(name: str, value) -> tirx.Var:
+    """Bind ``value`` once to a named variable (TVMScript ``name: T.let[...] = value``)."""
+    var = T.Bind(value)
+    IRBuilder.name(name, var)
+    return var
+
+
+def local(name: str, shape, dtype: str = "float32") -> tirx.Buffer:
+    buf = T.alloc_buffer(tuple(shape) if isinstance(shape, (tuple, list)) else (shape,), dtype, scope="local")
+    IRBuilder.name(name, buf)
+    return buf
+
+
+@contextlib.contextmanager
+def loop(name: str, extent, kind: str = "serial"):
+    """``for name in T.<kind>(extent)`` as a context manager that yields the loop variable."""
+    frame = {"serial": T.serial, "parallel": T.parallel, "vectorized": T.vectorized, "unroll": T.unroll}[kind]
+    with frame(0, extent) as var:
+        IRBuilder.name(name, var)
+        yield var
+
+
+def store(buf: tirx.Buffer, value, *indices) -> None:
+    T.buffer_store(buf, value, list(indices))
+
+
+@contextlib.contextmanager
+def when(cond):
+    """``if cond:``; a ``None`` condition means always (no branch emitted)."""
+    if cond is None:
+        yield
+        return
+    with T.If(cond):
+        with T.Then():
+            yield

@@ -1,0 +1,363 @@
+"""The variant functor: what a custom attention changes, as hooks that return TIR expressions.
+
+Lineage: FlashInfer's ``AttentionVariantBase`` (``variant_helper.cuh``) and the paper's design space
+``o = output_transform(softmax(logits_mask ? logits_transform(sm_scale * q' . k') : -inf) . v)`` with
+``q' = query_transform(q)`` and ``k' = key_transform(k)``.
+
+A variant is a small Python class. Its hooks are called while a kernel is *generated*; each returns a
+TIR ``PrimExpr`` that is inlined into the kernel, so a variant costs nothing at run time beyond the
+arithmetic it adds. Every hook has a numpy twin (``ref_*``) used by :mod:`tvm_attn.reference`; the
+twin is written independently so that tests compare two implementations, not one with itself.
+
+Semantics, shared by every kernel and the reference:
+
+* ``qo_idx`` and ``kv_idx`` are logical positions within the request (for block-sparse attention:
+  the absolute row of q and column of k). ``qo_len`` and ``kv_len`` are the request's lengths. A query
+  row is aligned to the end of the KV: its absolute position is ``qo_idx + kv_len - qo_len``.
+* logits are ``sm_scale * dot(q', k')`` in float32, then ``logits_transform``; masked entries take no
+  part. With ``use_softmax`` the weights are the softmax of the logits; otherwise the weights *are*
+  the transformed logits (sigmoid attention).
+* The LSE is ``log2(sum(exp(logits)))`` over visible entries (log2 units, as FlashInfer and TVM),
+  ``-inf`` for a row that sees nothing; such a row's output is 0.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+#: Names the kernels already use; an extra parameter may not take them.
+RESERVED_NAMES = frozenset(
+    {"q", "k", "v", "o", "lse", "sm_scale", "qo_indptr", "kv_indptr", "kv_indices", "kv_last_page_len",
+     "paged_kv_cache", "indptr", "indices"}
+)
+#: Symbolic dimension names an extra tensor's shape may use; they are replaced by the kernel's constants.
+CONFIG_DIMS = ("num_qo_heads", "num_kv_heads", "head_dim")
+
+
+@dataclass(frozen=True)
+class TensorParam:
+    """An extra tensor a variant reads, passed to ``run`` by keyword.
+
+    ``shape`` holds ints, names from :data:`CONFIG_DIMS` (replaced by the kernel's constants), or other
+    names, which become free symbolic dims checked by TVM when the kernel is called.
+    """
+
+    name: str
+    dtype: str
+    shape: tuple[int | str, ...]
+    doc: str = ""
+    #: optional ``default(num_qo_heads=..., num_kv_heads=..., head_dim=...) -> array`` used when ``run``
+    #: is not given the tensor
+    default: Callable[..., Any] | None = dataclasses.field(default=None, compare=False)
+
+    def __post_init__(self):
+        _check_name(self.name)
+        object.__setattr__(self, "shape", tuple(self.shape))
+
+
+@dataclass(frozen=True)
+class ScalarParam:
+    """An extra scalar (``int32`` or ``float32``) passed to ``run`` by keyword, or its default."""
+
+    name: str
+    dtype: str
+    default: float | int | None = None
+    doc: str = ""
+
+    def __post_init__(self):
+        _check_name(self.name)
+        if self.dtype not in ("int32", "float32"):
+            raise ValueError(f"ScalarParam {self.name!r}: dtype must be int32 or float32, got {self.dtype!r}")
+
+
+def _check_name(name: str) -> None:
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise ValueError(f"extra parameter name {name!r} is not an identifier")
+    if name in RESERVED_NAMES:
+        raise ValueError(f"extra parameter name {name!r} is reserved by the kernels")
+
+
+@dataclass
+class HookContext:
+    """What a hook sees: positions as TIR int32 expressions, and the variant's extra parameters.
+
+    ``kv_idx`` is None in ``query_transform``; ``qo_idx`` and ``qo_head_idx`` are None in
+    ``key_transform`` (a key is transformed once for every query that reads it).
+    ``ctx["name"]`` returns an extra parameter: a TIR ``Buffer`` for a tensor, a ``Var`` for a scalar.
+    """
+
+    batch_idx: Any
+    qo_idx: Any
+    kv_idx: Any
+    qo_head_idx: Any
+    kv_head_idx: Any
+    qo_len: Any
+    kv_len: Any
+    head_dim: int
+    params: dict[str, Any]
+
+    def __getitem__(self, name: str):
+        try:
+            return self.params[name]
+        except KeyError:
+            raise KeyError(f"no extra parameter {name!r}; declared: {sorted(self.params)}") from None
+
+
+@dataclass
+class RefContext:
+    """The numpy twin of :class:`HookContext` for one (request, query head).
+
+    ``qo_idx`` has shape ``(qo_len, 1)`` and ``kv_idx`` shape ``(1, kv_len)``, so expressions of both
+    broadcast to the ``(qo_len, kv_len)`` logits grid. Heads and lengths are Python ints; extra
+    parameters are numpy arrays or Python scalars.
+    """
+
+    batch_idx: int
+    qo_idx: Any
+    kv_idx: Any
+    qo_head_idx: int | None
+    kv_head_idx: int
+    qo_len: int
+    kv_len: int
+    head_dim: int
+    params: dict[str, Any]
+
+    def __getitem__(self, name: str):
+        try:
+            return self.params[name]
+        except KeyError:
+            raise KeyError(f"no extra parameter {name!r}; declared: {sorted(self.params)}") from None
+
+
+class AttentionVariant:
+    """Base class: plain softmax attention. Subclasses override only the hooks they need.
+
+    Class attributes ``tensors`` and ``scalars`` declare extra parameters; override
+    :meth:`extra_params` when they depend on constructor arguments. Compile-time options are
+    instance attributes of simple types (int, float, str, bool); they enter the kernel name through
+    :meth:`uri`, so two variants with the same uri must generate the same kernel.
+    """
+
+    use_softmax: bool = True
+    tensors: tuple[TensorParam, ...] = ()
+    scalars: tuple[ScalarParam, ...] = ()
+
+    # -- identity -------------------------------------------------------------------------------
+    @property
+    def name(self) -> str:
+        if type(self) is AttentionVariant:
+            return "default"
+        if "uri_name" in type(self).__dict__:
+            return type(self).uri_name
+        return re.sub(r"(?<!^)(?=[A-Z])", "_", type(self).__name__).lower()
+
+    def config(self) -> dict[str, Any]:
+        """Compile-time options: public instance attributes of simple types."""
+        return {
+            k: v for k, v in sorted(vars(self).items())
+            if not k.startswith("_") and isinstance(v, (bool, int, float, str))
+        }
+
+    def uri(self) -> str:
+        parts = [self.name] + [f"{k}{_fmt(v)}" for k, v in self.config().items()]
+        return "_".join(parts)
+
+    def extra_params(self) -> tuple[TensorParam | ScalarParam, ...]:
+        return tuple(self.tensors) + tuple(self.scalars)
+
+    def validate_args(self, args: dict[str, Any]) -> None:
+        """Check the values of the run-time scalars (host-side, O(1)); raise ValueError naming the bad one."""
+
+    def overrides(self, hook: str) -> bool:
+        """Whether this variant changes ``hook`` (kernels skip the work of hooks left at default)."""
+        return getattr(type(self), hook) is not getattr(AttentionVariant, hook)
+
+    def __add__(self, other: "AttentionVariant") -> "AttentionVariant":
+        return compose(self, other)
+
+    def __eq__(self, other):
+        return isinstance(other, AttentionVariant) and self.uri() == other.uri()
+
+    def __hash__(self):
+        return hash(self.uri())
+
+    def __repr__(self):
+        cfg = ", ".join(f"{k}={v!r}" for k, v in self.config().items())
+        return f"{type(self).__name__}({cfg})"
+
+    # -- TIR hooks (called at generation time; return PrimExprs) -----------------------------------
+    def query_transform(self, ctx: HookContext, load: Callable[[Any], Any], d) -> Any:
+        """Element ``d`` of the transformed query, in float32. ``load(i)`` reads raw element ``i``."""
+        return load(d)
+
+    def key_transform(self, ctx: HookContext, load: Callable[[Any], Any], d) -> Any:
+        """Element ``d`` of the transformed key, in float32."""
+        return load(d)
+
+    def logits_transform(self, ctx: HookContext, logits) -> Any:
+        """Transform one float32 logit (already multiplied by ``sm_scale``)."""
+        return logits
+
+    def logits_mask(self, ctx: HookContext) -> Any:
+        """A boolean expression: whether (qo_idx, kv_idx) is visible. None means always visible."""
+        return None
+
+    def output_transform(self, ctx: HookContext, out, d) -> Any:
+        """Element ``d`` of the normalized float32 output, before the cast to the output dtype."""
+        return out
+
+    # -- numpy twins (used by the reference) -------------------------------------------------------
+    def ref_query_transform(self, ctx: RefContext, q):
+        """``q``: float64 array ``(qo_len, head_dim)``."""
+        return q
+
+    def ref_key_transform(self, ctx: RefContext, k):
+        """``k``: float64 array ``(kv_len, head_dim)``."""
+        return k
+
+    def ref_logits_transform(self, ctx: RefContext, logits):
+        """``logits``: float64 array ``(qo_len, kv_len)``."""
+        return logits
+
+    def ref_logits_mask(self, ctx: RefContext):
+        """Boolean array broadcastable to ``(qo_len, kv_len)``, or None."""
+        return None
+
+    def ref_output_transform(self, ctx: RefContext, out):
+        """``out``: float64 array ``(qo_len, head_dim)``."""
+        return out
+
+
+def _fmt(v) -> str:
+    if isinstance(v, bool):
+        return "1" if v else "0"
+    if isinstance(v, float):
+        return repr(v).replace(".", "p").replace("-", "m").replace("+", "")
+    return re.sub(r"[^A-Za-z0-9]", "", str(v))
+
+
+class ComposedVariant(AttentionVariant):
+    """Variants applied in order: transforms chain, masks are AND-ed, extra parameters are united."""
+
+    def __init__(self, parts: Sequence[AttentionVariant]):
+        flat: list[AttentionVariant] = []
+        for p in parts:
+            if not isinstance(p, AttentionVariant):
+                raise TypeError(f"compose: {p!r} is not an AttentionVariant")
+            flat.extend(p.parts if isinstance(p, ComposedVariant) else [p])
+        seen: dict[str, Any] = {}
+        for p in flat:
+            for param in p.extra_params():
+                if param.name in seen and seen[param.name] != param:
+                    raise ValueError(
+                        f"compose: {type(p).__name__} and an earlier variant both declare {param.name!r} "
+                        "with different specs"
+                    )
+                seen[param.name] = param
+        if sum(not p.use_softmax for p in flat) > 1:
+            raise ValueError("compose: at most one variant may turn softmax off")
+        self.parts = tuple(flat)
+        self._params = tuple(seen.values())
+
+    use_softmax = property(lambda self: all(p.use_softmax for p in self.parts))  # type: ignore[assignment]
+
+    @property
+    def name(self) -> str:
+        return "+".join(p.name for p in self.parts)
+
+    def uri(self) -> str:
+        return "__".join(p.uri() for p in self.parts)
+
+    def config(self):
+        return {}
+
+    def extra_params(self):
+        return self._params
+
+    def validate_args(self, args):
+        for p in self.parts:
+            p.validate_args(args)
+
+    def overrides(self, hook: str) -> bool:
+        return any(p.overrides(hook) for p in self.parts)
+
+    def __repr__(self):
+        return " + ".join(repr(p) for p in self.parts)
+
+    def query_transform(self, ctx, load, d):
+        for p in self.parts:
+            if p.overrides("query_transform"):
+                load = _bind_load(p.query_transform, ctx, load)
+        return load(d)
+
+    def key_transform(self, ctx, load, d):
+        for p in self.parts:
+            if p.overrides("key_transform"):
+                load = _bind_load(p.key_transform, ctx, load)
+        return load(d)
+
+    def logits_transform(self, ctx, logits):
+        for p in self.parts:
+            logits = p.logits_transform(ctx, logits)
+        return logits
+
+    def logits_mask(self, ctx):
+        from tvm import tirx
+
+        mask = None
+        for p in self.parts:
+            m = p.logits_mask(ctx)
+            if m is not None:
+                mask = m if mask is None else tirx.all(mask, m)
+        return mask
+
+    def output_transform(self, ctx, out, d):
+        for p in self.parts:
+            out = p.output_transform(ctx, out, d)
+        return out
+
+    def ref_query_transform(self, ctx, q):
+        for p in self.parts:
+            q = p.ref_query_transform(ctx, q)
+        return q
+
+    def ref_key_transform(self, ctx, k):
+        for p in self.parts:
+            k = p.ref_key_transform(ctx, k)
+        return k
+
+    def ref_logits_transform(self, ctx, logits):
+        for p in self.parts:
+            logits = p.ref_logits_transform(ctx, logits)
+        return logits
+
+    def ref_logits_mask(self, ctx):
+        mask = None
+        for p in self.parts:
+            m = p.ref_logits_mask(ctx)
+            if m is not None:
+                mask = m if mask is None else (mask & m)
+        return mask
+
+    def ref_output_transform(self, ctx, out):
+        for p in self.parts:
+            out = p.ref_output_transform(ctx, out)
+        return out
+
+
+def _bind_load(hook, ctx, inner):
+    return lambda i: hook(ctx, inner, i)
+
+
+def compose(*variants: AttentionVariant) -> AttentionVariant:
+    """Compose variants left to right (``a + b`` is the same). Default variants drop out."""
+    parts = [v for v in variants if v is not None and v.uri() != "default"]
+    if not parts:
+        return AttentionVariant()
+    if len(parts) == 1:
+        return parts[0]
+    return ComposedVariant(parts)

@@ -1,0 +1,113 @@
+"""Mask variants: causal, sliding window, and FlashInfer's bit-packed custom mask.
+
+Each mask is written twice: as a TIR boolean (``logits_mask``) in FlashInfer's own form, and as a
+numpy twin in terms of absolute positions, so that the two implementations check each other.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .base import AttentionVariant, ScalarParam, TensorParam
+
+
+class Causal(AttentionVariant):
+    """A query sees the keys at or before its own position (bottom-right aligned, as FlashInfer)."""
+
+    def logits_mask(self, ctx):
+        return ctx.kv_idx <= ctx.qo_idx + ctx.kv_len - ctx.qo_len
+
+    def ref_logits_mask(self, ctx):
+        q_pos = ctx.qo_idx + (ctx.kv_len - ctx.qo_len)
+        return ctx.kv_idx <= q_pos
+
+
+class SlidingWindow(AttentionVariant):
+    """A query sees at most ``window_left`` keys before its own position (FlashInfer's ``window_left``).
+
+    ``window_left`` is a run-time int32 scalar (default from the constructor); a negative value
+    disables the window. The window bounds the left side only: compose with :class:`Causal` (or plan
+    with ``causal=True``) to also hide future keys.
+    """
+
+    def __init__(self, window_left: int = -1):
+        self._window_left = int(window_left)
+
+    def extra_params(self):
+        return (ScalarParam("window_left", "int32", self._window_left, "keys visible left of the query"),)
+
+    def logits_mask(self, ctx):
+        from tvm import tirx
+
+        w = ctx["window_left"]
+        return tirx.any(w < 0, ctx.kv_idx + ctx.qo_len + w >= ctx.kv_len + ctx.qo_idx)
+
+    def ref_logits_mask(self, ctx):
+        w = int(ctx["window_left"])
+        if w < 0:
+            return None
+        q_pos = ctx.qo_idx + (ctx.kv_len - ctx.qo_len)
+        return (q_pos - ctx.kv_idx) <= w
+
+
+class CustomMask(AttentionVariant):
+    """An arbitrary boolean mask per request, bit-packed as FlashInfer's ``packed_custom_mask``.
+
+    Run-time tensors:
+
+    * ``custom_mask``: uint8 ``[num_bytes]``, each request's row-major ``qo_len x kv_len`` boolean mask
+      packed little-endian (bit ``i % 8`` of byte ``i // 8``), segments padded to whole bytes;
+    * ``mask_indptr``: int32 ``[batch_size + 1]``, the byte offset of each request's segment.
+
+    Build both with :func:`pack_custom_mask`. A bit outside ``custom_mask`` reads as masked, so a
+    wrong ``mask_indptr`` cannot make the kernel read out of bounds. For block-sparse attention the
+    whole ``M x N`` matrix is one request.
+    """
+
+    tensors = (
+        TensorParam("custom_mask", "uint8", ("mask_bytes",), "bit-packed boolean mask"),
+        TensorParam("mask_indptr", "int32", ("mask_segments",), "byte offset of each request's mask"),
+    )
+
+    def logits_mask(self, ctx):
+        from tvm import tirx
+
+        bits = ctx["custom_mask"]
+        bit = tirx.Cast("int64", ctx.qo_idx) * tirx.Cast("int64", ctx.kv_len) + tirx.Cast("int64", ctx.kv_idx)
+        byte = tirx.Cast("int64", ctx["mask_indptr"][ctx.batch_idx]) + bit // 8
+        in_range = tirx.all(byte >= 0, byte < tirx.Cast("int64", bits.shape[0]))
+        safe = tirx.if_then_else(in_range, byte, tirx.const(0, "int64"))
+        value = tirx.Cast("int32", bits[safe])
+        return tirx.all(in_range, tirx.bitwise_and(tirx.shift_right(value, tirx.Cast("int32", bit % 8)), 1) == 1)
+
+    def ref_logits_mask(self, ctx):
+        packed = np.asarray(ctx["custom_mask"], dtype=np.uint8)
+        start = int(np.asarray(ctx["mask_indptr"])[ctx.batch_idx])
+        n = ctx.qo_len * ctx.kv_len
+        flat = np.unpackbits(packed[start:], bitorder="little")[:n]
+        flat = np.pad(flat, (0, n - flat.size))  # bits past the end read as masked
+        dense = flat.reshape(ctx.qo_len, ctx.kv_len).astype(bool)
+        return dense[np.asarray(ctx.qo_idx).reshape(-1)][:, np.asarray(ctx.kv_idx).reshape(-1)]
+
+
+def pack_custom_mask(masks) -> tuple[np.ndarray, np.ndarray]:
+    """Pack per-request boolean masks ``[(qo_len_i, kv_len_i), ...]`` into ``(custom_mask, mask_indptr)``.
+
+    Same layout as FlashInfer's ``segment_packbits(..., bitorder="little")``.
+
+    Example::
+
+        >>> packed, indptr = pack_custom_mask([np.tril(np.ones((3, 3), bool))])
+        >>> packed.tolist(), indptr.tolist()
+        ([217, 1], [0, 2])
+    """
+    chunks, indptr = [], [0]
+    for i, m in enumerate(masks):
+        m = np.asarray(m)
+        if m.ndim != 2:
+            raise ValueError(f"pack_custom_mask: mask {i} must be 2-D (qo_len, kv_len), got shape {m.shape}")
+        packed = np.packbits(m.astype(bool).reshape(-1), bitorder="little")
+        chunks.append(packed)
+        indptr.append(indptr[-1] + packed.size)
+    data = np.concatenate(chunks) if chunks else np.zeros(0, np.uint8)
+    return data.astype(np.uint8), np.asarray(indptr, dtype=np.int32)
