@@ -113,3 +113,30 @@ class MergeKey:
 
     def to_json(self) -> dict:
         return {"op": self.op, "dtype": self.dtype, "target": self.target}
+
+
+def key_from_spec(spec: dict) -> AttentionKey | MergeKey:
+    """A kernel key from a JSON-able spec (the format of ``tvm-attn build --kernels``)::
+
+        {"kind": "decode", "kv": {"format": "paged", "page_size": 16, "layout": "NHD"},
+         "num_qo_heads": 32, "num_kv_heads": 8, "head_dim": 128, "q_dtype": "float16",
+         "variant": ["causal", {"name": "sliding_window", "window_left": 128}]}
+        {"merge": "merge_states", "dtype": "float16"}
+    """
+    from .variants import variant_from_spec
+
+    spec = dict(spec)
+    target = spec.pop("target", "llvm")
+    if "merge" in spec:
+        return MergeKey(spec.pop("merge"), spec.pop("dtype", "float16"), target)
+    kv = dict(spec.pop("kv"))
+    fmt = kv.pop("format")
+    formats = {"paged": PagedKV, "ragged": RaggedKV, "bsr": BlockSparseKV}
+    if fmt not in formats:
+        raise ValueError(f"kv.format: must be one of {list(formats)}, got {fmt!r}")
+    variant = variant_from_spec(spec.pop("variant", None))
+    return AttentionKey(
+        spec.pop("kind"), formats[fmt](**kv), spec.pop("num_qo_heads"), spec.pop("num_kv_heads"),
+        spec.pop("head_dim"), spec.pop("q_dtype", "float16"), spec.pop("kv_dtype", spec.get("q_dtype", "float16")),
+        variant, target, **({"schedule": spec.pop("schedule")} if "schedule" in spec else {}),
+    )

@@ -41,11 +41,11 @@ def to_tvm(x, device: tvm.runtime.Device, name: str = "tensor") -> tvm.runtime.T
     if isinstance(x, np.ndarray) or np.isscalar(x) or isinstance(x, (list, tuple)):
         arr = np.ascontiguousarray(x)
         if arr.dtype.kind in "fiub" or arr.dtype.name == "bfloat16":
-            try:
-                if arr.dtype.name != "bfloat16" and device.dlpack_device_type() == 1:
+            if arr.dtype.name != "bfloat16" and device.dlpack_device_type() == 1 and _compact(arr):
+                try:
                     return tvm.runtime.from_dlpack(arr)
-            except RuntimeError:
-                pass  # not 64-byte aligned: copy below
+                except RuntimeError:
+                    pass  # not 64-byte aligned: copy below
             return tvm.runtime.tensor(arr, device)
         raise ValueError(f"{name}: unsupported numpy dtype {arr.dtype}")
     if hasattr(x, "__dlpack__"):
@@ -54,6 +54,18 @@ def to_tvm(x, device: tvm.runtime.Device, name: str = "tensor") -> tvm.runtime.T
             raise ValueError(f"{name}: is on {t.device}, but the kernel runs on {device}")
         return t
     raise TypeError(f"{name}: expected a numpy array, a tvm.runtime.Tensor or a DLPack tensor, got {type(x).__name__}")
+
+
+def _compact(arr: np.ndarray) -> bool:
+    """Non-empty with exactly the row-major strides TVM expects (numpy may keep odd strides on size-1
+    or empty dims)."""
+    if arr.size == 0:
+        return False
+    expected, step = [], arr.itemsize
+    for n in reversed(arr.shape):
+        expected.append(step)
+        step *= n
+    return tuple(reversed(expected)) == arr.strides
 
 
 def to_numpy(x) -> np.ndarray:

@@ -32,13 +32,14 @@ def resolve_device(device) -> tuple[tvm.runtime.Device, str]:
 
 def flashinfer_variant(
     variant: AttentionVariant | None = None, *, causal: bool = False, pos_encoding_mode: str = "NONE",
-    window_left: int = -1, logits_soft_cap: float | None = None, rope_scale: float | None = None,
+    window_left: int | None = -1, logits_soft_cap: float | None = None, rope_scale: float | None = None,
     rope_theta: float | None = None,
 ) -> AttentionVariant:
     """Compose FlashInfer's plan options (``causal``, ``pos_encoding_mode``, ``window_left``,
     ``logits_soft_cap``, ``rope_*``) with a user variant into one variant."""
     if pos_encoding_mode not in _POS_ENCODING:
         raise ValueError(f"pos_encoding_mode: must be one of {_POS_ENCODING}, got {pos_encoding_mode!r}")
+    window_left = -1 if window_left is None else window_left
     if not isinstance(window_left, (int, np.integer)):
         raise ValueError(f"window_left: must be an int, got {window_left!r}")
     parts = []
@@ -59,6 +60,23 @@ def flashinfer_variant(
     if variant is not None and not isinstance(variant, AttentionVariant):
         raise TypeError(f"variant: expected an AttentionVariant, got {type(variant).__name__}")
     return compose(*parts, variant) if variant is not None else compose(*parts)
+
+
+def single_call_variant(variant, causal: bool, pos_encoding_mode: str, fi_options: dict, variant_args: dict):
+    """For the single-request calls, which take FlashInfer's options and the variant's run-time
+    arguments in one keyword list: an option the user's variant declares is its argument; the rest
+    build the FlashInfer-style variant. Returns (variant, variant_args)."""
+    declared = {p.name for p in variant.extra_params()} if variant is not None else set()
+    options = {}
+    for name, value in fi_options.items():
+        if value is None:
+            continue
+        if name in declared:
+            variant_args.setdefault(name, value)
+        else:
+            options[name] = value
+    v = flashinfer_variant(variant, causal=causal, pos_encoding_mode=pos_encoding_mode, **options)
+    return v, variant_args
 
 
 def default_sm_scale(sm_scale, head_dim: int) -> float:

@@ -13,7 +13,7 @@ from ..kv.formats import PagedKV, RaggedKV
 from ..tensor import dtype_of, shape_of
 from ._common import (
     KernelCall, Wrapper, check_tensor, data_dtypes, default_sm_scale, flashinfer_variant, kernel_cache, reshape,
-    resolve_device,
+    resolve_device, single_call_variant,
 )
 
 
@@ -80,7 +80,7 @@ def check_paged_cache(cache, key: AttentionKey, max_page: int) -> None:
 
 
 def single_decode_with_kv_cache(
-    q, k, v, *, kv_layout: str = "NHD", variant=None, pos_encoding_mode: str = "NONE", window_left: int = -1,
+    q, k, v, *, kv_layout: str = "NHD", variant=None, pos_encoding_mode: str = "NONE", window_left: int | None = None,
     logits_soft_cap: float | None = None, sm_scale=None, rope_scale=None, rope_theta=None, return_lse: bool = False,
     device=None, cache=None, **variant_args,
 ):
@@ -96,10 +96,8 @@ def single_decode_with_kv_cache(
     kv_len, num_kv_heads = (k_shape[0], k_shape[1]) if kv_layout == "NHD" else (k_shape[1], k_shape[0])
     num_qo_heads, head_dim = q_shape
     q_dtype, kv_dtype = data_dtypes(dtype_of(q), dtype_of(k))
-    var = flashinfer_variant(
-        variant, pos_encoding_mode=pos_encoding_mode, window_left=window_left, logits_soft_cap=logits_soft_cap,
-        rope_scale=rope_scale, rope_theta=rope_theta,
-    )
+    fi = dict(window_left=window_left, logits_soft_cap=logits_soft_cap, rope_scale=rope_scale, rope_theta=rope_theta)
+    var, variant_args = single_call_variant(variant, False, pos_encoding_mode, fi, variant_args)
     key = AttentionKey("decode", fmt, num_qo_heads, num_kv_heads, head_dim, q_dtype, kv_dtype, var, target)
     check_tensor("k", k, k_shape[:2] + (head_dim,), kv_dtype)
     check_tensor("v", v, k_shape[:2] + (head_dim,), kv_dtype)

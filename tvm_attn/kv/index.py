@@ -27,6 +27,9 @@ from .formats import BlockSparseKV, PagedKV
 class _Queries:
     """Query side of decode (one row per request) and prefill (rows given by ``qo_indptr``)."""
 
+    #: key step j is logical position j, so a variant's kv_range bounds the steps directly
+    steps_are_positions = True
+
     def __init__(self, key: AttentionKey):
         # Each symbolic dim must appear alone in some shape for TVM to bind it from the arguments:
         # decode binds batch_size from q, prefill binds the indptr length from qo_indptr.
@@ -141,6 +144,8 @@ class RaggedIndex(_Queries):
 
 class BlockSparseIndex:
     """Block row ``r`` is a segment of ``R`` query rows; its keys are ``C``-row column blocks."""
+
+    steps_are_positions = False  # steps walk the block list, not positions
 
     def __init__(self, key: AttentionKey):
         fmt: BlockSparseKV = key.kv

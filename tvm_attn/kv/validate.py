@@ -20,7 +20,7 @@ def as_index_array(name: str, value) -> np.ndarray:
     arr = to_numpy(value)
     if arr.ndim != 1:
         raise ValueError(f"{name}: must be 1-D, got shape {arr.shape}")
-    if arr.dtype.kind not in "iu":
+    if arr.size and arr.dtype.kind not in "iu":
         raise ValueError(f"{name}: must hold integers (int32), got dtype {arr.dtype}")
     if arr.size and (arr.min() < np.iinfo(np.int32).min or arr.max() > np.iinfo(np.int32).max):
         raise ValueError(f"{name}: values do not fit in int32")

@@ -12,7 +12,7 @@ One query row at a time, online softmax in float32 registers::
         for query row i of b:
           q' = query_transform(q[row, qo_head, :])
           m, d, o = -inf, 0, 0
-          for key step j of b:                       # kv_idx = index.kv_idx(b, j)
+          for key step j of b in variant.kv_range:    # kv_idx = index.kv_idx(b, j)
             if logits_mask(...):
               s = logits_transform(sm_scale * dot(q', key_transform(k_j)))
               m, d, o = online-softmax update with (s, v_j)
@@ -96,7 +96,12 @@ def make_attention(key: AttentionKey) -> tirx.PrimFunc:
                         store(state, tirx.const(NEG_INF, "float32"), 0)
                         store(state, tirx.const(0.0, "float32"), 1)
 
-                        with loop("j", idx.kv_steps(b)) as j:
+                        steps = idx.kv_steps(b)
+                        bounds = variant.kv_range(ctx) if idx.steps_are_positions else None
+                        lo = let("kv_lo", tirx.max(bounds[0], 0)) if bounds else 0
+                        hi = let("kv_hi", tirx.max(tirx.min(bounds[1], steps), lo)) if bounds else steps
+                        with loop("jj", hi - lo) as jj:
+                            j = let("j", lo + jj) if bounds else jj
                             addr = idx.kv_addr(b, j)
                             kv_idx = let("kv_idx", idx.kv_idx(b, j, addr))
                             sctx = dataclasses.replace(ctx, kv_idx=kv_idx)

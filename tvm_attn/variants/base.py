@@ -210,6 +210,14 @@ class AttentionVariant:
         """Element ``d`` of the normalized float32 output, before the cast to the output dtype."""
         return out
 
+    def kv_range(self, ctx: HookContext) -> tuple[Any, Any] | None:
+        """Optional bounds ``(lo, hi)`` on ``kv_idx`` outside which ``logits_mask`` is always false.
+
+        Kernels skip the keys outside (FA's ``get_n_block_min_max``); the mask still decides inside.
+        ``ctx.kv_idx`` is None here. None (the default) means no bound.
+        """
+        return None
+
     # -- numpy twins (used by the reference) -------------------------------------------------------
     def ref_query_transform(self, ctx: RefContext, q):
         """``q``: float64 array ``(qo_len, head_dim)``."""
@@ -249,17 +257,17 @@ class ComposedVariant(AttentionVariant):
             if not isinstance(p, AttentionVariant):
                 raise TypeError(f"compose: {p!r} is not an AttentionVariant")
             flat.extend(p.parts if isinstance(p, ComposedVariant) else [p])
+        if sum(not p.use_softmax for p in flat) > 1:
+            raise ValueError("compose: at most one variant may turn softmax off")
         seen: dict[str, Any] = {}
         for p in flat:
             for param in p.extra_params():
-                if param.name in seen and seen[param.name] != param:
+                if param.name in seen and _signature(seen[param.name]) != _signature(param):
                     raise ValueError(
                         f"compose: {type(p).__name__} and an earlier variant both declare {param.name!r} "
                         "with different specs"
                     )
                 seen[param.name] = param
-        if sum(not p.use_softmax for p in flat) > 1:
-            raise ValueError("compose: at most one variant may turn softmax off")
         self.parts = tuple(flat)
         self._params = tuple(seen.values())
 
@@ -320,6 +328,17 @@ class ComposedVariant(AttentionVariant):
             out = p.output_transform(ctx, out, d)
         return out
 
+    def kv_range(self, ctx):
+        from tvm import tirx
+
+        bounds = [b for b in (p.kv_range(ctx) for p in self.parts) if b is not None]
+        if not bounds:
+            return None
+        lo, hi = bounds[0]
+        for b_lo, b_hi in bounds[1:]:
+            lo, hi = tirx.max(lo, b_lo), tirx.min(hi, b_hi)
+        return lo, hi
+
     def ref_query_transform(self, ctx, q):
         for p in self.parts:
             q = p.ref_query_transform(ctx, q)
@@ -347,6 +366,11 @@ class ComposedVariant(AttentionVariant):
         for p in self.parts:
             out = p.ref_output_transform(ctx, out)
         return out
+
+
+def _signature(param) -> tuple:
+    """What must agree when two variants share a parameter (defaults and docs may differ)."""
+    return (type(param), param.name, param.dtype, getattr(param, "shape", None))
 
 
 def _bind_load(hook, ctx, inner):

@@ -17,6 +17,9 @@ class Causal(AttentionVariant):
     def logits_mask(self, ctx):
         return ctx.kv_idx <= ctx.qo_idx + ctx.kv_len - ctx.qo_len
 
+    def kv_range(self, ctx):
+        return 0, ctx.qo_idx + ctx.kv_len - ctx.qo_len + 1
+
     def ref_logits_mask(self, ctx):
         q_pos = ctx.qo_idx + (ctx.kv_len - ctx.qo_len)
         return ctx.kv_idx <= q_pos
@@ -41,6 +44,12 @@ class SlidingWindow(AttentionVariant):
 
         w = ctx["window_left"]
         return tirx.any(w < 0, ctx.kv_idx + ctx.qo_len + w >= ctx.kv_len + ctx.qo_idx)
+
+    def kv_range(self, ctx):
+        from tvm import tirx
+
+        w = ctx["window_left"]
+        return tirx.if_then_else(w < 0, 0, ctx.kv_len + ctx.qo_idx - ctx.qo_len - w), ctx.kv_len
 
     def ref_logits_mask(self, ctx):
         w = int(ctx["window_left"])

@@ -1,0 +1,69 @@
+"""Shared fixtures and the tolerance rule.
+
+Tolerance rule (every kernel-vs-reference comparison): the reference accumulates in float64 from the
+same (rounded) inputs, so the kernel may differ by its float32 accumulation plus the rounding of the
+output to its dtype:  ``|o - o_ref| <= TOL[dtype] * (1 + |o_ref|)``  with TOL = 1e-4 (float32),
+2e-3 (float16, 2^-9 covers one rounding of |o| <= 4 by 2^-11 plus accumulation), 1.6e-2 (bfloat16,
+2^-6 for its 8-bit mantissa). The LSE is float32 in every case and must match to 1e-3 absolute,
+with ``-inf`` exactly where the reference has it.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+# One fresh kernel cache for the whole session: nothing stale from an older checkout, and each kernel
+# compiles once however many tests use it.
+_CACHE = tempfile.mkdtemp(prefix="tvm_attn_test_cache_")
+os.environ["TVM_ATTN_CACHE_DIR"] = _CACHE
+
+TOL = {"float32": 1e-4, "float16": 2e-3, "bfloat16": 1.6e-2}
+NP = {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16}
+
+
+def assert_attention_close(o, lse, ref_o, ref_lse, dtype, what=""):
+    o = np.asarray(o).astype(np.float32)
+    ref_o = np.asarray(ref_o, np.float32)
+    assert o.shape == ref_o.shape, (o.shape, ref_o.shape)
+    err = np.abs(o - ref_o)
+    bound = TOL[dtype] * (1 + np.abs(ref_o))
+    assert np.all(err <= bound), f"{what}: max |err| {err.max():.3e} (worst excess {(err - bound).max():.3e})"
+    if lse is not None:
+        lse = np.asarray(lse, np.float32)
+        assert np.array_equal(np.isneginf(lse), np.isneginf(ref_lse)), f"{what}: -inf LSE pattern differs"
+        fin = np.isfinite(ref_lse)
+        if fin.any():
+            assert np.abs(lse[fin] - ref_lse[fin]).max() <= 1e-3, f"{what}: LSE error"
+
+
+def randn(rng, shape, dtype):
+    return rng.standard_normal(shape).astype(np.float32).astype(NP[dtype])
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(1234)
+
+
+@pytest.fixture(scope="session")
+def cache_dir():
+    return _CACHE
+
+
+def pytest_collection_modifyitems(config, items):
+    try:
+        import tvm
+
+        has_gpu = tvm.cuda(0).exist
+    except Exception:  # noqa: BLE001
+        has_gpu = False
+    if not has_gpu:
+        skip = pytest.mark.skip(reason="no CUDA GPU here")
+        for item in items:
+            if "gpu" in item.keywords:
+                item.add_marker(skip)

@@ -1,0 +1,94 @@
+"""Command line: ``tvm-attn demo`` (the main job) and ``tvm-attn build`` (precompile kernels)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import numpy as np
+
+
+def _best_device() -> str:
+    """The best device this build has kernels for. The CUDA kernels are not in this build, so: the CPU."""
+    return "cpu"
+
+
+def cmd_demo(args) -> int:
+    from .demo import DemoConfig, run_demo
+
+    cfg = DemoConfig(decode_steps=args.decode_steps, num_layers=args.layers, dtype=args.dtype, kv_layout=args.kv_layout)
+    if args.prompt_lens:
+        cfg.prompt_lens = tuple(int(x) for x in args.prompt_lens.split(","))
+    device = _best_device() if args.device == "auto" else args.device
+    rows = run_demo(cfg, device=device)
+    tol = {"float16": 2e-3, "bfloat16": 2e-2, "float32": 1e-4}[cfg.dtype]
+    worst = max(r["max_abs_err"] for r in rows)
+    if worst > tol:
+        print(f"FAILED: max error {worst:.3e} exceeds {tol:.0e}", file=sys.stderr)
+        return 1
+    print(f"all outputs match the reference (max error {worst:.2e} <= {tol:.0e})")
+    return 0
+
+
+def demo_kernel_specs(dtype: str = "float16", kv_layout: str = "NHD") -> list[dict]:
+    """The kernels ``tvm-attn demo`` uses."""
+    kv = {"format": "paged", "page_size": 16, "layout": kv_layout}
+    common = {"kv": kv, "num_qo_heads": 32, "num_kv_heads": 8, "head_dim": 128, "q_dtype": dtype}
+    return [{"kind": "decode", **common}, {"kind": "prefill", "variant": "causal", **common}]
+
+
+def cmd_build(args) -> int:
+    from .cache import KernelCache, compiler_available
+    from .config import key_from_spec
+
+    if not compiler_available():
+        print("tvm-attn build: TVM's compiler is not available in this process", file=sys.stderr)
+        return 2
+    if args.kernels:
+        with open(args.kernels) as f:
+            specs = json.load(f)
+        if not isinstance(specs, list):
+            print(f"tvm-attn build: {args.kernels} must hold a JSON list of kernel specs", file=sys.stderr)
+            return 2
+    else:
+        specs = demo_kernel_specs()
+    cache = KernelCache(args.output) if args.output else KernelCache()
+    print(f"building {len(specs)} kernels for {args.target} into {cache.directory}")
+    total = time.perf_counter()
+    for i, spec in enumerate(specs):
+        spec = dict(spec)
+        spec.setdefault("target", args.target)
+        key = key_from_spec(spec)
+        seconds = cache.build(key, force=args.force)
+        status = f"{seconds:6.2f} s" if seconds else "  cached"
+        print(f"[{i + 1:>3}/{len(specs)}] {status}  {key.uri}")
+    print(f"done in {time.perf_counter() - total:.2f} s")
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="tvm-attn", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    d = sub.add_parser("demo", help="prefill + decode of a small Llama-shaped batch, checked against numpy")
+    d.add_argument("--device", default="auto", help="auto (best available) or cpu")
+    d.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
+    d.add_argument("--kv-layout", default="NHD", choices=["NHD", "HND"])
+    d.add_argument("--decode-steps", type=int, default=4)
+    d.add_argument("--layers", type=int, default=2)
+    d.add_argument("--prompt-lens", default="", help="comma-separated prompt lengths, e.g. 1,37,128,260")
+    d.set_defaults(func=cmd_demo)
+    b = sub.add_parser("build", help="precompile kernels into a cache directory for runtime-only processes")
+    b.add_argument("--kernels", help="JSON list of kernel specs (default: the demo's kernels)")
+    b.add_argument("--target", default="llvm", help="llvm (CUDA targets come with the CUDA kernels)")
+    b.add_argument("-o", "--output", help="cache directory (default: the user cache)")
+    b.add_argument("--force", action="store_true", help="rebuild kernels already in the directory")
+    b.set_defaults(func=cmd_build)
+    args = parser.parse_args(argv)
+    np.set_printoptions(precision=4)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
