@@ -230,3 +230,31 @@ def reshape(x, shape):
     if isinstance(x, tvm.runtime.Tensor):
         return x._create_view(tuple(shape))
     return x.reshape(tuple(shape))
+
+
+def run_single(
+    kind: str, q, k, v, *, kv_layout: str, variant, causal: bool, pos_encoding_mode: str, fi_options: dict,
+    sm_scale, return_lse: bool, device, cache, variant_args: dict,
+):
+    """One request through the ragged kernel of ``kind``: ``q`` ``[qo_len, Hq, D]`` (decode: qo_len 1),
+    ``k``/``v`` ``[kv_len, Hkv, D]`` (``"NHD"``) or ``[Hkv, kv_len, D]`` (``"HND"``)."""
+    from ..kv.formats import RaggedKV
+
+    dev, target = resolve_device(device)
+    fmt = RaggedKV(kv_layout)
+    qo_len, num_qo_heads, head_dim = shape_of(q)
+    k_shape = shape_of(k)
+    if len(k_shape) != 3:
+        raise ValueError(f"k: expected a 3-D tensor, got shape {k_shape}")
+    kv_len, num_kv_heads = (k_shape[0], k_shape[1]) if kv_layout == "NHD" else (k_shape[1], k_shape[0])
+    q_dtype, kv_dtype = data_dtypes(dtype_of(q), dtype_of(k))
+    var, variant_args = single_call_variant(variant, causal, pos_encoding_mode, fi_options, variant_args)
+    key = AttentionKey(kind, fmt, num_qo_heads, num_kv_heads, head_dim, q_dtype, kv_dtype, var, target)
+    check_tensor("k", k, k_shape[:2] + (head_dim,), kv_dtype)
+    check_tensor("v", v, k_shape[:2] + (head_dim,), kv_dtype)
+    indptr = lambda n: tvm.runtime.tensor(np.asarray([0, n], np.int32), dev)  # noqa: E731
+    qo_args = (indptr(qo_len),) if kind == "prefill" else ()
+    call = KernelCall(
+        key, kernel_cache(cache).get(key), dev, qo_args, (indptr(kv_len),), qo_len, default_sm_scale(sm_scale, head_dim)
+    )
+    return call(q, [("k", k), ("v", v)], variant_args, return_lse=return_lse)

@@ -5,16 +5,10 @@ Lineage: FlashInfer ``decode.py`` (``BatchDecodeWithPagedKVCacheWrapper``, ``sin
 
 from __future__ import annotations
 
-import numpy as np
-import tvm
-
 from ..config import AttentionKey
-from ..kv.formats import PagedKV, RaggedKV
-from ..tensor import dtype_of, shape_of
-from ._common import (
-    KernelCall, Wrapper, check_tensor, data_dtypes, default_sm_scale, flashinfer_variant, kernel_cache, reshape,
-    resolve_device, single_call_variant,
-)
+from ..kv.formats import PagedKV
+from ..tensor import shape_of
+from ._common import Wrapper, check_tensor, data_dtypes, flashinfer_variant, reshape, run_single
 
 
 class BatchDecodeWithPagedKVCacheWrapper(Wrapper):
@@ -86,25 +80,16 @@ def single_decode_with_kv_cache(
 ):
     """Decode one request: ``q`` ``[num_qo_heads, head_dim]``, ``k``/``v`` ``[kv_len, num_kv_heads, head_dim]``
     (``"NHD"``) or ``[num_kv_heads, kv_len, head_dim]`` (``"HND"``) -> ``o`` ``[num_qo_heads, head_dim]``."""
-    dev, target = resolve_device(device)
-    q_shape, k_shape = shape_of(q), shape_of(k)
+    q_shape = shape_of(q)
     if len(q_shape) != 2:
         raise ValueError(f"q: expected shape (num_qo_heads, head_dim), got {q_shape}")
-    if len(k_shape) != 3:
-        raise ValueError(f"k: expected a 3-D tensor, got shape {k_shape}")
-    fmt = RaggedKV(kv_layout)
-    kv_len, num_kv_heads = (k_shape[0], k_shape[1]) if kv_layout == "NHD" else (k_shape[1], k_shape[0])
     num_qo_heads, head_dim = q_shape
-    q_dtype, kv_dtype = data_dtypes(dtype_of(q), dtype_of(k))
     fi = dict(window_left=window_left, logits_soft_cap=logits_soft_cap, rope_scale=rope_scale, rope_theta=rope_theta)
-    var, variant_args = single_call_variant(variant, False, pos_encoding_mode, fi, variant_args)
-    key = AttentionKey("decode", fmt, num_qo_heads, num_kv_heads, head_dim, q_dtype, kv_dtype, var, target)
-    check_tensor("k", k, k_shape[:2] + (head_dim,), kv_dtype)
-    check_tensor("v", v, k_shape[:2] + (head_dim,), kv_dtype)
-    kv_indptr = tvm.runtime.tensor(np.asarray([0, kv_len], np.int32), dev)
-    call = KernelCall(key, kernel_cache(cache).get(key), dev, (), (kv_indptr,), 1, default_sm_scale(sm_scale, head_dim))
-    q3 = reshape(q, (1, num_qo_heads, head_dim))
-    res = call(q3, [("k", k), ("v", v)], variant_args, return_lse=return_lse)
+    res = run_single(
+        "decode", reshape(q, (1, num_qo_heads, head_dim)), k, v, kv_layout=kv_layout, variant=variant, causal=False,
+        pos_encoding_mode=pos_encoding_mode, fi_options=fi, sm_scale=sm_scale, return_lse=return_lse,
+        device=device, cache=cache, variant_args=variant_args,
+    )
     if return_lse:
         return reshape(res[0], (num_qo_heads, head_dim)), reshape(res[1], (num_qo_heads,))
     return reshape(res, (num_qo_heads, head_dim))

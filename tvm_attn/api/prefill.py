@@ -7,16 +7,12 @@ query rows are aligned to the end of the KV (``kv_idx <= qo_idx + kv_len - qo_le
 from __future__ import annotations
 
 import numpy as np
-import tvm
 
 from ..config import AttentionKey
 from ..kv.formats import PagedKV, RaggedKV
 from ..kv.validate import as_index_array, check_indptr
-from ..tensor import dtype_of, shape_of
-from ._common import (
-    KernelCall, Wrapper, check_tensor, data_dtypes, default_sm_scale, flashinfer_variant, kernel_cache, resolve_device,
-    single_call_variant,
-)
+from ..tensor import shape_of
+from ._common import Wrapper, check_tensor, data_dtypes, flashinfer_variant, run_single
 from .decode import check_paged_cache
 
 
@@ -108,24 +104,10 @@ def single_prefill_with_kv_cache(
 ):
     """Prefill / append for one request: ``q`` ``[qo_len, Hq, D]``, ``k``/``v`` ``[kv_len, Hkv, D]`` (``"NHD"``)
     or ``[Hkv, kv_len, D]`` (``"HND"``) -> ``o`` ``[qo_len, Hq, D]``."""
-    dev, target = resolve_device(device)
-    q_shape, k_shape = shape_of(q), shape_of(k)
-    if len(q_shape) != 3:
-        raise ValueError(f"q: expected shape (qo_len, num_qo_heads, head_dim), got {q_shape}")
-    if len(k_shape) != 3:
-        raise ValueError(f"k: expected a 3-D tensor, got shape {k_shape}")
-    fmt = RaggedKV(kv_layout)
-    kv_len, num_kv_heads = (k_shape[0], k_shape[1]) if kv_layout == "NHD" else (k_shape[1], k_shape[0])
-    qo_len, num_qo_heads, head_dim = q_shape
-    q_dtype, kv_dtype = data_dtypes(dtype_of(q), dtype_of(k))
+    if len(shape_of(q)) != 3:
+        raise ValueError(f"q: expected shape (qo_len, num_qo_heads, head_dim), got {shape_of(q)}")
     fi = dict(window_left=window_left, logits_soft_cap=logits_soft_cap, rope_scale=rope_scale, rope_theta=rope_theta)
-    var, variant_args = single_call_variant(variant, causal, pos_encoding_mode, fi, variant_args)
-    key = AttentionKey("prefill", fmt, num_qo_heads, num_kv_heads, head_dim, q_dtype, kv_dtype, var, target)
-    check_tensor("k", k, k_shape[:2] + (head_dim,), kv_dtype)
-    check_tensor("v", v, k_shape[:2] + (head_dim,), kv_dtype)
-    qo_indptr = tvm.runtime.tensor(np.asarray([0, qo_len], np.int32), dev)
-    kv_indptr = tvm.runtime.tensor(np.asarray([0, kv_len], np.int32), dev)
-    call = KernelCall(
-        key, kernel_cache(cache).get(key), dev, (qo_indptr,), (kv_indptr,), qo_len, default_sm_scale(sm_scale, head_dim)
+    return run_single(
+        "prefill", q, k, v, kv_layout=kv_layout, variant=variant, causal=causal, pos_encoding_mode=pos_encoding_mode,
+        fi_options=fi, sm_scale=sm_scale, return_lse=return_lse, device=device, cache=cache, variant_args=variant_args,
     )
-    return call(q, [("k", k), ("v", v)], variant_args, return_lse=return_lse)

@@ -51,6 +51,19 @@ class _Queries:
     def num_rows(self, b):
         return 1 if self.qo_indptr is None else self.qo_indptr[b + 1] - self.qo_indptr[b]
 
+    # a segment is a request: hooks see positions within it
+    def qo_len(self, b):
+        return self.num_rows(b)
+
+    def qo_idx(self, b, i):
+        return i
+
+    def batch_idx(self, b):
+        return b
+
+    def kv_idx(self, b, j, addr):
+        return j
+
 
 class PagedIndex(_Queries):
     def __init__(self, key: AttentionKey):
@@ -71,17 +84,6 @@ class PagedIndex(_Queries):
 
     kv_steps = kv_len
 
-    def qo_len(self, b):
-        return self.num_rows(b)
-
-    def qo_idx(self, b, i):
-        return i
-
-    def batch_idx(self, b):
-        return b
-
-    def kv_idx(self, b, j, addr):
-        return j
 
     def kv_addr(self, b, j):
         page = let("page", self.indices[self.indptr[b] + j // self.page_size])
@@ -116,17 +118,6 @@ class RaggedIndex(_Queries):
 
     kv_steps = kv_len
 
-    def qo_len(self, b):
-        return self.num_rows(b)
-
-    def qo_idx(self, b, i):
-        return i
-
-    def batch_idx(self, b):
-        return b
-
-    def kv_idx(self, b, j, addr):
-        return j
 
     def kv_addr(self, b, j):
         return (self.indptr[b] + j,)
