@@ -19,8 +19,8 @@ import pytest
 
 # One fresh kernel cache for the whole session: nothing stale from an older checkout, and each kernel
 # compiles once however many tests use it.
-_CACHE = tempfile.mkdtemp(prefix="tvm_attn_test_cache_")
-os.environ["TVM_ATTN_CACHE_DIR"] = _CACHE
+# (On the GPU host the caller points TVM_ATTN_CACHE_DIR at the kernels built ahead of time.)
+_CACHE = os.environ.setdefault("TVM_ATTN_CACHE_DIR", tempfile.mkdtemp(prefix="tvm_attn_test_cache_"))
 
 TOL = {"float32": 1e-4, "float16": 2e-3, "bfloat16": 1.6e-2}
 NP = {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16}
@@ -55,14 +55,20 @@ def cache_dir():
     return _CACHE
 
 
-def pytest_collection_modifyitems(config, items):
+def has_cuda_gpu() -> bool:
     try:
         import tvm
 
-        has_gpu = tvm.cuda(0).exist
-    except Exception:  # noqa: BLE001
-        has_gpu = False
-    if not has_gpu:
+        from tvm_attn.cuda_runtime import ensure_cuda
+
+        ensure_cuda()
+        return bool(tvm.cuda(0).exist)
+    except Exception:  # noqa: BLE001 - no CUDA runtime or driver here
+        return False
+
+
+def pytest_collection_modifyitems(config, items):
+    if not has_cuda_gpu():
         skip = pytest.mark.skip(reason="no CUDA GPU here")
         for item in items:
             if "gpu" in item.keywords:

@@ -13,5 +13,10 @@ def test_script_runs_small(path):
     spec = importlib.util.spec_from_file_location(path.stem, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    if getattr(module, "REQUIRES", None) == "gpu":
+        from conftest import has_cuda_gpu
+
+        if not has_cuda_gpu():
+            pytest.skip("needs a CUDA GPU")
     rows = module.main(small=True)
     assert rows

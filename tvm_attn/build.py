@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import tvm
 
-from .config import AttentionKey, MergeKey
+from .config import AttentionKey, MergeKey, PlannerKey
+from .kv.formats import PagedKV
 
 
 def target_of(name: str) -> tvm.target.Target:
@@ -19,23 +20,49 @@ def target_of(name: str) -> tvm.target.Target:
     if kind == "cuda":
         if not arch:
             raise ValueError("target 'cuda' needs an arch, e.g. 'cuda:sm_90a'")
-        return tvm.target.Target({"kind": "cuda", "arch": arch})
+        return tvm.target.Target({"kind": "cuda", "arch": arch}, host={"kind": "llvm"})
     raise ValueError(f"unknown target {name!r}; use 'llvm' or 'cuda:<arch>'")
 
 
-def generate(key: AttentionKey | MergeKey) -> tvm.tirx.PrimFunc:
-    """The kernel's PrimFunc, named ``key.uri``."""
-    if isinstance(key, AttentionKey):
-        from .tir.attention import make_attention
-
-        return make_attention(key)
+def generate(key: AttentionKey | MergeKey) -> tvm.IRModule:
+    """The kernel's module: ``key.uri`` and, for CUDA decode, its merge kernel and the planner."""
     if isinstance(key, MergeKey):
         from .tir.merge import make_merge
 
-        return make_merge(key)
-    raise TypeError(f"no generator for {type(key).__name__}")
+        return tvm.IRModule({key.uri: make_merge(key)})
+    if isinstance(key, PlannerKey):
+        from .tir.plan import make_decode_planner
+
+        return tvm.IRModule({key.uri: make_decode_planner(key.uri)})
+    if not isinstance(key, AttentionKey):
+        raise TypeError(f"no generator for {type(key).__name__}")
+    if key.target.startswith("llvm"):
+        from .tir.attention import make_attention
+
+        return tvm.IRModule({key.uri: make_attention(key)})
+    if key.kind == "decode" and isinstance(key.kv, PagedKV):
+        from .tir.decode_cuda import make_batch_decode_cuda, make_decode_merge_cuda
+        from .tir.plan import PLAN_DECODE, make_decode_planner
+
+        return tvm.IRModule({
+            key.uri: make_batch_decode_cuda(key),
+            key.uri + "_merge": make_decode_merge_cuda(key),
+            PLAN_DECODE: make_decode_planner(),
+        })
+    raise ValueError(
+        f"no CUDA kernel for {key.kind} over {type(key.kv).__name__} in this version; "
+        "CUDA has paged decode (the other forms run on the CPU)"
+    )
 
 
 def compile_key(key: AttentionKey | MergeKey) -> tvm.runtime.Executable:
-    func = generate(key)
-    return tvm.compile(tvm.IRModule({key.uri: func}), target=target_of(key.target))
+    return tvm.compile(generate(key), target=target_of(key.target))
+
+
+def cuda_source(executable) -> str | None:
+    """The CUDA source inside a compiled module, or None for a CPU module."""
+    mod = executable.mod if hasattr(executable, "mod") else executable
+    for m in mod.imports:
+        if m.kind == "cuda":
+            return m.inspect_source()
+    return None

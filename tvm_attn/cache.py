@@ -68,27 +68,36 @@ class KernelCache:
     def path(self, key) -> Path:
         return self.directory / f"{key.uri}.so"
 
-    def get(self, key: AttentionKey | MergeKey):
-        """The kernel function for ``key``, building it on a miss when a compiler is available."""
+    def get(self, key: AttentionKey | MergeKey, name: str | None = None):
+        """The function ``name`` (default: the kernel ``key.uri``) of ``key``'s module, building the
+        module on a miss when a compiler is available."""
+        return self.module(key)[name or key.uri]
+
+    def module(self, key: AttentionKey | MergeKey):
+        """``key``'s loaded module (the kernel, and for CUDA decode its merge kernel and planner)."""
         uri = key.uri
-        fn = self._functions.get(uri)
-        if fn is not None:
-            return fn
+        mod = self._functions.get(uri)
+        if mod is not None:
+            return mod
         with self._lock:
-            fn = self._functions.get(uri)
-            if fn is None:
+            mod = self._functions.get(uri)
+            if mod is None:
                 path = self.path(key)
                 if not path.exists():
                     if not compiler_available():
                         raise KernelNotBuiltError(
                             f"kernel {uri} is not in the cache {self.directory} and TVM's compiler is not "
-                            f"available here; build it first with `tvm-attn build` (or tvm_attn.build_kernels) "
+                            f"available here; build it first with `tvm-attn build --target {key.target}` "
                             f"into that directory"
                         )
                     self._build(key)
-                fn = tvm.runtime.load_module(str(path))[uri]
-                self._functions[uri] = fn
-        return fn
+                if key.target.startswith("cuda"):
+                    from .cuda_runtime import ensure_cuda
+
+                    ensure_cuda(self.directory / "cubin")
+                mod = tvm.runtime.load_module(str(path))
+                self._functions[uri] = mod
+        return mod
 
     def build(self, key: AttentionKey | MergeKey, force: bool = False) -> float:
         """Build ``key`` into the directory (unless there already); return the seconds it took."""
@@ -98,11 +107,16 @@ class KernelCache:
             return self._build(key)
 
     def _build(self, key) -> float:
-        from .build import compile_key
+        from .build import compile_key, cuda_source
 
         start = time.perf_counter()
         executable = compile_key(key)
         self.directory.mkdir(parents=True, exist_ok=True)
+        source = cuda_source(executable)
+        if source is not None:  # compile the cubin here, so the GPU host needs no compiler
+            from .cuda_runtime import precompile
+
+            precompile(source, key.target.partition(":")[2], self.directory / "cubin")
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=self.directory)
         os.close(fd)
         try:

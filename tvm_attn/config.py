@@ -115,6 +115,20 @@ class MergeKey:
         return {"op": self.op, "dtype": self.dtype, "target": self.target}
 
 
+@dataclass(frozen=True)
+class PlannerKey:
+    """The decode planner alone, as a host module (CUDA kernel modules also carry their own copy)."""
+
+    target: str = "llvm"
+
+    @property
+    def uri(self) -> str:
+        return "tvm_attn_plan_decode_" + target_uri(self.target)
+
+    def to_json(self) -> dict:
+        return {"planner": "decode", "target": self.target}
+
+
 def key_from_spec(spec: dict) -> AttentionKey | MergeKey:
     """A kernel key from a JSON-able spec (the format of ``tvm-attn build --kernels``)::
 

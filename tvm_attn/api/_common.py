@@ -19,15 +19,30 @@ _POS_ENCODING = ("NONE", "ROPE_LLAMA", "ALIBI")
 
 
 def resolve_device(device) -> tuple[tvm.runtime.Device, str]:
-    """``"cpu"`` (default) or a CPU ``tvm.runtime.Device`` -> (device, target name)."""
-    if device is None or device == "cpu" or device == "llvm":
+    """``"cpu"`` (default), ``"cuda"``/``"cuda:N"``, or a ``tvm.runtime.Device`` -> (device, target name)."""
+    if device is None or device in ("cpu", "llvm"):
         return tvm.cpu(0), "llvm"
-    if isinstance(device, tvm.runtime.Device) and device.dlpack_device_type() == 1:
-        return device, "llvm"
-    raise ValueError(
-        f"device: {device!r} is not supported by this build of tvm_attn; its kernels run on the CPU "
-        "(device='cpu'). The CUDA kernels are built separately (see the README's roadmap)."
-    )
+    if isinstance(device, tvm.runtime.Device):
+        if device.dlpack_device_type() == 1:
+            return device, "llvm"
+        if device.dlpack_device_type() == 2:
+            return _cuda_device(device.index)
+    if isinstance(device, str) and (device == "cuda" or device.startswith("cuda:")):
+        index = device.partition(":")[2]
+        if index and not index.isdigit():
+            raise ValueError(f"device: {device!r} is not 'cuda' or 'cuda:<index>'")
+        return _cuda_device(int(index or 0))
+    raise ValueError(f"device: {device!r} is not supported; use 'cpu' or 'cuda[:index]'")
+
+
+def _cuda_device(index: int) -> tuple[tvm.runtime.Device, str]:
+    from ..cuda_runtime import device_arch, ensure_cuda
+
+    ensure_cuda()
+    dev = tvm.cuda(index)
+    if not dev.exist:
+        raise ValueError(f"device: no CUDA device {index} here")
+    return dev, f"cuda:{device_arch(index)}"
 
 
 def flashinfer_variant(
@@ -132,10 +147,12 @@ def pack_variant_args(key: AttentionKey, given: dict, device) -> list:
 
 @dataclass
 class KernelCall:
-    """A planned kernel: its key, function, device, and the index tensors ``run`` passes each time.
+    """A planned kernel: its key, function, device, and the tensors ``run`` passes each time.
 
-    Call order: ``q, *qo_args, *data_args, *kv_args, o, lse, sm_scale, *variant_args`` (``qo_args`` is
-    ``(qo_indptr,)`` for prefill; ``data_args`` the paged cache or ``k, v``; ``kv_args`` the KV index).
+    Call order: ``q, *qo_args, *data_args, *kv_args, *workspace_args, o, lse, sm_scale, *variant_args``
+    (``qo_args`` is ``(qo_indptr,)`` for prefill; ``data_args`` the paged cache or ``k, v``; ``kv_args``
+    the KV index; ``workspace_args`` the planner's work list and partial states on CUDA). A split-KV
+    plan then calls ``merge_fn(*merge_args, o, lse, *variant_args)``.
     """
 
     key: AttentionKey
@@ -145,18 +162,30 @@ class KernelCall:
     kv_args: tuple
     num_q_rows: int
     sm_scale: float
+    workspace_args: tuple = ()
+    merge_fn: object = None
+    merge_args: tuple = ()
 
-    def __call__(self, q, data_args: list[tuple[str, object]], variant_args: dict, out=None, lse=None, return_lse=False):
+    def launch_args(self, q, data_args, variant_args, out=None, lse=None):
+        """The kernel's and the merge kernel's argument lists (for timing them in isolation)."""
         key = self.key
-        if return_lse and not key.variant.use_softmax:
-            raise ValueError(f"return_lse: the variant {key.variant!r} uses no softmax, so it has no LSE")
         extra = pack_variant_args(key, variant_args, self.device)
         o_shape = (self.num_q_rows, key.num_qo_heads, key.head_dim)
         o_t = _out_tensor("out", out, o_shape, key.o_dtype, self.device)
         lse_t = _out_tensor("lse", lse, o_shape[:2], "float32", self.device)
         data = [to_tvm(x, self.device, n) for n, x in data_args]
         q_t = to_tvm(q, self.device, "q")
-        self.fn(q_t, *self.qo_args, *data, *self.kv_args, o_t, lse_t, self.sm_scale, *extra)
+        main = [q_t, *self.qo_args, *data, *self.kv_args, *self.workspace_args, o_t, lse_t, self.sm_scale, *extra]
+        merge = [*self.merge_args, o_t, lse_t, *extra] if self.merge_fn is not None else None
+        return main, merge, o_t, lse_t
+
+    def __call__(self, q, data_args: list[tuple[str, object]], variant_args: dict, out=None, lse=None, return_lse=False):
+        if return_lse and not self.key.variant.use_softmax:
+            raise ValueError(f"return_lse: the variant {self.key.variant!r} uses no softmax, so it has no LSE")
+        main, merge, o_t, lse_t = self.launch_args(q, data_args, variant_args, out, lse)
+        self.fn(*main)
+        if merge is not None:
+            self.merge_fn(*merge)
         o_res = _finish(o_t, out, q)
         if return_lse:
             return o_res, _finish(lse_t, lse, q)

@@ -5,10 +5,15 @@ Lineage: FlashInfer ``decode.py`` (``BatchDecodeWithPagedKVCacheWrapper``, ``sin
 
 from __future__ import annotations
 
+import numpy as np
+import tvm
+
 from ..config import AttentionKey
 from ..kv.formats import PagedKV
 from ..tensor import shape_of
-from ._common import Wrapper, check_tensor, data_dtypes, flashinfer_variant, reshape, run_single
+from ._common import (
+    KernelCall, Wrapper, check_tensor, data_dtypes, default_sm_scale, flashinfer_variant, reshape, run_single,
+)
 
 
 class BatchDecodeWithPagedKVCacheWrapper(Wrapper):
@@ -16,13 +21,36 @@ class BatchDecodeWithPagedKVCacheWrapper(Wrapper):
 
     Example::
 
-        >>> w = BatchDecodeWithPagedKVCacheWrapper("NHD")
+        >>> w = BatchDecodeWithPagedKVCacheWrapper("NHD", device="cuda")
         >>> w.plan(kv_indptr, kv_indices, kv_last_page_len, num_qo_heads=32, num_kv_heads=8,
         ...        head_dim=128, page_size=16)
         >>> o = w.run(q, paged_kv_cache)          # q: [batch_size, 32, 128]
 
     Note: the plan depends only on the page table, so one plan serves every layer of a step.
+
+    On CUDA, ``plan`` runs the split-KV planner (:mod:`tvm_attn.tir.plan`) and ``run`` launches the
+    decode kernel over a fixed grid, then the merge kernel. With ``use_cuda_graph=True`` every device
+    buffer is allocated once for ``max_batch_size`` requests and ``max_num_pages`` page-table entries;
+    ``plan`` refills them in place, so a graph captured around ``run`` (with ``out`` and ``lse`` given)
+    replays correctly after the lengths change. ``q`` then has ``max_batch_size`` rows; rows past the
+    planned batch read no keys and come out as zeros. ``disable_split_kv`` gives batch-invariant,
+    deterministic results (one work per request).
     """
+
+    def __init__(self, kv_layout: str = "NHD", *, device=None, cache=None, use_cuda_graph: bool = False,
+                 max_batch_size: int | None = None, max_num_pages: int | None = None, disable_split_kv: bool = False):
+        super().__init__(kv_layout, device=device, cache=cache)
+        self._graph = bool(use_cuda_graph)
+        if self._graph:
+            if self._target == "llvm":
+                raise ValueError("use_cuda_graph: needs a CUDA device")
+            if not max_batch_size or not max_num_pages:
+                raise ValueError("use_cuda_graph: give max_batch_size and max_num_pages (the fixed buffer sizes)")
+        self._max_batch = int(max_batch_size) if max_batch_size else None
+        self._max_pages = int(max_num_pages) if max_num_pages else None
+        self._allow_split = not disable_split_kv
+        self._buffers = None
+        self._index_dev = None
 
     def plan(
         self, indptr, indices, last_page_len, num_qo_heads: int, num_kv_heads: int, head_dim: int,
@@ -30,7 +58,7 @@ class BatchDecodeWithPagedKVCacheWrapper(Wrapper):
         logits_soft_cap: float | None = None, q_data_type="float16", kv_data_type=None, sm_scale=None,
         rope_scale: float | None = None, rope_theta: float | None = None,
     ) -> None:
-        """Check the page table and pick the kernel.
+        """Check the page table, pick the kernel and, on CUDA, plan the split of long requests.
 
         Parameters
         ----------
@@ -50,7 +78,48 @@ class BatchDecodeWithPagedKVCacheWrapper(Wrapper):
         key = AttentionKey("decode", fmt, num_qo_heads, num_kv_heads, head_dim, q_dtype, kv_dtype, v, self._target)
         self._batch_size = indptr.size - 1
         self._max_page = int(indices[: indptr[-1]].max(initial=-1))
-        self._plan_call(key, sm_scale, (), (indptr, indices, last_page_len), self._batch_size)
+        if self._target == "llvm":
+            self._plan_call(key, sm_scale, (), (indptr, indices, last_page_len), self._batch_size)
+        else:
+            self._plan_cuda(key, sm_scale, indptr, indices[: indptr[-1]], last_page_len)
+
+    def _plan_cuda(self, key, sm_scale, indptr, indices, last_page_len) -> None:
+        from ..planner import PLAN_DECODE, DecodePlanBuffers, decode_workspace
+        from ..tir.decode_cuda import tiles_for
+
+        batch = indptr.size - 1
+        if self._graph:
+            if batch > self._max_batch:
+                raise ValueError(f"plan: batch_size {batch} exceeds the wrapper's max_batch_size {self._max_batch}")
+            if indices.size > self._max_pages:
+                raise ValueError(f"plan: {indices.size} page-table entries exceed max_num_pages {self._max_pages}")
+            pad = self._max_batch - batch  # padded requests have no pages
+            indptr = np.concatenate([indptr, np.full(pad, indptr[-1], np.int32)])
+            last_page_len = np.concatenate([last_page_len, np.zeros(pad, np.int32)])
+            indices = np.concatenate([indices, np.zeros(self._max_pages - indices.size, np.int32)])
+            self._batch_size = self._max_batch
+        capacity = self._max_batch if self._graph else max(batch, self._max_batch or 0, 1)
+        ws = self._buffers.ws if self._buffers is not None else None
+        if ws is None or ws.max_batch_size < capacity or ws.num_qo_heads != key.num_qo_heads or ws.head_dim != key.head_dim:
+            ws = decode_workspace(capacity, key.num_qo_heads, key.num_kv_heads, key.head_dim, tiles_for(key),
+                                  self._device.multi_processor_count)
+            self._buffers = DecodePlanBuffers(ws, self._device)
+            self._index_dev = None
+        module = self._cache.module(key)
+        bufs = self._buffers
+        bufs.plan(module[PLAN_DECODE], indptr, last_page_len, key.kv.page_size, self._allow_split)
+        if self._graph:  # refill the same device buffers: captured graphs keep their pointers
+            if self._index_dev is None:
+                self._index_dev = tuple(tvm.runtime.empty(a.shape, "int32", self._device) for a in (indptr, indices, last_page_len))
+            for dev_buf, host in zip(self._index_dev, (indptr, indices, last_page_len)):
+                dev_buf.copyfrom(host)
+        else:
+            self._index_dev = tuple(tvm.runtime.tensor(a, self._device) for a in (indptr, indices, last_page_len))
+        self._call = KernelCall(
+            key, module[key.uri], self._device, (), self._index_dev, self._batch_size,
+            default_sm_scale(sm_scale, key.head_dim), workspace_args=(bufs.work_info, bufs.tmp_o, bufs.tmp_lse),
+            merge_fn=module[key.uri + "_merge"], merge_args=(bufs.merge_indptr, bufs.tmp_o, bufs.tmp_lse),
+        )
 
     def run(self, q, paged_kv_cache, *, out=None, lse=None, return_lse: bool = False, **variant_args):
         """``q`` ``[batch_size, num_qo_heads, head_dim]`` -> ``o`` of the same shape (and ``lse`` float32

@@ -66,15 +66,19 @@ class PagedKV:
         else:
             check_range("kv_indices", indices[: indptr[-1]], 0, np.iinfo(np.int32).max, "page ids")
         pages = np.diff(indptr)
-        for b in range(batch):
-            n, last = int(pages[b]), int(last_page_len[b])
-            if n > 0 and not 1 <= last <= self.page_size:
-                raise ValueError(
-                    f"kv_last_page_len: kv_last_page_len[{b}] = {last} must be in [1, page_size = {self.page_size}] "
-                    f"for a request with {n} pages"
-                )
-            if n == 0 and last != 0:
-                raise ValueError(f"kv_last_page_len: kv_last_page_len[{b}] = {last} must be 0 for a request with no pages")
+        bad_full = np.nonzero((pages > 0) & ((last_page_len < 1) | (last_page_len > self.page_size)))[0]
+        if bad_full.size:
+            b = int(bad_full[0])
+            raise ValueError(
+                f"kv_last_page_len: kv_last_page_len[{b}] = {int(last_page_len[b])} must be in "
+                f"[1, page_size = {self.page_size}] for a request with {int(pages[b])} pages"
+            )
+        bad_empty = np.nonzero((pages == 0) & (last_page_len != 0))[0]
+        if bad_empty.size:
+            b = int(bad_empty[0])
+            raise ValueError(
+                f"kv_last_page_len: kv_last_page_len[{b}] = {int(last_page_len[b])} must be 0 for a request with no pages"
+            )
         kv_lens = np.where(pages > 0, (pages - 1) * self.page_size + last_page_len, 0).astype(np.int64)
         return indptr, indices, last_page_len, kv_lens
 

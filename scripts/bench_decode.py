@@ -1,0 +1,257 @@
+"""Paged-decode benchmark on a GPU host: our CUDA kernel against the read ceiling and the baselines.
+
+Measures in one run: the streaming-read ceiling (a large read-only torch reduction) and the device
+copy rate; tvm_attn's decode (kernel + merge, with the plan it uses); TVM's built-in
+``_attention_decode`` (built by scripts/build_gpu_kernels.py with the same workflow); torch SDPA over
+contiguous KV where torch is present. Plan time is measured at batch 1, 64 and 256.
+Rows are written only for kernels whose output matched the reference in this run.
+
+Usage (GPU host, after `source .gpu/setup.sh`):
+    TVM_ATTN_CACHE_DIR=.kernels python scripts/bench_decode.py --out bench/results/decode-h100.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+REQUIRES = "gpu"
+
+HQ, HKV, D, PAGE = 32, 8, 128, 16
+
+
+def workloads(small: bool):
+    rng = np.random.default_rng(0)
+    zipf = rng.zipf(1.5, 64).astype(np.float64)
+    zipf = np.clip(np.round(zipf / zipf.mean() * 2048), 1, 32768).astype(int)
+    out = [
+        ("b64 l2048", [2048] * 64, HQ, HKV),
+        ("b16 l8192", [8192] * 16, HQ, HKV),
+        ("b128 l1024", [1024] * 128, HQ, HKV),
+        ("b1 l32768", [32768], HQ, HKV),
+        (f"b64 zipf mean{int(zipf.mean())}", zipf.tolist(), HQ, HKV),
+        ("b64 l2048 mha", [2048] * 64, 32, 32),
+    ]
+    return out[:1] if small else out
+
+
+def kv_bytes(lens, hkv):
+    return int(sum(lens)) * hkv * D * 2 * 2
+
+
+def page_table(lens, rng):
+    pages = [(n + PAGE - 1) // PAGE for n in lens]
+    indptr = np.cumsum([0] + pages).astype(np.int32)
+    indices = rng.permutation(int(indptr[-1])).astype(np.int32)
+    last = np.array([n - (p - 1) * PAGE if p else 0 for n, p in zip(lens, pages)], np.int32)
+    return indptr, indices, last
+
+
+def median_ms(fn_time):
+    return float(np.median(fn_time))
+
+
+def time_tvm(mod, name, dev, args, number=20, repeat=15):
+    t = mod.time_evaluator(name, dev, number=number, repeat=repeat)(*args)
+    return float(np.median(t.results)) * 1e3
+
+
+def main(small: bool = False, out: str | None = None) -> list[dict]:
+    import tvm
+
+    import tvm_attn as ta
+    from tvm_attn import reference as R
+    from tvm_attn.cuda_runtime import ensure_cuda
+
+    cache_dir = Path(os.environ.get("TVM_ATTN_CACHE_DIR", ROOT / ".kernels"))
+    ensure_cuda(cache_dir / "cubin")
+    dev = tvm.cuda(0)
+    rng = np.random.default_rng(1)
+    try:
+        import torch
+    except ImportError:
+        torch = None
+    device_name = torch.cuda.get_device_name(0) if torch else dev.device_name
+    ceilings = {}
+    if torch:
+        x = torch.empty(2 * 1024**3 if not small else 2**26, dtype=torch.float16, device="cuda").uniform_()
+        y = torch.empty_like(x)
+        ev = [torch.cuda.Event(enable_timing=True) for _ in range(2)]
+        for name, fn, nbytes in [("read_TBps", lambda: x.sum(), x.numel() * 2),
+                                 ("copy_TBps_rw", lambda: y.copy_(x), x.numel() * 4)]:
+            fn()
+            times = []
+            for _ in range(10):
+                ev[0].record()
+                fn()
+                ev[1].record()
+                torch.cuda.synchronize()
+                times.append(ev[0].elapsed_time(ev[1]))
+            ceilings[name] = nbytes / (np.median(times) * 1e-3) / 1e12
+        del x, y
+    read_ceiling = ceilings.get("read_TBps")
+    builtin = tvm.runtime.load_module(str(cache_dir / "tvm_builtin_decode.so")) if (cache_dir / "tvm_builtin_decode.so").exists() else None
+
+    rows, notes = [], []
+
+    def add(workload, kernel, ms, nbytes):
+        tbps = nbytes / (ms * 1e-3) / 1e12
+        rows.append({"workload": workload, "kernel": kernel, "median_us": round(ms * 1e3, 2), "TBps": round(tbps, 3),
+                     "TFLOPs": None, "pct_of_ceiling": round(100 * tbps / read_ceiling, 1) if read_ceiling else None})
+
+    variants = [("", None, {}), ("/rope", ta.RoPE(), {}), ("/window", ta.SlidingWindow(), {"window_left": 4096}),
+                ("/softcap", ta.LogitsSoftCap(), {}), ("/alibi", ta.ALiBi(), {})]
+    for wname, lens, hq, hkv in workloads(small):
+        workload = f"decode {wname} h{hq}/{hkv} d{D} p{PAGE} fp16"
+        indptr, indices, last = page_table(lens, rng)
+        num_pages = int(indptr[-1])
+        shape = (num_pages, 2, PAGE, hkv, D)
+        if torch is not None:  # random data made on the GPU: GBs of it
+            cache_t = torch.randn(shape, dtype=torch.float16, device="cuda")
+            cache_d = tvm.runtime.from_dlpack(cache_t)
+        else:
+            cache_t = rng.standard_normal(shape, dtype=np.float32).astype(np.float16)
+            cache_d = tvm.runtime.tensor(cache_t, dev)
+        q = rng.standard_normal((len(lens), hq, D)).astype(np.float16)
+        q_d = tvm.runtime.tensor(q, dev)
+        nbytes = kv_bytes(lens, hkv)
+        check_rows = min(len(lens), 4)  # reference on the first requests' pages only
+        sub = indices[: indptr[check_rows]]
+        sub_cache = (cache_t[torch.from_numpy(sub).long().cuda()].cpu().numpy() if torch is not None else cache_t[sub])
+        ref_o, _ = R.paged_attention(q[:check_rows], None, sub_cache, indptr[: check_rows + 1],
+                                     np.arange(sub.size, dtype=np.int32), last[:check_rows])
+        for suffix, variant, vargs in variants if wname == "b64 l2048" else variants[:1]:
+            w = ta.BatchDecodeWithPagedKVCacheWrapper("NHD", device="cuda")
+            w.plan(indptr, indices, last, hq, hkv, D, PAGE, variant=variant)
+            o = w.run(q_d, cache_d, **vargs).numpy()
+            if variant is None:
+                err = float(np.abs(o[:check_rows].astype(np.float32) - ref_o).max())
+                if err > 2e-3:
+                    notes.append(f"{workload}: tvm_attn mismatch {err:.3e}, row dropped")
+                    continue
+            main_args, merge_args, _, _ = w._call.launch_args(q_d, [("paged_kv_cache", cache_d)], vargs)
+            mod = w._cache.module(w.kernel_key)
+            ms = time_tvm(mod, w.kernel_key.uri, dev, main_args)
+            ms += time_tvm(mod, w.kernel_key.uri + "_merge", dev, merge_args)
+            add(workload, "tvm_attn" + suffix, ms, nbytes)
+        if builtin is not None and hkv in (8, 32):
+            name = f"builtin_decode_h{hq}x{hkv}"
+            if torch is not None:
+                hnd_t = cache_t.transpose(2, 3).contiguous()
+                pages_hnd = tvm.runtime.from_dlpack(hnd_t)
+            else:
+                pages_hnd = tvm.runtime.tensor(np.ascontiguousarray(cache_t.transpose(0, 1, 3, 2, 4)), dev)
+            zeros = tvm.runtime.tensor(np.zeros(len(lens), np.int32), dev)
+            o_b = tvm.runtime.empty((len(lens), hq, D), "float16", dev)
+            lse_b = tvm.runtime.empty((len(lens), hq), "float32", dev)
+            args = [q_d, pages_hnd, tvm.runtime.tensor(indptr, dev), tvm.runtime.tensor(indices, dev),
+                    tvm.runtime.tensor(last, dev), zeros, zeros, o_b, lse_b, 0, 1.0, 1e4, 1.0 / np.sqrt(D)]
+            builtin[name](*args)
+            err = float(np.abs(o_b.numpy()[:check_rows].astype(np.float32) - ref_o).max())
+            if err <= 2e-3:
+                add(workload, "tvm_builtin_tir", time_tvm(builtin, name, dev, args, number=5, repeat=7), nbytes)
+            else:
+                notes.append(f"{workload}: tvm builtin mismatch {err:.3e}")
+            del pages_hnd
+            hnd_t = None
+        if torch is not None and len(set(lens)) == 1:
+            L = lens[0]
+            qt = torch.from_numpy(q).cuda().unsqueeze(2)
+            k = torch.randn(len(lens), hkv, L, D, device="cuda", dtype=torch.float16)
+            v = torch.randn_like(k)
+            f = lambda: torch.nn.functional.scaled_dot_product_attention(qt, k, v, enable_gqa=hkv != hq)  # noqa: E731
+            f()
+            ev = [torch.cuda.Event(enable_timing=True) for _ in range(2)]
+            times = []
+            for _ in range(20):
+                ev[0].record()
+                f()
+                ev[1].record()
+                torch.cuda.synchronize()
+                times.append(ev[0].elapsed_time(ev[1]))
+            add(workload, "torch_sdpa_contiguous", float(np.median(times)), nbytes)
+            del k, v
+        del cache_d, cache_t
+
+    plan_times = {}
+    for b in (1, 64, 256):
+        lens = [2048] * b
+        indptr, indices, last = page_table(lens, rng)
+        w = ta.BatchDecodeWithPagedKVCacheWrapper("NHD", device="cuda", max_batch_size=256)
+        w.plan(indptr, indices, last, HQ, HKV, D, PAGE)
+        planner = w._cache.module(w.kernel_key)["tvm_attn_plan_decode"]
+        ts, tp = [], []
+        bufs = w._buffers
+        cpu = tvm.cpu()
+        ip, lp = tvm.runtime.tensor(indptr, cpu), tvm.runtime.tensor(last, cpu)
+        for _ in range(200):
+            t0 = time.perf_counter()
+            w.plan(indptr, indices, last, HQ, HKV, D, PAGE)
+            ts.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            planner(ip, lp, bufs.host_work, bufs.host_merge, bufs.host_stats, bufs.ws.max_partials, PAGE,
+                    bufs.ws.target_works, 16, 1)
+            tp.append(time.perf_counter() - t0)
+        plan_times[f"batch{b}"] = {"wrapper_plan_us": round(float(np.median(ts)) * 1e6, 1),
+                                   "planner_call_us": round(float(np.median(tp)) * 1e6, 1)}
+
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
+    result = {"device": device_name, "date": datetime.date.today().isoformat(), "commit": commit or None,
+              "command": "TVM_ATTN_CACHE_DIR=.kernels python scripts/bench_decode.py --out " + (out or "-"),
+              "ceilings": ceilings, "rows": rows, "plan_time": plan_times, "notes": notes}
+    print(f"device {device_name}; ceilings " + ", ".join(f"{k} {v:.2f}" for k, v in ceilings.items()))
+    print(f"{'workload':<44}{'kernel':<24}{'us':>9}{'TB/s':>7}{'%ceil':>7}")
+    for r in rows:
+        print(f"{r['workload']:<44}{r['kernel']:<24}{r['median_us']:>9.1f}{r['TBps']:>7.2f}{(r['pct_of_ceiling'] or 0):>7.1f}")
+    print("plan time:", plan_times)
+    for n in notes:
+        print("note:", n)
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(result, indent=1))
+        plot(result, Path(out).with_suffix(".png"))
+    return rows
+
+
+def plot(result, path):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    workloads_ = list(dict.fromkeys(r["workload"] for r in result["rows"]))
+    kernels = list(dict.fromkeys(r["kernel"] for r in result["rows"] if "/" not in r["kernel"]))
+    fig, ax = plt.subplots(figsize=(12, 5))
+    width = 0.8 / max(len(kernels), 1)
+    for i, k in enumerate(kernels):
+        vals = [next((r["TBps"] for r in result["rows"] if r["workload"] == w and r["kernel"] == k), 0) for w in workloads_]
+        ax.bar(np.arange(len(workloads_)) + i * width, vals, width, label=k)
+    if result["ceilings"].get("read_TBps"):
+        ax.axhline(result["ceilings"]["read_TBps"], color="k", ls="--", label="read ceiling")
+    ax.set_xticks(np.arange(len(workloads_)) + 0.4 - width / 2)
+    ax.set_xticklabels([w.replace("decode ", "").replace(" d128 p16 fp16", "") for w in workloads_], rotation=20, fontsize=8)
+    ax.set_ylabel("TB/s of K+V read")
+    ax.set_title(f"Paged decode, {result['device']}")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--out", default=None)
+    p.add_argument("--small", action="store_true")
+    a = p.parse_args()
+    main(a.small, a.out)

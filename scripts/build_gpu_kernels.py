@@ -1,0 +1,114 @@
+"""Build, on this (compiler) machine, every CUDA kernel the GPU host needs: the gpu test tier's and
+the benchmark's, plus TVM's built-in decode kernel as the baseline. Also checks each kernel's
+ptxas report (no spills) and SASS (LDG.E.128, no local memory) when nvcc/cuobjdump are here.
+
+Usage: python scripts/build_gpu_kernels.py [--out .kernels] [--arch sm_90a] [--small]
+Writes: <out>/*.so + cubin/ (precompiled), <out>/tvm_builtin_decode.so, <out>/kernel_report.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def sass_counts(cubin: bytes) -> dict | None:
+    exe = shutil.which("cuobjdump")
+    if exe is None:
+        return None
+    import tempfile
+
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        text = subprocess.run([exe, "--dump-sass", f.name], capture_output=True, text=True).stdout
+    ops = ["LDG.E.128", "LDGSTS", "SHFL.BFLY", "MUFU.EX2", "LDL", "STL", "HMMA"]
+    return {op: len(re.findall(r"\b" + re.escape(op) + r"\b", text)) for op in ops}
+
+
+def ptxas_summary(log: str) -> list[dict]:
+    out, name = [], None
+    for line in log.splitlines():
+        m = re.search(r"Compiling entry function '(\w+)'", line)
+        if m:
+            name = m.group(1)
+        m = re.search(r"Used (\d+) registers", line)
+        if m and name:
+            out.append({"function": name, "registers": int(m.group(1))})
+        m = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", line)
+        if m and name:
+            out.append({"function": name, "spill_stores": int(m.group(1)), "spill_loads": int(m.group(2))})
+    return out
+
+
+def build_builtin(out: Path, arch: str) -> None:
+    """TVM's own TIR decode kernel (the in-tree baseline), 32/8 heads, head_dim 128, fp16, page 16."""
+    import tvm
+    from tvm.relax.frontend.nn.llm._decode_kernels import _attention_decode
+
+    target = tvm.target.Target({"kind": "cuda", "arch": arch}, host={"kind": "llvm"})
+    mods = {}
+    for hq, hkv in [(32, 8), (32, 32)]:
+        f = _attention_decode(hkv, hq, 128, "float16", False, {}, target, page_size=16)
+        mods[f"builtin_decode_h{hq}x{hkv}"] = f.with_attr("global_symbol", f"builtin_decode_h{hq}x{hkv}")
+    ex = tvm.compile(tvm.IRModule(mods), target=target)
+    ex.export_library(str(out / "tvm_builtin_decode.so"))
+    from tvm_attn.build import cuda_source
+    from tvm_attn.cuda_runtime import precompile
+
+    precompile(cuda_source(ex), arch, out / "cubin")
+
+
+def main(small: bool = False, out: str | None = None, arch: str = "sm_90a") -> list[dict]:
+    from tests.gpu.cases import CASES, case_id, key_of
+    from tvm_attn.build import compile_key, cuda_source
+    from tvm_attn.cache import KernelCache
+    from tvm_attn.cuda_runtime import find_nvcc, nvcc_compile
+
+    target = f"cuda:{arch}"
+    out_dir = Path(out) if out else ROOT / ".kernels"
+    cases = CASES[:2] if small else CASES
+    keys = [key_of(c, target) for c in cases]
+    bench = [key_of({**CASES[0], "heads": (32, 32)}, target)]
+    cache = KernelCache(out_dir) if not small else None
+    rows = []
+    for c, key in zip(cases + [None] * len(bench), keys + bench):
+        t0 = time.perf_counter()
+        if small:  # generate + compile only; no files
+            ex = compile_key(key)
+            src = cuda_source(ex)
+        else:
+            cache.build(key)
+            src = None
+        row = {"case": case_id(c) if c else "bench", "uri": key.uri, "build_s": round(time.perf_counter() - t0, 2)}
+        if find_nvcc() and (small or True):
+            src = src or cuda_source(compile_key(key))
+            cubin, log = nvcc_compile(src, arch)
+            row["ptxas"] = ptxas_summary(log)
+            row["sass"] = sass_counts(cubin)
+        rows.append(row)
+        spills = sum(r.get("spill_stores", 0) + r.get("spill_loads", 0) for r in row.get("ptxas", []))
+        regs = [r["registers"] for r in row.get("ptxas", []) if "registers" in r]
+        print(f"{row['case']:<40} build {row['build_s']:6.2f}s  regs {regs}  spills {spills}  sass {row.get('sass')}")
+    if not small:
+        build_builtin(out_dir, arch)
+        (out_dir / "kernel_report.json").write_text(json.dumps(rows, indent=1))
+    return rows
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--out", default=None)
+    p.add_argument("--arch", default="sm_90a")
+    p.add_argument("--small", action="store_true")
+    a = p.parse_args()
+    main(a.small, a.out, a.arch)

@@ -1,0 +1,54 @@
+"""The CUDA decode configurations the gpu tier checks (and that scripts/build_gpu_kernels.py builds).
+
+One base (fp16, head_dim 128, 32/8 heads, page 16, NHD) and one axis changed at a time, rather
+than a full cross product: every layout, page size, dtype, head_dim, head grouping and variant.
+"""
+
+from __future__ import annotations
+
+import tvm_attn as ta
+
+BASE = dict(layout="NHD", page_size=16, dtype="float16", head_dim=128, heads=(32, 8), variant="default")
+
+
+def variant_of(name: str):
+    return {
+        "default": None,
+        "rope": ta.RoPE(),
+        "rope31": ta.RoPE("llama3.1"),
+        "window": ta.SlidingWindow(),
+        "softcap": ta.LogitsSoftCap(),
+        "alibi": ta.ALiBi(),
+        "custom_mask": ta.CustomMask(),
+        "sigmoid": ta.SigmoidAttention(),
+        "window_softcap": ta.SlidingWindow() + ta.LogitsSoftCap(),
+    }[name]
+
+
+def _cases():
+    out = [dict(BASE)]
+    for axis, values in [
+        ("layout", ["HND"]), ("page_size", [1, 8, 32]), ("dtype", ["bfloat16"]), ("head_dim", [64, 256]),
+        ("heads", [(32, 32), (8, 1), (64, 8), (12, 4)]),
+        ("variant", ["rope", "rope31", "window", "softcap", "alibi", "custom_mask", "sigmoid", "window_softcap"]),
+    ]:
+        for v in values:
+            out.append({**BASE, axis: v})
+    return out
+
+
+CASES = _cases()
+
+
+def case_id(c) -> str:
+    return f"{c['layout']}-p{c['page_size']}-{c['dtype']}-d{c['head_dim']}-h{c['heads'][0]}x{c['heads'][1]}-{c['variant']}"
+
+
+def key_of(c, target: str = "cuda:sm_90a"):
+    from tvm_attn.config import AttentionKey
+    from tvm_attn.variants import AttentionVariant
+
+    return AttentionKey(
+        "decode", ta.PagedKV(c["page_size"], c["layout"]), c["heads"][0], c["heads"][1], c["head_dim"],
+        c["dtype"], c["dtype"], variant_of(c["variant"]) or AttentionVariant(), target,
+    )

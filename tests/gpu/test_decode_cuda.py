@@ -1,0 +1,138 @@
+"""GPU tier: the CUDA paged-decode kernels against the numpy reference on random data.
+
+Every case of cases.py (layouts, page sizes, dtypes, head_dims, GQA/MHA, variants) over a batch with
+skewed lengths including 0, 1 and page boundaries, split and unsplit; plus split-KV on a single long
+request, batch invariance with split-KV off, and a CUDA-graph replay after the lengths change.
+Runs on a GPU host with the kernels built by scripts/build_gpu_kernels.py (TVM_ATTN_CACHE_DIR).
+"""
+
+import numpy as np
+import pytest
+
+import tvm_attn as ta
+from tvm_attn import reference as R
+
+from conftest import assert_attention_close, randn
+from .cases import CASES, case_id, key_of, variant_of
+
+pytestmark = pytest.mark.gpu
+
+
+def page_table(rng, kv_lens, page_size):
+    pages = [(n + page_size - 1) // page_size for n in kv_lens]
+    indptr = np.cumsum([0] + pages).astype(np.int32)
+    num_pages = int(indptr[-1]) + 5
+    indices = rng.permutation(num_pages)[: indptr[-1]].astype(np.int32)
+    last = np.array([n - (p - 1) * page_size if p else 0 for n, p in zip(kv_lens, pages)], np.int32)
+    return indptr, indices, last, num_pages
+
+
+def variant_args(name, rng, Hq, kv_lens):
+    if name == "custom_mask":
+        packed, indptr = ta.pack_custom_mask([rng.random((1, n)) < 0.7 for n in kv_lens])
+        return {"custom_mask": packed, "mask_indptr": indptr}
+    if name in ("window", "window_softcap"):
+        args = {"window_left": 100}
+        if name == "window_softcap":
+            args["logits_soft_cap"] = 3.0
+        return args
+    if name == "softcap":
+        return {"logits_soft_cap": 2.0}
+    return {}
+
+
+def check(case, kv_lens, rng, **wrapper_kw):
+    Hq, Hkv = case["heads"]
+    D, S, dtype, layout = case["head_dim"], case["page_size"], case["dtype"], case["layout"]
+    indptr, indices, last, num_pages = page_table(rng, kv_lens, S)
+    cache = randn(rng, ta.PagedKV(S, layout).cache_shape(num_pages, Hkv, D), dtype)
+    q = randn(rng, (len(kv_lens), Hq, D), dtype)
+    variant = variant_of(case["variant"])
+    args = variant_args(case["variant"], rng, Hq, kv_lens)
+    w = ta.BatchDecodeWithPagedKVCacheWrapper(layout, device="cuda", **wrapper_kw)
+    w.plan(indptr, indices, last, Hq, Hkv, D, S, variant=variant, q_data_type=dtype)
+    assert w.kernel_key.uri == key_of(case, w.kernel_key.target).uri
+    import tvm
+
+    cache_dev = tvm.runtime.tensor(cache, tvm.cuda(0))
+    softmax = w.kernel_key.variant.use_softmax
+    res = w.run(q, cache_dev, return_lse=softmax, **args)
+    o, lse = res if softmax else (res, None)
+    ref_o, ref_lse = R.paged_attention(q, None, cache, indptr, indices, last, layout, variant=variant, params=args)
+    assert_attention_close(o, lse, ref_o, ref_lse, dtype, case_id(case))
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_decode_matches_reference(case):
+    rng = np.random.default_rng(7)
+    S = case["page_size"]
+    kv_lens = [0, 1, S, S + 1, 2 * S - 1, 37, 300, 1024, 3000]  # skewed; the long ones get split
+    check(case, kv_lens, rng)
+
+
+def test_single_long_request_is_split():
+    rng = np.random.default_rng(3)
+    check(CASES[0], [32768], rng)
+    check(CASES[0], [5000, 0, 1], rng)
+
+
+def test_split_kv_off_is_batch_invariant():
+    """With disable_split_kv a request's output does not depend on the rest of the batch."""
+    import tvm
+
+    rng = np.random.default_rng(5)
+    case = CASES[0]
+    Hq, Hkv = case["heads"]
+    outs = []
+    for lens in ([4000], [4000, 10, 20, 30]):
+        indptr, indices, last, num_pages = page_table(np.random.default_rng(11), lens, 16)
+        cache = randn(np.random.default_rng(12), (num_pages, 2, 16, Hkv, 128), "float16")
+        q = randn(np.random.default_rng(13), (len(lens), Hq, 128), "float16")
+        w = ta.BatchDecodeWithPagedKVCacheWrapper(device="cuda", disable_split_kv=True)
+        w.plan(indptr, indices, last, Hq, Hkv, 128, 16)
+        outs.append(w.run(q, tvm.runtime.tensor(cache, tvm.cuda(0)))[0])
+    np.testing.assert_array_equal(outs[0], outs[1])
+    del rng
+
+
+def test_cuda_graph_replay_after_lengths_change():
+    torch = pytest.importorskip("torch")
+    import tvm
+    import tvm_ffi
+
+    rng = np.random.default_rng(9)
+    Hq, Hkv, D, S = 32, 8, 128, 16
+    max_batch, max_pages, num_pages = 8, 800, 810
+    cache = randn(rng, (num_pages, 2, S, Hkv, D), "float16")
+    dev = tvm.cuda(0)
+    cache_dev = tvm.runtime.tensor(cache, dev)
+    q_dev = tvm.runtime.tensor(randn(rng, (max_batch, Hq, D), "float16"), dev)
+    o_dev = tvm.runtime.empty((max_batch, Hq, D), "float16", dev)
+    lse_dev = tvm.runtime.empty((max_batch, Hq), "float32", dev)
+    w = ta.BatchDecodeWithPagedKVCacheWrapper(device="cuda", use_cuda_graph=True, max_batch_size=max_batch,
+                                             max_num_pages=max_pages)
+
+    def plan(lens):
+        pages = [(n + S - 1) // S for n in lens]
+        indptr = np.cumsum([0] + pages).astype(np.int32)
+        indices = rng.permutation(num_pages)[: indptr[-1]].astype(np.int32)
+        last = np.array([n - (p - 1) * S if p else 0 for n, p in zip(lens, pages)], np.int32)
+        w.plan(indptr, indices, last, Hq, Hkv, D, S)
+        return indptr, indices, last
+
+    plan([100, 2000, 5])
+    stream = torch.cuda.Stream()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.stream(stream), tvm_ffi.use_torch_stream():
+        w.run(q_dev, cache_dev, out=o_dev, lse=lse_dev)  # warm-up (loads the module) outside capture
+        torch.cuda.synchronize()
+        with torch.cuda.graph(graph, stream=stream):
+            w.run(q_dev, cache_dev, out=o_dev, lse=lse_dev)
+    for lens in ([3000, 1, 700, 64, 9000], [1, 1], [12000]):  # new lengths, same buffers
+        indptr, indices, last = plan(lens)
+        graph.replay()
+        torch.cuda.synchronize()
+        b = len(lens)
+        ref_o, ref_lse = R.paged_attention(q_dev.numpy()[:b], None, cache, indptr, indices, last)
+        assert_attention_close(o_dev.numpy()[:b], lse_dev.numpy()[:b], ref_o, ref_lse, "float16", str(lens))
+        assert np.all(o_dev.numpy()[b:] == 0)

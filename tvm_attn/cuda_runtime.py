@@ -1,0 +1,122 @@
+"""Loading CUDA kernels anywhere: with TVM's runtime alone, and without a CUDA compiler.
+
+TVM ships CUDA kernels as source inside the exported library and compiles it when the library is
+loaded, through the global ``tvm_callback_cuda_compile``. This module registers that callback so it
+first looks for a cubin compiled ahead of time (``tvm-attn build`` writes ``<cache>/cubin/<sha256 of
+arch and source>.cubin`` with the build machine's nvcc), then falls back to nvcc, then to NVRTC.
+With ``TVM_USE_RUNTIME_LIB=1`` (or no compiler library) TVM does not load its CUDA runtime library
+on import; :func:`ensure_cuda` does.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import glob
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import tvm
+
+#: the flags TVM's own nvcc path uses (tvm/support/nvcc.py), so cubins match what TVM would build
+NVCC_FLAGS = (
+    "-O3", "--use_fast_math", "--expt-relaxed-constexpr",
+    "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__", "-U__CUDA_NO_HALF2_OPERATORS__",
+    "-U__CUDA_NO_BFLOAT16_OPERATORS__", "-U__CUDA_NO_BFLOAT16_CONVERSIONS__", "-U__CUDA_NO_BFLOAT162_OPERATORS__",
+    "-U__CUDA_NO_BFLOAT162_CONVERSIONS__",
+)
+
+_STATE: dict = {"cubin_dirs": [], "arch": None, "registered": False}
+
+
+def cubin_name(code: str, arch: str) -> str:
+    return hashlib.sha256((arch + "\0" + code).encode()).hexdigest() + ".cubin"
+
+
+def find_nvcc() -> str | None:
+    for cand in [shutil.which("nvcc"), os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin", "nvcc"),
+                 *sorted(glob.glob("/usr/local/cuda-*/bin/nvcc"), reverse=True)]:
+        if cand and os.path.isfile(cand) and os.access(cand, os.X_OK):
+            return cand
+    return None
+
+
+def nvcc_compile(code: str, arch: str, fmt: str = "cubin", extra=()) -> tuple[bytes, str]:
+    """Compile CUDA source for exactly ``arch`` (e.g. ``sm_90a``); returns (binary, ptxas report)."""
+    nvcc = find_nvcc()
+    if nvcc is None:
+        raise RuntimeError("nvcc not found (set CUDA_HOME or put nvcc on PATH)")
+    with tempfile.TemporaryDirectory(prefix="tvm_attn_nvcc_") as d:
+        src, out = os.path.join(d, "k.cu"), os.path.join(d, f"k.{fmt}")
+        Path(src).write_text(code)
+        cmd = [nvcc, f"--{fmt}", f"-arch={arch}", "-Xptxas", "-v", *NVCC_FLAGS, *extra, "-o", out, src]
+        p = subprocess.run(cmd, capture_output=True, text=True)
+        if p.returncode != 0:
+            raise RuntimeError(f"nvcc failed: {' '.join(cmd)}\n{p.stdout}{p.stderr}")
+        return Path(out).read_bytes(), p.stdout + p.stderr
+
+
+def precompile(code: str, arch: str, directory: Path) -> Path | None:
+    """Write the cubin of ``code`` into ``directory`` (None if this machine has no nvcc)."""
+    if find_nvcc() is None:
+        return None
+    path = Path(directory) / cubin_name(code, arch)
+    if not path.exists():
+        data, _ = nvcc_compile(code, arch)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    return path
+
+
+def _load_cuda_library() -> None:
+    if tvm.get_global_func("device_api.cuda", allow_missing=True) is not None:
+        return
+    lib = os.environ.get("TVM_RUNTIME_CUDA_LIB") or os.path.join(os.path.dirname(tvm.__file__), "lib", "libtvm_runtime_cuda.so")
+    for dep in ("libcudart.so.13", "libcudart.so.12", "libcudart.so"):
+        try:
+            ctypes.CDLL(dep, mode=ctypes.RTLD_GLOBAL)
+            break
+        except OSError:
+            continue
+    try:
+        ctypes.CDLL(lib, mode=ctypes.RTLD_GLOBAL)
+    except OSError as e:
+        raise RuntimeError(f"cannot load TVM's CUDA runtime {lib}: {e}") from None
+
+
+def device_arch(device_id: int = 0) -> str:
+    """``sm_90a`` for an H100 (the ``a`` features need exactly that arch), ``sm_80`` for an A100."""
+    major, minor = tvm.cuda(device_id).compute_version.split(".")
+    return f"sm_{major}{minor}" + ("a" if int(major) >= 9 else "")
+
+
+def ensure_cuda(cubin_dir: str | os.PathLike | None = None) -> None:
+    """Load TVM's CUDA runtime if needed and register the compile callback (idempotent)."""
+    _load_cuda_library()
+    if cubin_dir is not None and str(cubin_dir) not in _STATE["cubin_dirs"]:
+        _STATE["cubin_dirs"].append(str(cubin_dir))
+    if _STATE["registered"]:
+        return
+    import tvm_ffi
+
+    def compile_callback(code, *_):
+        code = str(code)
+        arch = _STATE["arch"] or device_arch()
+        _STATE["arch"] = arch
+        for d in _STATE["cubin_dirs"]:
+            path = Path(d) / cubin_name(code, arch)
+            if path.exists():
+                return bytearray(path.read_bytes())
+        if find_nvcc() is not None:
+            return bytearray(nvcc_compile(code, arch)[0])
+        from tvm.support import nvcc as tvm_nvcc
+
+        return bytearray(tvm_nvcc.compile_cuda(code, target_format="cubin", arch=arch, compiler="nvrtc"))
+
+    tvm_ffi.register_global_func("tvm_callback_cuda_compile", compile_callback, override=True)
+    _STATE["registered"] = True

@@ -1,0 +1,330 @@
+"""CUDA batch decode over a paged KV cache, split-KV over a fixed grid, and its merge kernel.
+
+Lineage: FlashInfer ``decode.cuh`` (``BatchDecodeWithPagedKVCacheKernel``: head-group fusion, a
+work list from the planner, partial states merged afterwards). Same variant hooks and the same KV
+index math (:mod:`tvm_attn.kv.index`) as the CPU kernel.
+
+Grid ``(max_works, num_kv_heads * head_splits)``, block ``tiles.threads`` (4 warps). Work ``w`` of
+the planner's list (``work_info[:, w] = request, kv_begin, kv_end, out_row``) is one request's
+chunk of keys; blocks past the plan's works exit at once, so the grid never changes with the batch
+(CUDA-graph safe). One block serves the ``heads_per_block`` query heads of one KV head::
+
+    q (heads x vec per thread, in registers)
+    for each step: every key group loads `unroll` K and V rows (16-byte loads), then
+        s = shuffle-reduce(q . k) over the lanes of the row; variant transform and mask;
+        online softmax of the `unroll` logits into (m, d, o)
+    merge the key groups' (m, d, o) through shared memory
+    out_row < 0: write o and lse; else: write the partial state to tmp_o / tmp_lse
+
+The merge kernel ``<uri>_merge`` folds each split request's partial states (rows
+``merge_indptr[b]:merge_indptr[b+1]``) into o and lse.
+
+Arguments: ``q, paged_kv_cache, kv_indptr, kv_indices, kv_last_page_len, work_info, tmp_o, tmp_lse,
+o, lse, sm_scale, *extras``; merge: ``merge_indptr, tmp_o, tmp_lse, o, lse, *extras``.
+"""
+
+from __future__ import annotations
+
+import math
+
+from tvm import tirx
+
+from ..config import AttentionKey
+from ..kv.index import declare_layout
+from ..schedule.decode import DecodeTiles, choose_decode_tiles
+from ..variants.base import HookContext
+from ._builder import IRBuilder, T, buffer_param, let, local, loop, scalar_param, store, sym, when
+from .attention import declare_extra_params
+
+LOG2E = math.log2(math.e)
+NEG_INF = -math.inf
+FULL_MASK = 0xFFFFFFFF
+
+
+def tiles_for(key: AttentionKey) -> DecodeTiles:
+    return choose_decode_tiles(key.head_dim, key.kv_dtype, key.group_size)
+
+
+def _f32(x):
+    return tirx.Cast("float32", x)
+
+
+def _neg_inf():
+    return tirx.const(NEG_INF, "float32")
+
+
+def _shfl_xor(value, offset: int, width: int):
+    return tirx.op.tvm_warp_shuffle_xor(FULL_MASK, value, offset, width, 32)
+
+
+def _thread(extent, tag):
+    return T.thread_binding(0, extent, tag)
+
+
+def _workspace_params(key: AttentionKey):
+    max_works, max_partials = sym("max_works"), sym("max_partials")
+    work_info = buffer_param("work_info", (4, max_works), "int32")
+    tmp_o = buffer_param("tmp_o", (max_partials, key.num_qo_heads, key.head_dim), "float32")
+    tmp_lse = buffer_param("tmp_lse", (max_partials, key.num_qo_heads), "float32")
+    return max_works, work_info, tmp_o, tmp_lse
+
+
+def make_batch_decode_cuda(key: AttentionKey, tiles: DecodeTiles | None = None) -> tirx.PrimFunc:
+    tiles = tiles or tiles_for(key)
+    variant, D, G = key.variant, key.head_dim, tiles.heads_per_block
+    VEC, TX, U, NKG = tiles.vec, tiles.lanes_per_key, tiles.unroll, tiles.key_groups
+    head_splits = key.group_size // G
+    stage_keys = variant.overrides("key_transform")
+    with IRBuilder() as ib:
+        with T.prim_func():
+            T.func_name(key.uri)
+            T.func_attr({"global_symbol": key.uri, "tir.noalias": True, "tirx.is_scheduled": True})
+            idx = declare_layout(key)
+            max_works, work_info, tmp_o, tmp_lse = _workspace_params(key)
+            o = buffer_param("o", (idx.num_q_rows, key.num_qo_heads, D), key.o_dtype)
+            lse = buffer_param("lse", (idx.num_q_rows, key.num_qo_heads), "float32")
+            sm_scale = scalar_param("sm_scale", "float32")
+            params = declare_extra_params(key)
+
+            with _thread(max_works, "blockIdx.x") as w, _thread(key.num_kv_heads * head_splits, "blockIdx.y") as by:
+                with _thread(tiles.threads, "threadIdx.x") as tid:
+                    q_reg = local("q_reg", (G, VEC))
+                    o_reg = local("o_reg", (G, VEC))
+                    md = local("md", (G, 2))  # running max (log2 units) and sum per head
+                    k_reg = local("k_reg", (U, VEC), key.kv_dtype)
+                    v_reg = local("v_reg", (U, VEC), key.kv_dtype)
+                    s_reg = local("s_reg", (U, G))
+                    smem_o = T.alloc_buffer((NKG, G, D), "float32", scope="shared")
+                    smem_md = T.alloc_buffer((NKG, G, 2), "float32", scope="shared")
+                    k_smem = T.alloc_buffer((NKG, U, D), key.kv_dtype, scope="shared") if stage_keys else None
+
+                    # Works past the plan (request -1) run an empty key range and store nothing. The body
+                    # is not wrapped in a branch: TVM's barrier insertion cannot place syncs inside one.
+                    live = work_info[0, w] >= 0
+                    req = let("req", tirx.max(work_info[0, w], 0))
+                    kv_head = let("kv_head", by // head_splits)
+                    head0 = let("head0", kv_head * key.group_size + (by % head_splits) * G)
+                    lane, warp = tid % 32, tid // 32
+                    tx = let("tx", lane % TX)
+                    kg = let("kg", warp * tiles.keys_per_warp + lane // TX)
+                    kv_len = let("kv_len", idx.kv_len(req))
+                    ctx = HookContext(req, 0, None, None, kv_head, 1, kv_len, D, params)
+                    begin, end = work_info[1, w], work_info[2, w]
+                    bounds = variant.kv_range(ctx)
+                    if bounds is not None:
+                        begin, end = tirx.max(begin, bounds[0]), tirx.min(end, bounds[1])
+                    begin = let("kv_begin", begin)
+                    end = let("kv_end", tirx.if_then_else(live, tirx.max(end, begin), begin))
+
+                    # q for the fused heads, transformed once
+                    with loop("g", G, "unroll") as g:
+                        h = head0 + g
+                        qctx = HookContext(req, 0, None, h, kv_head, 1, kv_len, D, params)
+                        load_q = lambda dd, h=h: _f32(idx.q[req, h, dd])  # noqa: E731
+                        with loop("v", VEC, "unroll") as v:
+                            store(q_reg, variant.query_transform(qctx, load_q, tx * VEC + v), g, v)
+                            store(o_reg, tirx.const(0.0, "float32"), g, v)
+                        store(md, _neg_inf(), g, 0)
+                        store(md, tirx.const(0.0, "float32"), g, 1)
+
+                    with loop("it", tirx.ceildiv(end - begin, NKG * U)) as it:
+                        base = let("base", begin + it * (NKG * U) + kg)
+                        with loop("u", U, "unroll") as u:  # all loads first: bytes in flight
+                            pos = tirx.min(base + u * NKG, end - 1)
+                            addr = idx.kv_addr(req, pos)
+                            with loop("v", VEC, "vectorized") as v:
+                                store(k_reg, idx.load_k(addr, kv_head, tx * VEC + v), u, v)
+                            with loop("v", VEC, "vectorized") as v:
+                                store(v_reg, idx.load_v(addr, kv_head, tx * VEC + v), u, v)
+                        if stage_keys:
+                            with loop("u", U, "unroll") as u:
+                                with loop("v", VEC, "vectorized") as v:
+                                    store(k_smem, k_reg[u, v], kg, u, tx * VEC + v)
+                            T.evaluate(tirx.op.tvm_storage_sync("warp"))
+                        with loop("u", U, "unroll") as u:
+                            pos = let("pos", base + u * NKG)
+                            sctx = HookContext(req, 0, pos, None, kv_head, 1, kv_len, D, params)
+                            kctx = HookContext(req, None, pos, None, kv_head, 1, kv_len, D, params)
+                            with loop("g", G, "unroll") as g:
+                                acc = local("acc", 1)
+                                store(acc, tirx.const(0.0, "float32"), 0)
+                                with loop("v", VEC, "unroll") as v:
+                                    if stage_keys:
+                                        load_k = lambda dd, u=u: _f32(k_smem[kg, u, dd])  # noqa: E731
+                                        k_v = variant.key_transform(kctx, load_k, tx * VEC + v)
+                                    else:
+                                        k_v = _f32(k_reg[u, v])
+                                    store(acc, acc[0] + q_reg[g, v] * k_v, 0)
+                                off = TX // 2
+                                while off >= 1:
+                                    store(acc, acc[0] + _shfl_xor(acc[0], off, 32), 0)
+                                    off //= 2
+                                sctx.qo_head_idx = head0 + g
+                                s = variant.logits_transform(sctx, acc[0] * sm_scale)
+                                visible = pos < end
+                                m = variant.logits_mask(sctx)
+                                if m is not None:
+                                    visible = tirx.all(visible, m)
+                                if variant.use_softmax:
+                                    store(s_reg, tirx.if_then_else(visible, s * LOG2E, _neg_inf()), u, g)
+                                else:
+                                    store(s_reg, tirx.if_then_else(visible, s, tirx.const(0.0, "float32")), u, g)
+                        _update_state(variant.use_softmax, G, U, VEC, md, o_reg, s_reg, v_reg)
+
+                    # merge the key groups of the block
+                    with loop("g", G, "unroll") as g:
+                        with loop("v", VEC, "unroll") as v:
+                            store(smem_o, o_reg[g, v], kg, g, tx * VEC + v)
+                        with when(tx == 0):
+                            store(smem_md, md[g, 0], kg, g, 0)
+                            store(smem_md, md[g, 1], kg, g, 1)
+                    T.evaluate(tirx.op.tvm_storage_sync("shared"))
+                    out_row = let("out_row", work_info[3, w])
+                    with loop("t", tirx.ceildiv(G * TX, tiles.threads)) as t:
+                        slot = let("slot", t * tiles.threads + tid)
+                        with when(tirx.all(live, slot < G * TX)):
+                            g, c = slot // TX, slot % TX
+                            h = let("h", head0 + g)
+                            res = local("res", VEC)
+                            tot = local("tot", 2)
+                            _merge_groups(variant.use_softmax, NKG, smem_md, smem_o, g, c, VEC, res, tot)
+                            octx = HookContext(req, 0, None, h, kv_head, 1, kv_len, D, params)
+                            with T.If(out_row < 0):
+                                with T.Then():
+                                    with loop("v", VEC, "unroll") as v:
+                                        val = variant.output_transform(octx, res[v], c * VEC + v)
+                                        if variant.use_softmax:
+                                            val = tirx.if_then_else(tot[1] > 0, val, tirx.const(0.0, "float32"))
+                                        store(o, tirx.Cast(key.o_dtype, val), req, h, c * VEC + v)
+                                    with when(c == 0):
+                                        store(lse, tot[0], req, h)
+                                with T.Else():
+                                    with loop("v", VEC, "unroll") as v:
+                                        store(tmp_o, res[v], out_row, h, c * VEC + v)
+                                    with when(c == 0):
+                                        store(tmp_lse, tot[0], out_row, h)
+    return ib.get()
+
+
+def _update_state(use_softmax, G, U, VEC, md, o_reg, s_reg, v_reg):
+    """Fold ``U`` logits per head (``s_reg``, log2 units, -inf when hidden) and their V rows in."""
+    with loop("g", G, "unroll") as g:
+        if not use_softmax:
+            with loop("v", VEC, "unroll") as v:
+                total = o_reg[g, v]
+                for u in range(U):
+                    total = total + s_reg[u, g] * _f32(v_reg[u, v])
+                store(o_reg, total, g, v)
+        else:
+            _softmax_step(g, U, VEC, md, o_reg, s_reg, v_reg)
+
+
+def _softmax_step(g, U, VEC, md, o_reg, s_reg, v_reg):
+    m_new = md[g, 0]
+    for u in range(U):
+        m_new = tirx.max(m_new, s_reg[u, g])
+    m_new = let("m_new", m_new)
+    m_safe = let("m_safe", tirx.if_then_else(m_new == _neg_inf(), tirx.const(0.0, "float32"), m_new))
+    scale = let("scale", tirx.exp2(md[g, 0] - m_safe))
+    p = local("p", U)
+    with loop("u", U, "unroll") as u:
+        store(p, tirx.exp2(s_reg[u, g] - m_safe), u)
+    total = md[g, 1] * scale
+    for u in range(U):
+        total = total + p[u]
+    store(md, total, g, 1)
+    store(md, m_new, g, 0)
+    with loop("v", VEC, "unroll") as v:
+        acc = o_reg[g, v] * scale
+        for u in range(U):
+            acc = acc + p[u] * _f32(v_reg[u, v])
+        store(o_reg, acc, g, v)
+
+
+def _merge_groups(use_softmax, NKG, smem_md, smem_o, g, c, VEC, res, tot):
+    """Merge the ``NKG`` key groups' states of head ``g`` for elements ``c*VEC ..``: ``res`` gets the
+    normalized output, ``tot`` = (lse in log2 units, sum of weights)."""
+    if not use_softmax:
+        with loop("v", VEC, "unroll") as v:
+            store(res, tirx.const(0.0, "float32"), v)
+            with loop("k", NKG) as k:
+                store(res, res[v] + smem_o[k, g, c * VEC + v], v)
+        store(tot, _neg_inf(), 0)
+        store(tot, tirx.const(1.0, "float32"), 1)
+        return
+    store(tot, _neg_inf(), 0)
+    with loop("k", NKG) as k:
+        store(tot, tirx.max(tot[0], smem_md[k, g, 0]), 0)
+    m = let("m_all", tot[0])
+    m_safe = let("m_all_safe", tirx.if_then_else(m == _neg_inf(), tirx.const(0.0, "float32"), m))
+    store(tot, tirx.const(0.0, "float32"), 1)
+    with loop("v", VEC, "unroll") as v:
+        store(res, tirx.const(0.0, "float32"), v)
+    with loop("k", NKG) as k:
+        wk = let("wk", tirx.exp2(smem_md[k, g, 0] - m_safe))
+        store(tot, tot[1] + smem_md[k, g, 1] * wk, 1)
+        with loop("v", VEC, "unroll") as v:
+            store(res, res[v] + smem_o[k, g, c * VEC + v] * wk, v)
+    denom = tot[1]
+    with loop("v", VEC, "unroll") as v:
+        store(res, tirx.if_then_else(denom > 0, res[v] / denom, tirx.const(0.0, "float32")), v)
+    store(tot, tirx.if_then_else(denom > 0, m_safe + tirx.log2(denom), _neg_inf()), 0)
+
+
+def make_decode_merge_cuda(key: AttentionKey, tiles: DecodeTiles | None = None) -> tirx.PrimFunc:
+    """``<uri>_merge(merge_indptr, tmp_o, tmp_lse, o, lse, *extras)``: grid (max_batch, num_qo_heads)."""
+    tiles = tiles or tiles_for(key)
+    variant, D, VEC = key.variant, key.head_dim, tiles.vec
+    TX = D // VEC
+    with IRBuilder() as ib:
+        with T.prim_func():
+            name = key.uri + "_merge"
+            T.func_name(name)
+            T.func_attr({"global_symbol": name, "tir.noalias": True, "tirx.is_scheduled": True})
+            batch_plus_one, max_partials, batch = sym("max_batch_plus_1"), sym("max_partials"), sym("batch_size")
+            merge_indptr = buffer_param("merge_indptr", (batch_plus_one,), "int32")
+            tmp_o = buffer_param("tmp_o", (max_partials, key.num_qo_heads, D), "float32")
+            tmp_lse = buffer_param("tmp_lse", (max_partials, key.num_qo_heads), "float32")
+            o = buffer_param("o", (batch, key.num_qo_heads, D), key.o_dtype)
+            lse = buffer_param("lse", (batch, key.num_qo_heads), "float32")
+            params = declare_extra_params(key)
+            with _thread(batch_plus_one - 1, "blockIdx.x") as b, _thread(key.num_qo_heads, "blockIdx.y") as h:
+                with _thread(TX, "threadIdx.x") as tx:
+                    start, stop = merge_indptr[b], merge_indptr[b + 1]
+                    with when(tirx.all(b < batch, stop - start >= 2)):
+                        res = local("res", VEC)
+                        tot = local("tot", 2)
+                        with loop("v", VEC, "unroll") as v:
+                            store(res, tirx.const(0.0, "float32"), v)
+                        if variant.use_softmax:
+                            store(tot, _neg_inf(), 0)
+                            with loop("r", stop - start) as r:
+                                store(tot, tirx.max(tot[0], tmp_lse[start + r, h]), 0)
+                            m_safe = let("m_safe", tirx.if_then_else(tot[0] == _neg_inf(), tirx.const(0.0, "float32"), tot[0]))
+                            store(tot, tirx.const(0.0, "float32"), 1)
+                            with loop("r", stop - start) as r:
+                                wr = let("wr", tirx.exp2(tmp_lse[start + r, h] - m_safe))
+                                store(tot, tot[1] + wr, 1)
+                                with when(wr > 0):
+                                    with loop("v", VEC, "unroll") as v:
+                                        store(res, res[v] + wr * tmp_o[start + r, h, tx * VEC + v], v)
+                        else:
+                            with loop("r", stop - start) as r:
+                                with loop("v", VEC, "unroll") as v:
+                                    store(res, res[v] + tmp_o[start + r, h, tx * VEC + v], v)
+                        kv_head = h // key.group_size
+                        octx = HookContext(b, 0, None, h, kv_head, 1, None, D, params)
+                        with loop("v", VEC, "unroll") as v:
+                            val = res[v]
+                            if variant.use_softmax:
+                                val = tirx.if_then_else(tot[1] > 0, val / tot[1], tirx.const(0.0, "float32"))
+                            val = variant.output_transform(octx, val, tx * VEC + v)
+                            store(o, tirx.Cast(key.o_dtype, val), b, h, tx * VEC + v)
+                        if variant.use_softmax:
+                            with when(tx == 0):
+                                lse_val = tirx.if_then_else(tot[1] > 0, m_safe + tirx.log2(tot[1]), _neg_inf())
+                                store(lse, lse_val, b, h)
+                        else:
+                            with when(tx == 0):
+                                store(lse, _neg_inf(), b, h)
+    return ib.get()
