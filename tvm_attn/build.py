@@ -42,7 +42,8 @@ def generate(key: AttentionKey | MergeKey) -> tvm.IRModule:
         return tvm.IRModule({key.uri: make_attention(key)})
     if key.kind == "decode" and isinstance(key.kv, PagedKV):
         from .tir.decode_cuda import make_batch_decode_cuda, make_decode_merge_cuda
-        from .tir.plan import PLAN_DECODE, make_decode_planner
+        from .planner import PLAN_DECODE
+        from .tir.plan import make_decode_planner
 
         return tvm.IRModule({
             key.uri: make_batch_decode_cuda(key),

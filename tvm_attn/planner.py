@@ -25,7 +25,11 @@ import numpy as np
 import tvm
 
 from .schedule.decode import DecodeTiles
-from .tir.plan import PLAN_DECODE, STATUS
+
+#: name of the planner function inside every CUDA decode module (see tvm_attn.tir.plan)
+PLAN_DECODE = "tvm_attn_plan_decode"
+#: the planner's failure codes -> the capacity that was too small
+STATUS = {1: "max_works", 2: "max_partials", 3: "max_batch_size"}
 
 #: split a request's KV no finer than this many tokens: shorter chunks cost more in merging than they win
 MIN_CHUNK_TOKENS = 256

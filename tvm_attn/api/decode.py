@@ -85,7 +85,7 @@ class BatchDecodeWithPagedKVCacheWrapper(Wrapper):
 
     def _plan_cuda(self, key, sm_scale, indptr, indices, last_page_len) -> None:
         from ..planner import PLAN_DECODE, DecodePlanBuffers, decode_workspace
-        from ..tir.decode_cuda import tiles_for
+        from ..schedule.decode import choose_decode_tiles
 
         batch = indptr.size - 1
         if self._graph:
@@ -101,7 +101,8 @@ class BatchDecodeWithPagedKVCacheWrapper(Wrapper):
         capacity = self._max_batch if self._graph else max(batch, self._max_batch or 0, 1)
         ws = self._buffers.ws if self._buffers is not None else None
         if ws is None or ws.max_batch_size < capacity or ws.num_qo_heads != key.num_qo_heads or ws.head_dim != key.head_dim:
-            ws = decode_workspace(capacity, key.num_qo_heads, key.num_kv_heads, key.head_dim, tiles_for(key),
+            tiles = choose_decode_tiles(key.head_dim, key.kv_dtype, key.group_size)
+            ws = decode_workspace(capacity, key.num_qo_heads, key.num_kv_heads, key.head_dim, tiles,
                                   self._device.multi_processor_count)
             self._buffers = DecodePlanBuffers(ws, self._device)
             self._index_dev = None

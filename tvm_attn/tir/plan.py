@@ -21,10 +21,9 @@ from __future__ import annotations
 
 from tvm import tirx
 
+from ..planner import PLAN_DECODE
 from ._builder import IRBuilder, T, buffer_param, let, local, loop, scalar_param, store, sym, when
 
-PLAN_DECODE = "tvm_attn_plan_decode"
-STATUS = {1: "max_works", 2: "max_partials", 3: "max_batch_size"}
 
 
 def make_decode_planner(name: str = PLAN_DECODE) -> tirx.PrimFunc:
