@@ -48,7 +48,8 @@ def generate(key: AttentionKey | MergeKey) -> tvm.IRModule:
         return tvm.IRModule({
             key.uri: make_batch_decode_cuda(key),
             key.uri + "_merge": make_decode_merge_cuda(key),
-            PLAN_DECODE: make_decode_planner(),
+            # the planner runs on the host, on host tensors, inside the same module
+            PLAN_DECODE: make_decode_planner().with_attr("target", target_of("llvm")),
         })
     raise ValueError(
         f"no CUDA kernel for {key.kind} over {type(key.kv).__name__} in this version; "
