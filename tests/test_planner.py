@@ -6,7 +6,7 @@ import tvm
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tvm_attn.planner import GLOBAL_NAME, register_global_planner
+from tvm_attn.planner import GLOBAL_NAME, MIN_PIECE, WORK_OVERHEAD, register_global_planner
 
 
 @pytest.fixture(scope="module")
@@ -14,73 +14,78 @@ def planner():
     return register_global_planner()
 
 
-def run_plan(planner, kv_lens, page_size, max_works, max_batch, max_partials, target, min_chunk_pages=1, split=1):
+def run_plan(planner, kv_lens, page_size, num_ctas, max_works, max_batch, max_partials, split=1):
     pages = [(n + page_size - 1) // page_size for n in kv_lens]
     indptr = np.cumsum([0] + pages).astype(np.int32)
     last = np.array([n - (p - 1) * page_size if p else 0 for n, p in zip(kv_lens, pages)], np.int32)
     work = tvm.runtime.tensor(np.full((4, max_works), 7, np.int32))
+    cta = tvm.runtime.tensor(np.full(num_ctas + 1, 7, np.int32))
     merge = tvm.runtime.tensor(np.full(max_batch + 1, 7, np.int32))
     stats = tvm.runtime.tensor(np.zeros(4, np.int32))
-    planner(tvm.runtime.tensor(indptr), tvm.runtime.tensor(last), work, merge, stats, max_partials, page_size, target,
-            min_chunk_pages, split)
-    return work.numpy(), merge.numpy(), stats.numpy()
+    planner(tvm.runtime.tensor(indptr), tvm.runtime.tensor(last), work, cta, merge, stats, max_partials, page_size,
+            split)
+    return work.numpy(), cta.numpy(), merge.numpy(), stats.numpy()
 
 
-@settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
-@given(st.lists(st.integers(0, 5000), min_size=1, max_size=40), st.sampled_from([1, 8, 16, 32]),
-       st.integers(1, 300), st.booleans())
-def test_plan_covers_every_key_once(planner, kv_lens, page_size, target, split):
+@settings(max_examples=80, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@given(st.lists(st.one_of(st.integers(0, 5000), st.integers(0, 40000)), min_size=1, max_size=70),
+       st.sampled_from([1, 8, 16, 32]), st.integers(1, 140), st.booleans())
+def test_plan_covers_every_key_once_and_balances(planner, kv_lens, page_size, num_ctas, split):
     max_batch = len(kv_lens) + 3
-    max_works = max(max_batch, target)
-    work, merge, stats = run_plan(planner, kv_lens, page_size, max_works, max_batch, max_works, target, 2, int(split))
-    num_works, num_partials, chunk, status = stats
-    assert status == 0
-    assert num_works <= max_works
-    if split and len(kv_lens) < target:
-        assert num_works <= target  # the split never oversubscribes the grid
+    max_works = max_batch + num_ctas
+    work, cta, merge, stats = run_plan(planner, kv_lens, page_size, num_ctas, max_works, max_batch, max_works, int(split))
+    num_works, num_partials, quota, status = stats
+    assert status == 0 and num_works <= len(kv_lens) + num_ctas
+    assert cta[0] == 0 and cta[-1] == num_works and np.all(np.diff(cta) >= 0)
     if not split:
         assert num_works == len(kv_lens)
     seen = [[] for _ in kv_lens]
-    for w in range(max_works):
-        req, begin, end, out_row = work[:, w]
-        if w >= num_works:
-            assert req == -1
-            continue
-        seen[req].append((begin, end, out_row))
-        assert end - begin <= chunk
+    loads = []
+    for c in range(num_ctas):
+        load = 0
+        for w in range(cta[c], cta[c + 1]):
+            req, begin, end, out_row = work[:, w]
+            seen[req].append((begin, end, out_row))
+            load += end - begin + WORK_OVERHEAD
+        loads.append(load)
+    if split:  # every CTA within one MIN_PIECE + overhead of its quota (the last one takes the rest)
+        assert max(loads[:-1], default=0) <= quota + MIN_PIECE + WORK_OVERHEAD
+        assert loads[-1] <= quota + MIN_PIECE + 2 * WORK_OVERHEAD or num_ctas == 1
     partial_rows = []
     for b, n in enumerate(kv_lens):
         ranges = sorted(seen[b])
         assert ranges[0][0] == 0 and ranges[-1][1] == n  # contiguous cover, each key once
-        assert all(r[1] == s[0] for r, s in zip(ranges, ranges[1:]))
+        assert all(r[1] == s_[0] for r, s_ in zip(ranges, ranges[1:]))
         rows = [r[2] for r in ranges]
         if len(ranges) == 1:
             assert rows == [-1] and merge[b + 1] == merge[b]
         else:
-            assert rows == list(range(merge[b], merge[b + 1]))
+            assert sorted(rows) == list(range(merge[b], merge[b + 1]))
             partial_rows += rows
     assert sorted(partial_rows) == list(range(num_partials))
     assert np.all(merge[len(kv_lens):] == num_partials)
 
 
-def test_long_single_request_is_split(planner):
-    work, merge, stats = run_plan(planner, [32768], 16, 132, 1, 132, 132, min_chunk_pages=16)
-    num_works, _, chunk, status = stats
-    assert status == 0 and 100 <= num_works <= 132 and chunk * num_works >= 32768
-    assert merge.tolist() == [0, num_works]
+def test_long_single_request_is_cut_evenly(planner):
+    work, cta, merge, stats = run_plan(planner, [32768], 16, 66, 67, 1, 67)
+    num_works, num_partials, quota, status = stats
+    assert status == 0 and num_works == 66 and num_partials == 66
+    assert np.all(np.diff(cta) == 1)
+    sizes = work[2, :num_works] - work[1, :num_works]
+    assert sizes.max() - sizes.min() <= 2 * WORK_OVERHEAD  # ceil rounding of the quota
 
 
 @pytest.mark.parametrize(
     "kwargs, status",
-    [(dict(max_works=4, max_batch=8, max_partials=64, target=4), 1),  # 8 requests, 4 works
-     (dict(max_works=64, max_batch=8, max_partials=2, target=64), 2),
-     (dict(max_works=64, max_batch=2, max_partials=64, target=64), 3)],
+    [(dict(num_ctas=8, max_works=4, max_batch=8, max_partials=64), 1),
+     (dict(num_ctas=64, max_works=128, max_batch=8, max_partials=2), 2),
+     (dict(num_ctas=64, max_works=128, max_batch=2, max_partials=128), 3)],
 )
 def test_capacity_errors_write_nothing_out_of_bounds(planner, kwargs, status):
-    work, merge, stats = run_plan(planner, [4000] * 8, 16, kwargs["max_works"], kwargs["max_batch"],
-                                  kwargs["max_partials"], kwargs["target"])
+    work, cta, merge, stats = run_plan(planner, [4000] * 8, 16, kwargs["num_ctas"], kwargs["max_works"],
+                                       kwargs["max_batch"], kwargs["max_partials"])
     assert stats[3] == status
-    assert np.all(work[0] == -1)  # a failed plan launches nothing
+    assert np.all(cta == 0)  # a failed plan runs no work
     assert np.all(merge == 0)
 
 

@@ -14,6 +14,7 @@ import ctypes
 import glob
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -30,6 +31,17 @@ NVCC_FLAGS = (
 )
 
 _STATE: dict = {"cubin_dirs": [], "arch": None, "registered": False}
+
+
+_DECODE_BOUNDS = re.compile(r"__launch_bounds__\((\d+)\) (attn_decode_\w+_w\d+u\d+g\d+b(\d+))_kernel\(")
+
+
+def prepare_source(code: str) -> str:
+    """TVM emits ``__launch_bounds__(threads)`` only; the persistent decode grid assumes the
+    ``b<N>`` resident blocks per SM of the kernel's schedule name, so each decode kernel gets that as
+    its minimum (capping its registers at 65536 / (threads x N)). The cubin key stays that of TVM's
+    own source."""
+    return _DECODE_BOUNDS.sub(lambda m: f"__launch_bounds__({m.group(1)}, {m.group(3)}) {m.group(2)}_kernel(", code)
 
 
 def cubin_name(code: str, arch: str) -> str:
@@ -51,7 +63,7 @@ def nvcc_compile(code: str, arch: str, fmt: str = "cubin", extra=()) -> tuple[by
         raise RuntimeError("nvcc not found (set CUDA_HOME or put nvcc on PATH)")
     with tempfile.TemporaryDirectory(prefix="tvm_attn_nvcc_") as d:
         src, out = os.path.join(d, "k.cu"), os.path.join(d, f"k.{fmt}")
-        Path(src).write_text(code)
+        Path(src).write_text(prepare_source(code))
         cmd = [nvcc, f"--{fmt}", f"-arch={arch}", "-Xptxas", "-v", *NVCC_FLAGS, *extra, "-o", out, src]
         p = subprocess.run(cmd, capture_output=True, text=True)
         if p.returncode != 0:
@@ -116,7 +128,7 @@ def ensure_cuda(cubin_dir: str | os.PathLike | None = None) -> None:
             return bytearray(nvcc_compile(code, arch)[0])
         from tvm.support import nvcc as tvm_nvcc
 
-        return bytearray(tvm_nvcc.compile_cuda(code, target_format="cubin", arch=arch, compiler="nvrtc"))
+        return bytearray(tvm_nvcc.compile_cuda(prepare_source(code), target_format="cubin", arch=arch, compiler="nvrtc"))
 
     tvm_ffi.register_global_func("tvm_callback_cuda_compile", compile_callback, override=True)
     _STATE["registered"] = True

@@ -46,9 +46,11 @@ def case_id(c) -> str:
 
 def key_of(c, target: str = "cuda:sm_90a"):
     from tvm_attn.config import AttentionKey
+    from tvm_attn.schedule.decode import decode_schedule
     from tvm_attn.variants import AttentionVariant
 
+    (hq, hkv), variant = c["heads"], variant_of(c["variant"]) or AttentionVariant()
     return AttentionKey(
-        "decode", ta.PagedKV(c["page_size"], c["layout"]), c["heads"][0], c["heads"][1], c["head_dim"],
-        c["dtype"], c["dtype"], variant_of(c["variant"]) or AttentionVariant(), target,
+        "decode", ta.PagedKV(c["page_size"], c["layout"]), hq, hkv, c["head_dim"], c["dtype"], c["dtype"], variant,
+        target, decode_schedule(c["head_dim"], c["dtype"], hq // hkv, variant),
     )

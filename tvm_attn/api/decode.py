@@ -50,6 +50,7 @@ class BatchDecodeWithPagedKVCacheWrapper(Wrapper):
         self._max_pages = int(max_num_pages) if max_num_pages else None
         self._allow_split = not disable_split_kv
         self._buffers = None
+        self._ws_schedule = None
         self._index_dev = None
 
     def plan(
@@ -75,7 +76,13 @@ class BatchDecodeWithPagedKVCacheWrapper(Wrapper):
             variant, pos_encoding_mode=pos_encoding_mode, window_left=window_left,
             logits_soft_cap=logits_soft_cap, rope_scale=rope_scale, rope_theta=rope_theta,
         )
-        key = AttentionKey("decode", fmt, num_qo_heads, num_kv_heads, head_dim, q_dtype, kv_dtype, v, self._target)
+        schedule = "default"
+        if self._target != "llvm":
+            from ..schedule.decode import decode_schedule
+
+            schedule = decode_schedule(head_dim, kv_dtype, num_qo_heads // max(num_kv_heads, 1), v)
+        key = AttentionKey("decode", fmt, num_qo_heads, num_kv_heads, head_dim, q_dtype, kv_dtype, v, self._target,
+                           schedule)
         self._batch_size = indptr.size - 1
         self._max_page = int(indices[: indptr[-1]].max(initial=-1))
         if self._target == "llvm":
@@ -85,7 +92,7 @@ class BatchDecodeWithPagedKVCacheWrapper(Wrapper):
 
     def _plan_cuda(self, key, sm_scale, indptr, indices, last_page_len) -> None:
         from ..planner import PLAN_DECODE, DecodePlanBuffers, decode_workspace
-        from ..schedule.decode import choose_decode_tiles
+        from ..schedule.decode import DecodeTiles
 
         batch = indptr.size - 1
         if self._graph:
@@ -100,11 +107,14 @@ class BatchDecodeWithPagedKVCacheWrapper(Wrapper):
             self._batch_size = self._max_batch
         capacity = self._max_batch if self._graph else max(batch, self._max_batch or 0, 1)
         ws = self._buffers.ws if self._buffers is not None else None
-        if ws is None or ws.max_batch_size < capacity or ws.num_qo_heads != key.num_qo_heads or ws.head_dim != key.head_dim:
-            tiles = choose_decode_tiles(key.head_dim, key.kv_dtype, key.group_size)
+        if ws is None or ws.max_batch_size < capacity or (ws.num_qo_heads, ws.head_dim, self._ws_schedule) != (
+            key.num_qo_heads, key.head_dim, (key.num_kv_heads, key.schedule)
+        ):
+            tiles = DecodeTiles.parse(key.schedule, key.head_dim, key.kv_dtype)
             ws = decode_workspace(capacity, key.num_qo_heads, key.num_kv_heads, key.head_dim, tiles,
                                   self._device.multi_processor_count)
             self._buffers = DecodePlanBuffers(ws, self._device)
+            self._ws_schedule = (key.num_kv_heads, key.schedule)
             self._index_dev = None
         module = self._cache.module(key)
         bufs = self._buffers
@@ -118,7 +128,7 @@ class BatchDecodeWithPagedKVCacheWrapper(Wrapper):
             self._index_dev = tuple(tvm.runtime.tensor(a, self._device) for a in (indptr, indices, last_page_len))
         self._call = KernelCall(
             key, module[key.uri], self._device, (), self._index_dev, self._batch_size,
-            default_sm_scale(sm_scale, key.head_dim), workspace_args=(bufs.work_info, bufs.tmp_o, bufs.tmp_lse),
+            default_sm_scale(sm_scale, key.head_dim), workspace_args=(bufs.work_info, bufs.cta_indptr, bufs.tmp_o, bufs.tmp_lse),
             merge_fn=module[key.uri + "_merge"], merge_args=(bufs.merge_indptr, bufs.tmp_o, bufs.tmp_lse),
         )
 

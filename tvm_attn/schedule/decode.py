@@ -17,6 +17,7 @@ streaming read; the choices below are about bytes in flight and coalescing, not 
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 
@@ -27,8 +28,8 @@ class DecodeTiles:
     num_warps: int
     unroll: int
     heads_per_block: int
-    #: blocks resident per SM, the planner's unit of parallelism: ptxas reports 128 registers for
-    #: head_dim 128 fp16 (4 heads, unroll 4), and 65536 / (128 x 128 threads) = 4
+    #: blocks resident per SM, which sizes the persistent grid; the kernel gets it as its minimum in
+    #: __launch_bounds__ (cuda_runtime.prepare_source): 4 caps registers at 65536 / (128 x 4) = 128
     blocks_per_sm: int = 4
 
     @property
@@ -45,17 +46,51 @@ class DecodeTiles:
         return self.num_warps * 32
 
     def uri(self) -> str:
-        return f"w{self.num_warps}u{self.unroll}g{self.heads_per_block}"
+        """The schedule part of the kernel name, e.g. ``w4u4g4b4``; :meth:`parse` reads it back."""
+        return f"w{self.num_warps}u{self.unroll}g{self.heads_per_block}b{self.blocks_per_sm}"
+
+    @staticmethod
+    def parse(schedule: str, head_dim: int, kv_dtype: str) -> "DecodeTiles":
+        m = re.fullmatch(r"w(\d+)u(\d+)g(\d+)b(\d+)", schedule)
+        if m is None:
+            raise ValueError(f"schedule: {schedule!r} is not a decode schedule like 'w4u4g4b4'")
+        vec = _vec(head_dim, kv_dtype)
+        w, u, g, b = (int(x) for x in m.groups())
+        return DecodeTiles(vec, head_dim // vec, w, u, g, b)
 
 
-def choose_decode_tiles(head_dim: int, kv_dtype: str, group_size: int) -> DecodeTiles:
-    """Example: head_dim 128, fp16, 32/8 heads -> vec 8, 16 lanes per key, 8 keys in flight per block
-    per unrolled step, all 4 query heads of a group in one block."""
+def _vec(head_dim: int, kv_dtype: str) -> int:
     elem = 4 if kv_dtype == "float32" else 2
-    vec = max(16 // elem, head_dim // 32)  # at most one warp per row
+    return max(16 // elem, head_dim // 32)  # 16-byte loads, at most one warp per row
+
+
+def choose_decode_tiles(head_dim: int, kv_dtype: str, group_size: int, heavy_variant: bool = False) -> DecodeTiles:
+    """Example: head_dim 128, fp16, 32/8 heads -> vec 8, 16 lanes per key, 8 keys in flight per block
+    per unrolled step, all 4 query heads of a group in one block, 4 blocks per SM.
+
+    ``heavy_variant`` (a key transform such as RoPE, or a mask read from tensors) needs more than 128
+    registers: ptxas spills 40-192 bytes at 4 blocks per SM, none at 3 (170 registers)."""
+    elem = 4 if kv_dtype == "float32" else 2
+    vec = _vec(head_dim, kv_dtype)
     lanes = head_dim // vec
-    # registers: q and o take 2 * heads * vec floats per thread; keep heads * vec <= 64
-    heads = max(h for h in range(1, group_size + 1) if group_size % h == 0 and h * vec <= 64)
+    # registers: q and o take 2 * heads * vec floats per thread; heads * vec <= 32 keeps the kernel
+    # within 128 registers (4 resident blocks, the grid the planner assumes)
+    heads = max(h for h in range(1, group_size + 1) if group_size % h == 0 and h * vec <= 32)
     unroll = 4 if head_dim * elem <= 256 else 2
-    return DecodeTiles(vec=vec, lanes_per_key=lanes, num_warps=4, unroll=unroll, heads_per_block=heads)
+    blocks = 3 if heavy_variant else 4
+    return DecodeTiles(vec=vec, lanes_per_key=lanes, num_warps=4, unroll=unroll, heads_per_block=heads,
+                       blocks_per_sm=blocks)
+
+
+def is_heavy(variant) -> bool:
+    """Variants whose hooks need registers beyond the 128 of 4 resident blocks."""
+    from ..variants.base import TensorParam
+
+    reads_tensors = any(isinstance(p, TensorParam) for p in variant.extra_params())
+    return variant.overrides("key_transform") or (variant.overrides("logits_mask") and reads_tensors)
+
+
+def decode_schedule(head_dim: int, kv_dtype: str, group_size: int, variant) -> str:
+    """The schedule name the CUDA decode kernel of these parameters is built with."""
+    return choose_decode_tiles(head_dim, kv_dtype, group_size, is_heavy(variant)).uri()
 

@@ -4,10 +4,11 @@ Lineage: FlashInfer ``decode.cuh`` (``BatchDecodeWithPagedKVCacheKernel``: head-
 work list from the planner, partial states merged afterwards). Same variant hooks and the same KV
 index math (:mod:`tvm_attn.kv.index`) as the CPU kernel.
 
-Grid ``(max_works, num_kv_heads * head_splits)``, block ``tiles.threads`` (4 warps). Work ``w`` of
-the planner's list (``work_info[:, w] = request, kv_begin, kv_end, out_row``) is one request's
-chunk of keys; blocks past the plan's works exit at once, so the grid never changes with the batch
-(CUDA-graph safe). One block serves the ``heads_per_block`` query heads of one KV head::
+Persistent grid ``(num_ctas, num_kv_heads * head_splits)``, block ``tiles.threads`` (4 warps). CTA
+``c`` runs the planner's works ``cta_indptr[c]:cta_indptr[c+1]`` in turn (``work_info[:, w] =
+request, kv_begin, kv_end, out_row``: one piece of one request's keys); the grid depends only on
+the GPU and the heads, never on the batch, so a captured CUDA graph stays valid. One block serves
+the ``heads_per_block`` query heads of one KV head::
 
     q (heads x vec per thread, in registers)
     for each step: every key group loads `unroll` K and V rows (16-byte loads), then
@@ -19,8 +20,8 @@ chunk of keys; blocks past the plan's works exit at once, so the grid never chan
 The merge kernel ``<uri>_merge`` folds each split request's partial states (rows
 ``merge_indptr[b]:merge_indptr[b+1]``) into o and lse.
 
-Arguments: ``q, paged_kv_cache, kv_indptr, kv_indices, kv_last_page_len, work_info, tmp_o, tmp_lse,
-o, lse, sm_scale, *extras``; merge: ``merge_indptr, tmp_o, tmp_lse, o, lse, *extras``.
+Arguments: ``q, paged_kv_cache, kv_indptr, kv_indices, kv_last_page_len, work_info, cta_indptr,
+tmp_o, tmp_lse, o, lse, sm_scale, *extras``; merge: ``merge_indptr, tmp_o, tmp_lse, o, lse, *extras``.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from tvm import tirx
 
 from ..config import AttentionKey
 from ..kv.index import declare_layout
-from ..schedule.decode import DecodeTiles, choose_decode_tiles
+from ..schedule.decode import DecodeTiles
 from ..variants.base import HookContext
 from ._builder import IRBuilder, T, buffer_param, let, local, loop, scalar_param, store, sym, when
 from .attention import declare_extra_params
@@ -42,7 +43,13 @@ FULL_MASK = 0xFFFFFFFF
 
 
 def tiles_for(key: AttentionKey) -> DecodeTiles:
-    return choose_decode_tiles(key.head_dim, key.kv_dtype, key.group_size)
+    """The tiles named by the key's schedule (``decode_schedule`` picks it; a tuned name works too)."""
+    if key.schedule == "default":
+        raise ValueError("CUDA decode keys name their schedule (tvm_attn.schedule.decode.decode_schedule)")
+    tiles = DecodeTiles.parse(key.schedule, key.head_dim, key.kv_dtype)
+    if key.group_size % tiles.heads_per_block:
+        raise ValueError(f"schedule {key.schedule}: heads_per_block must divide the group size {key.group_size}")
+    return tiles
 
 
 def _f32(x):
@@ -62,11 +69,12 @@ def _thread(extent, tag):
 
 
 def _workspace_params(key: AttentionKey):
-    max_works, max_partials = sym("max_works"), sym("max_partials")
+    max_works, num_ctas_plus_one, max_partials = sym("max_works"), sym("num_ctas_plus_1"), sym("max_partials")
     work_info = buffer_param("work_info", (4, max_works), "int32")
+    cta_indptr = buffer_param("cta_indptr", (num_ctas_plus_one,), "int32")
     tmp_o = buffer_param("tmp_o", (max_partials, key.num_qo_heads, key.head_dim), "float32")
     tmp_lse = buffer_param("tmp_lse", (max_partials, key.num_qo_heads), "float32")
-    return max_works, work_info, tmp_o, tmp_lse
+    return num_ctas_plus_one - 1, work_info, cta_indptr, tmp_o, tmp_lse
 
 
 def make_batch_decode_cuda(key: AttentionKey, tiles: DecodeTiles | None = None) -> tirx.PrimFunc:
@@ -80,13 +88,13 @@ def make_batch_decode_cuda(key: AttentionKey, tiles: DecodeTiles | None = None) 
             T.func_name(key.uri)
             T.func_attr({"global_symbol": key.uri, "tir.noalias": True, "tirx.is_scheduled": True})
             idx = declare_layout(key)
-            max_works, work_info, tmp_o, tmp_lse = _workspace_params(key)
+            num_ctas, work_info, cta_indptr, tmp_o, tmp_lse = _workspace_params(key)
             o = buffer_param("o", (idx.num_q_rows, key.num_qo_heads, D), key.o_dtype)
             lse = buffer_param("lse", (idx.num_q_rows, key.num_qo_heads), "float32")
             sm_scale = scalar_param("sm_scale", "float32")
             params = declare_extra_params(key)
 
-            with _thread(max_works, "blockIdx.x") as w, _thread(key.num_kv_heads * head_splits, "blockIdx.y") as by:
+            with _thread(num_ctas, "blockIdx.x") as cta, _thread(key.num_kv_heads * head_splits, "blockIdx.y") as by:
                 with _thread(tiles.threads, "threadIdx.x") as tid:
                     q_reg = local("q_reg", (G, VEC))
                     o_reg = local("o_reg", (G, VEC))
@@ -98,111 +106,115 @@ def make_batch_decode_cuda(key: AttentionKey, tiles: DecodeTiles | None = None) 
                     smem_md = T.alloc_buffer((NKG, G, 2), "float32", scope="shared")
                     k_smem = T.alloc_buffer((NKG, U, D), key.kv_dtype, scope="shared") if stage_keys else None
 
-                    # Works past the plan (request -1) run an empty key range and store nothing. The body
-                    # is not wrapped in a branch: TVM's barrier insertion cannot place syncs inside one.
-                    live = work_info[0, w] >= 0
-                    req = let("req", tirx.max(work_info[0, w], 0))
-                    kv_head = let("kv_head", by // head_splits)
-                    head0 = let("head0", kv_head * key.group_size + (by % head_splits) * G)
-                    lane, warp = tid % 32, tid // 32
-                    tx = let("tx", lane % TX)
-                    kg = let("kg", warp * tiles.keys_per_warp + lane // TX)
-                    kv_len = let("kv_len", idx.kv_len(req))
-                    ctx = HookContext(req, 0, None, None, kv_head, 1, kv_len, D, params)
-                    begin, end = work_info[1, w], work_info[2, w]
-                    bounds = variant.kv_range(ctx)
-                    if bounds is not None:
-                        begin, end = tirx.max(begin, bounds[0]), tirx.min(end, bounds[1])
-                    begin = let("kv_begin", begin)
-                    end = let("kv_end", tirx.if_then_else(live, tirx.max(end, begin), begin))
+                    # persistent CTA: its works, cta_indptr[cta]..cta_indptr[cta+1], one after another
+                    first_work = let("first_work", cta_indptr[cta])
+                    with loop("wi", cta_indptr[cta + 1] - first_work) as wi:
+                        w = let("w", first_work + wi)
+                        live = work_info[0, w] >= 0
+                        req = let("req", tirx.max(work_info[0, w], 0))
+                        kv_head = let("kv_head", by // head_splits)
+                        head0 = let("head0", kv_head * key.group_size + (by % head_splits) * G)
+                        lane, warp = tid % 32, tid // 32
+                        tx = let("tx", lane % TX)
+                        kg = let("kg", warp * tiles.keys_per_warp + lane // TX)
+                        kv_len = let("kv_len", idx.kv_len(req))
+                        ctx = HookContext(req, 0, None, None, kv_head, 1, kv_len, D, params)
+                        begin, end = work_info[1, w], work_info[2, w]
+                        bounds = variant.kv_range(ctx)
+                        if bounds is not None:
+                            begin, end = tirx.max(begin, bounds[0]), tirx.min(end, bounds[1])
+                        begin = let("kv_begin", begin)
+                        end = let("kv_end", tirx.if_then_else(live, tirx.max(end, begin), begin))
 
-                    # q for the fused heads, transformed once
-                    with loop("g", G, "unroll") as g:
-                        h = head0 + g
-                        qctx = HookContext(req, 0, None, h, kv_head, 1, kv_len, D, params)
-                        load_q = lambda dd, h=h: _f32(idx.q[req, h, dd])  # noqa: E731
-                        with loop("v", VEC, "unroll") as v:
-                            store(q_reg, variant.query_transform(qctx, load_q, tx * VEC + v), g, v)
-                            store(o_reg, tirx.const(0.0, "float32"), g, v)
-                        store(md, _neg_inf(), g, 0)
-                        store(md, tirx.const(0.0, "float32"), g, 1)
+                        # q for the fused heads, transformed once
+                        with loop("g", G, "unroll") as g:
+                            h = head0 + g
+                            qctx = HookContext(req, 0, None, h, kv_head, 1, kv_len, D, params)
+                            load_q = lambda dd, h=h: _f32(idx.q[req, h, dd])  # noqa: E731
+                            with loop("v", VEC, "unroll") as v:
+                                store(q_reg, variant.query_transform(qctx, load_q, tx * VEC + v), g, v)
+                                store(o_reg, tirx.const(0.0, "float32"), g, v)
+                            store(md, _neg_inf(), g, 0)
+                            store(md, tirx.const(0.0, "float32"), g, 1)
 
-                    with loop("it", tirx.ceildiv(end - begin, NKG * U)) as it:
-                        base = let("base", begin + it * (NKG * U) + kg)
-                        with loop("u", U, "unroll") as u:  # all loads first: bytes in flight
-                            pos = tirx.min(base + u * NKG, end - 1)
-                            addr = idx.kv_addr(req, pos)
-                            with loop("v", VEC, "vectorized") as v:
-                                store(k_reg, idx.load_k(addr, kv_head, tx * VEC + v), u, v)
-                            with loop("v", VEC, "vectorized") as v:
-                                store(v_reg, idx.load_v(addr, kv_head, tx * VEC + v), u, v)
-                        if stage_keys:
-                            with loop("u", U, "unroll") as u:
+                        with loop("it", tirx.ceildiv(end - begin, NKG * U)) as it:
+                            base = let("base", begin + it * (NKG * U) + kg)
+                            with loop("u", U, "unroll") as u:  # all loads first: bytes in flight
+                                pos = tirx.min(base + u * NKG, end - 1)
+                                addr = idx.kv_addr(req, pos)
                                 with loop("v", VEC, "vectorized") as v:
-                                    store(k_smem, k_reg[u, v], kg, u, tx * VEC + v)
-                            T.evaluate(tirx.op.tvm_storage_sync("warp"))
-                        with loop("u", U, "unroll") as u:
-                            pos = let("pos", base + u * NKG)
-                            sctx = HookContext(req, 0, pos, None, kv_head, 1, kv_len, D, params)
-                            kctx = HookContext(req, None, pos, None, kv_head, 1, kv_len, D, params)
-                            with loop("g", G, "unroll") as g:
-                                acc = local("acc", 1)
-                                store(acc, tirx.const(0.0, "float32"), 0)
-                                with loop("v", VEC, "unroll") as v:
-                                    if stage_keys:
-                                        load_k = lambda dd, u=u: _f32(k_smem[kg, u, dd])  # noqa: E731
-                                        k_v = variant.key_transform(kctx, load_k, tx * VEC + v)
+                                    store(k_reg, idx.load_k(addr, kv_head, tx * VEC + v), u, v)
+                                with loop("v", VEC, "vectorized") as v:
+                                    store(v_reg, idx.load_v(addr, kv_head, tx * VEC + v), u, v)
+                            if stage_keys:
+                                with loop("u", U, "unroll") as u:
+                                    with loop("v", VEC, "vectorized") as v:
+                                        store(k_smem, k_reg[u, v], kg, u, tx * VEC + v)
+                                T.evaluate(tirx.op.tvm_storage_sync("warp"))
+                            with loop("u", U, "unroll") as u:
+                                pos = let("pos", base + u * NKG)
+                                sctx = HookContext(req, 0, pos, None, kv_head, 1, kv_len, D, params)
+                                kctx = HookContext(req, None, pos, None, kv_head, 1, kv_len, D, params)
+                                if stage_keys:  # transformed once per key, for every head of the group
+                                    k_t = local("k_t", VEC)
+                                    load_k = lambda dd, u=u: _f32(k_smem[kg, u, dd])  # noqa: E731
+                                    with loop("v", VEC, "unroll") as v:
+                                        store(k_t, variant.key_transform(kctx, load_k, tx * VEC + v), v)
+                                with loop("g", G, "unroll") as g:
+                                    acc = local("acc", 1)
+                                    store(acc, tirx.const(0.0, "float32"), 0)
+                                    with loop("v", VEC, "unroll") as v:
+                                        k_v = k_t[v] if stage_keys else _f32(k_reg[u, v])
+                                        store(acc, acc[0] + q_reg[g, v] * k_v, 0)
+                                    off = TX // 2
+                                    while off >= 1:
+                                        store(acc, acc[0] + _shfl_xor(acc[0], off, 32), 0)
+                                        off //= 2
+                                    sctx.qo_head_idx = head0 + g
+                                    s = variant.logits_transform(sctx, acc[0] * sm_scale)
+                                    visible = pos < end
+                                    m = variant.logits_mask(sctx)
+                                    if m is not None:
+                                        visible = tirx.all(visible, m)
+                                    if variant.use_softmax:
+                                        store(s_reg, tirx.if_then_else(visible, s * LOG2E, _neg_inf()), u, g)
                                     else:
-                                        k_v = _f32(k_reg[u, v])
-                                    store(acc, acc[0] + q_reg[g, v] * k_v, 0)
-                                off = TX // 2
-                                while off >= 1:
-                                    store(acc, acc[0] + _shfl_xor(acc[0], off, 32), 0)
-                                    off //= 2
-                                sctx.qo_head_idx = head0 + g
-                                s = variant.logits_transform(sctx, acc[0] * sm_scale)
-                                visible = pos < end
-                                m = variant.logits_mask(sctx)
-                                if m is not None:
-                                    visible = tirx.all(visible, m)
-                                if variant.use_softmax:
-                                    store(s_reg, tirx.if_then_else(visible, s * LOG2E, _neg_inf()), u, g)
-                                else:
-                                    store(s_reg, tirx.if_then_else(visible, s, tirx.const(0.0, "float32")), u, g)
-                        _update_state(variant.use_softmax, G, U, VEC, md, o_reg, s_reg, v_reg)
+                                        store(s_reg, tirx.if_then_else(visible, s, tirx.const(0.0, "float32")), u, g)
+                            _update_state(variant.use_softmax, G, U, VEC, md, o_reg, s_reg, v_reg)
 
-                    # merge the key groups of the block
-                    with loop("g", G, "unroll") as g:
-                        with loop("v", VEC, "unroll") as v:
-                            store(smem_o, o_reg[g, v], kg, g, tx * VEC + v)
-                        with when(tx == 0):
-                            store(smem_md, md[g, 0], kg, g, 0)
-                            store(smem_md, md[g, 1], kg, g, 1)
-                    T.evaluate(tirx.op.tvm_storage_sync("shared"))
-                    out_row = let("out_row", work_info[3, w])
-                    with loop("t", tirx.ceildiv(G * TX, tiles.threads)) as t:
-                        slot = let("slot", t * tiles.threads + tid)
-                        with when(tirx.all(live, slot < G * TX)):
-                            g, c = slot // TX, slot % TX
-                            h = let("h", head0 + g)
-                            res = local("res", VEC)
-                            tot = local("tot", 2)
-                            _merge_groups(variant.use_softmax, NKG, smem_md, smem_o, g, c, VEC, res, tot)
-                            octx = HookContext(req, 0, None, h, kv_head, 1, kv_len, D, params)
-                            with T.If(out_row < 0):
-                                with T.Then():
-                                    with loop("v", VEC, "unroll") as v:
-                                        val = variant.output_transform(octx, res[v], c * VEC + v)
-                                        if variant.use_softmax:
-                                            val = tirx.if_then_else(tot[1] > 0, val, tirx.const(0.0, "float32"))
-                                        store(o, tirx.Cast(key.o_dtype, val), req, h, c * VEC + v)
-                                    with when(c == 0):
-                                        store(lse, tot[0], req, h)
-                                with T.Else():
-                                    with loop("v", VEC, "unroll") as v:
-                                        store(tmp_o, res[v], out_row, h, c * VEC + v)
-                                    with when(c == 0):
-                                        store(tmp_lse, tot[0], out_row, h)
+                        # merge the key groups of the block
+                        with loop("g", G, "unroll") as g:
+                            with loop("v", VEC, "unroll") as v:
+                                store(smem_o, o_reg[g, v], kg, g, tx * VEC + v)
+                            with when(tx == 0):
+                                store(smem_md, md[g, 0], kg, g, 0)
+                                store(smem_md, md[g, 1], kg, g, 1)
+                        T.evaluate(tirx.op.tvm_storage_sync("shared"))
+                        out_row = let("out_row", work_info[3, w])
+                        with loop("t", tirx.ceildiv(G * TX, tiles.threads)) as t:
+                            slot = let("slot", t * tiles.threads + tid)
+                            with when(tirx.all(live, slot < G * TX)):
+                                g, c = slot // TX, slot % TX
+                                h = let("h", head0 + g)
+                                res = local("res", VEC)
+                                tot = local("tot", 2)
+                                _merge_groups(variant.use_softmax, NKG, smem_md, smem_o, g, c, VEC, res, tot)
+                                octx = HookContext(req, 0, None, h, kv_head, 1, kv_len, D, params)
+                                with T.If(out_row < 0):
+                                    with T.Then():
+                                        with loop("v", VEC, "unroll") as v:
+                                            val = variant.output_transform(octx, res[v], c * VEC + v)
+                                            if variant.use_softmax:
+                                                val = tirx.if_then_else(tot[1] > 0, val, tirx.const(0.0, "float32"))
+                                            store(o, tirx.Cast(key.o_dtype, val), req, h, c * VEC + v)
+                                        with when(c == 0):
+                                            store(lse, tot[0], req, h)
+                                    with T.Else():
+                                        with loop("v", VEC, "unroll") as v:
+                                            store(tmp_o, res[v], out_row, h, c * VEC + v)
+                                        with when(c == 0):
+                                            store(tmp_lse, tot[0], out_row, h)
+                        T.evaluate(tirx.op.tvm_storage_sync("shared"))  # the next work reuses smem_o / smem_md
     return ib.get()
 
 

@@ -1,29 +1,31 @@
 """The split-KV planner, as a host TIR function: callable from Python, from C++ through packed
 functions, and compiled into the same module as the kernels it plans for.
 
-Lineage: FlashInfer ``scheduler.cuh`` ``DecodePlan`` / paper Algorithm 1. Cost of a chunk is its
-number of keys (decode has one query row); the planner picks the smallest chunk (in pages, at least
-``min_chunk_pages``) such that the number of works stays within ``target_works`` (SM count x resident
-blocks per SM / blocks per work), then lays the works out in request order::
+Lineage: FlashInfer's load-balanced scheduler (paper §3.3, Algorithm 1). The decode grid is
+persistent and fixed: ``num_ctas`` = SMs x resident blocks per SM / blocks per work, whatever the
+batch, so a CUDA graph captured once stays valid. The planner gives every CTA the same cost,
+``cost(piece) = keys + WORK_OVERHEAD``, by cutting the requests' keys, laid end to end, at each
+CTA's quota ``ceil(total cost / num_ctas)``; a request cut into several pieces gets partial-state
+rows that the merge kernel folds together. Without split-KV each request is one piece (the
+deterministic, batch-invariant mode) and CTAs take whole requests up to the quota::
 
-    plan_decode(kv_indptr[B+1], kv_last_page_len[B], work_info[4, max_works], merge_indptr[max_batch+1],
-                stats[4], max_partials, page_size, target_works, min_chunk_pages, allow_split)
+    plan_decode(kv_indptr[B+1], kv_last_page_len[B], work_info[4, max_works], cta_indptr[num_ctas+1],
+                merge_indptr[max_batch+1], stats[4], max_partials, page_size, allow_split)
 
-* ``work_info[:, w] = (request, kv_begin, kv_end, out_row)``; ``out_row = -1``: write o directly;
-  works past the plan have ``request = -1`` (their blocks exit), so the grid is always ``max_works``.
-* ``merge_indptr[b]..merge_indptr[b+1]``: the partial-state rows of request ``b`` (empty unless split).
-* ``stats = (num_works, num_partials, chunk_tokens, status)``; status 0 is success, 1: more works than
+* ``work_info[:, w] = (request, kv_begin, kv_end, out_row)``, works in CTA order; CTA ``c`` runs works
+  ``cta_indptr[c]:cta_indptr[c+1]``; ``out_row = -1``: write o directly.
+* ``merge_indptr[b]..merge_indptr[b+1]``: the partial-state rows of request ``b`` (empty unless cut).
+* ``stats = (num_works, num_partials, quota, status)``; status 0 is success, 1: more works than
   ``max_works``, 2: more partial rows than ``max_partials``, 3: more requests than ``max_batch``.
-  Nothing is written past a buffer's end whatever the status.
+  Nothing is written past a buffer's end whatever the status, and a failed plan runs no work.
 """
 
 from __future__ import annotations
 
 from tvm import tirx
 
-from ..planner import PLAN_DECODE
+from ..planner import MIN_PIECE, PLAN_DECODE, WORK_OVERHEAD
 from ._builder import IRBuilder, T, buffer_param, let, local, loop, scalar_param, store, sym, when
-
 
 
 def make_decode_planner(name: str = PLAN_DECODE) -> tirx.PrimFunc:
@@ -31,79 +33,85 @@ def make_decode_planner(name: str = PLAN_DECODE) -> tirx.PrimFunc:
         with T.prim_func():
             T.func_name(name)
             T.func_attr({"global_symbol": name, "tir.noalias": True})
-            batch, max_works, max_batch_plus_one = sym("batch_size"), sym("max_works"), sym("max_batch_plus_1")
+            batch, max_works = sym("batch_size"), sym("max_works")
+            num_ctas_plus_one, max_batch_plus_one = sym("num_ctas_plus_1"), sym("max_batch_plus_1")
             kv_indptr = buffer_param("kv_indptr", (batch + 1,), "int32")
             last_page_len = buffer_param("kv_last_page_len", (batch,), "int32")
             work_info = buffer_param("work_info", (4, max_works), "int32")
+            cta_indptr = buffer_param("cta_indptr", (num_ctas_plus_one,), "int32")
             merge_indptr = buffer_param("merge_indptr", (max_batch_plus_one,), "int32")
             stats = buffer_param("stats", (4,), "int32")
             max_partials = scalar_param("max_partials", "int32")
             page_size = scalar_param("page_size", "int32")
-            target_works = scalar_param("target_works", "int32")
-            min_chunk_pages = scalar_param("min_chunk_pages", "int32")
             allow_split = scalar_param("allow_split", "int32")
+            num_ctas = num_ctas_plus_one - 1
 
             pages = lambda b: kv_indptr[b + 1] - kv_indptr[b]  # noqa: E731
             kv_len = lambda b: tirx.if_then_else(pages(b) > 0, (pages(b) - 1) * page_size + last_page_len[b], 0)  # noqa: E731
-            n_chunks = lambda b, c: tirx.max(1, tirx.ceildiv(pages(b), c))  # noqa: E731
-            s = local("s", 8, "int32")  # 0 max_pages, 1 lo, 2 hi, 3 count, 4 work, 5 partial, 6 status
-            store(s, 0, 0)
-            with loop("b", batch) as b:
-                store(s, tirx.max(s[0], pages(b)), 0)
-            max_pages = let("max_pages", tirx.max(s[0], 1))
-            # smallest chunk (pages) whose works fit target_works; no split when the batch fills the GPU
-            no_split = tirx.any(allow_split == 0, batch >= target_works)
-            store(s, tirx.if_then_else(no_split, max_pages, tirx.min(tirx.max(min_chunk_pages, 1), max_pages)), 1)
-            store(s, max_pages, 2)
-            with T.While(s[1] < s[2]):
-                mid = let("mid", (s[1] + s[2]) // 2)
-                store(s, 0, 3)
-                with loop("b", batch) as b:
-                    store(s, s[3] + n_chunks(b, mid), 3)
-                with T.If(s[3] <= target_works):
-                    with T.Then():
-                        store(s, mid, 2)
-                    with T.Else():
-                        store(s, mid + 1, 1)
-            chunk = let("chunk_pages", s[1])
-            chunk_tokens = let("chunk_tokens", chunk * page_size)
-            store(s, 0, 4)
-            store(s, 0, 5)
+            # s: 0 total cost, 1 quota, 2 cta, 3 used, 4 works, 5 partials, 6 status, 7 pos, 8 first, 9 first work of b
+            s = local("s", 10, "int32")
+            for i in range(10):
+                store(s, 0, i)
+            n_batch = let("n_batch", tirx.min(batch, max_batch_plus_one - 1))
             store(s, tirx.if_then_else(batch + 1 > max_batch_plus_one, 3, 0), 6)
-            with loop("b", tirx.min(batch, max_batch_plus_one - 1)) as b:
-                n = let("n", n_chunks(b, chunk))
+            with loop("b", n_batch) as b:
+                store(s, s[0] + kv_len(b) + WORK_OVERHEAD, 0)
+            # each CTA boundary may cut a request, adding one more piece (and its overhead)
+            store(s, s[0] + WORK_OVERHEAD * tirx.max(num_ctas - 1, 0), 0)
+            store(s, tirx.max(tirx.ceildiv(s[0], tirx.max(num_ctas, 1)), 1), 1)
+            quota = s[1]
+
+            def emit(req, begin, end):
+                with T.If(s[4] < max_works):
+                    with T.Then():
+                        store(work_info, req, 0, s[4])
+                        store(work_info, begin, 1, s[4])
+                        store(work_info, end, 2, s[4])
+                        store(work_info, -1, 3, s[4])
+                store(s, s[4] + 1, 4)
+
+            with loop("b", n_batch) as b:
                 length = let("len", kv_len(b))
                 store(merge_indptr, s[5], b)
-                with loop("i", n) as i:
-                    with T.If(s[4] < max_works):
-                        with T.Then():
-                            store(work_info, b, 0, s[4])
-                            store(work_info, tirx.min(i * chunk_tokens, length), 1, s[4])
-                            store(work_info, tirx.min((i + 1) * chunk_tokens, length), 2, s[4])
-                            store(work_info, tirx.if_then_else(n > 1, s[5] + i, -1), 3, s[4])
-                    store(s, s[4] + 1, 4)
-                with when(n > 1):
+                store(s, 0, 7)
+                store(s, 1, 8)
+                store(s, s[4], 9)
+                with T.While(tirx.any(s[7] < length, s[8] == 1)):
+                    last_cta = s[2] >= num_ctas - 1
+                    whole = tirx.any(allow_split == 0, last_cta)
+                    take = let("take", tirx.if_then_else(whole, length - s[7], tirx.min(length - s[7], tirx.max(quota - s[3] - WORK_OVERHEAD, MIN_PIECE))))
+                    emit(b, s[7], s[7] + take)
+                    store(s, s[3] + take + WORK_OVERHEAD, 3)
+                    store(s, s[7] + take, 7)
+                    store(s, 0, 8)
+                    with when(tirx.all(s[3] >= quota, s[2] < num_ctas - 1)):
+                        store(cta_indptr, s[4], s[2] + 1)
+                        store(s, s[2] + 1, 2)
+                        store(s, 0, 3)
+                n = let("n_pieces", s[4] - s[9])
+                with when(n > 1):  # cut: its pieces write partial states, merged afterwards
+                    with loop("i", n) as i:
+                        with when(s[9] + i < max_works):
+                            store(work_info, s[5] + i, 3, s[9] + i)
                     store(s, s[5] + n, 5)
-            with loop("b", max_batch_plus_one) as b:  # rows past the batch: empty
-                with when(b >= tirx.min(batch, max_batch_plus_one - 1)):
+            with loop("c", num_ctas_plus_one) as c:  # CTAs past the last one used: no works
+                with when(c > s[2]):
+                    store(cta_indptr, s[4], c)
+            store(cta_indptr, 0, 0)
+            with loop("b", max_batch_plus_one) as b:
+                with when(b >= n_batch):
                     store(merge_indptr, s[5], b)
             with when(s[4] > max_works):
                 store(s, 1, 6)
             with when(s[5] > max_partials):
                 store(s, 2, 6)
-            with loop("w", max_works) as w:
-                with when(w >= s[4]):
-                    store(work_info, -1, 0, w)
-                    store(work_info, 0, 1, w)
-                    store(work_info, 0, 2, w)
-                    store(work_info, -1, 3, w)
-            with when(s[6] != 0):  # a failed plan launches nothing
-                with loop("w", max_works) as w:
-                    store(work_info, -1, 0, w)
+            with when(s[6] != 0):  # a failed plan runs nothing
+                with loop("c", num_ctas_plus_one) as c:
+                    store(cta_indptr, 0, c)
                 with loop("b", max_batch_plus_one) as b:
                     store(merge_indptr, 0, b)
             store(stats, s[4], 0)
             store(stats, s[5], 1)
-            store(stats, chunk_tokens, 2)
+            store(stats, quota, 2)
             store(stats, s[6], 3)
     return ib.get()
