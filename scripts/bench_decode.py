@@ -199,8 +199,8 @@ def main(small: bool = False, out: str | None = None) -> list[dict]:
             w.plan(indptr, indices, last, HQ, HKV, D, PAGE)
             ts.append(time.perf_counter() - t0)
             t0 = time.perf_counter()
-            planner(ip, lp, bufs.host_work, bufs.host_merge, bufs.host_stats, bufs.ws.max_partials, PAGE,
-                    bufs.ws.target_works, 16, 1)
+            planner(ip, lp, bufs.host_work, bufs.host_cta, bufs.host_merge, bufs.host_stats, bufs.ws.max_partials,
+                    PAGE, 1)
             tp.append(time.perf_counter() - t0)
         plan_times[f"batch{b}"] = {"wrapper_plan_us": round(float(np.median(ts)) * 1e6, 1),
                                    "planner_call_us": round(float(np.median(tp)) * 1e6, 1)}
