@@ -205,7 +205,9 @@ def main(small: bool = False, out: str | None = None) -> list[dict]:
         plan_times[f"batch{b}"] = {"wrapper_plan_us": round(float(np.median(ts)) * 1e6, 1),
                                    "planner_call_us": round(float(np.median(tp)) * 1e6, 1)}
 
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
+    # the GPU host gets a copy of the tree without .git: the build machine passes the commit along
+    commit = os.environ.get("TVM_ATTN_COMMIT") or subprocess.run(
+        ["git", "rev-parse", "--verify", "-q", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
     result = {"device": device_name, "date": datetime.date.today().isoformat(), "commit": commit or None,
               "command": "TVM_ATTN_CACHE_DIR=.kernels python scripts/bench_decode.py --out " + (out or "-"),
               "ceilings": ceilings, "rows": rows, "plan_time": plan_times, "notes": notes}
