@@ -52,6 +52,7 @@ class BatchDecodeWithPagedKVCacheWrapper(Wrapper):
         self._buffers = None
         self._ws_schedule = None
         self._index_dev = None
+        self._index_buffers: dict[int, tvm.runtime.Tensor] = {}
 
     def plan(
         self, indptr, indices, last_page_len, num_qo_heads: int, num_kv_heads: int, head_dim: int,
@@ -115,22 +116,30 @@ class BatchDecodeWithPagedKVCacheWrapper(Wrapper):
                                   self._device.multi_processor_count)
             self._buffers = DecodePlanBuffers(ws, self._device)
             self._ws_schedule = (key.num_kv_heads, key.schedule)
-            self._index_dev = None
         module = self._cache.module(key)
         bufs = self._buffers
         bufs.plan(module[PLAN_DECODE], indptr, last_page_len, key.kv.page_size, self._allow_split)
-        if self._graph:  # refill the same device buffers: captured graphs keep their pointers
-            if self._index_dev is None:
-                self._index_dev = tuple(tvm.runtime.empty(a.shape, "int32", self._device) for a in (indptr, indices, last_page_len))
-            for dev_buf, host in zip(self._index_dev, (indptr, indices, last_page_len)):
-                dev_buf.copyfrom(host)
-        else:
-            self._index_dev = tuple(tvm.runtime.tensor(a, self._device) for a in (indptr, indices, last_page_len))
+        # Device copies of the page table live in buffers that only grow, so a plan allocates nothing
+        # (and, with CUDA graphs, the captured pointers stay valid).
+        self._index_dev = tuple(self._upload(i, a) for i, a in enumerate((indptr, indices, last_page_len)))
         self._call = KernelCall(
             key, module[key.uri], self._device, (), self._index_dev, self._batch_size,
             default_sm_scale(sm_scale, key.head_dim), workspace_args=(bufs.work_info, bufs.cta_indptr, bufs.tmp_o, bufs.tmp_lse),
             merge_fn=module[key.uri + "_merge"], merge_args=(bufs.merge_indptr, bufs.tmp_o, bufs.tmp_lse),
         )
+
+    def _upload(self, slot: int, host: np.ndarray):
+        buf = self._index_buffers.get(slot)
+        if buf is None or buf.shape[0] < max(host.size, 1):
+            if self._graph and buf is not None:
+                raise AssertionError("CUDA-graph buffers are sized once")  # sizes were checked in plan
+            capacity = max(host.size, 1) if self._graph else max(2 * host.size, 64)
+            buf = tvm.runtime.empty((capacity,), "int32", self._device)
+            self._index_buffers[slot] = buf
+        view = buf if buf.shape[0] == host.size else buf._create_view((host.size,))
+        if host.size:
+            view.copyfrom(host)
+        return view
 
     def run(self, q, paged_kv_cache, *, out=None, lse=None, return_lse: bool = False, **variant_args):
         """``q`` ``[batch_size, num_qo_heads, head_dim]`` -> ``o`` of the same shape (and ``lse`` float32

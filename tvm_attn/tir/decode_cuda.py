@@ -284,10 +284,15 @@ def _merge_groups(use_softmax, NKG, smem_md, smem_o, g, c, VEC, res, tot):
 
 
 def make_decode_merge_cuda(key: AttentionKey, tiles: DecodeTiles | None = None) -> tirx.PrimFunc:
-    """``<uri>_merge(merge_indptr, tmp_o, tmp_lse, o, lse, *extras)``: grid (max_batch, num_qo_heads)."""
+    """``<uri>_merge(merge_indptr, tmp_o, tmp_lse, o, lse, *extras)``: grid (max_batch, num_qo_heads).
+
+    A block of ``TX x RG`` threads merges one (request, head): row group ``rg`` folds the partial rows
+    ``rg, rg + RG, ...`` (so a request cut into 66 pieces is 9 dependent steps, not 66), then the
+    groups are merged through shared memory like the key groups of the decode kernel."""
     tiles = tiles or tiles_for(key)
     variant, D, VEC = key.variant, key.head_dim, tiles.vec
     TX = D // VEC
+    RG = max(1, 128 // TX)
     with IRBuilder() as ib:
         with T.prim_func():
             name = key.uri + "_merge"
@@ -301,42 +306,50 @@ def make_decode_merge_cuda(key: AttentionKey, tiles: DecodeTiles | None = None) 
             lse = buffer_param("lse", (batch, key.num_qo_heads), "float32")
             params = declare_extra_params(key)
             with _thread(batch_plus_one - 1, "blockIdx.x") as b, _thread(key.num_qo_heads, "blockIdx.y") as h:
-                with _thread(TX, "threadIdx.x") as tx:
-                    start, stop = merge_indptr[b], merge_indptr[b + 1]
-                    with when(tirx.all(b < batch, stop - start >= 2)):
-                        res = local("res", VEC)
-                        tot = local("tot", 2)
-                        with loop("v", VEC, "unroll") as v:
-                            store(res, tirx.const(0.0, "float32"), v)
+                with _thread(TX * RG, "threadIdx.x") as t:
+                    tx, rg = t % TX, t // TX
+                    smem_o = T.alloc_buffer((RG, 1, D), "float32", scope="shared")
+                    smem_md = T.alloc_buffer((RG, 1, 2), "float32", scope="shared")
+                    o_reg, md = local("o_reg", (1, VEC)), local("md", (1, 2))
+                    b_safe = let("b_safe", tirx.min(b, batch_plus_one - 2))
+                    start = let("start", merge_indptr[b_safe])
+                    count = merge_indptr[b_safe + 1] - start
+                    # no branch around the body (barriers cannot go inside one): others merge 0 rows
+                    active = tirx.all(b < batch, count >= 2)
+                    n = let("n", tirx.if_then_else(active, count, 0))
+                    with loop("v", VEC, "unroll") as v:
+                        store(o_reg, tirx.const(0.0, "float32"), 0, v)
+                    store(md, _neg_inf(), 0, 0)
+                    store(md, tirx.const(0.0, "float32"), 0, 1)
+                    with loop("k", tirx.ceildiv(tirx.max(n - rg, 0), RG)) as k:
+                        row = let("row", start + rg + k * RG)
+                        s_r = let("s_r", tmp_lse[row, h])
                         if variant.use_softmax:
-                            store(tot, _neg_inf(), 0)
-                            with loop("r", stop - start) as r:
-                                store(tot, tirx.max(tot[0], tmp_lse[start + r, h]), 0)
-                            m_safe = let("m_safe", tirx.if_then_else(tot[0] == _neg_inf(), tirx.const(0.0, "float32"), tot[0]))
-                            store(tot, tirx.const(0.0, "float32"), 1)
-                            with loop("r", stop - start) as r:
-                                wr = let("wr", tirx.exp2(tmp_lse[start + r, h] - m_safe))
-                                store(tot, tot[1] + wr, 1)
-                                with when(wr > 0):
-                                    with loop("v", VEC, "unroll") as v:
-                                        store(res, res[v] + wr * tmp_o[start + r, h, tx * VEC + v], v)
+                            m_new = let("m_new", tirx.max(md[0, 0], s_r))
+                            m_safe = let("m_safe", tirx.if_then_else(m_new == _neg_inf(), tirx.const(0.0, "float32"), m_new))
+                            scale = let("scale", tirx.exp2(md[0, 0] - m_safe))
+                            w_r = let("w_r", tirx.exp2(s_r - m_safe))
+                            store(md, md[0, 1] * scale + w_r, 0, 1)
+                            store(md, m_new, 0, 0)
+                            with loop("v", VEC, "unroll") as v:
+                                part = tirx.if_then_else(w_r > 0, w_r * tmp_o[row, h, tx * VEC + v], tirx.const(0.0, "float32"))
+                                store(o_reg, o_reg[0, v] * scale + part, 0, v)
                         else:
-                            with loop("r", stop - start) as r:
-                                with loop("v", VEC, "unroll") as v:
-                                    store(res, res[v] + tmp_o[start + r, h, tx * VEC + v], v)
-                        kv_head = h // key.group_size
-                        octx = HookContext(b, 0, None, h, kv_head, 1, None, D, params)
+                            with loop("v", VEC, "unroll") as v:
+                                store(o_reg, o_reg[0, v] + tmp_o[row, h, tx * VEC + v], 0, v)
+                    with loop("v", VEC, "unroll") as v:
+                        store(smem_o, o_reg[0, v], rg, 0, tx * VEC + v)
+                    with when(tx == 0):
+                        store(smem_md, md[0, 0], rg, 0, 0)
+                        store(smem_md, md[0, 1], rg, 0, 1)
+                    T.evaluate(tirx.op.tvm_storage_sync("shared"))
+                    res, tot = local("res", VEC), local("tot", 2)
+                    _merge_groups(variant.use_softmax, RG, smem_md, smem_o, 0, tx, VEC, res, tot)
+                    kv_head = h // key.group_size
+                    octx = HookContext(b, 0, None, h, kv_head, 1, None, D, params)
+                    with when(tirx.all(active, rg == 0)):
                         with loop("v", VEC, "unroll") as v:
-                            val = res[v]
-                            if variant.use_softmax:
-                                val = tirx.if_then_else(tot[1] > 0, val / tot[1], tirx.const(0.0, "float32"))
-                            val = variant.output_transform(octx, val, tx * VEC + v)
-                            store(o, tirx.Cast(key.o_dtype, val), b, h, tx * VEC + v)
-                        if variant.use_softmax:
-                            with when(tx == 0):
-                                lse_val = tirx.if_then_else(tot[1] > 0, m_safe + tirx.log2(tot[1]), _neg_inf())
-                                store(lse, lse_val, b, h)
-                        else:
-                            with when(tx == 0):
-                                store(lse, _neg_inf(), b, h)
+                            store(o, tirx.Cast(key.o_dtype, variant.output_transform(octx, res[v], tx * VEC + v)), b, h, tx * VEC + v)
+                        with when(tx == 0):
+                            store(lse, tot[0], b, h)
     return ib.get()
