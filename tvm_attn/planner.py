@@ -34,6 +34,8 @@ STATUS = {1: "max_works", 2: "max_partials", 3: "max_batch_size"}
 
 #: cost of a work beyond its keys (loading q, merging key groups, storing), in keys: ~ one unrolled step
 WORK_OVERHEAD = 32
+#: whole requests are packed (no cuts) when every CTA stays within quota * (1 + 1/PACK_SLACK_DIV)
+PACK_SLACK_DIV = 10
 #: the shortest piece cut to fill a CTA's last room (a CTA then exceeds its quota by at most this)
 MIN_PIECE = 16
 

@@ -6,7 +6,8 @@ persistent and fixed: ``num_ctas`` = SMs x resident blocks per SM / blocks per w
 batch, so a CUDA graph captured once stays valid. The planner gives every CTA the same cost,
 ``cost(piece) = keys + WORK_OVERHEAD``, by cutting the requests' keys, laid end to end, at each
 CTA's quota ``ceil(total cost / num_ctas)``; a request cut into several pieces gets partial-state
-rows that the merge kernel folds together. Without split-KV each request is one piece (the
+rows that the merge kernel folds together. When whole requests fit the CTAs within 1/PACK_SLACK_DIV
+of the quota, they are packed whole instead (no cuts, no merge work). Without split-KV each request is one piece (the
 deterministic, batch-invariant mode) and CTAs take whole requests up to the quota::
 
     plan_decode(kv_indptr[B+1], kv_last_page_len[B], work_info[4, max_works], cta_indptr[num_ctas+1],
@@ -24,7 +25,7 @@ from __future__ import annotations
 
 from tvm import tirx
 
-from ..planner import MIN_PIECE, PLAN_DECODE, WORK_OVERHEAD
+from ..planner import MIN_PIECE, PACK_SLACK_DIV, PLAN_DECODE, WORK_OVERHEAD
 from ._builder import IRBuilder, T, buffer_param, let, local, loop, scalar_param, store, sym, when
 
 
@@ -60,6 +61,23 @@ def make_decode_planner(name: str = PLAN_DECODE) -> tirx.PrimFunc:
             store(s, s[0] + WORK_OVERHEAD * tirx.max(num_ctas - 1, 0), 0)
             store(s, tirx.max(tirx.ceildiv(s[0], tirx.max(num_ctas, 1)), 1), 1)
             quota = s[1]
+            # Packing whole requests (no cuts, no merges) is the better plan when every CTA can take
+            # whole requests within PACK_SLACK of the quota: e.g. 64 x 2048 keys over 66 CTAs, where
+            # cutting would split nearly every request in two for nothing.
+            limit = let("pack_limit", quota + quota // PACK_SLACK_DIV)
+            pk = local("pk", 3, "int32")  # cta, used, fits
+            store(pk, 0, 0)
+            store(pk, 0, 1)
+            store(pk, 1, 2)
+            with loop("b", n_batch) as b:
+                cost = kv_len(b) + WORK_OVERHEAD
+                with when(tirx.all(pk[1] > 0, pk[1] + cost > limit)):
+                    store(pk, pk[0] + 1, 0)
+                    store(pk, 0, 1)
+                store(pk, pk[1] + cost, 1)
+                with when(tirx.any(pk[1] > limit, pk[0] >= num_ctas)):
+                    store(pk, 0, 2)
+            pack = let("pack", tirx.any(allow_split == 0, pk[2] == 1))
 
             def emit(req, begin, end):
                 with T.If(s[4] < max_works):
@@ -76,15 +94,20 @@ def make_decode_planner(name: str = PLAN_DECODE) -> tirx.PrimFunc:
                 store(s, 0, 7)
                 store(s, 1, 8)
                 store(s, s[4], 9)
+                with when(tirx.all(pack, allow_split != 0, s[3] > 0, s[3] + length + WORK_OVERHEAD > limit,
+                                   s[2] < num_ctas - 1)):
+                    store(cta_indptr, s[4], s[2] + 1)  # packing: this request starts the next CTA
+                    store(s, s[2] + 1, 2)
+                    store(s, 0, 3)
                 with T.While(tirx.any(s[7] < length, s[8] == 1)):
                     last_cta = s[2] >= num_ctas - 1
-                    whole = tirx.any(allow_split == 0, last_cta)
+                    whole = tirx.any(pack, last_cta)
                     take = let("take", tirx.if_then_else(whole, length - s[7], tirx.min(length - s[7], tirx.max(quota - s[3] - WORK_OVERHEAD, MIN_PIECE))))
                     emit(b, s[7], s[7] + take)
                     store(s, s[3] + take + WORK_OVERHEAD, 3)
                     store(s, s[7] + take, 7)
                     store(s, 0, 8)
-                    with when(tirx.all(s[3] >= quota, s[2] < num_ctas - 1)):
+                    with when(tirx.all(s[3] >= quota, s[2] < num_ctas - 1, tirx.any(allow_split == 0, pack == 0))):
                         store(cta_indptr, s[4], s[2] + 1)
                         store(s, s[2] + 1, 2)
                         store(s, 0, 3)
