@@ -57,8 +57,18 @@ def page_table(lens, rng):
     return indptr, indices, last
 
 
-def median_ms(fn_time):
-    return float(np.median(fn_time))
+def time_torch(torch, fn, repeat: int) -> float:
+    """Median milliseconds of ``fn`` with CUDA events, after one warm-up call."""
+    fn()
+    ev = [torch.cuda.Event(enable_timing=True) for _ in range(2)]
+    times = []
+    for _ in range(repeat):
+        ev[0].record()
+        fn()
+        ev[1].record()
+        torch.cuda.synchronize()
+        times.append(ev[0].elapsed_time(ev[1]))
+    return float(np.median(times))
 
 
 def time_tvm(mod, name, dev, args, number=20, repeat=15):
@@ -86,18 +96,9 @@ def main(small: bool = False, out: str | None = None) -> list[dict]:
     if torch:
         x = torch.empty(2 * 1024**3 if not small else 2**26, dtype=torch.float16, device="cuda").uniform_()
         y = torch.empty_like(x)
-        ev = [torch.cuda.Event(enable_timing=True) for _ in range(2)]
         for name, fn, nbytes in [("read_TBps", lambda: x.sum(), x.numel() * 2),
                                  ("copy_TBps_rw", lambda: y.copy_(x), x.numel() * 4)]:
-            fn()
-            times = []
-            for _ in range(10):
-                ev[0].record()
-                fn()
-                ev[1].record()
-                torch.cuda.synchronize()
-                times.append(ev[0].elapsed_time(ev[1]))
-            ceilings[name] = nbytes / (np.median(times) * 1e-3) / 1e12
+            ceilings[name] = nbytes / (time_torch(torch, fn, 10) * 1e-3) / 1e12
         del x, y
     read_ceiling = ceilings.get("read_TBps")
     builtin = tvm.runtime.load_module(str(cache_dir / "tvm_builtin_decode.so")) if (cache_dir / "tvm_builtin_decode.so").exists() else None
@@ -170,16 +171,7 @@ def main(small: bool = False, out: str | None = None) -> list[dict]:
             k = torch.randn(len(lens), hkv, L, D, device="cuda", dtype=torch.float16)
             v = torch.randn_like(k)
             f = lambda: torch.nn.functional.scaled_dot_product_attention(qt, k, v, enable_gqa=hkv != hq)  # noqa: E731
-            f()
-            ev = [torch.cuda.Event(enable_timing=True) for _ in range(2)]
-            times = []
-            for _ in range(20):
-                ev[0].record()
-                f()
-                ev[1].record()
-                torch.cuda.synchronize()
-                times.append(ev[0].elapsed_time(ev[1]))
-            add(workload, "torch_sdpa_contiguous", float(np.median(times)), nbytes)
+            add(workload, "torch_sdpa_contiguous", time_torch(torch, f, 20), nbytes)
             del k, v
         del cache_d, cache_t
 

@@ -149,8 +149,12 @@ def key_from_spec(spec: dict) -> AttentionKey | MergeKey:
     if fmt not in formats:
         raise ValueError(f"kv.format: must be one of {list(formats)}, got {fmt!r}")
     variant = variant_from_spec(spec.pop("variant", None))
-    return AttentionKey(
-        spec.pop("kind"), formats[fmt](**kv), spec.pop("num_qo_heads"), spec.pop("num_kv_heads"),
-        spec.pop("head_dim"), spec.pop("q_dtype", "float16"), spec.pop("kv_dtype", spec.get("q_dtype", "float16")),
-        variant, target, **({"schedule": spec.pop("schedule")} if "schedule" in spec else {}),
-    )
+    kind, hq, hkv, d = spec.pop("kind"), spec.pop("num_qo_heads"), spec.pop("num_kv_heads"), spec.pop("head_dim")
+    q_dtype = spec.pop("q_dtype", "float16")
+    kv_dtype = spec.pop("kv_dtype", q_dtype)
+    schedule = spec.pop("schedule", None)
+    if schedule is None and target.startswith("cuda") and kind == "decode":
+        from .schedule.decode import decode_schedule
+
+        schedule = decode_schedule(d, kv_dtype, hq // max(hkv, 1), variant)
+    return AttentionKey(kind, formats[fmt](**kv), hq, hkv, d, q_dtype, kv_dtype, variant, target, schedule or "default")
