@@ -86,6 +86,14 @@ def paged_problems(draw, prefill: bool):
     )
 
 
+def run_and_check(w, q, data, args, ref, dtype, what):
+    """Run a planned wrapper (with the LSE when its variant has one) and compare with ``ref() -> (o, lse)``."""
+    use_lse = w.kernel_key.variant.use_softmax
+    res = w.run(q, *data, return_lse=use_lse, **args)
+    o, lse = res if use_lse else (res, None)
+    assert_attention_close(o, lse, *ref(), dtype, what)
+
+
 @SETTINGS
 @given(paged_problems(prefill=False))
 def test_batch_decode_paged(p):
@@ -98,11 +106,8 @@ def test_batch_decode_paged(p):
     variant, args, ref_args = make_variant(p["variant"], rng, p["q_lens"], p["kv_lens"])
     w = ta.BatchDecodeWithPagedKVCacheWrapper(layout)
     w.plan(indptr, indices, last, Hq, Hk, D, S, variant=variant, q_data_type=dtype)
-    use_lse = w.kernel_key.variant.use_softmax
-    res = w.run(q, cache, return_lse=use_lse, **args)
-    o, lse = res if use_lse else (res, None)
-    ref_o, ref_lse = R.paged_attention(q, None, cache, indptr, indices, last, layout, variant=variant, params=ref_args)
-    assert_attention_close(o, lse, ref_o, ref_lse, dtype, str(p))
+    ref = lambda: R.paged_attention(q, None, cache, indptr, indices, last, layout, variant=variant, params=ref_args)  # noqa: E731
+    run_and_check(w, q, (cache,), args, ref, dtype, str(p))
 
 
 @SETTINGS
@@ -117,13 +122,10 @@ def test_batch_prefill_paged(p):
     variant, args, ref_args = make_variant(p["variant"], rng, p["q_lens"], p["kv_lens"])
     w = ta.BatchPrefillWithPagedKVCacheWrapper(layout)
     w.plan(qo_indptr, indptr, indices, last, Hq, Hk, D, S, causal=p["causal"], variant=variant, q_data_type=dtype)
-    use_lse = w.kernel_key.variant.use_softmax
-    res = w.run(q, cache, return_lse=use_lse, **args)
-    o, lse = res if use_lse else (res, None)
-    ref_o, ref_lse = R.paged_attention(
+    ref = lambda: R.paged_attention(  # noqa: E731
         q, qo_indptr, cache, indptr, indices, last, layout, variant=variant, causal=p["causal"], params=ref_args
     )
-    assert_attention_close(o, lse, ref_o, ref_lse, dtype, str(p))
+    run_and_check(w, q, (cache,), args, ref, dtype, str(p))
 
 
 @SETTINGS
@@ -139,13 +141,10 @@ def test_batch_prefill_ragged(p):
     variant, args, ref_args = make_variant(p["variant"], rng, p["q_lens"], p["kv_lens"])
     w = ta.BatchPrefillWithRaggedKVCacheWrapper(layout)
     w.plan(qo_indptr, kv_indptr, Hq, Hk, D, causal=p["causal"], variant=variant, q_data_type=dtype)
-    use_lse = w.kernel_key.variant.use_softmax
-    res = w.run(q, k, v, return_lse=use_lse, **args)
-    o, lse = res if use_lse else (res, None)
-    ref_o, ref_lse = R.ragged_attention(
+    ref = lambda: R.ragged_attention(  # noqa: E731
         q, qo_indptr, k, v, kv_indptr, layout, variant=variant, causal=p["causal"], params=ref_args
     )
-    assert_attention_close(o, lse, ref_o, ref_lse, dtype, str(p))
+    run_and_check(w, q, (k, v), args, ref, dtype, str(p))
 
 
 @SETTINGS

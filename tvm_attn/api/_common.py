@@ -113,16 +113,29 @@ def check_tensor(name: str, x, shape: tuple, dtype: str) -> None:
         raise ValueError(f"{name}: expected dtype {dtype}, got {dtype_of(x)}")
 
 
-def pack_variant_args(key: AttentionKey, given: dict, device) -> list:
-    """The variant's extra arguments in kernel order, from ``run``'s keywords and the defaults."""
+def default_tensors(key: AttentionKey, device) -> dict:
+    """The variant's default tensors (e.g. ALiBi's standard slopes), made and uploaded once per plan."""
+    dims = {"num_qo_heads": key.num_qo_heads, "num_kv_heads": key.num_kv_heads, "head_dim": key.head_dim}
+    return {
+        p.name: to_tvm(np.asarray(p.default(**dims), dtype=dtypes.to_numpy_dtype(p.dtype)), device, p.name)
+        for p in key.extra_params() if isinstance(p, TensorParam) and p.default is not None
+    }
+
+
+def pack_variant_args(key: AttentionKey, given: dict, device, defaults: dict | None = None) -> list:
+    """The variant's extra arguments in kernel order, from ``run``'s keywords and the defaults
+    (``defaults``: the :func:`default_tensors` of the plan)."""
     given = dict(given)
     dims = {"num_qo_heads": key.num_qo_heads, "num_kv_heads": key.num_kv_heads, "head_dim": key.head_dim}
+    defaults = defaults if defaults is not None else default_tensors(key, device)
     values, args = {}, []
     for p in key.extra_params():
         if p.name in given:
             value = given.pop(p.name)
+        elif p.name in defaults:
+            value = defaults[p.name]
         elif p.default is not None:
-            value = p.default(**dims) if isinstance(p, TensorParam) else p.default
+            value = p.default
         else:
             raise TypeError(f"run: missing argument {p.name!r}, which the variant {key.variant!r} needs")
         if isinstance(p, ScalarParam):
@@ -166,10 +179,13 @@ class KernelCall:
     merge_fn: object = None
     merge_args: tuple = ()
 
+    def __post_init__(self):
+        self.defaults = default_tensors(self.key, self.device)
+
     def launch_args(self, q, data_args, variant_args, out=None, lse=None):
         """The kernel's and the merge kernel's argument lists (for timing them in isolation)."""
         key = self.key
-        extra = pack_variant_args(key, variant_args, self.device)
+        extra = pack_variant_args(key, variant_args, self.device, self.defaults)
         o_shape = (self.num_q_rows, key.num_qo_heads, key.head_dim)
         o_t = _out_tensor("out", out, o_shape, key.o_dtype, self.device)
         lse_t = _out_tensor("lse", lse, o_shape[:2], "float32", self.device)
