@@ -79,6 +79,8 @@ def time_tvm(mod, name, dev, args, number=20, repeat=15):
 def main(small: bool = False, out: str | None = None) -> list[dict]:
     import tvm
 
+    from tvm_attn.planner import WORK_OVERHEAD
+
     import tvm_attn as ta
     from tvm_attn import reference as R
     from tvm_attn.cuda_runtime import ensure_cuda
@@ -181,18 +183,19 @@ def main(small: bool = False, out: str | None = None) -> list[dict]:
         indptr, indices, last = page_table(lens, rng)
         w = ta.BatchDecodeWithPagedKVCacheWrapper("NHD", device="cuda", max_batch_size=256)
         w.plan(indptr, indices, last, HQ, HKV, D, PAGE)
-        planner = w._cache.module(w.kernel_key)["tvm_attn_plan_decode"]
+        planner = w._cache.module(w.kernel_key)["tvm_attn_plan"]
         ts, tp = [], []
-        bufs = w._buffers
+        bufs = w._dev_plan.buffers
         cpu = tvm.cpu()
+        qp = tvm.runtime.tensor(np.arange(b + 1, dtype=np.int32), cpu)
         ip, lp = tvm.runtime.tensor(indptr, cpu), tvm.runtime.tensor(last, cpu)
         for _ in range(200):
             t0 = time.perf_counter()
             w.plan(indptr, indices, last, HQ, HKV, D, PAGE)
             ts.append(time.perf_counter() - t0)
             t0 = time.perf_counter()
-            planner(ip, lp, bufs.host_work, bufs.host_cta, bufs.host_merge, bufs.host_stats, bufs.ws.max_partials,
-                    PAGE, 1)
+            planner(qp, ip, lp, bufs.host_work, bufs.host_cta, bufs.host_merge, bufs.host_stats,
+                    bufs.ws.max_partials, PAGE, 1, 1, 1, 0, WORK_OVERHEAD)
             tp.append(time.perf_counter() - t0)
         plan_times[f"batch{b}"] = {"wrapper_plan_us": round(float(np.median(ts)) * 1e6, 1),
                                    "planner_call_us": round(float(np.median(tp)) * 1e6, 1)}

@@ -1,9 +1,10 @@
 """Build, on this (compiler) machine, every CUDA kernel the GPU host needs: the gpu test tier's and
-the benchmark's, plus TVM's built-in decode kernel as the baseline. Also checks each kernel's
-ptxas report (no spills) and SASS (LDG.E.128, no local memory) when nvcc/cuobjdump are here.
+the benchmarks', plus TVM's built-in decode and prefill kernels as baselines. Also records each
+kernel's ptxas report (spills) and SASS (LDG.E.128 / LDGSTS, LDSM, HMMA, local memory) when
+nvcc/cuobjdump are here.
 
 Usage: python scripts/build_gpu_kernels.py [--out .kernels] [--arch sm_90a] [--small]
-Writes: <out>/*.so + cubin/ (precompiled), <out>/tvm_builtin_decode.so, <out>/kernel_report.json
+Writes: <out>/*.so + cubin/ (precompiled), <out>/tvm_builtin_{decode,prefill}.so, <out>/kernel_report.json
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ def sass_counts(cubin: bytes) -> dict | None:
         f.write(cubin)
         f.flush()
         text = subprocess.run([exe, "--dump-sass", f.name], capture_output=True, text=True).stdout
-    ops = ["LDG.E.128", "LDGSTS", "SHFL.BFLY", "MUFU.EX2", "LDL", "STL", "HMMA"]
+    ops = ["LDG.E.128", "LDGSTS", "LDSM", "SHFL.BFLY", "MUFU.EX2", "LDL", "STL", "HMMA"]
     return {op: len(re.findall(r"\b" + re.escape(op) + r"\b", text)) for op in ops}
 
 
@@ -62,13 +63,23 @@ def build_builtin(out: Path, arch: str) -> None:
         mods[f"builtin_decode_h{hq}x{hkv}"] = f.with_attr("global_symbol", f"builtin_decode_h{hq}x{hkv}")
     ex = tvm.compile(tvm.IRModule(mods), target=target)
     ex.export_library(str(out / "tvm_builtin_decode.so"))
+    from tvm.relax.frontend.nn.llm._prefill_kernels import _attention_prefill, _attention_prefill_ragged
+
     from tvm_attn.build import cuda_source
     from tvm_attn.cuda_runtime import precompile
 
     precompile(cuda_source(ex), arch, out / "cubin")
+    prefill = {
+        "builtin_prefill_paged_h32x8": _attention_prefill(8, 32, 128, "float16", False, {}, target, page_size=16),
+        "builtin_prefill_ragged_h32x8": _attention_prefill_ragged(8, 32, 128, 128, "float16", {}, target),
+    }
+    ex = tvm.compile(tvm.IRModule({n: f.with_attr("global_symbol", n) for n, f in prefill.items()}), target=target)
+    ex.export_library(str(out / "tvm_builtin_prefill.so"))
+    precompile(cuda_source(ex), arch, out / "cubin")
 
 
 def main(small: bool = False, out: str | None = None, arch: str = "sm_90a") -> list[dict]:
+    from tests.gpu import prefill_cases
     from tests.gpu.cases import CASES, case_id, key_of
     from tvm_attn.build import compile_key, cuda_source
     from tvm_attn.cache import KernelCache
@@ -79,9 +90,20 @@ def main(small: bool = False, out: str | None = None, arch: str = "sm_90a") -> l
     cases = CASES[:2] if small else CASES
     keys = [key_of(c, target) for c in cases]
     bench = [key_of({**CASES[0], "heads": (32, 32)}, target)]
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_prefill", ROOT / "scripts" / "bench_prefill.py")
+    bench_prefill = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_prefill)
+    prefill = {k.uri: k for k in prefill_cases.build_keys(target) + bench_prefill.kernel_keys(target)}
+    prefill = list(prefill.values())
+    if small:
+        prefill = prefill[:1]
+    cases = cases + [None] * len(bench) + [None] * len(prefill)
+    keys = keys + bench + prefill
     cache = KernelCache(out_dir) if not small else None
     rows = []
-    for c, key in zip(cases + [None] * len(bench), keys + bench):
+    for c, key in zip(cases, keys):
         t0 = time.perf_counter()
         if small:  # generate + compile only; no files
             ex = compile_key(key)
@@ -89,7 +111,7 @@ def main(small: bool = False, out: str | None = None, arch: str = "sm_90a") -> l
         else:
             cache.build(key)
             src = None
-        row = {"case": case_id(c) if c else "bench", "uri": key.uri, "build_s": round(time.perf_counter() - t0, 2)}
+        row = {"case": case_id(c) if c else key.kind, "uri": key.uri, "build_s": round(time.perf_counter() - t0, 2)}
         if find_nvcc() and (small or True):
             src = src or cuda_source(compile_key(key))
             cubin, log = nvcc_compile(src, arch)

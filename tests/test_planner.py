@@ -14,16 +14,26 @@ def planner():
     return register_global_planner()
 
 
-def run_plan(planner, kv_lens, page_size, num_ctas, max_works, max_batch, max_partials, split=1):
+def page_table(kv_lens, page_size):
     pages = [(n + page_size - 1) // page_size for n in kv_lens]
     indptr = np.cumsum([0] + pages).astype(np.int32)
     last = np.array([n - (p - 1) * page_size if p else 0 for n, p in zip(kv_lens, pages)], np.int32)
-    work = tvm.runtime.tensor(np.full((4, max_works), 7, np.int32))
+    return indptr, last
+
+
+def run_plan(planner, kv_lens, page_size, num_ctas, max_works, max_batch, max_partials, split=1, qo_lens=None,
+             group=1, tile_q=1, causal=0, overhead=WORK_OVERHEAD):
+    """Decode by default (one query row per request); prefill with ``qo_lens``. ``max_batch`` sizes
+    merge_indptr (max packed rows)."""
+    indptr, last = page_table(kv_lens, page_size)
+    qo_lens = [1] * len(kv_lens) if qo_lens is None else qo_lens
+    qo_indptr = np.cumsum([0] + list(qo_lens)).astype(np.int32)
+    work = tvm.runtime.tensor(np.full((6, max_works), 7, np.int32))
     cta = tvm.runtime.tensor(np.full(num_ctas + 1, 7, np.int32))
     merge = tvm.runtime.tensor(np.full(max_batch + 1, 7, np.int32))
     stats = tvm.runtime.tensor(np.zeros(4, np.int32))
-    planner(tvm.runtime.tensor(indptr), tvm.runtime.tensor(last), work, cta, merge, stats, max_partials, page_size,
-            split)
+    planner(tvm.runtime.tensor(qo_indptr), tvm.runtime.tensor(indptr), tvm.runtime.tensor(last), work, cta, merge,
+            stats, max_partials, page_size, split, group, tile_q, causal, overhead)
     return work.numpy(), cta.numpy(), merge.numpy(), stats.numpy()
 
 
@@ -44,7 +54,8 @@ def test_plan_covers_every_key_once_and_balances(planner, kv_lens, page_size, nu
     for c in range(num_ctas):
         load = 0
         for w in range(cta[c], cta[c + 1]):
-            req, begin, end, out_row = work[:, w]
+            req, begin, end, out_row, row0, stride = work[:, w]
+            assert row0 == 0 and stride == (0 if out_row < 0 else stride)
             seen[req].append((begin, end, out_row))
             load += end - begin + WORK_OVERHEAD
         loads.append(load)
@@ -107,3 +118,50 @@ def test_workspace_size_function():
     big = decode_workspace_size(256, 32, 8, 128)
     assert 0 < small < big
     assert big >= 256 * 32 * 129 * 4  # partial states of a fully split batch
+
+
+@settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@given(st.lists(st.tuples(st.integers(0, 300), st.integers(0, 3000)), min_size=1, max_size=12),
+       st.sampled_from([1, 4, 6]), st.sampled_from([16, 64, 128]), st.integers(1, 40), st.booleans(), st.booleans())
+def test_prefill_plan_covers_every_tile_and_row(planner, reqs, group, tile_q, num_ctas, split, causal):
+    """Prefill items are (request, query tile); each is covered once, and every packed row of a cut
+    item has one partial row per piece, laid out as merge_indptr says."""
+    qo_lens = [q for q, _ in reqs]
+    kv_lens = [max(k, q) if causal else k for q, k in reqs]  # append: kv_len >= qo_len
+    rows_total = sum(qo_lens) * group
+    items = sum(-(-q * group // tile_q) for q in qo_lens)
+    max_works = items + num_ctas
+    max_partials = 2 * num_ctas * tile_q
+    work, cta, merge, stats = run_plan(planner, kv_lens, 16, num_ctas, max_works, rows_total + 5, max_partials,
+                                       int(split), qo_lens, group, tile_q, int(causal), 32 + tile_q // 2)
+    num_works, num_partials, quota, status = stats
+    assert status == 0 and cta[-1] == num_works <= max_works
+    pieces = {}
+    for w in range(num_works):
+        req, begin, end, out_row, row0, stride = work[:, w]
+        pieces.setdefault((req, row0), []).append((begin, end, out_row, stride))
+    q_indptr = np.cumsum([0] + qo_lens)
+    expect = {}
+    for b, (q, n) in enumerate(zip(qo_lens, kv_lens)):
+        for row0 in range(0, q * group, tile_q):
+            rows = min(tile_q, q * group - row0)
+            last_tok = (row0 + rows - 1) // group
+            expect[(b, row0)] = (rows, min(n, last_tok + n - q + 1) if causal else n)
+    assert set(pieces) == set(expect)
+    used = []
+    for (b, row0), ps in pieces.items():
+        rows, extent = expect[(b, row0)]
+        ps.sort()
+        assert ps[0][0] == 0 and ps[-1][1] == extent and all(p[1] == r[0] for p, r in zip(ps, ps[1:]))
+        grow0 = q_indptr[b] * group + row0
+        if len(ps) == 1:
+            assert ps[0][2] == -1
+            assert np.all(merge[grow0 + 1: grow0 + rows + 1] == merge[grow0: grow0 + rows])
+            continue
+        for r in range(rows):
+            slots = sorted(p[2] + r * p[3] for p in ps)
+            assert slots == list(range(merge[grow0 + r], merge[grow0 + r + 1]))
+            used += slots
+    assert sorted(used) == list(range(num_partials))
+    if not split:
+        assert num_works == items

@@ -25,35 +25,41 @@ def target_of(name: str) -> tvm.target.Target:
 
 
 def generate(key: AttentionKey | MergeKey) -> tvm.IRModule:
-    """The kernel's module: ``key.uri`` and, for CUDA decode, its merge kernel and the planner."""
+    """The kernel's module: ``key.uri`` and, for CUDA, its merge kernel and the planner."""
     if isinstance(key, MergeKey):
         from .tir.merge import make_merge
 
         return tvm.IRModule({key.uri: make_merge(key)})
     if isinstance(key, PlannerKey):
-        from .tir.plan import make_decode_planner
+        from .tir.plan import make_planner
 
-        return tvm.IRModule({key.uri: make_decode_planner(key.uri)})
+        return tvm.IRModule({key.uri: make_planner(key.uri)})
     if not isinstance(key, AttentionKey):
         raise TypeError(f"no generator for {type(key).__name__}")
     if key.target.startswith("llvm"):
         from .tir.attention import make_attention
 
         return tvm.IRModule({key.uri: make_attention(key)})
+    from .planner import PLAN
+    from .tir.plan import make_planner
+
+    # the planner runs on the host, on host tensors, inside the same module as the kernels
+    planner = make_planner().with_attr("target", target_of("llvm"))
     if key.kind == "decode" and isinstance(key.kv, PagedKV):
         from .tir.decode_cuda import make_batch_decode_cuda, make_decode_merge_cuda
-        from .planner import PLAN_DECODE
-        from .tir.plan import make_decode_planner
 
         return tvm.IRModule({
-            key.uri: make_batch_decode_cuda(key),
-            key.uri + "_merge": make_decode_merge_cuda(key),
-            # the planner runs on the host, on host tensors, inside the same module
-            PLAN_DECODE: make_decode_planner().with_attr("target", target_of("llvm")),
+            key.uri: make_batch_decode_cuda(key), key.uri + "_merge": make_decode_merge_cuda(key), PLAN: planner,
+        })
+    if key.kind in ("prefill", "bsr"):
+        from .tir.prefill_cuda import make_prefill_cuda, make_prefill_merge_cuda
+
+        return tvm.IRModule({
+            key.uri: make_prefill_cuda(key), key.uri + "_merge": make_prefill_merge_cuda(key), PLAN: planner,
         })
     raise ValueError(
-        f"no CUDA kernel for {key.kind} over {type(key.kv).__name__} in this version; "
-        "CUDA has paged decode (the other forms run on the CPU)"
+        f"no CUDA kernel for {key.kind} over {type(key.kv).__name__}: CUDA has paged decode, and prefill "
+        "(paged, ragged) and block-sparse attention; decode over ragged KV runs through prefill"
     )
 
 

@@ -117,16 +117,16 @@ class MergeKey:
 
 @dataclass(frozen=True)
 class PlannerKey:
-    """The decode planner alone, as a host module (CUDA kernel modules also carry their own copy)."""
+    """The planner alone, as a host module (CUDA kernel modules also carry their own copy)."""
 
     target: str = "llvm"
 
     @property
     def uri(self) -> str:
-        return "tvm_attn_plan_decode_" + target_uri(self.target)
+        return "tvm_attn_plan_" + target_uri(self.target)
 
     def to_json(self) -> dict:
-        return {"planner": "decode", "target": self.target}
+        return {"planner": "split_kv", "target": self.target}
 
 
 def key_from_spec(spec: dict) -> AttentionKey | MergeKey:

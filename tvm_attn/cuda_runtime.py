@@ -33,12 +33,14 @@ NVCC_FLAGS = (
 _STATE: dict = {"cubin_dirs": [], "arch": None, "registered": False}
 
 
-_DECODE_BOUNDS = re.compile(r"__launch_bounds__\((\d+)\) (attn_decode_\w+_w\d+u\d+g\d+b(\d+))_kernel\(")
+_DECODE_BOUNDS = re.compile(
+    r"__launch_bounds__\((\d+)\) (attn_(?:decode_\w+_w\d+u\d+g\d+|(?:prefill|bsr)_\w+_fa2q\d+k\d+w\d+s\d+)b(\d+))_kernel\("
+)
 
 
 def prepare_source(code: str) -> str:
-    """TVM emits ``__launch_bounds__(threads)`` only; the persistent decode grid assumes the
-    ``b<N>`` resident blocks per SM of the kernel's schedule name, so each decode kernel gets that as
+    """TVM emits ``__launch_bounds__(threads)`` only; the persistent grids assume the ``b<N>``
+    resident blocks per SM of the kernel's schedule name, so each decode and prefill kernel gets that as
     its minimum (capping its registers at 65536 / (threads x N)). The cubin key stays that of TVM's
     own source."""
     return _DECODE_BOUNDS.sub(lambda m: f"__launch_bounds__({m.group(1)}, {m.group(3)}) {m.group(2)}_kernel(", code)

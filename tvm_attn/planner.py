@@ -1,21 +1,22 @@
-"""The decode planner's host side: workspace sizes, and the call of the planner kernel.
+"""The planner's host side: workspace sizes, and the call of the planner kernel.
 
-The split-KV plan itself is computed by a host TIR function compiled into the kernel's own module
-(:mod:`tvm_attn.tir.plan`), so Python and C++ callers run the same code. This module sizes the
-workspace once per wrapper (``decode_workspace_size`` tells the bytes), runs the planner on host
-tensors, and turns a failed plan into a ValueError that says which capacity was too small.
+The split-KV plan itself is computed by a host TIR function compiled into every CUDA kernel module
+(:mod:`tvm_attn.tir.plan`), so Python and C++ callers run the same code; decode and prefill share it.
+This module sizes the workspace once per wrapper (``decode_workspace_size`` and
+``prefill_workspace_size`` tell the bytes), runs the planner on host tensors, and turns a failed
+plan into a ValueError that says which capacity was too small.
 
-Workspace (all sized by ``max_batch_size``, never by a step's lengths, so the buffers and the grid
+Workspace (sized by the wrapper's maxima, never by a step's lengths, so the buffers and the grid
 stay put for CUDA graphs):
 
-* ``work_info`` int32 ``[4, max_works]``, ``cta_indptr`` int32 ``[num_ctas + 1]`` and ``merge_indptr``
-  int32 ``[max_batch_size + 1]``;
-* ``tmp_o`` float32 ``[max_partials, num_qo_heads, head_dim]`` and ``tmp_lse`` float32
-  ``[max_partials, num_qo_heads]``, the partial states of split requests.
+* ``work_info`` int32 ``[6, max_works]``, ``cta_indptr`` int32 ``[num_ctas + 1]`` and ``merge_indptr``
+  int32 ``[max_rows + 1]`` (decode: a row per request; prefill: a row per GQA-packed query row);
+* ``tmp_o`` float32 ``[max_partials, part_heads, head_dim]`` and ``tmp_lse`` float32
+  ``[max_partials, part_heads]``, the partial states of split items (decode: all query heads of a
+  request per row; prefill: one packed row, for each KV head).
 
-The grid is ``num_ctas = num_sms * blocks_per_sm / (num_kv_heads * head_splits)`` persistent CTAs;
-``max_works = max_batch_size + num_ctas`` (each CTA boundary cuts at most one request) and
-``max_partials = max_works``.
+The grid is ``num_ctas = num_sms * blocks_per_sm / (blocks per work)`` persistent CTAs; every CTA
+boundary cuts at most one item, so ``max_works = max_items + num_ctas``.
 """
 
 from __future__ import annotations
@@ -27,45 +28,62 @@ import tvm
 
 from .schedule.decode import DecodeTiles
 
-#: name of the planner function inside every CUDA decode module (see tvm_attn.tir.plan)
-PLAN_DECODE = "tvm_attn_plan_decode"
+#: name of the planner function inside every CUDA kernel module (see tvm_attn.tir.plan)
+PLAN = "tvm_attn_plan"
 #: the planner's failure codes -> the capacity that was too small
-STATUS = {1: "max_works", 2: "max_partials", 3: "max_batch_size"}
+STATUS = {1: "max_works", 2: "max_partials", 3: "max_rows"}
 
-#: cost of a work beyond its keys (loading q, merging key groups, storing), in keys: ~ one unrolled step
+#: decode: cost of a work beyond its keys (loading q, merging key groups, storing), in keys: ~ one unrolled step
 WORK_OVERHEAD = 32
-#: whole requests are packed (no cuts) when every CTA stays within quota * (1 + 1/PACK_SLACK_DIV)
+#: whole items are packed (no cuts) when every CTA stays within quota * (1 + 1/PACK_SLACK_DIV)
 PACK_SLACK_DIV = 10
 #: the shortest piece cut to fill a CTA's last room (a CTA then exceeds its quota by at most this)
 MIN_PIECE = 16
 
 
+def prefill_work_overhead(tile_q: int) -> int:
+    """Prefill: a work's cost beyond its keys, in keys: loading the query tile and writing the
+    output cost about as much as half a key per query row (alpha / beta of the paper's model)."""
+    return 32 + tile_q // 2
+
+
 @dataclass(frozen=True)
-class DecodeWorkspace:
-    max_batch_size: int
+class Workspace:
+    max_rows: int
     num_ctas: int
     max_works: int
     max_partials: int
-    num_qo_heads: int
+    part_heads: int
     head_dim: int
 
     @property
     def int_bytes(self) -> int:
-        return 4 * (4 * self.max_works + self.num_ctas + 1 + self.max_batch_size + 1)
+        return 4 * (6 * self.max_works + self.num_ctas + 1 + self.max_rows + 1)
 
     @property
     def float_bytes(self) -> int:
-        return 4 * self.max_partials * self.num_qo_heads * (self.head_dim + 1)
+        return 4 * self.max_partials * self.part_heads * (self.head_dim + 1)
 
 
 def decode_workspace(max_batch_size: int, num_qo_heads: int, num_kv_heads: int, head_dim: int,
-                     tiles: DecodeTiles, num_sms: int) -> DecodeWorkspace:
-    """Grid and buffer sizes. Every CTA boundary cuts at most one request, so a plan has at most
-    ``batch + num_ctas`` works and as many partial rows."""
+                     tiles: DecodeTiles, num_sms: int) -> Workspace:
+    """Decode: one item per request; a partial row holds all query heads of a request."""
     head_splits = (num_qo_heads // num_kv_heads) // tiles.heads_per_block
     num_ctas = max(1, num_sms * tiles.blocks_per_sm // (num_kv_heads * head_splits))
     max_works = max_batch_size + num_ctas
-    return DecodeWorkspace(max_batch_size, num_ctas, max_works, max_works, num_qo_heads, head_dim)
+    return Workspace(max_batch_size, num_ctas, max_works, max_works, num_qo_heads, head_dim)
+
+
+def prefill_workspace(max_num_tokens: int, max_batch_size: int, num_qo_heads: int, num_kv_heads: int,
+                      head_dim: int, tiles, num_sms: int) -> Workspace:
+    """Prefill: an item per query tile of ``tiles.tile_q`` packed rows. A cut item of ``n`` pieces
+    has ``n`` partial rows per packed row, and the pieces of all cut items number at most twice the
+    CTA boundaries, so ``max_partials = 2 * num_ctas * tile_q``."""
+    group = num_qo_heads // num_kv_heads
+    num_ctas = max(1, num_sms * tiles.blocks_per_sm // num_kv_heads)
+    max_rows = max_num_tokens * group
+    max_items = -(-max_rows // tiles.tile_q) + max_batch_size
+    return Workspace(max_rows, num_ctas, max_items + num_ctas, 2 * num_ctas * tiles.tile_q, num_kv_heads, head_dim)
 
 
 def decode_workspace_size(max_batch_size: int, num_qo_heads: int, num_kv_heads: int, head_dim: int,
@@ -78,51 +96,68 @@ def decode_workspace_size(max_batch_size: int, num_qo_heads: int, num_kv_heads: 
     return ws.int_bytes + ws.float_bytes
 
 
-class DecodePlanBuffers:
+def prefill_workspace_size(max_num_tokens: int, max_batch_size: int, num_qo_heads: int, num_kv_heads: int,
+                           head_dim: int, num_sms: int = 132) -> int:
+    """Bytes of device workspace a CUDA prefill wrapper needs, with the largest query tile."""
+    from .schedule.prefill import choose_prefill_tiles
+
+    tiles = choose_prefill_tiles(head_dim)
+    ws = prefill_workspace(max_num_tokens, max_batch_size, num_qo_heads, num_kv_heads, head_dim, tiles, num_sms)
+    return ws.int_bytes + ws.float_bytes
+
+
+class PlanBuffers:
     """Host and device buffers of one wrapper's plan, allocated once."""
 
-    def __init__(self, ws: DecodeWorkspace, device):
+    def __init__(self, ws: Workspace, device):
         cpu = tvm.cpu()
         self.ws = ws
-        self.host_work = tvm.runtime.empty((4, ws.max_works), "int32", cpu)
+        self.host_work = tvm.runtime.empty((6, ws.max_works), "int32", cpu)
         self.host_cta = tvm.runtime.empty((ws.num_ctas + 1,), "int32", cpu)
-        self.host_merge = tvm.runtime.empty((ws.max_batch_size + 1,), "int32", cpu)
+        self.host_merge = tvm.runtime.empty((ws.max_rows + 1,), "int32", cpu)
         self.host_stats = tvm.runtime.empty((4,), "int32", cpu)
-        self.work_info = tvm.runtime.empty((4, ws.max_works), "int32", device)
+        self.work_info = tvm.runtime.empty((6, ws.max_works), "int32", device)
         self.cta_indptr = tvm.runtime.empty((ws.num_ctas + 1,), "int32", device)
-        self.merge_indptr = tvm.runtime.empty((ws.max_batch_size + 1,), "int32", device)
-        self.tmp_o = tvm.runtime.empty((ws.max_partials, ws.num_qo_heads, ws.head_dim), "float32", device)
-        self.tmp_lse = tvm.runtime.empty((ws.max_partials, ws.num_qo_heads), "float32", device)
+        self.merge_indptr = tvm.runtime.empty((ws.max_rows + 1,), "int32", device)
+        self.tmp_o = tvm.runtime.empty((ws.max_partials, ws.part_heads, ws.head_dim), "float32", device)
+        self.tmp_lse = tvm.runtime.empty((ws.max_partials, ws.part_heads), "float32", device)
+        self.num_partials = 0
 
-    def plan(self, planner, kv_indptr: np.ndarray, last_page_len: np.ndarray, page_size: int, allow_split: bool):
+    def plan(self, planner, qo_indptr: np.ndarray, kv_indptr: np.ndarray, last_page_len: np.ndarray,
+             page_size: int, allow_split: bool, group_size: int = 1, tile_q: int = 1, causal: bool = False,
+             work_overhead: int = WORK_OVERHEAD):
         """Run the planner on host arrays and upload the result; returns (num_works, num_partials, quota)."""
         cpu = tvm.cpu()
         planner(
-            tvm.runtime.tensor(kv_indptr, cpu), tvm.runtime.tensor(last_page_len, cpu), self.host_work,
-            self.host_cta, self.host_merge, self.host_stats, self.ws.max_partials, page_size, int(allow_split),
+            tvm.runtime.tensor(qo_indptr, cpu), tvm.runtime.tensor(kv_indptr, cpu),
+            tvm.runtime.tensor(last_page_len, cpu), self.host_work, self.host_cta, self.host_merge,
+            self.host_stats, self.ws.max_partials, page_size, int(allow_split), group_size, tile_q,
+            int(causal), work_overhead,
         )
         num_works, num_partials, quota, status = (int(x) for x in self.host_stats.numpy())
         if status:
             what = STATUS[status]
             raise ValueError(
                 f"plan: the workspace is too small ({what}): the batch has {len(kv_indptr) - 1} requests and "
-                f"needs {num_works} works / {num_partials} partial rows, but the wrapper was sized for "
-                f"max_batch_size={self.ws.max_batch_size}, max_works={self.ws.max_works}, "
-                f"max_partials={self.ws.max_partials}; create the wrapper with a larger max_batch_size"
+                f"needs {num_works} works / {num_partials} partial rows / {int(qo_indptr[-1]) * group_size} "
+                f"rows, but the wrapper was sized for max_rows={self.ws.max_rows}, "
+                f"max_works={self.ws.max_works}, max_partials={self.ws.max_partials}; create the wrapper "
+                "with larger maxima"
             )
         self.work_info.copyfrom(self.host_work)
         self.cta_indptr.copyfrom(self.host_cta)
         self.merge_indptr.copyfrom(self.host_merge)
+        self.num_partials = num_partials
         return num_works, num_partials, quota
 
 
-GLOBAL_NAME = "tvm_attn.plan_decode"
+GLOBAL_NAME = "tvm_attn.plan"
 
 
 def register_global_planner(cache=None):
-    """Register the planner as the global packed function ``tvm_attn.plan_decode`` (same arguments as
-    :func:`tvm_attn.tir.plan.make_decode_planner`); returns it. C++ callers of an exported kernel
-    module can equally call its ``tvm_attn_plan_decode`` function."""
+    """Register the planner as the global packed function ``tvm_attn.plan`` (same arguments as
+    :func:`tvm_attn.tir.plan.make_planner`); returns it. C++ callers of an exported kernel
+    module can equally call its ``tvm_attn_plan`` function."""
     import tvm_ffi
 
     from .cache import get_cache
@@ -134,4 +169,5 @@ def register_global_planner(cache=None):
     return fn
 
 
-__all__ = ["register_global_planner", "GLOBAL_NAME", "DecodeWorkspace", "decode_workspace", "decode_workspace_size", "DecodePlanBuffers", "PLAN_DECODE"]
+__all__ = ["register_global_planner", "GLOBAL_NAME", "Workspace", "decode_workspace", "decode_workspace_size",
+           "prefill_workspace", "prefill_workspace_size", "PlanBuffers", "PLAN"]

@@ -264,6 +264,52 @@ class Wrapper:
         )
 
 
+class DevicePlan:
+    """The CUDA side of a wrapper's plan: the planner's workspace (allocated once for the wrapper's
+    maxima) and device copies of the index arrays, in buffers that only grow. With CUDA graphs every
+    buffer is sized once, so a plan allocates nothing and the captured pointers stay valid."""
+
+    def __init__(self, device, graph: bool):
+        self.device, self.graph = device, graph
+        self.buffers = None
+        self._ws_id = None
+        self._index: dict[int, tvm.runtime.Tensor] = {}
+
+    def workspace(self, ws_id: tuple, need: tuple, make):
+        """The plan buffers of workspace kind ``ws_id`` with room for ``need`` (a tuple of maxima,
+        e.g. (tokens, requests)); ``make(size)`` builds the :class:`~tvm_attn.planner.Workspace`.
+        Rebuilt, at the element-wise maximum of the old and new needs, only when the kind changes or
+        a need grows."""
+        from ..planner import PlanBuffers
+
+        same = self.buffers is not None and self._ws_id == ws_id
+        if same and all(n <= h for n, h in zip(need, self._size)):
+            return self.buffers
+        if self.graph and self.buffers is not None:
+            raise ValueError(
+                f"use_cuda_graph: this plan needs room for {need} (workspace {ws_id}), beyond the "
+                f"wrapper's fixed {self._size} ({self._ws_id}); size the wrapper for the largest step"
+            )
+        size = tuple(max(n, h) for n, h in zip(need, self._size)) if same else tuple(need)
+        self.buffers = PlanBuffers(make(*size), self.device)
+        self._ws_id, self._size = ws_id, size
+        return self.buffers
+
+    def upload(self, slot: int, host: np.ndarray):
+        buf = self._index.get(slot)
+        if buf is None or buf.shape[0] < max(host.size, 1):
+            if self.graph and buf is not None:
+                raise ValueError(f"use_cuda_graph: index array {slot} grew past its first size "
+                                 f"({buf.shape[0]} < {host.size}); size the wrapper's maxima for the largest step")
+            capacity = max(host.size, 1) if self.graph else max(2 * host.size, 64)
+            buf = tvm.runtime.empty((capacity,), "int32", self.device)
+            self._index[slot] = buf
+        view = buf if buf.shape[0] == host.size else buf._create_view((host.size,))
+        if host.size:
+            view.copyfrom(host)
+        return view
+
+
 def data_dtypes(q_data_type, kv_data_type) -> tuple[str, str]:
     q = dtypes.check_data_dtype("q_data_type", q_data_type)
     kv = dtypes.check_data_dtype("kv_data_type", kv_data_type if kv_data_type is not None else q)
@@ -297,6 +343,13 @@ def run_single(
     key = AttentionKey(kind, fmt, num_qo_heads, num_kv_heads, head_dim, q_dtype, kv_dtype, var, target)
     check_tensor("k", k, k_shape[:2] + (head_dim,), kv_dtype)
     check_tensor("v", v, k_shape[:2] + (head_dim,), kv_dtype)
+    if target != "llvm":  # CUDA: the ragged prefill kernel, with its plan (decode is a one-row prefill)
+        from .prefill import BatchPrefillWithRaggedKVCacheWrapper
+
+        w = BatchPrefillWithRaggedKVCacheWrapper(kv_layout, device=dev, cache=cache)
+        w.plan(np.asarray([0, qo_len], np.int32), np.asarray([0, kv_len], np.int32), num_qo_heads, num_kv_heads,
+               head_dim, variant=var, q_data_type=q_dtype, kv_data_type=kv_dtype, sm_scale=sm_scale)
+        return w.run(q, k, v, return_lse=return_lse, **variant_args)
     indptr = lambda n: tvm.runtime.tensor(np.asarray([0, n], np.int32), dev)  # noqa: E731
     qo_args = (indptr(qo_len),) if kind == "prefill" else ()
     call = KernelCall(

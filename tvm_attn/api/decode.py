@@ -12,7 +12,7 @@ from ..config import AttentionKey
 from ..kv.formats import PagedKV
 from ..tensor import shape_of
 from ._common import (
-    KernelCall, Wrapper, check_tensor, data_dtypes, default_sm_scale, flashinfer_variant, reshape, run_single,
+    DevicePlan, KernelCall, Wrapper, check_tensor, data_dtypes, default_sm_scale, flashinfer_variant, reshape, run_single,
 )
 
 
@@ -49,10 +49,7 @@ class BatchDecodeWithPagedKVCacheWrapper(Wrapper):
         self._max_batch = int(max_batch_size) if max_batch_size else None
         self._max_pages = int(max_num_pages) if max_num_pages else None
         self._allow_split = not disable_split_kv
-        self._buffers = None
-        self._ws_schedule = None
-        self._index_dev = None
-        self._index_buffers: dict[int, tvm.runtime.Tensor] = {}
+        self._dev_plan = DevicePlan(self._device, self._graph) if self._target != "llvm" else None
 
     def plan(
         self, indptr, indices, last_page_len, num_qo_heads: int, num_kv_heads: int, head_dim: int,
@@ -92,7 +89,7 @@ class BatchDecodeWithPagedKVCacheWrapper(Wrapper):
             self._plan_cuda(key, sm_scale, indptr, indices[: indptr[-1]], last_page_len)
 
     def _plan_cuda(self, key, sm_scale, indptr, indices, last_page_len) -> None:
-        from ..planner import PLAN_DECODE, DecodePlanBuffers, decode_workspace
+        from ..planner import PLAN, decode_workspace
         from ..schedule.decode import DecodeTiles
 
         batch = indptr.size - 1
@@ -107,39 +104,22 @@ class BatchDecodeWithPagedKVCacheWrapper(Wrapper):
             indices = np.concatenate([indices, np.zeros(self._max_pages - indices.size, np.int32)])
             self._batch_size = self._max_batch
         capacity = self._max_batch if self._graph else max(batch, self._max_batch or 0, 1)
-        ws = self._buffers.ws if self._buffers is not None else None
-        if ws is None or ws.max_batch_size < capacity or (ws.num_qo_heads, ws.head_dim, self._ws_schedule) != (
-            key.num_qo_heads, key.head_dim, (key.num_kv_heads, key.schedule)
-        ):
-            tiles = DecodeTiles.parse(key.schedule, key.head_dim, key.kv_dtype)
-            ws = decode_workspace(capacity, key.num_qo_heads, key.num_kv_heads, key.head_dim, tiles,
-                                  self._device.multi_processor_count)
-            self._buffers = DecodePlanBuffers(ws, self._device)
-            self._ws_schedule = (key.num_kv_heads, key.schedule)
+        tiles = DecodeTiles.parse(key.schedule, key.head_dim, key.kv_dtype)
+        dp = self._dev_plan
+        bufs = dp.workspace(
+            ("decode", key.num_qo_heads, key.num_kv_heads, key.head_dim, key.schedule), (capacity,),
+            lambda rows: decode_workspace(rows, key.num_qo_heads, key.num_kv_heads, key.head_dim, tiles,
+                                          self._device.multi_processor_count),
+        )
         module = self._cache.module(key)
-        bufs = self._buffers
-        bufs.plan(module[PLAN_DECODE], indptr, last_page_len, key.kv.page_size, self._allow_split)
-        # Device copies of the page table live in buffers that only grow, so a plan allocates nothing
-        # (and, with CUDA graphs, the captured pointers stay valid).
-        self._index_dev = tuple(self._upload(i, a) for i, a in enumerate((indptr, indices, last_page_len)))
+        bufs.plan(module[PLAN], np.arange(indptr.size, dtype=np.int32), indptr, last_page_len, key.kv.page_size,
+                  self._allow_split)
+        index = tuple(dp.upload(i, a) for i, a in enumerate((indptr, indices, last_page_len)))
         self._call = KernelCall(
-            key, module[key.uri], self._device, (), self._index_dev, self._batch_size,
+            key, module[key.uri], self._device, (), index, self._batch_size,
             default_sm_scale(sm_scale, key.head_dim), workspace_args=(bufs.work_info, bufs.cta_indptr, bufs.tmp_o, bufs.tmp_lse),
             merge_fn=module[key.uri + "_merge"], merge_args=(bufs.merge_indptr, bufs.tmp_o, bufs.tmp_lse),
         )
-
-    def _upload(self, slot: int, host: np.ndarray):
-        buf = self._index_buffers.get(slot)
-        if buf is None or buf.shape[0] < max(host.size, 1):
-            if self._graph and buf is not None:
-                raise AssertionError("CUDA-graph buffers are sized once")  # sizes were checked in plan
-            capacity = max(host.size, 1) if self._graph else max(2 * host.size, 64)
-            buf = tvm.runtime.empty((capacity,), "int32", self._device)
-            self._index_buffers[slot] = buf
-        view = buf if buf.shape[0] == host.size else buf._create_view((host.size,))
-        if host.size:
-            view.copyfrom(host)
-        return view
 
     def run(self, q, paged_kv_cache, *, out=None, lse=None, return_lse: bool = False, **variant_args):
         """``q`` ``[batch_size, num_qo_heads, head_dim]`` -> ``o`` of the same shape (and ``lse`` float32

@@ -12,8 +12,111 @@ from ..config import AttentionKey
 from ..kv.formats import PagedKV, RaggedKV
 from ..kv.validate import as_index_array, check_indptr
 from ..tensor import shape_of
-from ._common import Wrapper, check_tensor, data_dtypes, flashinfer_variant, run_single
+from ._common import (
+    DevicePlan, KernelCall, Wrapper, check_tensor, data_dtypes, default_sm_scale, flashinfer_variant, run_single,
+)
 from .decode import check_paged_cache
+
+
+def is_causal(variant) -> bool:
+    """Whether the variant includes :class:`~tvm_attn.variants.Causal` (the planner then plans only
+    the keys each query tile sees)."""
+    from ..variants import Causal
+
+    return any(isinstance(p, Causal) for p in getattr(variant, "parts", (variant,)))
+
+
+class CudaPrefillPlan(Wrapper):
+    """The CUDA side of the prefill-family wrappers (prefill over paged or ragged KV, block-sparse).
+
+    ``plan`` picks the query tile from the queries' lengths, runs the planner (the same one as
+    decode, :mod:`tvm_attn.tir.plan`) over the GQA-packed query tiles, and uploads its work list;
+    ``run`` launches the kernel over the fixed grid, then the merge kernel when a tile was cut.
+
+    With ``use_cuda_graph=True`` every buffer is sized once from ``max_batch_size``,
+    ``max_num_tokens`` (query rows) and ``max_num_pages`` (or KV rows), and the query tile is fixed,
+    so a graph captured around ``run`` (with ``out`` and ``lse`` given) replays after the lengths
+    change; ``q`` then has ``max_num_tokens`` rows, and rows past the planned ones are not written.
+    ``disable_split_kv`` gives batch-invariant, deterministic results (no tile is cut).
+    """
+
+    def __init__(self, kv_layout: str = "NHD", *, device=None, cache=None, use_cuda_graph: bool = False,
+                 max_batch_size: int | None = None, max_num_tokens: int | None = None,
+                 max_num_pages: int | None = None, disable_split_kv: bool = False):
+        super().__init__(kv_layout, device=device, cache=cache)
+        self._graph = bool(use_cuda_graph)
+        if self._graph:
+            if self._target == "llvm":
+                raise ValueError("use_cuda_graph: needs a CUDA device")
+            if not (max_batch_size and max_num_tokens and max_num_pages):
+                raise ValueError("use_cuda_graph: give max_batch_size, max_num_tokens and max_num_pages "
+                                 "(the fixed buffer sizes)")
+        self._max_batch = int(max_batch_size or 0)
+        self._max_tokens = int(max_num_tokens or 0)
+        self._max_pages = int(max_num_pages or 0)
+        self._allow_split = not disable_split_kv
+        self._dev_plan = DevicePlan(self._device, self._graph) if self._target != "llvm" else None
+
+    def _cuda_key(self, key: AttentionKey, qo_indptr: np.ndarray) -> AttentionKey:
+        from dataclasses import replace
+
+        from ..schedule.prefill import prefill_schedule
+        from ..tir.prefill_cuda import check_key
+
+        check_key(key)
+        lens = np.diff(qo_indptr)
+        lens = lens[lens > 0]
+        packed = None if self._graph or not lens.size else int(lens.mean() * key.group_size)
+        return replace(key, schedule=prefill_schedule(key.head_dim, packed))
+
+    def _plan_cuda(self, key, sm_scale, qo_indptr, kv_indptr, last, page_size, order, num_q_rows, indices=None):
+        """``order``: the kernel's KV index arguments, by name: ``"kv_indptr"``, ``"last"`` (the
+        planner's arrays) and ``"indices"`` (``indices``: page or block ids, ``max_num_pages`` of them
+        under CUDA graphs)."""
+        from ..planner import PLAN, prefill_work_overhead, prefill_workspace
+        from ..schedule.prefill import PrefillTiles
+
+        key = self._cuda_key(key, qo_indptr)
+        tiles = PrefillTiles.parse(key.schedule)
+        batch = qo_indptr.size - 1
+        if self._graph:
+            if batch > self._max_batch or qo_indptr[-1] > self._max_tokens:
+                raise ValueError(
+                    f"plan: {batch} requests / {int(qo_indptr[-1])} query rows exceed the wrapper's "
+                    f"max_batch_size {self._max_batch} / max_num_tokens {self._max_tokens}"
+                )
+            pad = self._max_batch - batch  # padded requests have no rows and no keys
+            qo_indptr = np.concatenate([qo_indptr, np.full(pad, qo_indptr[-1], np.int32)])
+            kv_indptr = np.concatenate([kv_indptr, np.full(pad, kv_indptr[-1], np.int32)])
+            last = np.concatenate([last, np.zeros(pad, np.int32)])
+            if indices is not None:
+                if indices.size > self._max_pages:
+                    raise ValueError(f"plan: {indices.size} page-table entries exceed max_num_pages {self._max_pages}")
+                indices = np.concatenate([indices, np.zeros(self._max_pages - indices.size, np.int32)])
+            num_q_rows = self._max_tokens
+        need = (max(int(qo_indptr[-1]), self._max_tokens, 1), max(batch, self._max_batch, 1))
+        dp = self._dev_plan
+        bufs = dp.workspace(
+            ("prefill", key.num_qo_heads, key.num_kv_heads, key.head_dim, key.schedule), need,
+            lambda tokens, reqs: prefill_workspace(tokens, reqs, key.num_qo_heads, key.num_kv_heads, key.head_dim,
+                                                   tiles, self._device.multi_processor_count),
+        )
+        module = self._cache.module(key)
+        # a cut tile's pieces are merged without the variant's context, so output transforms plan uncut
+        split = self._allow_split and not key.variant.overrides("output_transform")
+        bufs.plan(module[PLAN], qo_indptr, kv_indptr, last, page_size, split, key.group_size, tiles.tile_q,
+                  # block-sparse steps are not positions: no causal clipping of the keys in the plan
+                  is_causal(key.variant) and key.kind == "prefill", prefill_work_overhead(tiles.tile_q))
+        qo_dev = (dp.upload(0, qo_indptr),) if key.kind == "prefill" else ()
+        arrays = {"kv_indptr": kv_indptr, "last": last, "indices": indices}
+        index = tuple(dp.upload(i + 1, arrays[name]) for i, name in enumerate(order))
+        merge = self._graph or bufs.num_partials > 0
+        self._call = KernelCall(
+            key, module[key.uri], self._device, qo_dev, index, num_q_rows, default_sm_scale(sm_scale, key.head_dim),
+            workspace_args=(bufs.work_info, bufs.cta_indptr, bufs.tmp_o, bufs.tmp_lse),
+            merge_fn=module[key.uri + "_merge"] if merge else None,
+            merge_args=(bufs.merge_indptr, bufs.tmp_o, bufs.tmp_lse),
+        )
 
 
 def _qo_indptr(qo_indptr, batch_size: int) -> np.ndarray:
@@ -27,7 +130,7 @@ def _qo_indptr(qo_indptr, batch_size: int) -> np.ndarray:
     return qo_indptr
 
 
-class BatchPrefillWithPagedKVCacheWrapper(Wrapper):
+class BatchPrefillWithPagedKVCacheWrapper(CudaPrefillPlan):
     """Batch prefill / append over a paged KV cache.
 
     Example::
@@ -56,7 +159,13 @@ class BatchPrefillWithPagedKVCacheWrapper(Wrapper):
         key = AttentionKey("prefill", fmt, num_qo_heads, num_kv_heads, head_dim, q_dtype, kv_dtype, v, self._target)
         self._total_qo = int(qo_indptr[-1])
         self._max_page = int(kv_indices[: kv_indptr[-1]].max(initial=-1))
-        self._plan_call(key, sm_scale, (qo_indptr,), (kv_indptr, kv_indices, last), self._total_qo)
+        if self._target == "llvm":
+            self._plan_call(key, sm_scale, (qo_indptr,), (kv_indptr, kv_indices, last), self._total_qo)
+            return
+        self._plan_cuda(key, sm_scale, qo_indptr, kv_indptr, last, page_size, ("kv_indptr", "indices", "last"),
+                        self._total_qo, kv_indices[: kv_indptr[-1]])
+        if self._graph:
+            self._total_qo = self._max_tokens
 
     def run(self, q, paged_kv_cache, *, out=None, lse=None, return_lse: bool = False, **variant_args):
         """``q`` ``[qo_indptr[-1], num_qo_heads, head_dim]`` -> ``o`` of the same shape (and ``lse``)."""
@@ -67,7 +176,7 @@ class BatchPrefillWithPagedKVCacheWrapper(Wrapper):
         return call(q, [("paged_kv_cache", paged_kv_cache)], variant_args, out, lse, return_lse)
 
 
-class BatchPrefillWithRaggedKVCacheWrapper(Wrapper):
+class BatchPrefillWithRaggedKVCacheWrapper(CudaPrefillPlan):
     """Batch prefill over ragged K/V: request ``b`` owns rows ``kv_indptr[b]:kv_indptr[b+1]`` of ``k``/``v``."""
 
     def plan(
@@ -85,7 +194,14 @@ class BatchPrefillWithRaggedKVCacheWrapper(Wrapper):
         )
         key = AttentionKey("prefill", fmt, num_qo_heads, num_kv_heads, head_dim, q_dtype, kv_dtype, v, self._target)
         self._total_qo, self._total_kv = int(qo_indptr[-1]), int(kv_indptr[-1])
-        self._plan_call(key, sm_scale, (qo_indptr,), (kv_indptr,), self._total_qo)
+        if self._target == "llvm":
+            self._plan_call(key, sm_scale, (qo_indptr,), (kv_indptr,), self._total_qo)
+            return
+        ones = np.ones(kv_indptr.size - 1, np.int32)  # ragged KV: pages of one row
+        self._plan_cuda(key, sm_scale, qo_indptr, kv_indptr, ones, 1, ("kv_indptr",), self._total_qo)
+        if self._graph:
+            self._total_qo = self._max_tokens
+            self._total_kv = self._max_pages  # max_num_pages counts KV rows for ragged KV
 
     def run(self, q, k, v, *, out=None, lse=None, return_lse: bool = False, **variant_args):
         """``q`` ``[qo_indptr[-1], Hq, D]``; ``k``/``v`` ``[kv_indptr[-1], Hkv, D]`` (``"HND"``: ``[Hkv, kv_indptr[-1], D]``)."""

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 from ..config import AttentionKey
 from ..kv.formats import BlockSparseKV
-from ._common import Wrapper, check_tensor, data_dtypes, flashinfer_variant
+import numpy as np
+
+from ._common import check_tensor, data_dtypes, flashinfer_variant
+from .prefill import CudaPrefillPlan
 
 
-class BlockSparseAttentionWrapper(Wrapper):
+class BlockSparseAttentionWrapper(CudaPrefillPlan):
     """Example::
 
         >>> w = BlockSparseAttentionWrapper()
@@ -20,8 +23,8 @@ class BlockSparseAttentionWrapper(Wrapper):
         >>> o = w.run(q, k, v)     # q [M, 32, 128], k/v [N, 8, 128]
     """
 
-    def __init__(self, *, device=None, cache=None):
-        super().__init__("NHD", device=device, cache=cache)
+    def __init__(self, *, device=None, cache=None, disable_split_kv: bool = False):
+        super().__init__("NHD", device=device, cache=cache, disable_split_kv=disable_split_kv)
 
     def plan(
         self, indptr, indices, M: int, N: int, R: int, C: int, num_qo_heads: int, num_kv_heads: int,
@@ -38,7 +41,14 @@ class BlockSparseAttentionWrapper(Wrapper):
         )
         key = AttentionKey("bsr", fmt, num_qo_heads, num_kv_heads, head_dim, q_dtype, kv_dtype, v, self._target)
         self._M, self._N = int(M), int(N)
-        self._plan_call(key, sm_scale, (), (indptr, indices), self._M)
+        if self._target == "llvm":
+            self._plan_call(key, sm_scale, (), (indptr, indices), self._M)
+            return
+        # on CUDA a block row is a request of R query rows whose keys are its column blocks
+        rows = np.arange(0, self._M + 1, R, dtype=np.int32)
+        full = np.full(indptr.size - 1, C, np.int32)
+        self._plan_cuda(key, sm_scale, rows, indptr, full, C, ("kv_indptr", "indices"), self._M,
+                        indices[: indptr[-1]])
 
     def run(self, q, k, v, *, out=None, lse=None, return_lse: bool = False, **variant_args):
         """``q`` ``[M, Hq, D]``, ``k``/``v`` ``[N, Hkv, D]`` -> ``o`` ``[M, Hq, D]``."""

@@ -24,7 +24,19 @@ from ..tir._builder import buffer_param, let, sym
 from .formats import BlockSparseKV, PagedKV
 
 
-class _Queries:
+class _Loads:
+    """``load_k``/``load_v`` from the format's ``k_elem``/``v_elem``."""
+
+    def load_k(self, addr, h, d):
+        buf, ix = self.k_elem(addr, h, d)
+        return buf[ix]
+
+    def load_v(self, addr, h, d):
+        buf, ix = self.v_elem(addr, h, d)
+        return buf[ix]
+
+
+class _Queries(_Loads):
     """Query side of decode (one row per request) and prefill (rows given by ``qo_indptr``)."""
 
     #: key step j is logical position j, so a variant's kv_range bounds the steps directly
@@ -64,6 +76,10 @@ class _Queries:
     def kv_idx(self, b, j, addr):
         return j
 
+    def kv_pos(self, b, j):
+        """The logical key position of step ``j`` as an expression (no binding)."""
+        return j
+
 
 class PagedIndex(_Queries):
     def __init__(self, key: AttentionKey):
@@ -89,17 +105,18 @@ class PagedIndex(_Queries):
         page = let("page", self.indices[self.indptr[b] + j // self.page_size])
         return page, j % self.page_size
 
-    def _load(self, kv, addr, h, d):
+    def _elem(self, kv, addr, h, d):
         page, slot = addr
         if self.layout == "NHD":
-            return self.cache[page, kv, slot, h, d]
-        return self.cache[page, kv, h, slot, d]
+            return self.cache, (page, kv, slot, h, d)
+        return self.cache, (page, kv, h, slot, d)
 
-    def load_k(self, addr, h, d):
-        return self._load(0, addr, h, d)
+    def k_elem(self, addr, h, d):
+        """(buffer, indices) of K element ``d`` of head ``h`` at ``addr`` (for copies by address)."""
+        return self._elem(0, addr, h, d)
 
-    def load_v(self, addr, h, d):
-        return self._load(1, addr, h, d)
+    def v_elem(self, addr, h, d):
+        return self._elem(1, addr, h, d)
 
 
 class RaggedIndex(_Queries):
@@ -122,18 +139,18 @@ class RaggedIndex(_Queries):
     def kv_addr(self, b, j):
         return (self.indptr[b] + j,)
 
-    def _load(self, buf, addr, h, d):
+    def _elem(self, buf, addr, h, d):
         (row,) = addr
-        return buf[row, h, d] if self.layout == "NHD" else buf[h, row, d]
+        return buf, ((row, h, d) if self.layout == "NHD" else (h, row, d))
 
-    def load_k(self, addr, h, d):
-        return self._load(self.k, addr, h, d)
+    def k_elem(self, addr, h, d):
+        return self._elem(self.k, addr, h, d)
 
-    def load_v(self, addr, h, d):
-        return self._load(self.v, addr, h, d)
+    def v_elem(self, addr, h, d):
+        return self._elem(self.v, addr, h, d)
 
 
-class BlockSparseIndex:
+class BlockSparseIndex(_Loads):
     """Block row ``r`` is a segment of ``R`` query rows; its keys are ``C``-row column blocks."""
 
     steps_are_positions = False  # steps walk the block list, not positions
@@ -182,11 +199,15 @@ class BlockSparseIndex:
     def kv_idx(self, b, j, addr):
         return addr[0]  # block-sparse hooks see the absolute key row
 
-    def load_k(self, addr, h, d):
-        return self.k[addr[0], h, d]
+    def kv_pos(self, b, j):
+        """The logical key position of step ``j`` as an expression (no binding)."""
+        return self.indices[self.indptr[b] + j // self.C] * self.C + j % self.C
 
-    def load_v(self, addr, h, d):
-        return self.v[addr[0], h, d]
+    def k_elem(self, addr, h, d):
+        return self.k, (addr[0], h, d)
+
+    def v_elem(self, addr, h, d):
+        return self.v, (addr[0], h, d)
 
 
 def declare_layout(key: AttentionKey):

@@ -36,6 +36,7 @@ from ..schedule.decode import DecodeTiles
 from ..variants.base import HookContext
 from ._builder import IRBuilder, T, buffer_param, let, local, loop, scalar_param, store, sym, when
 from .attention import declare_extra_params
+from .plan import WORK_FIELDS
 
 LOG2E = math.log2(math.e)
 NEG_INF = -math.inf
@@ -70,7 +71,7 @@ def _thread(extent, tag):
 
 def _workspace_params(key: AttentionKey):
     max_works, num_ctas_plus_one, max_partials = sym("max_works"), sym("num_ctas_plus_1"), sym("max_partials")
-    work_info = buffer_param("work_info", (4, max_works), "int32")
+    work_info = buffer_param("work_info", (WORK_FIELDS, max_works), "int32")
     cta_indptr = buffer_param("cta_indptr", (num_ctas_plus_one,), "int32")
     tmp_o = buffer_param("tmp_o", (max_partials, key.num_qo_heads, key.head_dim), "float32")
     tmp_lse = buffer_param("tmp_lse", (max_partials, key.num_qo_heads), "float32")

@@ -1,23 +1,37 @@
 """The split-KV planner, as a host TIR function: callable from Python, from C++ through packed
-functions, and compiled into the same module as the kernels it plans for.
+functions, and compiled into the same module as the kernels it plans for. Decode and prefill use
+this one planner; they differ only in its arguments.
 
-Lineage: FlashInfer's load-balanced scheduler (paper §3.3, Algorithm 1). The decode grid is
-persistent and fixed: ``num_ctas`` = SMs x resident blocks per SM / blocks per work, whatever the
-batch, so a CUDA graph captured once stays valid. The planner gives every CTA the same cost,
-``cost(piece) = keys + WORK_OVERHEAD``, by cutting the requests' keys, laid end to end, at each
-CTA's quota ``ceil(total cost / num_ctas)``; a request cut into several pieces gets partial-state
-rows that the merge kernel folds together. When whole requests fit the CTAs within 1/PACK_SLACK_DIV
-of the quota, they are packed whole instead (no cuts, no merge work). Without split-KV each request is one piece (the
-deterministic, batch-invariant mode) and CTAs take whole requests up to the quota::
+Lineage: FlashInfer's load-balanced scheduler (paper §3.3, Algorithm 1). The grid is persistent and
+fixed: ``num_ctas`` = SMs x resident blocks per SM / blocks per work, whatever the batch, so a CUDA
+graph captured once stays valid.
 
-    plan_decode(kv_indptr[B+1], kv_last_page_len[B], work_info[4, max_works], cta_indptr[num_ctas+1],
-                merge_indptr[max_batch+1], stats[4], max_partials, page_size, allow_split)
+Work items: request ``b`` has ``qo_len(b) * group_size`` GQA-packed query rows (token x head of the
+group), cut into query tiles of ``tile_q`` rows; item ``(b, t)`` reads keys ``[0, extent)``, where
+the extent is ``kv_len(b)``, or with ``causal`` the keys its last row sees. Decode is the case
+``qo_indptr = arange(B + 1)``, ``group_size = tile_q = 1``: one item per request. The cost of a piece
+is ``keys + work_overhead`` (the paper's ``alpha * l_q + beta * l_kv`` with the query side folded
+into the per-work overhead, since a tile's rows are fixed). The planner gives every CTA the same
+cost by cutting the items' keys, laid end to end, at each CTA's quota ``ceil(total cost /
+num_ctas)``; an item cut into several pieces gets partial-state rows that the merge kernel folds
+together. When whole items fit the CTAs within 1/PACK_SLACK_DIV of the quota, they are packed whole
+instead (no cuts, no merge work). Without split-KV each item is one piece (the deterministic,
+batch-invariant mode) and CTAs take whole items up to the quota::
 
-* ``work_info[:, w] = (request, kv_begin, kv_end, out_row)``, works in CTA order; CTA ``c`` runs works
-  ``cta_indptr[c]:cta_indptr[c+1]``; ``out_row = -1``: write o directly.
-* ``merge_indptr[b]..merge_indptr[b+1]``: the partial-state rows of request ``b`` (empty unless cut).
+    plan(qo_indptr[B+1], kv_indptr[B+1], kv_last_page_len[B], work_info[6, max_works],
+         cta_indptr[num_ctas+1], merge_indptr[max_rows+1], stats[4], max_partials, page_size,
+         allow_split, group_size, tile_q, causal, work_overhead)
+
+* ``kv_len(b) = (pages - 1) * page_size + last_page_len[b]`` (0 without pages); ragged KV passes
+  ``page_size = 1`` and ones, block-sparse rows ``page_size = C`` and ``C``.
+* ``work_info[:, w] = (request, kv_begin, kv_end, out_row, row_begin, out_stride)``, works in CTA
+  order; CTA ``c`` runs works ``cta_indptr[c]:cta_indptr[c+1]``; ``row_begin`` is the item's first
+  packed row; ``out_row = -1``: write o directly, else packed row ``r`` of the piece writes partial
+  row ``out_row + r * out_stride``.
+* ``merge_indptr[p]..merge_indptr[p+1]``: the partial rows of global packed row
+  ``p = qo_indptr[b] * group_size + row`` (empty unless its item was cut).
 * ``stats = (num_works, num_partials, quota, status)``; status 0 is success, 1: more works than
-  ``max_works``, 2: more partial rows than ``max_partials``, 3: more requests than ``max_batch``.
+  ``max_works``, 2: more partial rows than ``max_partials``, 3: more packed rows than ``max_rows``.
   Nothing is written past a buffer's end whatever the status, and a failed plan runs no work.
 """
 
@@ -25,44 +39,69 @@ from __future__ import annotations
 
 from tvm import tirx
 
-from ..planner import MIN_PIECE, PACK_SLACK_DIV, PLAN_DECODE, WORK_OVERHEAD
+from ..planner import MIN_PIECE, PACK_SLACK_DIV, PLAN
 from ._builder import IRBuilder, T, buffer_param, let, local, loop, scalar_param, store, sym, when
 
+#: rows of work_info
+WORK_FIELDS = 6
 
-def make_decode_planner(name: str = PLAN_DECODE) -> tirx.PrimFunc:
+
+def make_planner(name: str = PLAN) -> tirx.PrimFunc:
     with IRBuilder() as ib:
         with T.prim_func():
             T.func_name(name)
             T.func_attr({"global_symbol": name, "tir.noalias": True})
             batch, max_works = sym("batch_size"), sym("max_works")
-            num_ctas_plus_one, max_batch_plus_one = sym("num_ctas_plus_1"), sym("max_batch_plus_1")
+            num_ctas_plus_one, max_rows_plus_one = sym("num_ctas_plus_1"), sym("max_rows_plus_1")
+            qo_indptr = buffer_param("qo_indptr", (batch + 1,), "int32")
             kv_indptr = buffer_param("kv_indptr", (batch + 1,), "int32")
             last_page_len = buffer_param("kv_last_page_len", (batch,), "int32")
-            work_info = buffer_param("work_info", (4, max_works), "int32")
+            work_info = buffer_param("work_info", (WORK_FIELDS, max_works), "int32")
             cta_indptr = buffer_param("cta_indptr", (num_ctas_plus_one,), "int32")
-            merge_indptr = buffer_param("merge_indptr", (max_batch_plus_one,), "int32")
+            merge_indptr = buffer_param("merge_indptr", (max_rows_plus_one,), "int32")
             stats = buffer_param("stats", (4,), "int32")
             max_partials = scalar_param("max_partials", "int32")
             page_size = scalar_param("page_size", "int32")
             allow_split = scalar_param("allow_split", "int32")
+            group = scalar_param("group_size", "int32")
+            tile_q = scalar_param("tile_q", "int32")
+            causal = scalar_param("causal", "int32")
+            overhead = scalar_param("work_overhead", "int32")
             num_ctas = num_ctas_plus_one - 1
+            max_rows = max_rows_plus_one - 1
 
             pages = lambda b: kv_indptr[b + 1] - kv_indptr[b]  # noqa: E731
             kv_len = lambda b: tirx.if_then_else(pages(b) > 0, (pages(b) - 1) * page_size + last_page_len[b], 0)  # noqa: E731
-            # s: 0 total cost, 1 quota, 2 cta, 3 used, 4 works, 5 partials, 6 status, 7 pos, 8 first, 9 first work of b
+            packed = lambda b: (qo_indptr[b + 1] - qo_indptr[b]) * group  # noqa: E731
+            n_tiles = lambda b: tirx.ceildiv(packed(b), tile_q)  # noqa: E731
+
+            def rows_of(b, t):
+                return tirx.min(tile_q, packed(b) - t * tile_q)
+
+            def extent(b, t):
+                """Keys the item reads: all, or with causal those its last row sees."""
+                length = kv_len(b)
+                last_tok = (t * tile_q + rows_of(b, t) - 1) // group
+                seen = last_tok + length - (qo_indptr[b + 1] - qo_indptr[b]) + 1
+                return tirx.if_then_else(causal != 0, tirx.max(tirx.min(seen, length), 0), length)
+
+            # s: 0 total cost, 1 quota, 2 cta, 3 used, 4 works, 5 partials, 6 status, 7 pos, 8 first,
+            #    9 first work of the item
             s = local("s", 10, "int32")
             for i in range(10):
                 store(s, 0, i)
-            n_batch = let("n_batch", tirx.min(batch, max_batch_plus_one - 1))
-            store(s, tirx.if_then_else(batch + 1 > max_batch_plus_one, 3, 0), 6)
+            n_batch = let("n_batch", batch)
+            total_rows = let("total_rows", qo_indptr[batch] * group)
+            store(s, tirx.if_then_else(total_rows > max_rows, 3, 0), 6)
             with loop("b", n_batch) as b:
-                store(s, s[0] + kv_len(b) + WORK_OVERHEAD, 0)
-            # each CTA boundary may cut a request, adding one more piece (and its overhead)
-            store(s, s[0] + WORK_OVERHEAD * tirx.max(num_ctas - 1, 0), 0)
+                with loop("t", n_tiles(b)) as t:
+                    store(s, s[0] + extent(b, t) + overhead, 0)
+            # each CTA boundary may cut an item, adding one more piece (and its overhead)
+            store(s, s[0] + overhead * tirx.max(num_ctas - 1, 0), 0)
             store(s, tirx.max(tirx.ceildiv(s[0], tirx.max(num_ctas, 1)), 1), 1)
             quota = s[1]
-            # Packing whole requests (no cuts, no merges) is the better plan when every CTA can take
-            # whole requests within PACK_SLACK of the quota: e.g. 64 x 2048 keys over 66 CTAs, where
+            # Packing whole items (no cuts, no merges) is the better plan when every CTA can take
+            # whole items within PACK_SLACK of the quota: e.g. 64 x 2048 keys over 66 CTAs, where
             # cutting would split nearly every request in two for nothing.
             limit = let("pack_limit", quota + quota // PACK_SLACK_DIV)
             pk = local("pk", 3, "int32")  # cta, used, fits
@@ -70,60 +109,71 @@ def make_decode_planner(name: str = PLAN_DECODE) -> tirx.PrimFunc:
             store(pk, 0, 1)
             store(pk, 1, 2)
             with loop("b", n_batch) as b:
-                cost = kv_len(b) + WORK_OVERHEAD
-                with when(tirx.all(pk[1] > 0, pk[1] + cost > limit)):
-                    store(pk, pk[0] + 1, 0)
-                    store(pk, 0, 1)
-                store(pk, pk[1] + cost, 1)
-                with when(tirx.any(pk[1] > limit, pk[0] >= num_ctas)):
-                    store(pk, 0, 2)
+                with loop("t", n_tiles(b)) as t:
+                    cost = extent(b, t) + overhead
+                    with when(tirx.all(pk[1] > 0, pk[1] + cost > limit)):
+                        store(pk, pk[0] + 1, 0)
+                        store(pk, 0, 1)
+                    store(pk, pk[1] + cost, 1)
+                    with when(tirx.any(pk[1] > limit, pk[0] >= num_ctas)):
+                        store(pk, 0, 2)
             pack = let("pack", tirx.any(allow_split == 0, pk[2] == 1))
 
-            def emit(req, begin, end):
+            def emit(req, begin, end, row0):
                 with T.If(s[4] < max_works):
                     with T.Then():
                         store(work_info, req, 0, s[4])
                         store(work_info, begin, 1, s[4])
                         store(work_info, end, 2, s[4])
                         store(work_info, -1, 3, s[4])
+                        store(work_info, row0, 4, s[4])
+                        store(work_info, 0, 5, s[4])
                 store(s, s[4] + 1, 4)
 
             with loop("b", n_batch) as b:
-                length = let("len", kv_len(b))
-                store(merge_indptr, s[5], b)
-                store(s, 0, 7)
-                store(s, 1, 8)
-                store(s, s[4], 9)
-                with when(tirx.all(pack, allow_split != 0, s[3] > 0, s[3] + length + WORK_OVERHEAD > limit,
-                                   s[2] < num_ctas - 1)):
-                    store(cta_indptr, s[4], s[2] + 1)  # packing: this request starts the next CTA
-                    store(s, s[2] + 1, 2)
-                    store(s, 0, 3)
-                with T.While(tirx.any(s[7] < length, s[8] == 1)):
-                    last_cta = s[2] >= num_ctas - 1
-                    whole = tirx.any(pack, last_cta)
-                    take = let("take", tirx.if_then_else(whole, length - s[7], tirx.min(length - s[7], tirx.max(quota - s[3] - WORK_OVERHEAD, MIN_PIECE))))
-                    emit(b, s[7], s[7] + take)
-                    store(s, s[3] + take + WORK_OVERHEAD, 3)
-                    store(s, s[7] + take, 7)
-                    store(s, 0, 8)
-                    with when(tirx.all(s[3] >= quota, s[2] < num_ctas - 1, tirx.any(allow_split == 0, pack == 0))):
-                        store(cta_indptr, s[4], s[2] + 1)
+                with loop("t", n_tiles(b)) as t:
+                    length = let("len", extent(b, t))
+                    rows = let("rows", rows_of(b, t))
+                    row0 = t * tile_q
+                    store(s, 0, 7)
+                    store(s, 1, 8)
+                    store(s, s[4], 9)
+                    with when(tirx.all(pack, allow_split != 0, s[3] > 0, s[3] + length + overhead > limit,
+                                       s[2] < num_ctas - 1)):
+                        store(cta_indptr, s[4], s[2] + 1)  # packing: this item starts the next CTA
                         store(s, s[2] + 1, 2)
                         store(s, 0, 3)
-                n = let("n_pieces", s[4] - s[9])
-                with when(n > 1):  # cut: its pieces write partial states, merged afterwards
-                    with loop("i", n) as i:
-                        with when(s[9] + i < max_works):
-                            store(work_info, s[5] + i, 3, s[9] + i)
-                    store(s, s[5] + n, 5)
+                    with T.While(tirx.any(s[7] < length, s[8] == 1)):
+                        last_cta = s[2] >= num_ctas - 1
+                        whole = tirx.any(pack, last_cta)
+                        take = let("take", tirx.if_then_else(
+                            whole, length - s[7], tirx.min(length - s[7], tirx.max(quota - s[3] - overhead, MIN_PIECE))))
+                        emit(b, s[7], s[7] + take, row0)
+                        store(s, s[3] + take + overhead, 3)
+                        store(s, s[7] + take, 7)
+                        store(s, 0, 8)
+                        with when(tirx.all(s[3] >= quota, s[2] < num_ctas - 1, tirx.any(allow_split == 0, pack == 0))):
+                            store(cta_indptr, s[4], s[2] + 1)
+                            store(s, s[2] + 1, 2)
+                            store(s, 0, 3)
+                    n = let("n_pieces", s[4] - s[9])
+                    grow0 = let("grow0", qo_indptr[b] * group + row0)
+                    with loop("r", rows) as r:  # packed row r's partial rows: r * n .. r * n + n
+                        with when(grow0 + r < max_rows_plus_one):
+                            store(merge_indptr, s[5] + tirx.if_then_else(n > 1, r * n, 0), grow0 + r)
+                    with when(n > 1):  # cut: its pieces write partial states, merged afterwards
+                        with loop("i", n) as i:
+                            with when(s[9] + i < max_works):
+                                store(work_info, s[5] + i, 3, s[9] + i)
+                                store(work_info, n, 5, s[9] + i)
+                        store(s, s[5] + n * rows, 5)
             with loop("c", num_ctas_plus_one) as c:  # CTAs past the last one used: no works
                 with when(c > s[2]):
                     store(cta_indptr, s[4], c)
             store(cta_indptr, 0, 0)
-            with loop("b", max_batch_plus_one) as b:
-                with when(b >= n_batch):
-                    store(merge_indptr, s[5], b)
+            with loop("p", max_rows_plus_one) as p:
+                with when(p >= total_rows):
+                    store(merge_indptr, s[5], p)
             with when(s[4] > max_works):
                 store(s, 1, 6)
             with when(s[5] > max_partials):
@@ -131,8 +181,8 @@ def make_decode_planner(name: str = PLAN_DECODE) -> tirx.PrimFunc:
             with when(s[6] != 0):  # a failed plan runs nothing
                 with loop("c", num_ctas_plus_one) as c:
                     store(cta_indptr, 0, c)
-                with loop("b", max_batch_plus_one) as b:
-                    store(merge_indptr, 0, b)
+                with loop("p", max_rows_plus_one) as p:
+                    store(merge_indptr, 0, p)
             store(stats, s[4], 0)
             store(stats, s[5], 1)
             store(stats, quota, 2)

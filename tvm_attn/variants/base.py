@@ -214,9 +214,18 @@ class AttentionVariant:
         """Optional bounds ``(lo, hi)`` on ``kv_idx`` outside which ``logits_mask`` is always false.
 
         Kernels skip the keys outside (FA's ``get_n_block_min_max``); the mask still decides inside.
-        ``ctx.kv_idx`` is None here. None (the default) means no bound.
+        ``ctx.kv_idx`` is None here. None (the default) means no bound. Both bounds must be
+        non-decreasing in ``qo_idx`` (true of causal and sliding windows): tiled kernels take a tile's
+        bounds from its first and last query rows.
         """
         return None
+
+    def mask_is_range(self) -> bool:
+        """Whether ``logits_mask`` is exactly ``lo <= kv_idx < hi`` of :meth:`kv_range` (or absent).
+
+        Then a tiled kernel evaluates no mask on tiles that lie wholly inside every row's range
+        (FlashAttention's causal tile skipping); otherwise it evaluates the mask on every tile."""
+        return not self.overrides("logits_mask")
 
     # -- numpy twins (used by the reference) -------------------------------------------------------
     def ref_query_transform(self, ctx: RefContext, q):
@@ -292,6 +301,9 @@ class ComposedVariant(AttentionVariant):
 
     def overrides(self, hook: str) -> bool:
         return any(p.overrides(hook) for p in self.parts)
+
+    def mask_is_range(self) -> bool:
+        return all(p.mask_is_range() for p in self.parts)
 
     def __repr__(self):
         return " + ".join(repr(p) for p in self.parts)

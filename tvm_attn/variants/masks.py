@@ -20,6 +20,9 @@ class Causal(AttentionVariant):
     def kv_range(self, ctx):
         return 0, ctx.qo_idx + ctx.kv_len - ctx.qo_len + 1
 
+    def mask_is_range(self) -> bool:
+        return True
+
     def ref_logits_mask(self, ctx):
         q_pos = ctx.qo_idx + (ctx.kv_len - ctx.qo_len)
         return ctx.kv_idx <= q_pos
@@ -50,6 +53,9 @@ class SlidingWindow(AttentionVariant):
 
         w = ctx["window_left"]
         return tirx.if_then_else(w < 0, 0, ctx.kv_len + ctx.qo_idx - ctx.qo_len - w), ctx.kv_len
+
+    def mask_is_range(self) -> bool:
+        return True
 
     def ref_logits_mask(self, ctx):
         w = int(ctx["window_left"])

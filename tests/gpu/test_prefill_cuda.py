@@ -1,0 +1,191 @@
+"""GPU tier: the CUDA tensor-core prefill kernels against the numpy reference on random data.
+
+Every case of prefill_cases.py over a batch whose lengths are not multiples of any tile (with empty
+queries, an empty KV, append and decode-like rows); the three query tiles; a long request whose
+tiles are cut over the CTAs; batch invariance with split-KV off; an all-false custom mask;
+block-sparse and vector-sparse attention; the single-request calls; and a CUDA-graph replay after
+the lengths change. Runs on a GPU host with the kernels built by scripts/build_gpu_kernels.py.
+"""
+
+import numpy as np
+import pytest
+
+import tvm_attn as ta
+from tvm_attn import reference as R
+
+from conftest import assert_attention_close, randn
+from .cases import variant_of
+from .prefill_cases import BASE, BSR, CASES, LENGTHS, LONG, MEDIUM, SHORT, case_id, key_of
+
+pytestmark = pytest.mark.gpu
+
+
+def _dev():
+    import tvm
+
+    return tvm.cuda(0)
+
+
+def page_table(rng, kv_lens, page_size):
+    pages = [(n + page_size - 1) // page_size for n in kv_lens]
+    indptr = np.cumsum([0] + pages).astype(np.int32)
+    num_pages = int(indptr[-1]) + 3
+    indices = rng.permutation(num_pages)[: indptr[-1]].astype(np.int32)
+    last = np.array([n - (p - 1) * page_size if p else 0 for n, p in zip(kv_lens, pages)], np.int32)
+    return indptr, indices, last, num_pages
+
+
+def variant_args(name, rng, lengths, all_false=False):
+    if name == "custom_mask":
+        masks = [(rng.random((q, k)) < 0.7) & (not all_false) for q, k in lengths]
+        packed, indptr = ta.pack_custom_mask(masks)
+        return {"custom_mask": packed, "mask_indptr": indptr}
+    if name == "window":
+        return {"window_left": 100}
+    if name == "softcap":
+        return {"logits_soft_cap": 2.0}
+    return {}
+
+
+def check(case, lengths, rng, all_false_mask=False, **wrapper_kw):
+    import tvm
+
+    Hq, Hkv = case["heads"]
+    D, dtype, layout, S = case["head_dim"], case["dtype"], case["layout"], case["page_size"]
+    qo_lens, kv_lens = [q for q, _ in lengths], [k for _, k in lengths]
+    qo_indptr = np.cumsum([0] + qo_lens).astype(np.int32)
+    q = randn(rng, (int(qo_indptr[-1]), Hq, D), dtype)
+    variant = variant_of(case["variant"])
+    args = variant_args(case["variant"], rng, lengths, all_false_mask)
+    plan_kw = dict(causal=case["causal"], variant=variant, q_data_type=dtype)
+    if case["kv"] == "paged":
+        indptr, indices, last, num_pages = page_table(rng, kv_lens, S)
+        cache = randn(rng, ta.PagedKV(S, layout).cache_shape(num_pages, Hkv, D), dtype)
+        w = ta.BatchPrefillWithPagedKVCacheWrapper(layout, device="cuda", **wrapper_kw)
+        w.plan(qo_indptr, indptr, indices, last, Hq, Hkv, D, S, **plan_kw)
+        data = (tvm.runtime.tensor(cache, _dev()),)
+        ref = lambda: R.paged_attention(q, qo_indptr, cache, indptr, indices, last, layout,  # noqa: E731
+                                        variant=w.kernel_key.variant, params=args)
+    else:
+        kv_indptr = np.cumsum([0] + kv_lens).astype(np.int32)
+        shape = ta.RaggedKV(layout).kv_shape(int(kv_indptr[-1]), Hkv, D)
+        k, v = randn(rng, shape, dtype), randn(rng, shape, dtype)
+        w = ta.BatchPrefillWithRaggedKVCacheWrapper(layout, device="cuda", **wrapper_kw)
+        w.plan(qo_indptr, kv_indptr, Hq, Hkv, D, **plan_kw)
+        data = (tvm.runtime.tensor(k, _dev()), tvm.runtime.tensor(v, _dev()))
+        ref = lambda: R.ragged_attention(q, qo_indptr, k, v, kv_indptr, layout,  # noqa: E731
+                                         variant=w.kernel_key.variant, params=args)
+    assert w.kernel_key.uri == key_of(case, lengths, w.kernel_key.target).uri
+    softmax = w.kernel_key.variant.use_softmax
+    res = w.run(q, *data, return_lse=softmax, **args)
+    o, lse = res if softmax else (res, None)
+    ref_o, ref_lse = ref()
+    assert_attention_close(o, lse, ref_o, ref_lse if softmax else None, dtype, case_id(case))
+    return o, lse
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_prefill_matches_reference(case):
+    check(case, LENGTHS, np.random.default_rng(11))
+
+
+@pytest.mark.parametrize("lengths", [SHORT, MEDIUM, LONG], ids=["tile16", "tile64", "long-split"])
+def test_query_tiles_and_split(lengths):
+    check(BASE, lengths, np.random.default_rng(12))
+    check(BASE, lengths, np.random.default_rng(12), disable_split_kv=True)
+
+
+def test_all_false_custom_mask_gives_zeros():
+    o, lse = check({**BASE, "variant": "custom_mask"}, LENGTHS, np.random.default_rng(13), all_false_mask=True)
+    assert np.all(o == 0) and np.all(np.isneginf(lse))
+
+
+def test_split_kv_off_is_batch_invariant():
+    """With disable_split_kv a request's output does not depend on the rest of the batch."""
+    import tvm
+
+    rng = np.random.default_rng(5)
+    lengths = [(64, 20000), (30, 40), (200, 900)]
+    kv_indptr = np.cumsum([0] + [k for _, k in lengths]).astype(np.int32)
+    qo_indptr = np.cumsum([0] + [q for q, _ in lengths]).astype(np.int32)
+    k = tvm.runtime.tensor(randn(rng, (int(kv_indptr[-1]), 8, 128), "float16"), _dev())
+    v = tvm.runtime.tensor(randn(rng, (int(kv_indptr[-1]), 8, 128), "float16"), _dev())
+    q = randn(rng, (int(qo_indptr[-1]), 32, 128), "float16")
+    outs = []
+    for b in (1, len(lengths)):
+        w = ta.BatchPrefillWithRaggedKVCacheWrapper(device="cuda", disable_split_kv=True)
+        w.plan(qo_indptr[: b + 1], kv_indptr[: b + 1], 32, 8, 128, causal=True)
+        # same tile for both batches: the first request alone would pick the same 128-row tile
+        outs.append(w.run(q[: qo_indptr[b]], k, v)[: qo_indptr[1]])
+    np.testing.assert_array_equal(outs[0], outs[1])
+
+
+@pytest.mark.parametrize("M, N, R, C, causal", BSR)
+def test_block_sparse(M, N, R, C, causal):
+    import tvm
+
+    rng = np.random.default_rng(17)
+    rows, cols = M // R, N // C
+    blocks = rng.random((rows, cols)) < 0.4
+    blocks[0] = False  # a block row with no blocks
+    indptr = np.concatenate([[0], np.cumsum(blocks.sum(1))]).astype(np.int32)
+    indices = np.nonzero(blocks)[1].astype(np.int32)
+    q, k, v = (randn(rng, (n, h, 128), "float16") for n, h in ((M, 32), (N, 8), (N, 8)))
+    w = ta.BlockSparseAttentionWrapper(device="cuda")
+    w.plan(indptr, indices, M, N, R, C, 32, 8, 128, causal=causal)
+    o, lse = w.run(q, tvm.runtime.tensor(k, _dev()), tvm.runtime.tensor(v, _dev()), return_lse=True)
+    ref_o, ref_lse = R.block_sparse_attention(q, k, v, indptr, indices, R, C, causal=causal)
+    assert_attention_close(o, lse, ref_o, ref_lse, "float16", f"bsr{R}x{C}")
+
+
+def test_single_calls():
+    rng = np.random.default_rng(19)
+    q, k, v = randn(rng, (200, 32, 128), "float16"), randn(rng, (300, 8, 128), "float16"), randn(rng, (300, 8, 128), "float16")
+    o, lse = ta.single_prefill_with_kv_cache(q, k, v, device="cuda", return_lse=True)
+    ref_o, ref_lse = R.dense_attention(q, k, v)
+    assert_attention_close(o, lse, ref_o, ref_lse, "float16", "single prefill")
+    o1 = ta.single_decode_with_kv_cache(q[0], k, v, device="cuda")
+    ref1, _ = R.dense_attention(q[:1], k, v)
+    assert_attention_close(o1[None], None, ref1, None, "float16", "single decode")
+
+
+def test_cuda_graph_replay_after_lengths_change():
+    torch = pytest.importorskip("torch")
+    import tvm
+    import tvm_ffi
+
+    rng = np.random.default_rng(9)
+    Hq, Hkv, D, S = 32, 8, 128, 16
+    max_batch, max_tokens, max_pages, num_pages = 6, 1200, 700, 710
+    cache = randn(rng, (num_pages, 2, S, Hkv, D), "float16")
+    dev = _dev()
+    cache_dev = tvm.runtime.tensor(cache, dev)
+    q_host = randn(rng, (max_tokens, Hq, D), "float16")
+    q_dev = tvm.runtime.tensor(q_host, dev)
+    o_dev = tvm.runtime.empty((max_tokens, Hq, D), "float16", dev)
+    lse_dev = tvm.runtime.empty((max_tokens, Hq), "float32", dev)
+    w = ta.BatchPrefillWithPagedKVCacheWrapper(device="cuda", use_cuda_graph=True, max_batch_size=max_batch,
+                                              max_num_tokens=max_tokens, max_num_pages=max_pages)
+
+    def plan(lengths):
+        qo_indptr = np.cumsum([0] + [q for q, _ in lengths]).astype(np.int32)
+        indptr, indices, last, _ = page_table(rng, [k for _, k in lengths], S)
+        indices = rng.permutation(num_pages)[: indptr[-1]].astype(np.int32)
+        w.plan(qo_indptr, indptr, indices, last, Hq, Hkv, D, S, causal=True)
+        return qo_indptr, indptr, indices, last
+
+    plan([(100, 300), (7, 2000), (1, 5)])
+    stream = torch.cuda.Stream()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.stream(stream), tvm_ffi.use_torch_stream():
+        w.run(q_dev, cache_dev, out=o_dev, lse=lse_dev)  # warm-up (loads the module) outside capture
+        torch.cuda.synchronize()
+        with torch.cuda.graph(graph, stream=stream):
+            w.run(q_dev, cache_dev, out=o_dev, lse=lse_dev)
+    for lengths in ([(300, 3000), (1, 1), (500, 700), (64, 64)], [(1, 9000)], [(1000, 1000), (3, 200)]):
+        qo_indptr, indptr, indices, last = plan(lengths)
+        graph.replay()
+        torch.cuda.synchronize()
+        n = int(qo_indptr[-1])
+        ref_o, ref_lse = R.paged_attention(q_host[:n], qo_indptr, cache, indptr, indices, last, causal=True)
+        assert_attention_close(o_dev.numpy()[:n], lse_dev.numpy()[:n], ref_o, ref_lse, "float16", str(lengths))

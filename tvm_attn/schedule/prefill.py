@@ -1,0 +1,82 @@
+"""Tile choices of the CUDA tensor-core prefill kernel (:mod:`tvm_attn.tir.prefill_cuda`).
+
+Prefill does ``4 * qo * kv * head_dim`` flops over ``2 * kv * head_dim`` K/V elements per query
+tile, so it is compute-bound and the choices are about keeping the tensor cores fed (FA2's recipe):
+
+* ``m_tiles``: each warp owns ``16 * m_tiles`` query rows. Every K/V fragment read from shared
+  memory by ``ldmatrix`` feeds ``m_tiles`` mma instructions, so ``m_tiles = 2`` halves the shared
+  memory traffic per flop; ``m_tiles = 1`` at head_dim 256, where the output accumulator alone is
+  ``16 * 256 / 32 = 128`` floats per thread and tile.
+* ``kv_tile``: keys per pipeline stage. Logits take ``m_tiles * kv_tile / 8 * 4`` floats per thread,
+  the output ``m_tiles * head_dim / 8 * 4``; both stay in registers.
+* ``warps``: 4, so the query tile is ``64 * m_tiles`` rows (FlashInfer's CTA_TILE_Q of 64/128);
+  with one warp the tile is 16 rows, for short queries (append of a few tokens, decode-like).
+* ``stages``: K/V tiles in flight through ``cp.async`` (2: load tile i+1 while computing tile i).
+* ``blocks_per_sm``: resident CTAs per SM, which sizes the persistent grid and the register cap.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+_NAME = re.compile(r"fa2q(\d+)k(\d+)w(\d+)s(\d+)b(\d+)")
+
+
+@dataclass(frozen=True)
+class PrefillTiles:
+    m_tiles: int
+    kv_tile: int
+    warps: int = 4
+    stages: int = 2
+    blocks_per_sm: int = 2
+
+    def __post_init__(self):
+        if self.m_tiles not in (1, 2) or self.warps not in (1, 2, 4, 8):
+            raise ValueError(f"prefill tiles: m_tiles must be 1 or 2 and warps 1, 2, 4 or 8, got {self}")
+        if self.kv_tile % 16 or not 16 <= self.kv_tile <= 128:
+            raise ValueError(f"prefill tiles: kv_tile must be a multiple of 16 in [16, 128], got {self.kv_tile}")
+        if self.stages != 2:
+            raise ValueError(f"prefill tiles: only 2 pipeline stages are implemented, got {self.stages}")
+
+    @property
+    def tile_q(self) -> int:
+        """Query rows (GQA-packed rows: token x head of the group) per CTA tile."""
+        return 16 * self.m_tiles * self.warps
+
+    @property
+    def threads(self) -> int:
+        return 32 * self.warps
+
+    def uri(self) -> str:
+        return f"fa2q{self.tile_q}k{self.kv_tile}w{self.warps}s{self.stages}b{self.blocks_per_sm}"
+
+    @staticmethod
+    def parse(schedule: str) -> "PrefillTiles":
+        m = _NAME.fullmatch(schedule)
+        if m is None:
+            raise ValueError(f"schedule: {schedule!r} is not a prefill schedule like 'fa2q128k64w4s2b2'")
+        tq, kv, w, s, b = (int(x) for x in m.groups())
+        if tq % (16 * w):
+            raise ValueError(f"schedule {schedule!r}: the query tile must be 16 x warps x m_tiles")
+        return PrefillTiles(m_tiles=tq // (16 * w), kv_tile=kv, warps=w, stages=s, blocks_per_sm=b)
+
+    def smem_bytes(self, head_dim: int, stage_keys: bool) -> int:
+        row = (head_dim + 8) * 2  # rows padded by 16 bytes: ldmatrix reads 8 rows without bank conflicts
+        kv_tiles = 2 * self.stages + (1 if stage_keys else 0)
+        return row * (self.tile_q + kv_tiles * self.kv_tile)
+
+
+def choose_prefill_tiles(head_dim: int, packed_rows: int | None = None) -> PrefillTiles:
+    """The tiles for a head_dim and the typical number of GQA-packed query rows per request
+    (``qo_len * group_size``): a 128-row tile for long queries, 64 below 128 rows, and a one-warp
+    16-row tile when requests have at most 16 packed rows (append of a token or a few)."""
+    if packed_rows is not None and packed_rows <= 16:
+        return PrefillTiles(m_tiles=1, kv_tile=64 if head_dim <= 128 else 32, warps=1, blocks_per_sm=8)
+    if head_dim >= 256 or (packed_rows is not None and packed_rows <= 64):
+        return PrefillTiles(m_tiles=1, kv_tile=64 if head_dim <= 128 else 32, warps=4, blocks_per_sm=2)
+    return PrefillTiles(m_tiles=2, kv_tile=64, warps=4, blocks_per_sm=2)
+
+
+def prefill_schedule(head_dim: int, packed_rows: int | None = None) -> str:
+    return choose_prefill_tiles(head_dim, packed_rows).uri()

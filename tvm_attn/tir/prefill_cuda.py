@@ -1,0 +1,453 @@
+"""CUDA prefill / append / block-sparse attention on tensor cores (FA2's recipe), over a fixed grid.
+
+Lineage: FlashAttention-2 (warps split the query tile, online softmax in registers, the P fragment
+reused as the A operand of P.V) and FlashInfer's ``prefill.cuh`` (GQA heads folded into query rows,
+K/V rows gathered through the page table into shared memory, a planner's work list). Same variant
+hooks and the same KV index math (:mod:`tvm_attn.kv.index`) as the CPU kernel; every format runs
+the same dense loop once its rows are in shared memory, so sparse layouts have no slow path.
+
+Grid ``(num_ctas, num_kv_heads)``, block ``32 * warps`` threads; CTA ``c`` runs the planner's works
+``cta_indptr[c]:cta_indptr[c+1]`` (:mod:`tvm_attn.tir.plan`). A work is one query tile of one
+request (``tile_q`` GQA-packed rows: packed row ``p`` is token ``p // group`` of query head
+``kv_head * group + p % group``) against keys ``[kv_begin, kv_end)``::
+
+    Q tile -> smem (cp.async, or through registers when the variant transforms queries)
+    for each KV tile (cp.async, 2 stages: tile i+1 loads while tile i computes):
+        S = Q K^T            ldmatrix + mma.sync.m16n8k16, fp32 accumulators in registers
+        logits transform; mask unless the tile is wholly visible (kv_range); online softmax
+        O = O * scale + P V  P stays in registers as the A operand; V through ldmatrix.trans
+    o = O / l, lse = m + log2(l)   (or, for a piece of a cut tile, the partial state)
+
+Warp ``w`` owns rows ``16 * m_tiles * w ..`` of the tile. Fragment layouts (PTX ISA, mma.m16n8k16):
+lane ``l`` holds accumulator rows ``l // 4`` and ``l // 4 + 8``, columns ``2 * (l % 4) + {0, 1}`` of
+each 16x8 block.
+
+Arguments: the format's query/KV arguments, ``work_info, cta_indptr, tmp_o, tmp_lse, o, lse,
+sm_scale, *extras``; merge: ``merge_indptr, tmp_o, tmp_lse, o, lse``.
+"""
+
+from __future__ import annotations
+
+import math
+
+from tvm import tirx
+
+from ..config import AttentionKey
+from ..kv.index import declare_layout
+from ..schedule.prefill import PrefillTiles
+from ..variants.base import HookContext
+from ._builder import IRBuilder, T, buffer_param, let, local, loop, scalar_param, store, sym, when
+from .attention import declare_extra_params
+from .plan import WORK_FIELDS
+
+LOG2E = math.log2(math.e)
+FULL_MASK = 0xFFFFFFFF
+_MMA = {"float16": "f16", "bfloat16": "bf16"}
+
+
+def tiles_for(key: AttentionKey) -> PrefillTiles:
+    if key.schedule == "default":
+        raise ValueError("CUDA prefill keys name their schedule (tvm_attn.schedule.prefill.prefill_schedule)")
+    return PrefillTiles.parse(key.schedule)
+
+
+def check_key(key: AttentionKey) -> None:
+    if key.q_dtype != key.kv_dtype or key.kv_dtype not in _MMA:
+        raise ValueError(
+            f"CUDA prefill: q and kv must both be float16 or both bfloat16 (tensor cores), got "
+            f"{key.q_dtype} / {key.kv_dtype}"
+        )
+    if key.head_dim not in (64, 128, 256):
+        raise ValueError(f"CUDA prefill: head_dim must be 64, 128 or 256, got {key.head_dim}")
+
+
+def _f32(x):
+    return tirx.Cast("float32", x)
+
+
+def _neg_inf():
+    return tirx.const(-math.inf, "float32")
+
+
+def _zero():
+    return tirx.const(0.0, "float32")
+
+
+def _shfl_xor(value, offset: int):
+    return tirx.op.tvm_warp_shuffle_xor(FULL_MASK, value, offset, 32, 32)
+
+
+def _sync():
+    T.evaluate(tirx.op.tvm_storage_sync("shared"))
+
+
+def _ptr(buf, indices, mode: str, extent: int = 8):
+    """Address of ``buf[indices]`` for an instruction that touches ``extent`` elements there (the
+    extent keeps TVM from shrinking the buffer to the elements it sees indexed)."""
+    return buf.access_ptr(mode, offset=buf.offset_of(list(indices))[0], extent=extent)
+
+
+def _cp_async(dst, dst_ix, src, src_ix):
+    """16-byte global -> shared copy that bypasses L1 (``cp.async.cg``)."""
+    T.evaluate(T.ptx["cp.async.cg.shared.global"](_ptr(dst, dst_ix, "w"), _ptr(src, src_ix, "r"), 16))
+
+
+def _alias32(buf, n):
+    """The 32-bit view of a fragment of ``2 * n`` fp16/bf16 registers (one mma operand register per pair)."""
+    return T.decl_buffer((n,), "uint32", data=buf.data, scope="local")
+
+
+def _workspace_params(key: AttentionKey):
+    max_works, num_ctas_plus_one, max_partials = sym("max_works"), sym("num_ctas_plus_1"), sym("max_partials")
+    work_info = buffer_param("work_info", (WORK_FIELDS, max_works), "int32")
+    cta_indptr = buffer_param("cta_indptr", (num_ctas_plus_one,), "int32")
+    tmp_o = buffer_param("tmp_o", (max_partials, key.num_kv_heads, key.head_dim), "float32")
+    tmp_lse = buffer_param("tmp_lse", (max_partials, key.num_kv_heads), "float32")
+    return num_ctas_plus_one - 1, work_info, cta_indptr, tmp_o, tmp_lse
+
+
+def make_prefill_cuda(key: AttentionKey, tiles: PrefillTiles | None = None) -> tirx.PrimFunc:
+    check_key(key)
+    tiles = tiles or tiles_for(key)
+    variant, D, G, dt = key.variant, key.head_dim, key.group_size, key.kv_dtype
+    MT, TK, NT, TQ = tiles.m_tiles, tiles.kv_tile, tiles.threads, tiles.tile_q
+    NB, ND, KD, KK, CH = TK // 8, D // 8, D // 16, TK // 16, D // 8
+    if (TK * CH) % NT or (TQ * CH) % NT:
+        raise ValueError(f"schedule {key.schedule}: tiles do not divide among {NT} threads")
+    mma = T.ptx[f"mma.sync.aligned.m16n8k16.row.col.f32.{_MMA[dt]}.{_MMA[dt]}.f32"]
+    ldm = T.ptx["ldmatrix.sync.aligned.m8n8.x4.shared.b16"]
+    ldm_t = T.ptx["ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16"]
+    stage_keys = variant.overrides("key_transform")
+    load_q_through_regs = variant.overrides("query_transform")
+    has_mask = variant.overrides("logits_mask")
+    softmax = variant.use_softmax
+    with IRBuilder() as ib:
+        with T.prim_func():
+            T.func_name(key.uri)
+            T.func_attr({"global_symbol": key.uri, "tir.noalias": True, "tirx.is_scheduled": True})
+            idx = declare_layout(key)
+            num_ctas, work_info, cta_indptr, tmp_o, tmp_lse = _workspace_params(key)
+            o = buffer_param("o", (idx.num_q_rows, key.num_qo_heads, D), key.o_dtype)
+            lse = buffer_param("lse", (idx.num_q_rows, key.num_qo_heads), "float32")
+            sm_scale = scalar_param("sm_scale", "float32")
+            params = declare_extra_params(key)
+
+            with T.thread_binding(0, num_ctas, "blockIdx.x") as cta, \
+                    T.thread_binding(0, key.num_kv_heads, "blockIdx.y") as kv_head, \
+                    T.thread_binding(0, NT, "threadIdx.x") as tid:
+                q_s = T.alloc_buffer((TQ, D + 8), dt, scope="shared")
+                k_s = T.alloc_buffer((2, TK, D + 8), dt, scope="shared")
+                v_s = T.alloc_buffer((2, TK, D + 8), dt, scope="shared")
+                kt_s = T.alloc_buffer((TK, D + 8), dt, scope="shared") if stage_keys else None
+                s_acc = local("s_acc", (MT, NB, 4))
+                o_acc = local("o_acc", (MT, ND, 4))
+                m_i = local("m_i", (MT, 2))
+                l_i = local("l_i", (MT, 2))
+                qf = local("qf", (MT * 8,), dt)
+                kf = local("kf", (8,), dt)
+                vf = local("vf", (8,), dt)
+                pf = local("pf", (MT * 8,), dt)
+                qf32, kf32, vf32, pf32 = _alias32(qf, MT * 4), _alias32(kf, 4), _alias32(vf, 4), _alias32(pf, MT * 4)
+
+                lane = tid % 32
+                warp = let("warp", tid // 32)
+                g, t4 = lane // 4, lane % 4
+                scale2 = let("scale_log2", sm_scale * LOG2E)
+                first_work = let("first_work", cta_indptr[cta])
+                with loop("wi", cta_indptr[cta + 1] - first_work) as wi:
+                    w = let("w", first_work + wi)
+                    req = let("req", tirx.max(work_info[0, w], 0))
+                    out_row = let("out_row", work_info[3, w])
+                    row0 = let("row0", work_info[4, w])
+                    stride = let("out_stride", work_info[5, w])
+                    qo_len = let("qo_len", idx.num_rows(req))
+                    kv_len = let("kv_len", idx.kv_len(req))
+                    q_row_begin = let("q_row_begin", idx.row_begin(req))
+                    rows = let("rows", tirx.min(TQ, qo_len * G - row0))
+                    batch = idx.batch_idx(req)
+
+                    def ctx(tok, pos=None, head=None):
+                        kv_idx = None if pos is None else idx.kv_pos(req, pos)
+                        return HookContext(batch, idx.qo_idx(req, tok), kv_idx, head, kv_head, idx.qo_len(req),
+                                           kv_len, D, params)
+
+                    begin, end = work_info[1, w], work_info[2, w]
+                    # keys [full_lo, full_hi) are seen by every row of the tile (bounds are monotone)
+                    range_skip = idx.steps_are_positions and variant.kv_range(ctx(0)) is not None
+                    if range_skip:
+                        first = variant.kv_range(ctx(row0 // G))
+                        last = variant.kv_range(ctx((row0 + rows - 1) // G))
+                        begin, end = tirx.max(begin, first[0]), tirx.min(end, last[1])
+                        full_lo, full_hi = let("full_lo", last[0]), let("full_hi", first[1])
+                    begin = let("kv_begin", begin)
+                    end = let("kv_end", tirx.max(end, begin))
+                    n_tiles = let("n_tiles", tirx.ceildiv(end - begin, TK))
+                    # tiles that need no mask work: inside the keys and, for range masks, inside every row's range
+                    mask_free = None if has_mask and not (variant.mask_is_range() and range_skip) else True
+
+                    # -- the query tile --------------------------------------------------------------
+                    with loop("i", TQ * CH // NT, "unroll") as i:
+                        c = i * NT + tid
+                        r, col = c // CH, (c % CH) * 8
+                        p = row0 + tirx.min(r, rows - 1)
+                        tok, head = p // G, kv_head * G + p % G
+                        if not load_q_through_regs:
+                            _cp_async(q_s, (r, col), idx.q, (q_row_begin + tok, head, col))
+                        else:
+                            qrow = let("qrow", q_row_begin + tok)
+                            qh = let("qh", head)
+                            qctx = ctx(tok, head=qh)
+                            load = lambda dd: _f32(idx.q[qrow, qh, dd])  # noqa: E731
+                            with loop("v", 8, "unroll") as v:
+                                store(q_s, tirx.Cast(dt, variant.query_transform(qctx, load, col + v)), r, col + v)
+
+                    def issue(tile, stage):
+                        t0 = begin + tile * TK
+                        with loop("i", TK * CH // NT, "unroll") as i:
+                            c = i * NT + tid
+                            kr, col = c // CH, (c % CH) * 8
+                            addr = idx.kv_addr(req, tirx.min(t0 + kr, end - 1))
+                            kb, kix = idx.k_elem(addr, kv_head, col)
+                            _cp_async(k_s, (stage, kr, col), kb, kix)
+                            vb, vix = idx.v_elem(addr, kv_head, col)
+                            _cp_async(v_s, (stage, kr, col), vb, vix)
+
+                    with when(n_tiles > 0):
+                        issue(0, 0)
+                    T.evaluate(T.ptx["cp.async.commit_group"]())
+
+                    with loop("mt", MT, "unroll") as mt:
+                        for h2 in range(2):
+                            store(m_i, _neg_inf() if softmax else _zero(), mt, h2)
+                            store(l_i, _zero(), mt, h2)
+                        with loop("nd", ND, "unroll") as nd:
+                            with loop("j", 4, "unroll") as j:
+                                store(o_acc, _zero(), mt, nd, j)
+
+                    # -- the KV loop ---------------------------------------------------------------
+                    with loop("it", n_tiles) as it:
+                        stage = it % 2
+                        with when(it + 1 < n_tiles):
+                            issue(it + 1, (it + 1) % 2)
+                        T.evaluate(T.ptx["cp.async.commit_group"]())
+                        T.evaluate(T.ptx["cp.async.wait_group"](1))
+                        _sync()
+                        t0 = let("t0", begin + it * TK)
+                        if stage_keys:  # transformed once per key, for every query row of the tile
+                            with loop("i", TK * CH // NT, "unroll") as i:
+                                c = i * NT + tid
+                                kr, col = c // CH, (c % CH) * 8
+                                kctx = HookContext(batch, None, idx.kv_pos(req, t0 + kr), None, kv_head,
+                                                   idx.qo_len(req), kv_len, D, params)
+                                load_k = lambda dd, kr=kr: _f32(k_s[stage, kr, dd])  # noqa: E731
+                                with loop("v", 8, "unroll") as v:
+                                    store(kt_s, tirx.Cast(dt, variant.key_transform(kctx, load_k, col + v)), kr, col + v)
+                            _sync()
+
+                        # S = Q K^T
+                        with loop("mt", MT, "unroll") as mt:
+                            with loop("nb", NB, "unroll") as nb:
+                                with loop("j", 4, "unroll") as j:
+                                    store(s_acc, _zero(), mt, nb, j)
+                        with loop("kd", KD, "unroll") as kd:
+                            with loop("mt", MT, "unroll") as mt:
+                                qr = warp * (16 * MT) + mt * 16 + lane % 16
+                                T.evaluate(ldm(qf32[mt * 4], qf32[mt * 4 + 1], qf32[mt * 4 + 2], qf32[mt * 4 + 3],
+                                               _ptr(q_s, (qr, kd * 16 + (lane // 16) * 8), "r")))
+                            with loop("nb2", NB // 2, "unroll") as nb2:
+                                kr = nb2 * 16 + (lane // 16) * 8 + lane % 8
+                                kcol = kd * 16 + ((lane // 8) % 2) * 8
+                                src = (kr, kcol) if stage_keys else (stage, kr, kcol)
+                                T.evaluate(ldm(kf32[0], kf32[1], kf32[2], kf32[3], _ptr(kt_s if stage_keys else k_s, src, "r")))
+                                with loop("mt", MT, "unroll") as mt:
+                                    for half in range(2):
+                                        nb = nb2 * 2 + half
+                                        acc = [s_acc[mt, nb, j] for j in range(4)]
+                                        a = [qf32[mt * 4 + j] for j in range(4)]
+                                        T.evaluate(mma(*acc, *a, kf32[2 * half], kf32[2 * half + 1], *acc))
+
+                        # logits, mask, online softmax
+                        def logits(mt, nb, j, masked: bool):
+                            r = warp * (16 * MT) + mt * 16 + g + (j // 2) * 8
+                            pos = t0 + nb * 8 + t4 * 2 + j % 2
+                            p = row0 + r
+                            sctx = ctx(p // G, pos, kv_head * G + p % G)
+                            x = s_acc[mt, nb, j]
+                            if variant.overrides("logits_transform") or not softmax:
+                                val = variant.logits_transform(sctx, x * sm_scale)
+                                val = val * LOG2E if softmax else val
+                            else:
+                                val = x * scale2
+                            if masked:
+                                vis = pos < end
+                                m = variant.logits_mask(sctx)
+                                if m is not None:
+                                    vis = tirx.all(vis, m)
+                                val = tirx.if_then_else(vis, val, _neg_inf() if softmax else _zero())
+                            store(s_acc, val, mt, nb, j)
+
+                        def all_logits(masked: bool):
+                            with loop("mt", MT, "unroll") as mt:
+                                with loop("nb", NB, "unroll") as nb:
+                                    with loop("j", 4, "unroll") as j:
+                                        logits(mt, nb, j, masked)
+
+                        full = None
+                        if mask_free:
+                            full = t0 + TK <= end
+                            if range_skip:
+                                full = tirx.all(full, t0 >= full_lo, t0 + TK <= full_hi)
+                        if full is None:
+                            all_logits(True)
+                        else:
+                            with T.If(full):
+                                with T.Then():
+                                    all_logits(False)
+                                with T.Else():
+                                    all_logits(True)
+
+                        if softmax:
+                            with loop("mt", MT, "unroll") as mt:
+                                for h2 in range(2):
+                                    mx = m_i[mt, h2]
+                                    for nb in range(NB):
+                                        mx = tirx.max(mx, tirx.max(s_acc[mt, nb, 2 * h2], s_acc[mt, nb, 2 * h2 + 1]))
+                                    mx = let("mx", mx)
+                                    mx = let("mx1", tirx.max(mx, _shfl_xor(mx, 1)))
+                                    mx = let("mx2", tirx.max(mx, _shfl_xor(mx, 2)))
+                                    m_safe = let("m_safe", tirx.if_then_else(mx == _neg_inf(), _zero(), mx))
+                                    scale = let("scale", tirx.exp2(m_i[mt, h2] - m_safe))
+                                    store(m_i, mx, mt, h2)
+                                    rs = local("rs", 1)
+                                    store(rs, _zero(), 0)
+                                    with loop("nb", NB, "unroll") as nb:
+                                        for j in (2 * h2, 2 * h2 + 1):
+                                            pv = tirx.exp2(s_acc[mt, nb, j] - m_safe)
+                                            store(s_acc, pv, mt, nb, j)
+                                            store(rs, rs[0] + s_acc[mt, nb, j], 0)
+                                    store(l_i, l_i[mt, h2] * scale + rs[0], mt, h2)
+                                    with loop("nd", ND, "unroll") as nd:
+                                        for j in (2 * h2, 2 * h2 + 1):
+                                            store(o_acc, o_acc[mt, nd, j] * scale, mt, nd, j)
+
+                        # O += P V
+                        with loop("kk", KK, "unroll") as kk:
+                            with loop("mt", MT, "unroll") as mt:
+                                for half in range(2):
+                                    for j in range(4):
+                                        store(pf, tirx.Cast(dt, s_acc[mt, kk * 2 + half, j]), mt * 8 + half * 4 + j)
+                            with loop("nd2", ND // 2, "unroll") as nd2:
+                                vr = kk * 16 + ((lane // 8) % 2) * 8 + lane % 8
+                                T.evaluate(ldm_t(vf32[0], vf32[1], vf32[2], vf32[3],
+                                                 _ptr(v_s, (stage, vr, nd2 * 16 + (lane // 16) * 8), "r")))
+                                with loop("mt", MT, "unroll") as mt:
+                                    for half in range(2):
+                                        nd = nd2 * 2 + half
+                                        acc = [o_acc[mt, nd, j] for j in range(4)]
+                                        a = [pf32[mt * 4 + j] for j in range(4)]
+                                        T.evaluate(mma(*acc, *a, vf32[2 * half], vf32[2 * half + 1], *acc))
+                        _sync()  # the stage is refilled by the next iteration's issue
+
+                    # -- epilogue: normalize, write o and lse (or the partial state) -----------------
+                    with loop("mt", MT, "unroll") as mt:
+                        for h2 in range(2):
+                            r = let("r", warp * (16 * MT) + mt * 16 + g + h2 * 8)
+                            p = let("p", row0 + r)
+                            tok, head = p // G, kv_head * G + p % G
+                            tot = local("tot", 1)
+                            store(tot, l_i[mt, h2], 0)
+                            store(tot, tot[0] + _shfl_xor(tot[0], 1), 0)
+                            store(tot, tot[0] + _shfl_xor(tot[0], 2), 0)
+                            denom = let("denom", tot[0])
+                            if softmax:
+                                inv = let("inv", tirx.if_then_else(denom > 0, 1.0 / denom, _zero()))
+                                lse_val = tirx.if_then_else(denom > 0, m_i[mt, h2] + tirx.log2(denom), _neg_inf())
+                            else:
+                                inv = tirx.const(1.0, "float32")
+                                lse_val = _neg_inf()
+                            with when(r < rows):
+                                with T.If(out_row < 0):
+                                    with T.Then():
+                                        octx = ctx(tok, head=head)
+                                        with loop("nd", ND, "unroll") as nd:
+                                            for j in range(2):
+                                                d = nd * 8 + t4 * 2 + j
+                                                val = variant.output_transform(octx, o_acc[mt, nd, h2 * 2 + j] * inv, d)
+                                                store(o, tirx.Cast(key.o_dtype, val), q_row_begin + tok, head, d)
+                                        with when(t4 == 0):
+                                            store(lse, lse_val, q_row_begin + tok, head)
+                                    with T.Else():
+                                        slot = out_row + r * stride
+                                        with loop("nd", ND, "unroll") as nd:
+                                            for j in range(2):
+                                                d = nd * 8 + t4 * 2 + j
+                                                store(tmp_o, o_acc[mt, nd, h2 * 2 + j] * inv, slot, kv_head, d)
+                                        with when(t4 == 0):
+                                            store(tmp_lse, lse_val, slot, kv_head)
+                    # the next work's copies reuse q_s/k_s/v_s: drain and meet
+                    T.evaluate(T.ptx["cp.async.wait_group"](0))
+                    _sync()
+    return ib.get()
+
+
+def make_prefill_merge_cuda(key: AttentionKey) -> tirx.PrimFunc:
+    """``<uri>_merge(merge_indptr, tmp_o, tmp_lse, o, lse)``: grid (max packed rows, num_kv_heads).
+
+    Folds the partial states of each GQA-packed row of a cut tile (rows ``merge_indptr[p] ..
+    merge_indptr[p + 1]``) into o and lse. Variants with an output transform are planned without
+    cuts (the wrappers see to it), so the merge applies none."""
+    D, G = key.head_dim, key.group_size
+    VEC = 4
+    TX = D // VEC
+    with IRBuilder() as ib:
+        with T.prim_func():
+            name = key.uri + "_merge"
+            T.func_name(name)
+            T.func_attr({"global_symbol": name, "tir.noalias": True, "tirx.is_scheduled": True})
+            rows_plus_one, max_partials, num_q = sym("max_rows_plus_1"), sym("max_partials"), sym("num_q_rows")
+            merge_indptr = buffer_param("merge_indptr", (rows_plus_one,), "int32")
+            tmp_o = buffer_param("tmp_o", (max_partials, key.num_kv_heads, D), "float32")
+            tmp_lse = buffer_param("tmp_lse", (max_partials, key.num_kv_heads), "float32")
+            o = buffer_param("o", (num_q, key.num_qo_heads, D), key.o_dtype)
+            lse = buffer_param("lse", (num_q, key.num_qo_heads), "float32")
+            with T.thread_binding(0, rows_plus_one - 1, "blockIdx.x") as p, \
+                    T.thread_binding(0, key.num_kv_heads, "blockIdx.y") as kv_head, \
+                    T.thread_binding(0, TX, "threadIdx.x") as tx:
+                start = let("start", merge_indptr[p])
+                n = let("n", merge_indptr[p + 1] - start)
+                tok, head = p // G, kv_head * G + p % G
+                with when(tirx.all(n >= 2, tok < num_q)):
+                    acc = local("acc", VEC)
+                    md = local("md", 2)
+                    with loop("v", VEC, "unroll") as v:
+                        store(acc, _zero(), v)
+                    store(md, _neg_inf(), 0)
+                    store(md, _zero(), 1)
+                    with loop("k", n) as k:
+                        s_r = let("s_r", tmp_lse[start + k, kv_head])
+                        if key.variant.use_softmax:
+                            m_new = let("m_new", tirx.max(md[0], s_r))
+                            m_safe = let("m_safe", tirx.if_then_else(m_new == _neg_inf(), _zero(), m_new))
+                            sc = let("sc", tirx.exp2(md[0] - m_safe))
+                            w_r = let("w_r", tirx.exp2(s_r - m_safe))
+                            store(md, md[1] * sc + w_r, 1)
+                            store(md, m_new, 0)
+                            with loop("v", VEC, "unroll") as v:
+                                part = tirx.if_then_else(w_r > 0, w_r * tmp_o[start + k, kv_head, tx * VEC + v], _zero())
+                                store(acc, acc[v] * sc + part, v)
+                        else:
+                            with loop("v", VEC, "unroll") as v:
+                                store(acc, acc[v] + tmp_o[start + k, kv_head, tx * VEC + v], v)
+                    if key.variant.use_softmax:
+                        denom = md[1]
+                        with loop("v", VEC, "unroll") as v:
+                            val = tirx.if_then_else(denom > 0, acc[v] / denom, _zero())
+                            store(o, tirx.Cast(key.o_dtype, val), tok, head, tx * VEC + v)
+                        with when(tx == 0):
+                            store(lse, tirx.if_then_else(denom > 0, md[0] + tirx.log2(denom), _neg_inf()), tok, head)
+                    else:
+                        with loop("v", VEC, "unroll") as v:
+                            store(o, tirx.Cast(key.o_dtype, acc[v]), tok, head, tx * VEC + v)
+                        with when(tx == 0):
+                            store(lse, _neg_inf(), tok, head)
+    return ib.get()
