@@ -79,7 +79,7 @@ def time_tvm(mod, name, dev, args, number=20, repeat=15):
 def main(small: bool = False, out: str | None = None) -> list[dict]:
     import tvm
 
-    from tvm_attn.planner import WORK_OVERHEAD
+    from tvm_attn.planner import PACK_SLACK_DIV, WORK_OVERHEAD
 
     import tvm_attn as ta
     from tvm_attn import reference as R
@@ -195,7 +195,7 @@ def main(small: bool = False, out: str | None = None) -> list[dict]:
             ts.append(time.perf_counter() - t0)
             t0 = time.perf_counter()
             planner(qp, ip, lp, bufs.host_work, bufs.host_cta, bufs.host_merge, bufs.host_stats,
-                    bufs.ws.max_partials, PAGE, 1, 1, 1, 0, WORK_OVERHEAD)
+                    bufs.ws.max_partials, PAGE, 1, 1, 1, 0, WORK_OVERHEAD, PACK_SLACK_DIV)
             tp.append(time.perf_counter() - t0)
         plan_times[f"batch{b}"] = {"wrapper_plan_us": round(float(np.median(ts)) * 1e6, 1),
                                    "planner_call_us": round(float(np.median(tp)) * 1e6, 1)}

@@ -22,7 +22,7 @@ def page_table(kv_lens, page_size):
 
 
 def run_plan(planner, kv_lens, page_size, num_ctas, max_works, max_batch, max_partials, split=1, qo_lens=None,
-             group=1, tile_q=1, causal=0, overhead=WORK_OVERHEAD):
+             group=1, tile_q=1, causal=0, overhead=WORK_OVERHEAD, slack=PACK_SLACK_DIV):
     """Decode by default (one query row per request); prefill with ``qo_lens``. ``max_batch`` sizes
     merge_indptr (max packed rows)."""
     indptr, last = page_table(kv_lens, page_size)
@@ -33,7 +33,7 @@ def run_plan(planner, kv_lens, page_size, num_ctas, max_works, max_batch, max_pa
     merge = tvm.runtime.tensor(np.full(max_batch + 1, 7, np.int32))
     stats = tvm.runtime.tensor(np.zeros(4, np.int32))
     planner(tvm.runtime.tensor(qo_indptr), tvm.runtime.tensor(indptr), tvm.runtime.tensor(last), work, cta, merge,
-            stats, max_partials, page_size, split, group, tile_q, causal, overhead)
+            stats, max_partials, page_size, split, group, tile_q, causal, overhead, slack)
     return work.numpy(), cta.numpy(), merge.numpy(), stats.numpy()
 
 
@@ -133,7 +133,7 @@ def test_prefill_plan_covers_every_tile_and_row(planner, reqs, group, tile_q, nu
     max_works = items + num_ctas
     max_partials = 2 * num_ctas * tile_q
     work, cta, merge, stats = run_plan(planner, kv_lens, 16, num_ctas, max_works, rows_total + 5, max_partials,
-                                       int(split), qo_lens, group, tile_q, int(causal), 32 + tile_q // 2)
+                                       int(split), qo_lens, group, tile_q, int(causal), 32 + tile_q // 2, 50)
     num_works, num_partials, quota, status = stats
     assert status == 0 and cta[-1] == num_works <= max_works
     pieces = {}
@@ -165,3 +165,7 @@ def test_prefill_plan_covers_every_tile_and_row(planner, reqs, group, tile_q, nu
     assert sorted(used) == list(range(num_partials))
     if not split:
         assert num_works == items
+    else:  # balance: cut to the quota, or packed within 2% of it
+        overhead = 32 + tile_q // 2
+        loads = [sum(work[2, w] - work[1, w] + overhead for w in range(cta[c], cta[c + 1])) for c in range(num_ctas)]
+        assert max(loads) <= max(quota + MIN_PIECE + 2 * overhead, quota + quota // 50) or num_ctas == 1

@@ -35,8 +35,11 @@ STATUS = {1: "max_works", 2: "max_partials", 3: "max_rows"}
 
 #: decode: cost of a work beyond its keys (loading q, merging key groups, storing), in keys: ~ one unrolled step
 WORK_OVERHEAD = 32
-#: whole items are packed (no cuts) when every CTA stays within quota * (1 + 1/PACK_SLACK_DIV)
+#: decode: whole requests are packed (no cuts) when every CTA stays within quota * (1 + 1/PACK_SLACK_DIV)
 PACK_SLACK_DIV = 10
+#: prefill: a CTA's time is its whole load, and cutting a tile costs only a small merge, so pack
+#: only when the CTAs stay within 2% of the quota
+PREFILL_PACK_SLACK_DIV = 50
 #: the shortest piece cut to fill a CTA's last room (a CTA then exceeds its quota by at most this)
 MIN_PIECE = 16
 
@@ -125,14 +128,14 @@ class PlanBuffers:
 
     def plan(self, planner, qo_indptr: np.ndarray, kv_indptr: np.ndarray, last_page_len: np.ndarray,
              page_size: int, allow_split: bool, group_size: int = 1, tile_q: int = 1, causal: bool = False,
-             work_overhead: int = WORK_OVERHEAD):
+             work_overhead: int = WORK_OVERHEAD, pack_slack_div: int = PACK_SLACK_DIV):
         """Run the planner on host arrays and upload the result; returns (num_works, num_partials, quota)."""
         cpu = tvm.cpu()
         planner(
             tvm.runtime.tensor(qo_indptr, cpu), tvm.runtime.tensor(kv_indptr, cpu),
             tvm.runtime.tensor(last_page_len, cpu), self.host_work, self.host_cta, self.host_merge,
             self.host_stats, self.ws.max_partials, page_size, int(allow_split), group_size, tile_q,
-            int(causal), work_overhead,
+            int(causal), work_overhead, pack_slack_div,
         )
         num_works, num_partials, quota, status = (int(x) for x in self.host_stats.numpy())
         if status:

@@ -108,34 +108,35 @@ def test_split_kv_off_is_batch_invariant():
     lengths = [(64, 20000), (30, 40), (200, 900)]
     kv_indptr = np.cumsum([0] + [k for _, k in lengths]).astype(np.int32)
     qo_indptr = np.cumsum([0] + [q for q, _ in lengths]).astype(np.int32)
-    k = tvm.runtime.tensor(randn(rng, (int(kv_indptr[-1]), 8, 128), "float16"), _dev())
-    v = tvm.runtime.tensor(randn(rng, (int(kv_indptr[-1]), 8, 128), "float16"), _dev())
+    k = randn(rng, (int(kv_indptr[-1]), 8, 128), "float16")
+    v = randn(rng, (int(kv_indptr[-1]), 8, 128), "float16")
     q = randn(rng, (int(qo_indptr[-1]), 32, 128), "float16")
     outs = []
     for b in (1, len(lengths)):
         w = ta.BatchPrefillWithRaggedKVCacheWrapper(device="cuda", disable_split_kv=True)
         w.plan(qo_indptr[: b + 1], kv_indptr[: b + 1], 32, 8, 128, causal=True)
-        # same tile for both batches: the first request alone would pick the same 128-row tile
-        outs.append(w.run(q[: qo_indptr[b]], k, v)[: qo_indptr[1]])
+        # same tile for both batches: the first request alone picks the same 128-row tile
+        kb, vb = (tvm.runtime.tensor(x[: kv_indptr[b]], _dev()) for x in (k, v))
+        outs.append(w.run(q[: qo_indptr[b]], kb, vb)[: qo_indptr[1]])
     np.testing.assert_array_equal(outs[0], outs[1])
 
 
-@pytest.mark.parametrize("M, N, R, C, causal", BSR)
-def test_block_sparse(M, N, R, C, causal):
+@pytest.mark.parametrize("M, N, Rb, C, causal", BSR)
+def test_block_sparse(M, N, Rb, C, causal):
     import tvm
 
     rng = np.random.default_rng(17)
-    rows, cols = M // R, N // C
+    rows, cols = M // Rb, N // C
     blocks = rng.random((rows, cols)) < 0.4
     blocks[0] = False  # a block row with no blocks
     indptr = np.concatenate([[0], np.cumsum(blocks.sum(1))]).astype(np.int32)
     indices = np.nonzero(blocks)[1].astype(np.int32)
     q, k, v = (randn(rng, (n, h, 128), "float16") for n, h in ((M, 32), (N, 8), (N, 8)))
     w = ta.BlockSparseAttentionWrapper(device="cuda")
-    w.plan(indptr, indices, M, N, R, C, 32, 8, 128, causal=causal)
+    w.plan(indptr, indices, M, N, Rb, C, 32, 8, 128, causal=causal)
     o, lse = w.run(q, tvm.runtime.tensor(k, _dev()), tvm.runtime.tensor(v, _dev()), return_lse=True)
-    ref_o, ref_lse = R.block_sparse_attention(q, k, v, indptr, indices, R, C, causal=causal)
-    assert_attention_close(o, lse, ref_o, ref_lse, "float16", f"bsr{R}x{C}")
+    ref_o, ref_lse = R.block_sparse_attention(q, k, v, indptr, indices, Rb, C, causal=causal)
+    assert_attention_close(o, lse, ref_o, ref_lse, "float16", f"bsr{Rb}x{C}")
 
 
 def test_single_calls():

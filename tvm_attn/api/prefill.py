@@ -60,8 +60,7 @@ class CudaPrefillPlan(Wrapper):
     def _cuda_key(self, key: AttentionKey, qo_indptr: np.ndarray) -> AttentionKey:
         from dataclasses import replace
 
-        from ..schedule.prefill import prefill_schedule
-        from ..tir.prefill_cuda import check_key
+        from ..schedule.prefill import check_key, prefill_schedule
 
         check_key(key)
         lens = np.diff(qo_indptr)
@@ -73,7 +72,7 @@ class CudaPrefillPlan(Wrapper):
         """``order``: the kernel's KV index arguments, by name: ``"kv_indptr"``, ``"last"`` (the
         planner's arrays) and ``"indices"`` (``indices``: page or block ids, ``max_num_pages`` of them
         under CUDA graphs)."""
-        from ..planner import PLAN, prefill_work_overhead, prefill_workspace
+        from ..planner import PLAN, PREFILL_PACK_SLACK_DIV, prefill_work_overhead, prefill_workspace
         from ..schedule.prefill import PrefillTiles
 
         key = self._cuda_key(key, qo_indptr)
@@ -106,7 +105,8 @@ class CudaPrefillPlan(Wrapper):
         split = self._allow_split and not key.variant.overrides("output_transform")
         bufs.plan(module[PLAN], qo_indptr, kv_indptr, last, page_size, split, key.group_size, tiles.tile_q,
                   # block-sparse steps are not positions: no causal clipping of the keys in the plan
-                  is_causal(key.variant) and key.kind == "prefill", prefill_work_overhead(tiles.tile_q))
+                  is_causal(key.variant) and key.kind == "prefill", prefill_work_overhead(tiles.tile_q),
+                  PREFILL_PACK_SLACK_DIV)
         qo_dev = (dp.upload(0, qo_indptr),) if key.kind == "prefill" else ()
         arrays = {"kv_indptr": kv_indptr, "last": last, "indices": indices}
         index = tuple(dp.upload(i + 1, arrays[name]) for i, name in enumerate(order))

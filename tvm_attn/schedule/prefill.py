@@ -67,6 +67,17 @@ class PrefillTiles:
         return row * (self.tile_q + kv_tiles * self.kv_tile)
 
 
+def check_key(key) -> None:
+    """What the tensor-core kernel supports (checked in plan, before any kernel is looked up)."""
+    if key.q_dtype != key.kv_dtype or key.kv_dtype not in ("float16", "bfloat16"):
+        raise ValueError(
+            f"CUDA prefill: q and kv must both be float16 or both bfloat16 (tensor cores), got "
+            f"{key.q_dtype} / {key.kv_dtype}"
+        )
+    if key.head_dim not in (64, 128, 256):
+        raise ValueError(f"CUDA prefill: head_dim must be 64, 128 or 256, got {key.head_dim}")
+
+
 def choose_prefill_tiles(head_dim: int, packed_rows: int | None = None) -> PrefillTiles:
     """The tiles for a head_dim and the typical number of GQA-packed query rows per request
     (``qo_len * group_size``): a 128-row tile for long queries, 64 below 128 rows, and a one-warp

@@ -14,13 +14,14 @@ is ``keys + work_overhead`` (the paper's ``alpha * l_q + beta * l_kv`` with the 
 into the per-work overhead, since a tile's rows are fixed). The planner gives every CTA the same
 cost by cutting the items' keys, laid end to end, at each CTA's quota ``ceil(total cost /
 num_ctas)``; an item cut into several pieces gets partial-state rows that the merge kernel folds
-together. When whole items fit the CTAs within 1/PACK_SLACK_DIV of the quota, they are packed whole
-instead (no cuts, no merge work). Without split-KV each item is one piece (the deterministic,
+together. When whole items fit the CTAs within 1/pack_slack_div of the quota, they are packed whole
+instead (no cuts, no merge work): each item goes to the CTA where its middle falls, and the plan
+packs when no CTA then exceeds the quota by more than 1/pack_slack_div. Without split-KV each item is one piece (the deterministic,
 batch-invariant mode) and CTAs take whole items up to the quota::
 
     plan(qo_indptr[B+1], kv_indptr[B+1], kv_last_page_len[B], work_info[6, max_works],
          cta_indptr[num_ctas+1], merge_indptr[max_rows+1], stats[4], max_partials, page_size,
-         allow_split, group_size, tile_q, causal, work_overhead)
+         allow_split, group_size, tile_q, causal, work_overhead, pack_slack_div)
 
 * ``kv_len(b) = (pages - 1) * page_size + last_page_len[b]`` (0 without pages); ragged KV passes
   ``page_size = 1`` and ones, block-sparse rows ``page_size = C`` and ``C``.
@@ -39,7 +40,7 @@ from __future__ import annotations
 
 from tvm import tirx
 
-from ..planner import MIN_PIECE, PACK_SLACK_DIV, PLAN
+from ..planner import MIN_PIECE, PLAN
 from ._builder import IRBuilder, T, buffer_param, let, local, loop, scalar_param, store, sym, when
 
 #: rows of work_info
@@ -67,6 +68,7 @@ def make_planner(name: str = PLAN) -> tirx.PrimFunc:
             tile_q = scalar_param("tile_q", "int32")
             causal = scalar_param("causal", "int32")
             overhead = scalar_param("work_overhead", "int32")
+            slack_div = scalar_param("pack_slack_div", "int32")
             num_ctas = num_ctas_plus_one - 1
             max_rows = max_rows_plus_one - 1
 
@@ -103,7 +105,7 @@ def make_planner(name: str = PLAN) -> tirx.PrimFunc:
             # Packing whole items (no cuts, no merges) is the better plan when every CTA can take
             # whole items within PACK_SLACK of the quota: e.g. 64 x 2048 keys over 66 CTAs, where
             # cutting would split nearly every request in two for nothing.
-            limit = let("pack_limit", quota + quota // PACK_SLACK_DIV)
+            limit = let("pack_limit", quota + quota // tirx.max(slack_div, 1))
             pk = local("pk", 3, "int32")  # cta, used, fits
             store(pk, 0, 0)
             store(pk, 0, 1)
@@ -111,7 +113,7 @@ def make_planner(name: str = PLAN) -> tirx.PrimFunc:
             with loop("b", n_batch) as b:
                 with loop("t", n_tiles(b)) as t:
                     cost = extent(b, t) + overhead
-                    with when(tirx.all(pk[1] > 0, pk[1] + cost > limit)):
+                    with when(tirx.all(pk[1] > 0, 2 * pk[1] + cost > 2 * quota)):  # its middle is past the quota
                         store(pk, pk[0] + 1, 0)
                         store(pk, 0, 1)
                     store(pk, pk[1] + cost, 1)
@@ -138,7 +140,7 @@ def make_planner(name: str = PLAN) -> tirx.PrimFunc:
                     store(s, 0, 7)
                     store(s, 1, 8)
                     store(s, s[4], 9)
-                    with when(tirx.all(pack, allow_split != 0, s[3] > 0, s[3] + length + overhead > limit,
+                    with when(tirx.all(pack, allow_split != 0, s[3] > 0, 2 * s[3] + length + overhead > 2 * quota,
                                        s[2] < num_ctas - 1)):
                         store(cta_indptr, s[4], s[2] + 1)  # packing: this item starts the next CTA
                         store(s, s[2] + 1, 2)

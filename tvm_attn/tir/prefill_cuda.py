@@ -23,7 +23,7 @@ lane ``l`` holds accumulator rows ``l // 4`` and ``l // 4 + 8``, columns ``2 * (
 each 16x8 block.
 
 Arguments: the format's query/KV arguments, ``work_info, cta_indptr, tmp_o, tmp_lse, o, lse,
-sm_scale, *extras``; merge: ``merge_indptr, tmp_o, tmp_lse, o, lse``.
+sm_scale, *extras``; merge: ``merge_indptr, tmp_o, tmp_lse, o, lse, *extras``.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from tvm import tirx
 
 from ..config import AttentionKey
 from ..kv.index import declare_layout
-from ..schedule.prefill import PrefillTiles
+from ..schedule.prefill import PrefillTiles, check_key
 from ..variants.base import HookContext
 from ._builder import IRBuilder, T, buffer_param, let, local, loop, scalar_param, store, sym, when
 from .attention import declare_extra_params
@@ -42,23 +42,13 @@ from .plan import WORK_FIELDS
 
 LOG2E = math.log2(math.e)
 FULL_MASK = 0xFFFFFFFF
-_MMA = {"float16": "f16", "bfloat16": "bf16"}
+_MMA = {"float16": "f16", "bfloat16": "bf16"}  # mma operand types
 
 
 def tiles_for(key: AttentionKey) -> PrefillTiles:
     if key.schedule == "default":
         raise ValueError("CUDA prefill keys name their schedule (tvm_attn.schedule.prefill.prefill_schedule)")
     return PrefillTiles.parse(key.schedule)
-
-
-def check_key(key: AttentionKey) -> None:
-    if key.q_dtype != key.kv_dtype or key.kv_dtype not in _MMA:
-        raise ValueError(
-            f"CUDA prefill: q and kv must both be float16 or both bfloat16 (tensor cores), got "
-            f"{key.q_dtype} / {key.kv_dtype}"
-        )
-    if key.head_dim not in (64, 128, 256):
-        raise ValueError(f"CUDA prefill: head_dim must be 64, 128 or 256, got {key.head_dim}")
 
 
 def _f32(x):
@@ -391,7 +381,7 @@ def make_prefill_cuda(key: AttentionKey, tiles: PrefillTiles | None = None) -> t
 
 
 def make_prefill_merge_cuda(key: AttentionKey) -> tirx.PrimFunc:
-    """``<uri>_merge(merge_indptr, tmp_o, tmp_lse, o, lse)``: grid (max packed rows, num_kv_heads).
+    """``<uri>_merge(merge_indptr, tmp_o, tmp_lse, o, lse, *extras)``: grid (max packed rows, num_kv_heads).
 
     Folds the partial states of each GQA-packed row of a cut tile (rows ``merge_indptr[p] ..
     merge_indptr[p + 1]``) into o and lse. Variants with an output transform are planned without
@@ -410,6 +400,7 @@ def make_prefill_merge_cuda(key: AttentionKey) -> tirx.PrimFunc:
             tmp_lse = buffer_param("tmp_lse", (max_partials, key.num_kv_heads), "float32")
             o = buffer_param("o", (num_q, key.num_qo_heads, D), key.o_dtype)
             lse = buffer_param("lse", (num_q, key.num_qo_heads), "float32")
+            declare_extra_params(key)  # the same call shape as the decode merge (extras unused here)
             with T.thread_binding(0, rows_plus_one - 1, "blockIdx.x") as p, \
                     T.thread_binding(0, key.num_kv_heads, "blockIdx.y") as kv_head, \
                     T.thread_binding(0, TX, "threadIdx.x") as tx:
