@@ -42,7 +42,7 @@ class ModelSession:
         if device != "cpu":
             from ..cuda_runtime import ensure_cuda
 
-            ensure_cuda()
+            ensure_cuda(library.parent / "cubin")
         self.vm = VirtualMachine(tvm.runtime.load_module(str(library)), self.device)
         if weights is None:
             weights = self.default_weights()
