@@ -80,6 +80,10 @@ def cmd_build_model(args) -> int:
     variant = json.loads(args.variant) if args.variant and args.variant.lstrip().startswith(("[", "{")) else args.variant
     meta = build_model(args.config, args.target, args.output, safetensors=args.safetensors or None, seed=args.seed,
                        variant=variant, progress=not args.quiet, **overrides)
+    if args.save_params:
+        from .models.build import save_params
+
+        print(f"wrote {save_params(args.output)}")
     ours = [slot for slot, src in meta["kv_cache_slots"].items() if src == "tvm_attn"]
     print(f"wrote {args.output} and its .json ({meta['config_name']}, {args.target}); "
           f"KV-cache slots with tvm_attn kernels: {', '.join(ours) or 'none'}")
@@ -111,6 +115,7 @@ def main(argv=None) -> int:
     m.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     m.add_argument("--variant", help='attention variant spec, e.g. \'{"name": "logits_soft_cap", "cap": 30}\'')
     m.add_argument("--layers", type=int, help="override the number of layers (e.g. a short llama3-8b for tests)")
+    m.add_argument("--save-params", action="store_true", help="also write the weights as <output>.params (C++)")
     m.add_argument("--quiet", action="store_true", help="no progress bar")
     m.set_defaults(func=cmd_build_model)
     args = parser.parse_args(argv)

@@ -15,6 +15,8 @@ import os
 import tempfile
 from pathlib import Path
 
+import numpy as np
+
 from ..progress import Progress
 
 STEPS = ["generate", "compile", "export", "cubin"]
@@ -87,3 +89,28 @@ def build_model(config_name: str, target: str, output, *, safetensors=None, seed
     if stream is not None:
         stream.close()
     return meta
+
+
+def save_params(library, weights: dict | None = None) -> Path:
+    """Write the model's weights beside ``library`` as ``<name>.params`` for C++ callers: TVM's param
+    dict format (``runtime.LoadParamsFromFile``) with the keys ``param_0000``, ... in call order.
+    ``weights``: default the ones ``<name>.json`` records (random from its seed, or its safetensors)."""
+    import tvm
+
+    from .runtime import config_from_json
+
+    library = Path(library)
+    meta = json.loads(library.with_suffix(".json").read_text())
+    if weights is None:
+        from .llama import load_safetensors, random_weights
+
+        cfg, source = config_from_json(meta["config"]), meta["weights"]
+        weights = (random_weights(cfg, source["seed"]) if source["kind"] == "random"
+                   else load_safetensors(cfg, source["paths"]))
+    names = meta["param_names"]
+    if names[0] != "model.embed_tokens.weight":
+        raise AssertionError(f"the C++ example reads the vocabulary from the first weight; it is {names[0]}")
+    path = library.with_suffix(".params")
+    tvm.runtime.save_param_dict_to_file(
+        {f"param_{i:04d}": tvm.runtime.tensor(np.asarray(weights[n])) for i, n in enumerate(names)}, str(path))
+    return path
