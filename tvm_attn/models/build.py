@@ -23,11 +23,12 @@ STEPS = ["generate", "compile", "export", "cubin"]
 
 
 def build_model(config_name: str, target: str, output, *, safetensors=None, seed: int = 0, variant=None,
-                progress: bool = True, **overrides) -> dict:
+                kv_cache: str = "tvm_attn", progress: bool = True, **overrides) -> dict:
     """Build ``config_name`` (``tiny`` or ``llama3-8b``) for ``target`` into ``output`` (a ``.so`` path).
 
     ``safetensors``: local weight file(s) recorded for the runner (no download); default random
-    weights from ``seed``. ``overrides``: LlamaConfig fields (e.g. ``num_hidden_layers=2``).
+    weights from ``seed``. ``kv_cache``: ``"tvm_attn"`` or ``"tvm_builtin"`` (TVM's ``TIRPagedKVCache``,
+    the baseline). ``overrides``: LlamaConfig fields (e.g. ``num_hidden_layers=2``).
     Returns the metadata written beside the library.
     """
     import tvm
@@ -58,7 +59,7 @@ def build_model(config_name: str, target: str, output, *, safetensors=None, seed
         bar.step("generate")
         from .llama import build_module
 
-        mod, names = build_module(config, target)
+        mod, names = build_module(config, target, kv_cache)
         bar.step("compile")
         executable = tvm.compile(mod, target=tvm_target)
         bar.step("export")
@@ -73,22 +74,33 @@ def build_model(config_name: str, target: str, output, *, safetensors=None, seed
         cubin = None
         if target.startswith("cuda"):
             bar.step("cubin")
-            from ..build import cuda_source
             from ..cuda_runtime import precompile
 
-            source = cuda_source(executable)
+            source = _cuda_source(executable.mod)
             path = precompile(source, target.partition(":")[2], output.parent / "cubin") if source else None
             cubin = str(path) if path else None
     cfg = {k: v for k, v in dataclasses.asdict(config).items() if k != "variant"}
     meta = {
         "config_name": config_name, "config": cfg, "variant": config.variant.uri() if config.variant else "default",
-        "target": target, "param_names": names, "weights": weights, "kv_cache_slots": slot_sources(target),
+        "target": target, "param_names": names, "weights": weights, "kv_cache": kv_cache,
+        "kv_cache_slots": slot_sources(target) if kv_cache == "tvm_attn" else slot_sources("tvm_builtin"),
         "cubin": cubin, "build_seconds": {k: round(v, 3) for k, v in bar.seconds.items()},
     }
     output.with_suffix(".json").write_text(json.dumps(meta, indent=1))
     if stream is not None:
         stream.close()
     return meta
+
+
+def _cuda_source(mod) -> str | None:
+    """The CUDA source anywhere in the module tree (a Relax executable nests it under its host library)."""
+    if mod.kind == "cuda":
+        return mod.inspect_source()
+    for sub in mod.imports:
+        found = _cuda_source(sub)
+        if found is not None:
+            return found
+    return None
 
 
 def save_params(library, weights: dict | None = None) -> Path:

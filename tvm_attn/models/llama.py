@@ -87,8 +87,17 @@ def get_config(name: str, **overrides) -> LlamaConfig:
 
 
 # ---------------------------------------------------------------------------------------------- model
-def build_module(config: LlamaConfig, target: str = "llvm"):
-    """``(IRModule, param names in call order)`` of the exported model (nothing compiled yet)."""
+KV_CACHES = ("tvm_attn", "tvm_builtin")
+
+
+def build_module(config: LlamaConfig, target: str = "llvm", kv_cache: str = "tvm_attn"):
+    """``(IRModule, param names in call order)`` of the exported model (nothing compiled yet).
+
+    ``kv_cache``: ``"tvm_attn"`` (:class:`~tvm_attn.relax.kv_cache.AttnPagedKVCache`, our kernels in
+    its attention slots) or ``"tvm_builtin"`` (TVM's ``TIRPagedKVCache``, the baseline).
+    """
+    if kv_cache not in KV_CACHES:
+        raise ValueError(f"kv_cache: must be one of {KV_CACHES}, got {kv_cache!r}")
     from tvm.relax.frontend import nn
 
     from ..relax.kv_cache import AttnPagedKVCache, KVCacheConfig
@@ -143,10 +152,23 @@ def build_module(config: LlamaConfig, target: str = "llvm"):
         def prefill(self, input_ids, paged_kv_cache):
             return self._logits(input_ids, paged_kv_cache)
 
+        def batch_prefill(self, input_ids, logit_positions, paged_kv_cache):
+            """Logits of the rows ``logit_positions`` only (each sequence's last token), as MLC-LLM."""
+            x = self.model.embed_tokens(input_ids)
+            for layer in self.model.layers:
+                x = layer(x, paged_kv_cache)
+            x = nn.op.take(x, logit_positions, axis=1)
+            x = self.model.norm(x)
+            if c.tie_word_embeddings:
+                return nn.op.matmul(x, nn.op.permute_dims(self.model.embed_tokens.weight)).astype("float32")
+            return self.lm_head(x).astype("float32")
+
         def decode(self, input_ids, paged_kv_cache):
             return self._logits(input_ids, paged_kv_cache)
 
         def create_paged_kv_cache(self, max_batch_size, max_total_seq_len, prefill_chunk_size):
+            if kv_cache == "tvm_builtin":
+                return _builtin_cache(c, target, max_batch_size, max_total_seq_len, prefill_chunk_size)
             kv = KVCacheConfig(c.num_hidden_layers, c.num_attention_heads, c.num_key_value_heads, c.head_dim,
                                c.dtype, c.page_size, rope_theta=c.rope_theta, rope_scaling=c.rope_scaling,
                                target=target)
@@ -160,6 +182,9 @@ def build_module(config: LlamaConfig, target: str = "llvm"):
     spec = {
         "prefill": {"input_ids": nn.spec.Tensor([1, "total_len"], "int32"), "paged_kv_cache": cache_spec,
                     "$": {"param_mode": "packed", "effect_mode": "none"}},
+        "batch_prefill": {"input_ids": nn.spec.Tensor([1, "total_len"], "int32"),
+                          "logit_positions": nn.spec.Tensor(["num_seqs"], "int32"), "paged_kv_cache": cache_spec,
+                          "$": {"param_mode": "packed", "effect_mode": "none"}},
         "decode": {"input_ids": nn.spec.Tensor(["batch_size", 1], "int32"), "paged_kv_cache": cache_spec,
                    "$": {"param_mode": "packed", "effect_mode": "none"}},
         "create_paged_kv_cache": {"max_batch_size": int, "max_total_seq_len": int, "prefill_chunk_size": int,
@@ -170,6 +195,25 @@ def build_module(config: LlamaConfig, target: str = "llvm"):
     if sorted(names) != sorted(c.param_shapes()):
         raise AssertionError(f"model parameters {names} differ from LlamaConfig.param_shapes()")
     return mod, names
+
+
+def _builtin_cache(c: LlamaConfig, target: str, max_batch_size, max_total_seq_len, prefill_chunk_size):
+    """TVM's own ``TIRPagedKVCache`` with the same configuration (the end-to-end baseline)."""
+    from tvm import relax as rx
+    from tvm.relax.frontend.nn.llm.kv_cache import RopeMode, TIRPagedKVCache
+
+    from ..build import target_of
+
+    return TIRPagedKVCache(
+        attn_kind="mha", max_batch_size=max_batch_size, max_total_seq_len=max_total_seq_len,
+        prefill_chunk_size=prefill_chunk_size, page_size=c.page_size, support_sliding_window=0,
+        layer_partition=rx.ShapeExpr([0, c.num_hidden_layers]), num_hidden_layers=c.num_hidden_layers,
+        num_attention_heads=c.num_attention_heads, num_key_value_heads=c.num_key_value_heads,
+        qk_head_dim=c.head_dim, v_head_dim=c.head_dim, mla_original_qk_head_dim=0, mla_original_v_head_dim=0,
+        rope_mode=RopeMode.NORMAL, rope_scale=1, rope_theta=c.rope_theta, rope_scaling=dict(c.rope_scaling),
+        rope_ext_factors=rx.prim_value(0), rotary_dim=c.head_dim, enable_disaggregation=False, dtype=c.dtype,
+        target=target_of(target),
+    )
 
 
 # -------------------------------------------------------------------------------------------- weights

@@ -28,7 +28,7 @@ def _global(name: str):
 
 
 class ModelSession:
-    def __init__(self, library, device: str = "cpu", weights: dict | None = None, max_batch_size: int = 8,
+    def __init__(self, library, device: str = "cpu", weights: dict | list | None = None, max_batch_size: int = 8,
                  max_total_seq_len: int = 4096, prefill_chunk_size: int = 2048):
         import tvm
         from tvm.runtime.vm import VirtualMachine
@@ -44,12 +44,16 @@ class ModelSession:
 
             ensure_cuda(library.parent / "cubin")
         self.vm = VirtualMachine(tvm.runtime.load_module(str(library)), self.device)
-        if weights is None:
-            weights = self.default_weights()
-        missing = [n for n in self.meta["param_names"] if n not in weights]
-        if missing:
-            raise ValueError(f"weights: missing {missing[:3]}{'...' if len(missing) > 3 else ''}")
-        self.params = [tvm.runtime.tensor(np.asarray(weights[n]), self.device) for n in self.meta["param_names"]]
+        if isinstance(weights, list):  # already on the device, in call order (shared between sessions)
+            if len(weights) != len(self.meta["param_names"]):
+                raise ValueError(f"weights: {len(weights)} tensors for {len(self.meta['param_names'])} parameters")
+            self.params = weights
+        else:
+            weights = self.default_weights() if weights is None else weights
+            missing = [n for n in self.meta["param_names"] if n not in weights]
+            if missing:
+                raise ValueError(f"weights: missing {missing[:3]}{'...' if len(missing) > 3 else ''}")
+            self.params = [tvm.runtime.tensor(np.asarray(weights[n]), self.device) for n in self.meta["param_names"]]
         shape = tvm.runtime.ShapeTuple
         self.cache = self.vm["create_paged_kv_cache"](shape([max_batch_size]), shape([max_total_seq_len]),
                                                       shape([prefill_chunk_size]))
@@ -84,9 +88,11 @@ class ModelSession:
         return int(_global("vm.builtin.attention_kv_cache_get_sequence_length")(self.cache, seq_id))
 
     # -- one step --------------------------------------------------------------------------------------
-    def forward(self, seq_ids, tokens) -> list[np.ndarray]:
+    def forward(self, seq_ids, tokens, last_only: bool = False, fetch: bool = True):
         """Append ``tokens[i]`` to sequence ``seq_ids[i]`` for every i in one batch; return each
-        sequence's logits ``[len(tokens[i]), vocab]`` (float32)."""
+        sequence's logits ``[len(tokens[i]), vocab]`` (float32), or with ``last_only`` those of its
+        last new token ``[1, vocab]`` (MLC-LLM's ``batch_prefill``). ``fetch=False`` returns the
+        device tensor of the step instead (for timing without the copy to the host)."""
         import tvm
 
         if len(seq_ids) != len(tokens) or not seq_ids:
@@ -95,16 +101,26 @@ class ModelSession:
         if min(lengths) < 1:
             raise ValueError("forward: every sequence in the batch needs at least one new token")
         shape = tvm.runtime.ShapeTuple
+        bounds = np.cumsum([0] + lengths)
         self._begin(self.cache, shape(list(seq_ids)), shape(lengths))
         if max(lengths) == 1:
             ids = np.asarray([t[0] for t in tokens], np.int32).reshape(-1, 1)
-            logits = self.vm["decode"](tvm.runtime.tensor(ids, self.device), self.cache, self.params).numpy()
-            rows = logits[:, 0]
+            out = self.vm["decode"](tvm.runtime.tensor(ids, self.device), self.cache, self.params)
+            bounds, last_only = np.arange(len(lengths) + 1), False
         else:
-            ids = np.concatenate([np.asarray(t, np.int32) for t in tokens]).reshape(1, -1)
-            rows = self.vm["prefill"](tvm.runtime.tensor(ids, self.device), self.cache, self.params).numpy()[0]
+            ids = tvm.runtime.tensor(np.concatenate([np.asarray(t, np.int32) for t in tokens]).reshape(1, -1),
+                                     self.device)
+            if last_only:
+                positions = tvm.runtime.tensor((bounds[1:] - 1).astype(np.int32), self.device)
+                out = self.vm["batch_prefill"](ids, positions, self.cache, self.params)
+            else:
+                out = self.vm["prefill"](ids, self.cache, self.params)
         self._end(self.cache)
-        bounds = np.cumsum([0] + lengths)
+        if not fetch:
+            return out
+        rows = out.numpy().reshape(-1, out.shape[-1])
+        if last_only:
+            return [rows[i : i + 1] for i in range(len(lengths))]
         return [rows[bounds[i] : bounds[i + 1]] for i in range(len(lengths))]
 
 

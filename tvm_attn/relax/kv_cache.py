@@ -60,7 +60,8 @@ class KVCacheConfig:
 
 
 def slot_sources(target: str) -> dict[str, str]:
-    """Which kernel fills each slot of the cache for ``target``: ``"tvm_attn"`` or ``"tvm_builtin"``."""
+    """Which kernel fills each slot of the cache for ``target``: ``"tvm_attn"`` or ``"tvm_builtin"``
+    (``target="tvm_builtin"`` describes TVM's own ``TIRPagedKVCache``)."""
     ours = "tvm_attn" if target == "llvm" else "tvm_builtin"
     return {
         "prefill_ragged": ours, "prefill_paged": ours, "decode_paged": ours, "merge_state": ours,
