@@ -89,6 +89,11 @@ def test_variant_runs_in_the_cache_slots(tmp_path):
     assert np.abs(logits - plain).max() > 100 * TOL
     out = s.forward([0], [[5]])[0]
     _check(capped, weights, tokens + [5], out, "soft-capped decode")
+    s.add_sequence(1)                  # batch_prefill: the last token's logits of each sequence only
+    last = s.forward([0, 1], [[6, 7], tokens[:9]], last_only=True)
+    assert [x.shape for x in last] == [(1, 256), (1, 256)]
+    _check(capped, weights, tokens + [5, 6, 7], last[0], "batch_prefill seq 0")
+    _check(capped, weights, tokens[:9], last[1], "batch_prefill seq 1")
 
 
 def test_safetensors_roundtrip(tmp_path):

@@ -203,17 +203,19 @@ def _builtin_cache(c: LlamaConfig, target: str, max_batch_size, max_total_seq_le
     from tvm.relax.frontend.nn.llm.kv_cache import RopeMode, TIRPagedKVCache
 
     from ..build import target_of
+    from ..relax.kv_cache import tree_kernels_without_rope_scaling
 
-    return TIRPagedKVCache(
-        attn_kind="mha", max_batch_size=max_batch_size, max_total_seq_len=max_total_seq_len,
-        prefill_chunk_size=prefill_chunk_size, page_size=c.page_size, support_sliding_window=0,
-        layer_partition=rx.ShapeExpr([0, c.num_hidden_layers]), num_hidden_layers=c.num_hidden_layers,
-        num_attention_heads=c.num_attention_heads, num_key_value_heads=c.num_key_value_heads,
-        qk_head_dim=c.head_dim, v_head_dim=c.head_dim, mla_original_qk_head_dim=0, mla_original_v_head_dim=0,
-        rope_mode=RopeMode.NORMAL, rope_scale=1, rope_theta=c.rope_theta, rope_scaling=dict(c.rope_scaling),
-        rope_ext_factors=rx.prim_value(0), rotary_dim=c.head_dim, enable_disaggregation=False, dtype=c.dtype,
-        target=target_of(target),
-    )
+    with tree_kernels_without_rope_scaling():
+        return TIRPagedKVCache(
+            attn_kind="mha", max_batch_size=max_batch_size, max_total_seq_len=max_total_seq_len,
+            prefill_chunk_size=prefill_chunk_size, page_size=c.page_size, support_sliding_window=0,
+            layer_partition=rx.ShapeExpr([0, c.num_hidden_layers]), num_hidden_layers=c.num_hidden_layers,
+            num_attention_heads=c.num_attention_heads, num_key_value_heads=c.num_key_value_heads,
+            qk_head_dim=c.head_dim, v_head_dim=c.head_dim, mla_original_qk_head_dim=0, mla_original_v_head_dim=0,
+            rope_mode=RopeMode.NORMAL, rope_scale=1, rope_theta=c.rope_theta, rope_scaling=dict(c.rope_scaling),
+            rope_ext_factors=rx.prim_value(0), rotary_dim=c.head_dim, enable_disaggregation=False, dtype=c.dtype,
+            target=target_of(target),
+        )
 
 
 # -------------------------------------------------------------------------------------------- weights

@@ -20,6 +20,7 @@ our CUDA decode needs its planner's work lists, which the ``tirx`` slot conventi
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import tvm
@@ -126,10 +127,12 @@ class AttnPagedKVCache(PagedKVCache):
                          tvm_kv._attention_decode(hkv, hq, d, dt, True, rope_scaling, target, page_size=c.page_size))
         # Slot 20 is the paged tree-mask kernel and 21 the ragged one (paged_kv_cache.cc). TVM's CPU
         # branch of TIRPagedKVCache passes them the other way round; here each goes to its own slot.
-        tree_paged = (tvm_kv.tree_attn_with_paged_kv_cache_cpu(hkv, hq, d, dt, rope_scaling) if cpu
-                      else tvm_kv.tree_attn_with_paged_kv_cache(hkv, hq, d, dt, rope_scaling, target))
-        tree_ragged = (tvm_kv.tree_attn_cpu(hkv, hq, d, dt, rope_scaling) if cpu
-                       else tvm_kv.tree_attn(hkv, hq, d, dt, rope_scaling, target))
+        # The tree kernels never apply RoPE (the runtime refuses tree attention with inline RoPE), so
+        # they get no RoPE scaling: TVM 0.27's CUDA tree_attn with Llama-3 scaling at head_dim 128
+        # fails to compile (CSE: "variable cse_v21 has been used before definition").
+        tree_paged = (tvm_kv.tree_attn_with_paged_kv_cache_cpu(hkv, hq, d, dt, {}) if cpu
+                      else tvm_kv.tree_attn_with_paged_kv_cache(hkv, hq, d, dt, {}, target))
+        tree_ragged = (tvm_kv.tree_attn_cpu(hkv, hq, d, dt, {}) if cpu else tvm_kv.tree_attn(hkv, hq, d, dt, {}, target))
         copy_page = (tvm_kv._copy_single_page_cpu(hkv, c.page_size, d, dt) if cpu
                      else tvm_kv._copy_single_page(hkv, c.page_size, d, dt, target))
         compact = (tvm_kv._compact_kv_copy_cpu(hkv, d, dt) if cpu else tvm_kv._compact_kv_copy(hkv, d, dt, target))
@@ -162,6 +165,24 @@ class AttnPagedKVCache(PagedKVCache):
         super().__init__(_expr=rx.call_pure_packed("vm.builtin.paged_attention_kv_cache_create", *args,
                                                    ty_args=rx.AnyType()), _name=name)
         self.slots = slot_sources(c.target)
+
+
+@contextlib.contextmanager
+def tree_kernels_without_rope_scaling():
+    """Within the block, TVM's ``TIRPagedKVCache`` builds its tree-mask kernels with no RoPE scaling.
+
+    Those kernels never apply RoPE (the runtime refuses tree attention with inline RoPE), and TVM
+    0.27's CUDA ``tree_attn`` with Llama-3 scaling at head_dim 128 fails to compile (CSE: "variable
+    cse_v21 has been used before definition"); this lets the built-in baseline compile for Llama-3.1.
+    """
+    saved = tvm_kv.tree_attn, tvm_kv.tree_attn_with_paged_kv_cache
+    tvm_kv.tree_attn = lambda h_kv, h_q, d, dtype, _rope_scaling, target: saved[0](h_kv, h_q, d, dtype, {}, target)
+    tvm_kv.tree_attn_with_paged_kv_cache = (
+        lambda h_kv, h_q, d, dtype, _rope_scaling, target: saved[1](h_kv, h_q, d, dtype, {}, target))
+    try:
+        yield
+    finally:
+        tvm_kv.tree_attn, tvm_kv.tree_attn_with_paged_kv_cache = saved
 
 
 def _target(name: str) -> tvm.target.Target:
