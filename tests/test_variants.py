@@ -83,6 +83,8 @@ def test_readme_variant_example(rng):
     "variant, args",
     [
         (ta.Causal(), {}),
+        (ta.variants.RuntimeCausal(), {}),
+        (ta.variants.RuntimeCausal(), {"is_causal": 0}),
         (ta.SlidingWindow(3), {}),
         (ta.SlidingWindow(), {"window_left": 0}),
         (ta.LogitsSoftCap(0.5), {}),

@@ -1,4 +1,5 @@
-"""Command line: ``tvm-attn demo`` (the main job) and ``tvm-attn build`` (precompile kernels)."""
+"""Command line: ``tvm-attn demo`` (the main job), ``tvm-attn build`` (precompile kernels) and
+``tvm-attn build-model`` (compile a model with our kernels into one library)."""
 
 from __future__ import annotations
 
@@ -68,6 +69,27 @@ def cmd_build(args) -> int:
     return 0
 
 
+def cmd_build_model(args) -> int:
+    from .cache import compiler_available
+    from .models.build import build_model
+
+    if not compiler_available():
+        print("tvm-attn build-model: TVM's compiler is not available in this process", file=sys.stderr)
+        return 2
+    overrides = {"num_hidden_layers": args.layers} if args.layers else {}
+    variant = json.loads(args.variant) if args.variant and args.variant.lstrip().startswith(("[", "{")) else args.variant
+    meta = build_model(args.config, args.target, args.output, safetensors=args.safetensors or None, seed=args.seed,
+                       variant=variant, progress=not args.quiet, **overrides)
+    if args.save_params:
+        from .models.build import save_params
+
+        print(f"wrote {save_params(args.output)}")
+    ours = [slot for slot, src in meta["kv_cache_slots"].items() if src == "tvm_attn"]
+    print(f"wrote {args.output} and its .json ({meta['config_name']}, {args.target}); "
+          f"KV-cache slots with tvm_attn kernels: {', '.join(ours) or 'none'}")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="tvm-attn", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -85,6 +107,17 @@ def main(argv=None) -> int:
     b.add_argument("-o", "--output", help="cache directory (default: the user cache)")
     b.add_argument("--force", action="store_true", help="rebuild kernels already in the directory")
     b.set_defaults(func=cmd_build)
+    m = sub.add_parser("build-model", help="compile a Llama-architecture model with our kernels into one library")
+    m.add_argument("--config", default="tiny", help="tiny (CI) or llama3-8b")
+    m.add_argument("--target", default="llvm", help="llvm or cuda:<arch>, e.g. cuda:sm_90a")
+    m.add_argument("-o", "--output", required=True, help="the library to write, e.g. model.so (+ model.json)")
+    m.add_argument("--safetensors", nargs="*", help="local weight files (Hugging Face Llama naming); default random")
+    m.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+    m.add_argument("--variant", help='attention variant spec, e.g. \'{"name": "logits_soft_cap", "cap": 30}\'')
+    m.add_argument("--layers", type=int, help="override the number of layers (e.g. a short llama3-8b for tests)")
+    m.add_argument("--save-params", action="store_true", help="also write the weights as <output>.params (C++)")
+    m.add_argument("--quiet", action="store_true", help="no progress bar")
+    m.set_defaults(func=cmd_build_model)
     args = parser.parse_args(argv)
     np.set_printoptions(precision=4)
     return args.func(args)

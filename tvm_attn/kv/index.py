@@ -42,7 +42,7 @@ class _Queries(_Loads):
     #: key step j is logical position j, so a variant's kv_range bounds the steps directly
     steps_are_positions = True
 
-    def __init__(self, key: AttentionKey):
+    def __init__(self, key: AttentionKey, offsets: bool = False):
         # Each symbolic dim must appear alone in some shape for TVM to bind it from the arguments:
         # decode binds batch_size from q, prefill binds the indptr length from qo_indptr.
         if key.kind == "decode":
@@ -55,7 +55,7 @@ class _Queries(_Loads):
             self.q = buffer_param("q", (self.num_q_rows, key.num_qo_heads, key.head_dim), key.q_dtype)
             batch_plus_one = sym("batch_size_plus_1")
             self.batch = batch_plus_one - 1
-            self.qo_indptr = buffer_param("qo_indptr", (batch_plus_one,), "int32")
+            self.qo_indptr = buffer_param("qo_indptr", (batch_plus_one,), "int32", offsets)
 
     def row_begin(self, b):
         return b if self.qo_indptr is None else self.qo_indptr[b]
@@ -82,16 +82,16 @@ class _Queries(_Loads):
 
 
 class PagedIndex(_Queries):
-    def __init__(self, key: AttentionKey):
+    def __init__(self, key: AttentionKey, offsets: bool = False):
         fmt: PagedKV = key.kv
         self.page_size, self.layout = fmt.page_size, fmt.layout
-        super().__init__(key)
+        super().__init__(key, offsets)
         batch, num_pages, nnz = self.batch, sym("num_pages"), sym("nnz_pages")
         shape = fmt.cache_shape(num_pages, key.num_kv_heads, key.head_dim)
         self.cache = buffer_param("paged_kv_cache", shape, key.kv_dtype)
-        self.indptr = buffer_param("kv_indptr", (batch + 1,), "int32")
-        self.indices = buffer_param("kv_indices", (nnz,), "int32")
-        self.last_page_len = buffer_param("kv_last_page_len", (batch,), "int32")
+        self.indptr = buffer_param("kv_indptr", (batch + 1,), "int32", offsets)
+        self.indices = buffer_param("kv_indices", (nnz,), "int32", offsets)
+        self.last_page_len = buffer_param("kv_last_page_len", (batch,), "int32", offsets)
         self.num_segments = batch
 
     def kv_len(self, b):
@@ -120,14 +120,14 @@ class PagedIndex(_Queries):
 
 
 class RaggedIndex(_Queries):
-    def __init__(self, key: AttentionKey):
+    def __init__(self, key: AttentionKey, offsets: bool = False):
         self.layout = key.kv.layout
-        super().__init__(key)
+        super().__init__(key, offsets)
         batch, total_kv = self.batch, sym("total_kv")
         shape = key.kv.kv_shape(total_kv, key.num_kv_heads, key.head_dim)
         self.k = buffer_param("k", shape, key.kv_dtype)
         self.v = buffer_param("v", shape, key.kv_dtype)
-        self.indptr = buffer_param("kv_indptr", (batch + 1,), "int32")
+        self.indptr = buffer_param("kv_indptr", (batch + 1,), "int32", offsets)
         self.num_segments = batch
 
     def kv_len(self, b):
@@ -155,7 +155,7 @@ class BlockSparseIndex(_Loads):
 
     steps_are_positions = False  # steps walk the block list, not positions
 
-    def __init__(self, key: AttentionKey):
+    def __init__(self, key: AttentionKey, offsets: bool = False):
         fmt: BlockSparseKV = key.kv
         self.R, self.C = fmt.R, fmt.C
         # M is bound by q and checked against the block rows of indptr; plan checks N % C == 0 and
@@ -167,8 +167,8 @@ class BlockSparseIndex(_Loads):
         self.q = buffer_param("q", (self.M, key.num_qo_heads, key.head_dim), key.q_dtype)
         self.k = buffer_param("k", (self.N, key.num_kv_heads, key.head_dim), key.kv_dtype)
         self.v = buffer_param("v", (self.N, key.num_kv_heads, key.head_dim), key.kv_dtype)
-        self.indptr = buffer_param("indptr", (block_rows_plus_one,), "int32")
-        self.indices = buffer_param("indices", (nnz,), "int32")
+        self.indptr = buffer_param("indptr", (block_rows_plus_one,), "int32", offsets)
+        self.indices = buffer_param("indices", (nnz,), "int32", offsets)
         self.num_segments = block_rows
 
     def row_begin(self, b):
@@ -210,10 +210,14 @@ class BlockSparseIndex(_Loads):
         return self.v, (addr[0], h, d)
 
 
-def declare_layout(key: AttentionKey):
-    """Declare the query/KV arguments of ``key``'s format in the current PrimFunc; return its index."""
+def declare_layout(key: AttentionKey, offsets: bool = False):
+    """Declare the query/KV arguments of ``key``'s format in the current PrimFunc; return its index.
+
+    ``offsets=True`` lets the index arrays (indptr, indices, last_page_len) be views with an element
+    offset, as TVM's runtime KV cache passes them.
+    """
     if isinstance(key.kv, BlockSparseKV):
-        return BlockSparseIndex(key)
+        return BlockSparseIndex(key, offsets)
     if isinstance(key.kv, PagedKV):
-        return PagedIndex(key)
-    return RaggedIndex(key)
+        return PagedIndex(key, offsets)
+    return RaggedIndex(key, offsets)

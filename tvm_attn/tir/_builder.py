@@ -21,10 +21,15 @@ def sym(name: str, dtype: str = "int32") -> tirx.Var:
     return tirx.Var(name, dtype)
 
 
-def buffer_param(name: str, shape, dtype: str) -> tirx.Buffer:
-    """Declare a tensor argument ``name`` matched to ``shape`` (ints or symbolic vars)."""
+def buffer_param(name: str, shape, dtype: str, offset: bool = False) -> tirx.Buffer:
+    """Declare a tensor argument ``name`` matched to ``shape`` (ints or symbolic vars).
+
+    ``offset=True`` gives the buffer a symbolic element offset, so that the caller may pass a view
+    into a larger tensor (TVM's runtime KV cache passes its index arrays that way).
+    """
     handle = T.arg(name, T.handle())
-    buf = T.match_buffer(handle, tuple(shape), dtype)
+    elem_offset = sym(f"{name}_elem_offset") if offset else None
+    buf = T.match_buffer(handle, tuple(shape), dtype, elem_offset=elem_offset)
     IRBuilder.name(name, buf)
     return buf
 

@@ -61,21 +61,28 @@ def declare_extra_params(key: AttentionKey) -> dict:
     return out
 
 
-def make_attention(key: AttentionKey) -> tirx.PrimFunc:
-    """Generate the CPU kernel for ``key`` (see the module docstring)."""
+def make_attention(key: AttentionKey, abi=None) -> tirx.PrimFunc:
+    """Generate the CPU kernel for ``key`` (see the module docstring).
+
+    ``abi`` (a :class:`tvm_attn.tir.abi.KernelABI`) gives the kernel the argument order another
+    caller expects (Relax ``call_tir``, TVM's runtime KV cache); the body is the same.
+    """
     if not key.target.startswith("llvm"):
         raise ValueError(f"make_attention builds the portable CPU kernel; target {key.target!r} is not llvm")
     variant, D = key.variant, key.head_dim
     f32 = lambda x: tirx.Cast("float32", x)  # noqa: E731
     with IRBuilder() as ib:
         with T.prim_func():
-            T.func_name(key.uri)
-            T.func_attr({"global_symbol": key.uri, "tir.noalias": True})
-            idx = declare_layout(key)
+            symbol = key.uri if abi is None else abi.symbol(key)
+            T.func_name(symbol)
+            T.func_attr({"global_symbol": symbol, "tir.noalias": True})
+            idx = declare_layout(key, offsets=abi is not None and abi.index_offsets)
             o = buffer_param("o", (idx.num_q_rows, key.num_qo_heads, D), key.o_dtype)
             lse = buffer_param("lse", (idx.num_q_rows, key.num_qo_heads), "float32")
             sm_scale = scalar_param("sm_scale", "float32")
             params = declare_extra_params(key)
+            if abi is not None:
+                abi.declare(key, idx, params)
             stage_keys = variant.overrides("key_transform")
 
             with loop("qo_head", key.num_qo_heads, CPU_LOOP_ORDER.head_loop) as h:
@@ -119,7 +126,8 @@ def make_attention(key: AttentionKey) -> tirx.PrimFunc:
                                 _accumulate(variant.use_softmax, state, o_local, s, lambda d: f32(idx.load_v(addr, kv_head, d)), D)
 
                         _write_output(key, ctx, state, o_local, o, lse, row, h)
-    return ib.get()
+    func = ib.get()
+    return func if abi is None else abi.reorder(key, func)
 
 
 def _accumulate(use_softmax: bool, state, o_local, s, load_v, D: int) -> None:

@@ -15,13 +15,14 @@ from .base import (
     compose,
 )
 from .logits import ALiBi, LogitsSoftCap, SigmoidAttention, alibi_slopes
-from .masks import Causal, CustomMask, SlidingWindow, pack_custom_mask
+from .masks import Causal, CustomMask, RuntimeCausal, SlidingWindow, pack_custom_mask
 from .rope import RoPE
 
 #: Built-in variants by the name the CLI and JSON kernel lists use.
 BUILTIN = {
     "default": AttentionVariant,
     "causal": Causal,
+    "runtime_causal": RuntimeCausal,
     "sliding_window": SlidingWindow,
     "custom_mask": CustomMask,
     "logits_soft_cap": LogitsSoftCap,
@@ -61,5 +62,5 @@ def variant_from_spec(spec) -> AttentionVariant:
 __all__ = [
     "AttentionVariant", "ComposedVariant", "HookContext", "RefContext", "ScalarParam", "TensorParam",
     "compose", "ALiBi", "LogitsSoftCap", "SigmoidAttention", "alibi_slopes", "Causal", "CustomMask",
-    "SlidingWindow", "pack_custom_mask", "RoPE", "BUILTIN", "variant_from_spec",
+    "RuntimeCausal", "SlidingWindow", "pack_custom_mask", "RoPE", "BUILTIN", "variant_from_spec",
 ]

@@ -28,6 +28,33 @@ class Causal(AttentionVariant):
         return ctx.kv_idx <= q_pos
 
 
+class RuntimeCausal(Causal):
+    """:class:`Causal` with a run-time switch: the int32 scalar ``is_causal`` (non-zero: causal, 0: no mask).
+
+    TVM's runtime KV cache passes the flag per call (its paged prefill runs causal over the new keys
+    and non-causal over the cached ones), and FlashInfer's ``mask_mode`` is a run-time choice too.
+    """
+
+    uri_name = "runtime_causal"
+
+    def extra_params(self):
+        return (ScalarParam("is_causal", "int32", 1, "non-zero: causal mask; 0: every key visible"),)
+
+    def logits_mask(self, ctx):
+        from tvm import tirx
+
+        return tirx.any(ctx["is_causal"] == 0, super().logits_mask(ctx))
+
+    def kv_range(self, ctx):
+        from tvm import tirx
+
+        lo, hi = super().kv_range(ctx)
+        return lo, tirx.if_then_else(ctx["is_causal"] != 0, hi, ctx.kv_len)
+
+    def ref_logits_mask(self, ctx):
+        return super().ref_logits_mask(ctx) if int(ctx["is_causal"]) else None
+
+
 class SlidingWindow(AttentionVariant):
     """A query sees at most ``window_left`` keys before its own position (FlashInfer's ``window_left``).
 

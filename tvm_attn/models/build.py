@@ -1,0 +1,128 @@
+"""``tvm-attn build-model``: compile a model, with our kernels, into one deployable library.
+
+Writes ``<name>.so`` (the Relax VM executable: the model's functions, our attention kernels in the KV
+cache's slots, TVM's page kernels) and ``<name>.json`` (the config, the weight names in call order
+and where the weights come from). For CUDA targets the cubin of the library's CUDA source is
+compiled here too (``cubin/`` beside the library), so a GPU host with TVM's runtime alone loads it
+with no compiler (:func:`tvm_attn.cuda_runtime.ensure_cuda`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from ..progress import Progress
+
+STEPS = ["generate", "compile", "export", "cubin"]
+
+
+def build_model(config_name: str, target: str, output, *, safetensors=None, seed: int = 0, variant=None,
+                kv_cache: str = "tvm_attn", progress: bool = True, **overrides) -> dict:
+    """Build ``config_name`` (``tiny`` or ``llama3-8b``) for ``target`` into ``output`` (a ``.so`` path).
+
+    ``safetensors``: local weight file(s) recorded for the runner (no download); default random
+    weights from ``seed``. ``kv_cache``: ``"tvm_attn"`` or ``"tvm_builtin"`` (TVM's ``TIRPagedKVCache``,
+    the baseline). ``overrides``: LlamaConfig fields (e.g. ``num_hidden_layers=2``).
+    Returns the metadata written beside the library.
+    """
+    import tvm
+
+    from ..build import target_of
+    from ..relax.kv_cache import slot_sources
+    from ..variants import variant_from_spec
+    from .llama import get_config
+
+    output = Path(output)
+    if output.suffix != ".so":
+        raise ValueError(f"output: the library path must end in .so, got {output}")
+    config = get_config(config_name, variant=variant_from_spec(variant), **overrides)
+    tvm_target = target_of(target)
+    if safetensors:
+        paths = [str(Path(p).resolve()) for p in ([safetensors] if isinstance(safetensors, (str, os.PathLike))
+                                                  else safetensors)]
+        for p in paths:
+            if not Path(p).exists():
+                raise FileNotFoundError(f"safetensors: {p} does not exist")
+        weights = {"kind": "safetensors", "paths": paths}
+    else:
+        weights = {"kind": "random", "seed": int(seed)}
+    steps = STEPS if target.startswith("cuda") else STEPS[:-1]
+    stream = None if progress else open(os.devnull, "w")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    with Progress(steps, stream=stream) as bar:
+        bar.step("generate")
+        from .llama import build_module
+
+        mod, names = build_module(config, target, kv_cache)
+        bar.step("compile")
+        executable = tvm.compile(mod, target=tvm_target)
+        bar.step("export")
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=output.parent)
+        os.close(fd)
+        try:
+            executable.export_library(tmp)
+            os.replace(tmp, output)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        cubin = None
+        if target.startswith("cuda"):
+            bar.step("cubin")
+            from ..cuda_runtime import precompile
+
+            source = _cuda_source(executable.mod)
+            path = precompile(source, target.partition(":")[2], output.parent / "cubin") if source else None
+            cubin = str(path) if path else None
+    cfg = {k: v for k, v in dataclasses.asdict(config).items() if k != "variant"}
+    meta = {
+        "config_name": config_name, "config": cfg, "variant": config.variant.uri() if config.variant else "default",
+        "target": target, "param_names": names, "weights": weights, "kv_cache": kv_cache,
+        "kv_cache_slots": slot_sources(target) if kv_cache == "tvm_attn" else slot_sources("tvm_builtin"),
+        "cubin": cubin, "build_seconds": {k: round(v, 3) for k, v in bar.seconds.items()},
+    }
+    output.with_suffix(".json").write_text(json.dumps(meta, indent=1))
+    if stream is not None:
+        stream.close()
+    return meta
+
+
+def _cuda_source(mod) -> str | None:
+    """The CUDA source anywhere in the module tree (a Relax executable nests it under its host library)."""
+    if mod.kind == "cuda":
+        return mod.inspect_source()
+    for sub in mod.imports:
+        found = _cuda_source(sub)
+        if found is not None:
+            return found
+    return None
+
+
+def save_params(library, weights: dict | None = None) -> Path:
+    """Write the model's weights beside ``library`` as ``<name>.params`` for C++ callers: TVM's param
+    dict format (``runtime.LoadParamsFromFile``) with the keys ``param_0000``, ... in call order.
+    ``weights``: default the ones ``<name>.json`` records (random from its seed, or its safetensors)."""
+    import tvm
+
+    from .runtime import config_from_json
+
+    library = Path(library)
+    meta = json.loads(library.with_suffix(".json").read_text())
+    if weights is None:
+        from .llama import load_safetensors, random_weights
+
+        cfg, source = config_from_json(meta["config"]), meta["weights"]
+        weights = (random_weights(cfg, source["seed"]) if source["kind"] == "random"
+                   else load_safetensors(cfg, source["paths"]))
+    names = meta["param_names"]
+    if names[0] != "model.embed_tokens.weight":
+        raise AssertionError(f"the C++ example reads the vocabulary from the first weight; it is {names[0]}")
+    path = library.with_suffix(".params")
+    tvm.runtime.save_param_dict_to_file(
+        {f"param_{i:04d}": tvm.runtime.tensor(np.asarray(weights[n])) for i, n in enumerate(names)}, str(path))
+    return path

@@ -1,0 +1,133 @@
+"""Running a compiled model with TVM's runtime only (no compiler, no ``tvm.relax``).
+
+:class:`ModelSession` loads ``model.so`` (``tvm-attn build-model``) and its ``model.json``, uploads
+the weights, creates the KV cache and drives it the way MLC-LLM's engine does::
+
+    s = ModelSession("model.so", device="cpu")            # random weights from the recorded seed
+    s.add_sequence(0); s.add_sequence(1)
+    logits = s.forward([0, 1], [[1, 2, 3], [4, 5]])     # prefill: {seq_id: [new tokens]} in one batch
+    s.fork_sequence(0, 2)                                # 2 shares 0's pages (copy-on-write)
+    logits = s.forward([0, 2], [[7], [8]])               # decode: one token per sequence
+
+Each ``forward`` is ``begin_forward`` -> the model's ``prefill`` (several tokens in some sequence) or
+``decode`` (one token in each) -> ``end_forward``; it returns each sequence's logits rows.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+
+def _global(name: str):
+    import tvm
+
+    return tvm.get_global_func(name)
+
+
+class ModelSession:
+    def __init__(self, library, device: str = "cpu", weights: dict | list | None = None, max_batch_size: int = 8,
+                 max_total_seq_len: int = 4096, prefill_chunk_size: int = 2048):
+        import tvm
+        from tvm.runtime.vm import VirtualMachine
+
+        library = Path(library)
+        meta_path = library.with_suffix(".json")
+        if not meta_path.exists():
+            raise FileNotFoundError(f"{meta_path}: the model's metadata (written by tvm-attn build-model) is missing")
+        self.meta = json.loads(meta_path.read_text())
+        self.device = tvm.cpu() if device == "cpu" else tvm.cuda(0)
+        if device != "cpu":
+            from ..cuda_runtime import ensure_cuda
+
+            ensure_cuda(library.parent / "cubin")
+        self.vm = VirtualMachine(tvm.runtime.load_module(str(library)), self.device)
+        if isinstance(weights, list):  # already on the device, in call order (shared between sessions)
+            if len(weights) != len(self.meta["param_names"]):
+                raise ValueError(f"weights: {len(weights)} tensors for {len(self.meta['param_names'])} parameters")
+            self.params = weights
+        else:
+            weights = self.default_weights() if weights is None else weights
+            missing = [n for n in self.meta["param_names"] if n not in weights]
+            if missing:
+                raise ValueError(f"weights: missing {missing[:3]}{'...' if len(missing) > 3 else ''}")
+            self.params = [tvm.runtime.tensor(np.asarray(weights[n]), self.device) for n in self.meta["param_names"]]
+        shape = tvm.runtime.ShapeTuple
+        self.cache = self.vm["create_paged_kv_cache"](shape([max_batch_size]), shape([max_total_seq_len]),
+                                                      shape([prefill_chunk_size]))
+        self._begin = _global("vm.builtin.kv_state_begin_forward")
+        self._end = _global("vm.builtin.kv_state_end_forward")
+
+    def default_weights(self) -> dict:
+        """The weights ``build-model`` recorded: random from a seed, or a local safetensors file."""
+        from .llama import LlamaConfig, load_safetensors, random_weights
+
+        cfg = config_from_json(self.meta["config"])
+        source = self.meta["weights"]
+        if source["kind"] == "random":
+            return random_weights(cfg, source["seed"])
+        return load_safetensors(cfg, source["paths"])
+
+    # -- sequences (TVM's runtime KV-state functions) -------------------------------------------------
+    def add_sequence(self, seq_id: int) -> None:
+        _global("vm.builtin.kv_state_add_sequence")(self.cache, seq_id)
+
+    def remove_sequence(self, seq_id: int) -> None:
+        _global("vm.builtin.kv_state_remove_sequence")(self.cache, seq_id)
+
+    def fork_sequence(self, parent: int, child: int, fork_pos: int = -1) -> None:
+        """``child`` starts as ``parent``'s first ``fork_pos`` tokens (all of them with -1)."""
+        _global("vm.builtin.kv_state_fork_sequence")(self.cache, parent, child, fork_pos)
+
+    def popn(self, seq_id: int, n: int) -> None:
+        _global("vm.builtin.kv_state_popn")(self.cache, seq_id, n)
+
+    def sequence_length(self, seq_id: int) -> int:
+        return int(_global("vm.builtin.attention_kv_cache_get_sequence_length")(self.cache, seq_id))
+
+    # -- one step --------------------------------------------------------------------------------------
+    def forward(self, seq_ids, tokens, last_only: bool = False, fetch: bool = True):
+        """Append ``tokens[i]`` to sequence ``seq_ids[i]`` for every i in one batch; return each
+        sequence's logits ``[len(tokens[i]), vocab]`` (float32), or with ``last_only`` those of its
+        last new token ``[1, vocab]`` (MLC-LLM's ``batch_prefill``). ``fetch=False`` returns the
+        device tensor of the step instead (for timing without the copy to the host)."""
+        import tvm
+
+        if len(seq_ids) != len(tokens) or not seq_ids:
+            raise ValueError(f"forward: {len(seq_ids)} sequence ids for {len(tokens)} token lists")
+        lengths = [len(t) for t in tokens]
+        if min(lengths) < 1:
+            raise ValueError("forward: every sequence in the batch needs at least one new token")
+        shape = tvm.runtime.ShapeTuple
+        bounds = np.cumsum([0] + lengths)
+        self._begin(self.cache, shape(list(seq_ids)), shape(lengths))
+        if max(lengths) == 1:
+            ids = np.asarray([t[0] for t in tokens], np.int32).reshape(-1, 1)
+            out = self.vm["decode"](tvm.runtime.tensor(ids, self.device), self.cache, self.params)
+            bounds, last_only = np.arange(len(lengths) + 1), False
+        else:
+            ids = tvm.runtime.tensor(np.concatenate([np.asarray(t, np.int32) for t in tokens]).reshape(1, -1),
+                                     self.device)
+            if last_only:
+                positions = tvm.runtime.tensor((bounds[1:] - 1).astype(np.int32), self.device)
+                out = self.vm["batch_prefill"](ids, positions, self.cache, self.params)
+            else:
+                out = self.vm["prefill"](ids, self.cache, self.params)
+        self._end(self.cache)
+        if not fetch:
+            return out
+        rows = out.numpy().reshape(-1, out.shape[-1])
+        if last_only:
+            return [rows[i : i + 1] for i in range(len(lengths))]
+        return [rows[bounds[i] : bounds[i + 1]] for i in range(len(lengths))]
+
+
+def config_from_json(d: dict):
+    from .llama import LlamaConfig
+
+    d = dict(d)
+    d["rope_scaling"] = tuple(tuple(kv) for kv in d.get("rope_scaling", ()))
+    d.pop("variant", None)
+    return LlamaConfig(**d)

@@ -1,0 +1,191 @@
+"""TVM's runtime paged KV cache with tvm_attn's kernels in its attention slots.
+
+:class:`AttnPagedKVCache` emits the same ``vm.builtin.paged_attention_kv_cache_create`` call as
+TVM's ``TIRPagedKVCache`` (``tvm/relax/frontend/nn/llm/kv_cache.py``), so the runtime object is
+TVM's own: sequence add / remove / fork / popn, ``begin_forward`` / ``end_forward``, page
+management and the cascade over shared prefixes behave as they do for MLC-LLM. What changes is
+what sits in the ``("tirx", f)`` slots (:func:`slot_sources` lists them):
+
+* ours (:func:`tvm_attn.tir.abi.kv_cache_kernel`, the builtin TIR signatures): ragged prefill (the
+  new tokens against themselves, causal), paged prefill (the queries against each shared-prefix
+  depth of the cache), paged decode, and the in-place state merge that combines them;
+* TVM's: the page kernels (transpose-append of new K/V into pages, single-page copy for forks,
+  compaction, debug read-out), the fused split + RoPE kernel, the sliding-window slots and the
+  tree-mask (speculative decoding) slots.
+
+Our kernels leave RoPE to the cache's split-rotary kernel, so ``rope_mode`` is ``RopeMode.NORMAL``
+(or ``NONE``); inline RoPE raises. On CUDA targets every attention slot keeps TVM's kernel for now:
+our CUDA decode needs its planner's work lists, which the ``tirx`` slot convention cannot pass.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import tvm
+from tvm import relax as rx
+from tvm import tirx
+from tvm.relax.frontend.nn.llm import kv_cache as tvm_kv
+from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache, RopeMode
+
+from ..tir.abi import kv_cache_kernel
+from ..variants.base import compose
+from ..tir.merge import make_merge
+from ..config import MergeKey
+
+
+@dataclass(frozen=True)
+class KVCacheConfig:
+    """The static configuration of the cache and its kernels."""
+
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    dtype: str = "float16"
+    page_size: int = 16
+    rope_mode: int = int(RopeMode.NORMAL)
+    rope_theta: float = 10000.0
+    rope_scale: float = 1.0
+    rope_scaling: tuple = ()  # (key, value) pairs of a Llama-3.1 style scaling dict, or ()
+    target: str = "llvm"
+
+    def __post_init__(self):
+        if int(self.rope_mode) == int(RopeMode.INLINE):
+            raise ValueError("rope_mode: tvm_attn's cache kernels need RoPE applied before attention "
+                             "(RopeMode.NORMAL) or none (RopeMode.NONE), not RopeMode.INLINE")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(f"num_attention_heads {self.num_attention_heads} is not a multiple of "
+                             f"num_key_value_heads {self.num_key_value_heads}")
+
+
+def slot_sources(target: str) -> dict[str, str]:
+    """Which kernel fills each slot of the cache for ``target``: ``"tvm_attn"`` or ``"tvm_builtin"``
+    (``target="tvm_builtin"`` describes TVM's own ``TIRPagedKVCache``)."""
+    ours = "tvm_attn" if target == "llvm" else "tvm_builtin"
+    return {
+        "prefill_ragged": ours, "prefill_paged": ours, "decode_paged": ours, "merge_state": ours,
+        "prefill_sliding_window": "tvm_builtin", "decode_sliding_window": "tvm_builtin",
+        "tree_mask": "tvm_builtin", "transpose_append": "tvm_builtin", "split_rotary": "tvm_builtin",
+        "copy_single_page": "tvm_builtin", "compact_copy": "tvm_builtin", "debug_get_kv": "tvm_builtin",
+    }
+
+
+class AttnPagedKVCache(PagedKVCache):
+    """TVM's runtime paged KV cache whose attention slots run tvm_attn's kernels.
+
+    Build it inside an ``nn.Module`` method (the model's ``create_paged_kv_cache``); the per-layer
+    calls (``attention_with_fused_qkv``, ``self_attention``, ...) are TVM's ``PagedKVCache`` methods.
+
+    ``max_batch_size``, ``max_total_seq_len`` and ``prefill_chunk_size`` are usually symbolic
+    (the create function's arguments); everything in ``config`` is static. ``variant``: an optional
+    position-free variant applied in every attention slot (its run-time scalars bound to their
+    defaults, see :func:`tvm_attn.tir.abi.kv_cache_kernel`).
+    """
+
+    def __init__(self, config: KVCacheConfig, max_batch_size, max_total_seq_len, prefill_chunk_size, *,
+                 variant=None, name: str = "paged_kv_cache"):
+        bb = rx.BlockBuilder.current()
+        if bb is None:
+            raise RuntimeError("AttnPagedKVCache is built inside a Relax function (an nn.Module method)")
+        c = config
+        target = _target(c.target)
+        rope_scaling = dict(c.rope_scaling)  # TVM's kernels read it as a dict; {} is plain RoPE
+        hq, hkv, d, dt = c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.dtype
+
+        def tir(func, name):
+            return rx.Tuple([tvm.ir.StringImm("tirx"), bb.add_func(func.with_attr("global_symbol", name), name)])
+
+        if c.target == "llvm":
+            ours = {slot: kv_cache_kernel(slot, hq, hkv, d, dt, c.page_size, variant)
+                    for slot in ("prefill_ragged", "prefill_paged", "decode")}
+            ragged = tir(ours["prefill_ragged"], "tvm_attn_prefill_ragged")
+            paged = tir(ours["prefill_paged"], "tvm_attn_prefill_paged")
+            decode = tir(ours["decode"], "tvm_attn_decode_paged")
+            merge = bb.add_func(make_merge(MergeKey("merge_state_in_place", dt)).with_attr(
+                "global_symbol", "tvm_attn_merge_state_in_place"), "tvm_attn_merge_state_in_place")
+            cpu = True
+        else:
+            if compose(variant).uri() != "default":
+                raise ValueError(f"target {c.target!r}: variants in the cache need tvm_attn's kernels, which "
+                                 "fill the CUDA slots only in a later version")
+            ragged = tir(tvm_kv._attention_prefill_ragged(hkv, hq, d, d, dt, rope_scaling, target),
+                         "tir_attention_prefill_ragged")
+            paged = tir(tvm_kv._attention_prefill(hkv, hq, d, dt, False, rope_scaling, target, page_size=c.page_size),
+                        "tir_attention_prefill")
+            decode = tir(tvm_kv._attention_decode(hkv, hq, d, dt, False, rope_scaling, target, page_size=c.page_size),
+                         "tir_attention_decode")
+            merge = bb.add_func(tvm_kv._merge_state_inplace(hq, d, dt, target, "tir_attention_merge_state"),
+                                "tir_attention_merge_state")
+            cpu = False
+        window = (tvm_kv._attention_prefill_cpu(hkv, hq, d, dt, True, rope_scaling, page_size=c.page_size)
+                  if cpu else
+                  tvm_kv._attention_prefill(hkv, hq, d, dt, True, rope_scaling, target, page_size=c.page_size))
+        window_decode = (tvm_kv._attention_decode_cpu(hkv, hq, d, dt, True, rope_scaling, page_size=c.page_size)
+                         if cpu else
+                         tvm_kv._attention_decode(hkv, hq, d, dt, True, rope_scaling, target, page_size=c.page_size))
+        # Slot 20 is the paged tree-mask kernel and 21 the ragged one (paged_kv_cache.cc). TVM's CPU
+        # branch of TIRPagedKVCache passes them the other way round; here each goes to its own slot.
+        # The tree kernels never apply RoPE (the runtime refuses tree attention with inline RoPE), so
+        # they get no RoPE scaling: TVM 0.27's CUDA tree_attn with Llama-3 scaling at head_dim 128
+        # fails to compile (CSE: "variable cse_v21 has been used before definition").
+        tree_paged = (tvm_kv.tree_attn_with_paged_kv_cache_cpu(hkv, hq, d, dt, {}) if cpu
+                      else tvm_kv.tree_attn_with_paged_kv_cache(hkv, hq, d, dt, {}, target))
+        tree_ragged = (tvm_kv.tree_attn_cpu(hkv, hq, d, dt, {}) if cpu else tvm_kv.tree_attn(hkv, hq, d, dt, {}, target))
+        copy_page = (tvm_kv._copy_single_page_cpu(hkv, c.page_size, d, dt) if cpu
+                     else tvm_kv._copy_single_page(hkv, c.page_size, d, dt, target))
+        compact = (tvm_kv._compact_kv_copy_cpu(hkv, d, dt) if cpu else tvm_kv._compact_kv_copy(hkv, d, dt, target))
+        config_shape = rx.ShapeExpr([max_batch_size, max_total_seq_len, prefill_chunk_size, c.page_size,
+                                     0, 1024])  # no sliding-window support; the last field is its (unused) size
+        args = [
+            config_shape,
+            rx.ShapeExpr([0, c.num_hidden_layers]),                       # layer partition: one group
+            rx.prim_value(hq), rx.prim_value(hkv), rx.prim_value(d), rx.prim_value(d),
+            rx.ShapeExpr([int(tvm_kv.AttnKind.MHA)] * c.num_hidden_layers),
+            rx.prim_value(False),                                          # no KV transfer (disaggregation)
+            rx.prim_value(int(c.rope_mode)), rx.prim_value(float(c.rope_scale)), rx.prim_value(float(c.rope_theta)),
+            rx.prim_value(0),                                              # no rope extension factors
+            rx.op.zeros((), dt),                                           # carries the dtype and device
+            bb.add_func(tvm_kv._kv_cache_transpose_append(hkv, d, dt), "kv_cache_transpose_append"),
+            bb.add_func(tvm_kv._kv_cache_transpose_append_mla(d, dt), "kv_cache_transpose_append_mla"),
+            ragged, paged, decode,
+            tir(window, "tir_attention_prefill_sliding_window"),
+            tir(window_decode, "tir_attention_decode_sliding_window"),
+            tir(tree_paged, "tir_attention_prefill_with_tree_mask_with_paged_kv_cache"),
+            tir(tree_ragged, "tir_attention_prefill_with_tree_mask"),
+            rx.Tuple([]),                                                  # no MLA
+            rx.Tuple([merge]),
+            bb.add_func(tvm_kv.llama_rope_with_position_map(c.rope_theta, c.rope_scale, d, hq, hkv, dt, rope_scaling, d),
+                        "tir_split_rotary"),
+            bb.add_func(copy_page, "kv_cache_copy_single_page"),
+            bb.add_func(tvm_kv._kv_cache_debug_get_kv(c.num_hidden_layers, hkv, d, dt), "kv_cache_debug_get_kv"),
+            bb.add_func(compact, "kv_cache_compact_kv_copy"),
+        ]
+        super().__init__(_expr=rx.call_pure_packed("vm.builtin.paged_attention_kv_cache_create", *args,
+                                                   ty_args=rx.AnyType()), _name=name)
+        self.slots = slot_sources(c.target)
+
+
+@contextlib.contextmanager
+def tree_kernels_without_rope_scaling():
+    """Within the block, TVM's ``TIRPagedKVCache`` builds its tree-mask kernels with no RoPE scaling.
+
+    Those kernels never apply RoPE (the runtime refuses tree attention with inline RoPE), and TVM
+    0.27's CUDA ``tree_attn`` with Llama-3 scaling at head_dim 128 fails to compile (CSE: "variable
+    cse_v21 has been used before definition"); this lets the built-in baseline compile for Llama-3.1.
+    """
+    saved = tvm_kv.tree_attn, tvm_kv.tree_attn_with_paged_kv_cache
+    tvm_kv.tree_attn = lambda h_kv, h_q, d, dtype, _rope_scaling, target: saved[0](h_kv, h_q, d, dtype, {}, target)
+    tvm_kv.tree_attn_with_paged_kv_cache = (
+        lambda h_kv, h_q, d, dtype, _rope_scaling, target: saved[1](h_kv, h_q, d, dtype, {}, target))
+    try:
+        yield
+    finally:
+        tvm_kv.tree_attn, tvm_kv.tree_attn_with_paged_kv_cache = saved
+
+
+def _target(name: str) -> tvm.target.Target:
+    from ..build import target_of
+
+    return target_of(name)
