@@ -125,10 +125,10 @@ def make_prefill_cuda(key: AttentionKey, tiles: PrefillTiles | None = None) -> t
             with T.thread_binding(0, num_ctas, "blockIdx.x") as cta, \
                     T.thread_binding(0, key.num_kv_heads, "blockIdx.y") as kv_head, \
                     T.thread_binding(0, NT, "threadIdx.x") as tid:
-                q_s = T.alloc_buffer((TQ, D + 8), dt, scope="shared")
-                k_s = T.alloc_buffer((2, TK, D + 8), dt, scope="shared")
-                v_s = T.alloc_buffer((2, TK, D + 8), dt, scope="shared")
-                kt_s = T.alloc_buffer((TK, D + 8), dt, scope="shared") if stage_keys else None
+                q_s = T.alloc_buffer((TQ, D + 8), dt, scope="shared.dyn")
+                k_s = T.alloc_buffer((2, TK, D + 8), dt, scope="shared.dyn")
+                v_s = T.alloc_buffer((2, TK, D + 8), dt, scope="shared.dyn")
+                kt_s = T.alloc_buffer((TK, D + 8), dt, scope="shared.dyn") if stage_keys else None
                 s_acc = local("s_acc", (MT, NB, 4))
                 o_acc = local("o_acc", (MT, ND, 4))
                 m_i = local("m_i", (MT, 2))
