@@ -13,7 +13,7 @@ import pytest
 import tvm_attn as ta
 from tvm_attn import reference as R
 
-from conftest import assert_attention_close, randn
+from conftest import TOL, assert_attention_close, randn
 from .cases import variant_of
 from .prefill_cases import BASE, BSR, CASES, LENGTHS, LONG, MEDIUM, SHORT, case_id, key_of
 
@@ -73,14 +73,24 @@ def check(case, lengths, rng, all_false_mask=False, **wrapper_kw):
         w = ta.BatchPrefillWithRaggedKVCacheWrapper(layout, device="cuda", **wrapper_kw)
         w.plan(qo_indptr, kv_indptr, Hq, Hkv, D, **plan_kw)
         data = (tvm.runtime.tensor(k, _dev()), tvm.runtime.tensor(v, _dev()))
-        ref = lambda: R.ragged_attention(q, qo_indptr, k, v, kv_indptr, layout,  # noqa: E731
-                                         variant=w.kernel_key.variant, params=args)
+        ref = lambda v=v: R.ragged_attention(q, qo_indptr, k, v, kv_indptr, layout,  # noqa: E731
+                                             variant=w.kernel_key.variant, params=args)
     assert w.kernel_key.uri == key_of(case, lengths, w.kernel_key.target).uri
     softmax = w.kernel_key.variant.use_softmax
     res = w.run(q, *data, return_lse=softmax, **args)
     o, lse = res if softmax else (res, None)
     ref_o, ref_lse = ref()
-    assert_attention_close(o, lse, ref_o, ref_lse if softmax else None, dtype, case_id(case))
+    if not softmax and case["kv"] == "ragged":
+        # Unnormalized weights (sigmoid): P.V runs on tensor cores with P rounded to the data type, an
+        # error of up to half an ulp of each weight, so it grows with sum_j w_j |v_j| (the same
+        # attention over |v|), not with |o|. Allow exactly that on top of the usual bound.
+        mass, _ = ref(v=np.abs(np.asarray(v, np.float32)).astype(v.dtype))
+        ulp = 2.0 ** (-11 if dtype == "float16" else -8)
+        err = np.abs(np.asarray(o, np.float32) - ref_o)
+        bound = TOL[dtype] * (1 + np.abs(ref_o)) + ulp * mass
+        assert np.all(err <= bound), f"{case_id(case)}: max |err| {err.max():.3e}, worst excess {(err - bound).max():.3e}"
+    else:
+        assert_attention_close(o, lse, ref_o, ref_lse if softmax else None, dtype, case_id(case))
     return o, lse
 
 
