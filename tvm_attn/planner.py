@@ -37,9 +37,9 @@ STATUS = {1: "max_works", 2: "max_partials", 3: "max_rows"}
 WORK_OVERHEAD = 32
 #: decode: whole requests are packed (no cuts) when every CTA stays within quota * (1 + 1/PACK_SLACK_DIV)
 PACK_SLACK_DIV = 10
-#: prefill: a CTA's time is its whole load, and cutting a tile costs only a small merge, so pack
-#: only when the CTAs stay within 2% of the quota
-PREFILL_PACK_SLACK_DIV = 50
+#: prefill: the same 10%. Measured on an H100, 2% (more cuts, partial states and a merge over every
+#: packed row) was 7-30% slower than 10% on the dense workloads of scripts/bench_prefill.py
+PREFILL_PACK_SLACK_DIV = 10
 #: the shortest piece cut to fill a CTA's last room (a CTA then exceeds its quota by at most this)
 MIN_PIECE = 16
 
