@@ -35,12 +35,10 @@ from ..kv.index import declare_layout
 from ..schedule.decode import DecodeTiles
 from ..variants.base import HookContext
 from ._builder import IRBuilder, T, buffer_param, let, local, loop, scalar_param, store, sym, when
+from ._cuda import f32, fold_partial, neg_inf, shfl_xor, workspace_params
 from .attention import declare_extra_params
-from .plan import WORK_FIELDS
 
 LOG2E = math.log2(math.e)
-NEG_INF = -math.inf
-FULL_MASK = 0xFFFFFFFF
 
 
 def tiles_for(key: AttentionKey) -> DecodeTiles:
@@ -53,29 +51,8 @@ def tiles_for(key: AttentionKey) -> DecodeTiles:
     return tiles
 
 
-def _f32(x):
-    return tirx.Cast("float32", x)
-
-
-def _neg_inf():
-    return tirx.const(NEG_INF, "float32")
-
-
-def _shfl_xor(value, offset: int, width: int):
-    return tirx.op.tvm_warp_shuffle_xor(FULL_MASK, value, offset, width, 32)
-
-
 def _thread(extent, tag):
     return T.thread_binding(0, extent, tag)
-
-
-def _workspace_params(key: AttentionKey):
-    max_works, num_ctas_plus_one, max_partials = sym("max_works"), sym("num_ctas_plus_1"), sym("max_partials")
-    work_info = buffer_param("work_info", (WORK_FIELDS, max_works), "int32")
-    cta_indptr = buffer_param("cta_indptr", (num_ctas_plus_one,), "int32")
-    tmp_o = buffer_param("tmp_o", (max_partials, key.num_qo_heads, key.head_dim), "float32")
-    tmp_lse = buffer_param("tmp_lse", (max_partials, key.num_qo_heads), "float32")
-    return num_ctas_plus_one - 1, work_info, cta_indptr, tmp_o, tmp_lse
 
 
 def make_batch_decode_cuda(key: AttentionKey, tiles: DecodeTiles | None = None) -> tirx.PrimFunc:
@@ -89,7 +66,7 @@ def make_batch_decode_cuda(key: AttentionKey, tiles: DecodeTiles | None = None) 
             T.func_name(key.uri)
             T.func_attr({"global_symbol": key.uri, "tir.noalias": True, "tirx.is_scheduled": True})
             idx = declare_layout(key)
-            num_ctas, work_info, cta_indptr, tmp_o, tmp_lse = _workspace_params(key)
+            num_ctas, work_info, cta_indptr, tmp_o, tmp_lse = workspace_params(key.num_qo_heads, key.head_dim)
             o = buffer_param("o", (idx.num_q_rows, key.num_qo_heads, D), key.o_dtype)
             lse = buffer_param("lse", (idx.num_q_rows, key.num_qo_heads), "float32")
             sm_scale = scalar_param("sm_scale", "float32")
@@ -131,11 +108,11 @@ def make_batch_decode_cuda(key: AttentionKey, tiles: DecodeTiles | None = None) 
                         with loop("g", G, "unroll") as g:
                             h = head0 + g
                             qctx = HookContext(req, 0, None, h, kv_head, 1, kv_len, D, params)
-                            load_q = lambda dd, h=h: _f32(idx.q[req, h, dd])  # noqa: E731
+                            load_q = lambda dd, h=h: f32(idx.q[req, h, dd])  # noqa: E731
                             with loop("v", VEC, "unroll") as v:
                                 store(q_reg, variant.query_transform(qctx, load_q, tx * VEC + v), g, v)
                                 store(o_reg, tirx.const(0.0, "float32"), g, v)
-                            store(md, _neg_inf(), g, 0)
+                            store(md, neg_inf(), g, 0)
                             store(md, tirx.const(0.0, "float32"), g, 1)
 
                         with loop("it", tirx.ceildiv(end - begin, NKG * U)) as it:
@@ -158,18 +135,18 @@ def make_batch_decode_cuda(key: AttentionKey, tiles: DecodeTiles | None = None) 
                                 kctx = HookContext(req, None, pos, None, kv_head, 1, kv_len, D, params)
                                 if stage_keys:  # transformed once per key, for every head of the group
                                     k_t = local("k_t", VEC)
-                                    load_k = lambda dd, u=u: _f32(k_smem[kg, u, dd])  # noqa: E731
+                                    load_k = lambda dd, u=u: f32(k_smem[kg, u, dd])  # noqa: E731
                                     with loop("v", VEC, "unroll") as v:
                                         store(k_t, variant.key_transform(kctx, load_k, tx * VEC + v), v)
                                 with loop("g", G, "unroll") as g:
                                     acc = local("acc", 1)
                                     store(acc, tirx.const(0.0, "float32"), 0)
                                     with loop("v", VEC, "unroll") as v:
-                                        k_v = k_t[v] if stage_keys else _f32(k_reg[u, v])
+                                        k_v = k_t[v] if stage_keys else f32(k_reg[u, v])
                                         store(acc, acc[0] + q_reg[g, v] * k_v, 0)
                                     off = TX // 2
                                     while off >= 1:
-                                        store(acc, acc[0] + _shfl_xor(acc[0], off, 32), 0)
+                                        store(acc, acc[0] + shfl_xor(acc[0], off, 32), 0)
                                         off //= 2
                                     sctx.qo_head_idx = head0 + g
                                     s = variant.logits_transform(sctx, acc[0] * sm_scale)
@@ -178,7 +155,7 @@ def make_batch_decode_cuda(key: AttentionKey, tiles: DecodeTiles | None = None) 
                                     if m is not None:
                                         visible = tirx.all(visible, m)
                                     if variant.use_softmax:
-                                        store(s_reg, tirx.if_then_else(visible, s * LOG2E, _neg_inf()), u, g)
+                                        store(s_reg, tirx.if_then_else(visible, s * LOG2E, neg_inf()), u, g)
                                     else:
                                         store(s_reg, tirx.if_then_else(visible, s, tirx.const(0.0, "float32")), u, g)
                             _update_state(variant.use_softmax, G, U, VEC, md, o_reg, s_reg, v_reg)
@@ -226,7 +203,7 @@ def _update_state(use_softmax, G, U, VEC, md, o_reg, s_reg, v_reg):
             with loop("v", VEC, "unroll") as v:
                 total = o_reg[g, v]
                 for u in range(U):
-                    total = total + s_reg[u, g] * _f32(v_reg[u, v])
+                    total = total + s_reg[u, g] * f32(v_reg[u, v])
                 store(o_reg, total, g, v)
         else:
             _softmax_step(g, U, VEC, md, o_reg, s_reg, v_reg)
@@ -237,7 +214,7 @@ def _softmax_step(g, U, VEC, md, o_reg, s_reg, v_reg):
     for u in range(U):
         m_new = tirx.max(m_new, s_reg[u, g])
     m_new = let("m_new", m_new)
-    m_safe = let("m_safe", tirx.if_then_else(m_new == _neg_inf(), tirx.const(0.0, "float32"), m_new))
+    m_safe = let("m_safe", tirx.if_then_else(m_new == neg_inf(), tirx.const(0.0, "float32"), m_new))
     scale = let("scale", tirx.exp2(md[g, 0] - m_safe))
     p = local("p", U)
     with loop("u", U, "unroll") as u:
@@ -250,7 +227,7 @@ def _softmax_step(g, U, VEC, md, o_reg, s_reg, v_reg):
     with loop("v", VEC, "unroll") as v:
         acc = o_reg[g, v] * scale
         for u in range(U):
-            acc = acc + p[u] * _f32(v_reg[u, v])
+            acc = acc + p[u] * f32(v_reg[u, v])
         store(o_reg, acc, g, v)
 
 
@@ -262,14 +239,14 @@ def _merge_groups(use_softmax, NKG, smem_md, smem_o, g, c, VEC, res, tot):
             store(res, tirx.const(0.0, "float32"), v)
             with loop("k", NKG) as k:
                 store(res, res[v] + smem_o[k, g, c * VEC + v], v)
-        store(tot, _neg_inf(), 0)
+        store(tot, neg_inf(), 0)
         store(tot, tirx.const(1.0, "float32"), 1)
         return
-    store(tot, _neg_inf(), 0)
+    store(tot, neg_inf(), 0)
     with loop("k", NKG) as k:
         store(tot, tirx.max(tot[0], smem_md[k, g, 0]), 0)
     m = let("m_all", tot[0])
-    m_safe = let("m_all_safe", tirx.if_then_else(m == _neg_inf(), tirx.const(0.0, "float32"), m))
+    m_safe = let("m_all_safe", tirx.if_then_else(m == neg_inf(), tirx.const(0.0, "float32"), m))
     store(tot, tirx.const(0.0, "float32"), 1)
     with loop("v", VEC, "unroll") as v:
         store(res, tirx.const(0.0, "float32"), v)
@@ -281,7 +258,7 @@ def _merge_groups(use_softmax, NKG, smem_md, smem_o, g, c, VEC, res, tot):
     denom = tot[1]
     with loop("v", VEC, "unroll") as v:
         store(res, tirx.if_then_else(denom > 0, res[v] / denom, tirx.const(0.0, "float32")), v)
-    store(tot, tirx.if_then_else(denom > 0, m_safe + tirx.log2(denom), _neg_inf()), 0)
+    store(tot, tirx.if_then_else(denom > 0, m_safe + tirx.log2(denom), neg_inf()), 0)
 
 
 def make_decode_merge_cuda(key: AttentionKey, tiles: DecodeTiles | None = None) -> tirx.PrimFunc:
@@ -320,24 +297,13 @@ def make_decode_merge_cuda(key: AttentionKey, tiles: DecodeTiles | None = None) 
                     n = let("n", tirx.if_then_else(active, count, 0))
                     with loop("v", VEC, "unroll") as v:
                         store(o_reg, tirx.const(0.0, "float32"), 0, v)
-                    store(md, _neg_inf(), 0, 0)
+                    store(md, neg_inf(), 0, 0)
                     store(md, tirx.const(0.0, "float32"), 0, 1)
                     with loop("k", tirx.ceildiv(tirx.max(n - rg, 0), RG)) as k:
                         row = let("row", start + rg + k * RG)
                         s_r = let("s_r", tmp_lse[row, h])
-                        if variant.use_softmax:
-                            m_new = let("m_new", tirx.max(md[0, 0], s_r))
-                            m_safe = let("m_safe", tirx.if_then_else(m_new == _neg_inf(), tirx.const(0.0, "float32"), m_new))
-                            scale = let("scale", tirx.exp2(md[0, 0] - m_safe))
-                            w_r = let("w_r", tirx.exp2(s_r - m_safe))
-                            store(md, md[0, 1] * scale + w_r, 0, 1)
-                            store(md, m_new, 0, 0)
-                            with loop("v", VEC, "unroll") as v:
-                                part = tirx.if_then_else(w_r > 0, w_r * tmp_o[row, h, tx * VEC + v], tirx.const(0.0, "float32"))
-                                store(o_reg, o_reg[0, v] * scale + part, 0, v)
-                        else:
-                            with loop("v", VEC, "unroll") as v:
-                                store(o_reg, o_reg[0, v] + tmp_o[row, h, tx * VEC + v], 0, v)
+                        fold_partial(variant.use_softmax, md, o_reg, (0,), VEC, s_r,
+                                     lambda v, row=row: tmp_o[row, h, tx * VEC + v])
                     with loop("v", VEC, "unroll") as v:
                         store(smem_o, o_reg[0, v], rg, 0, tx * VEC + v)
                     with when(tx == 0):

@@ -37,11 +37,10 @@ from ..kv.index import declare_layout
 from ..schedule.prefill import PrefillTiles, check_key
 from ..variants.base import HookContext
 from ._builder import IRBuilder, T, buffer_param, let, local, loop, scalar_param, store, sym, when
+from ._cuda import f32, fold_partial, neg_inf, shfl_xor, workspace_params, zero
 from .attention import declare_extra_params
-from .plan import WORK_FIELDS
 
 LOG2E = math.log2(math.e)
-FULL_MASK = 0xFFFFFFFF
 _MMA = {"float16": "f16", "bfloat16": "bf16"}  # mma operand types
 
 
@@ -49,22 +48,6 @@ def tiles_for(key: AttentionKey) -> PrefillTiles:
     if key.schedule == "default":
         raise ValueError("CUDA prefill keys name their schedule (tvm_attn.schedule.prefill.prefill_schedule)")
     return PrefillTiles.parse(key.schedule)
-
-
-def _f32(x):
-    return tirx.Cast("float32", x)
-
-
-def _neg_inf():
-    return tirx.const(-math.inf, "float32")
-
-
-def _zero():
-    return tirx.const(0.0, "float32")
-
-
-def _shfl_xor(value, offset: int):
-    return tirx.op.tvm_warp_shuffle_xor(FULL_MASK, value, offset, 32, 32)
 
 
 def _sync():
@@ -87,15 +70,6 @@ def _alias32(buf, n):
     return T.decl_buffer((n,), "uint32", data=buf.data, scope="local")
 
 
-def _workspace_params(key: AttentionKey):
-    max_works, num_ctas_plus_one, max_partials = sym("max_works"), sym("num_ctas_plus_1"), sym("max_partials")
-    work_info = buffer_param("work_info", (WORK_FIELDS, max_works), "int32")
-    cta_indptr = buffer_param("cta_indptr", (num_ctas_plus_one,), "int32")
-    tmp_o = buffer_param("tmp_o", (max_partials, key.num_kv_heads, key.head_dim), "float32")
-    tmp_lse = buffer_param("tmp_lse", (max_partials, key.num_kv_heads), "float32")
-    return num_ctas_plus_one - 1, work_info, cta_indptr, tmp_o, tmp_lse
-
-
 def make_prefill_cuda(key: AttentionKey, tiles: PrefillTiles | None = None) -> tirx.PrimFunc:
     check_key(key)
     tiles = tiles or tiles_for(key)
@@ -116,7 +90,7 @@ def make_prefill_cuda(key: AttentionKey, tiles: PrefillTiles | None = None) -> t
             T.func_name(key.uri)
             T.func_attr({"global_symbol": key.uri, "tir.noalias": True, "tirx.is_scheduled": True})
             idx = declare_layout(key)
-            num_ctas, work_info, cta_indptr, tmp_o, tmp_lse = _workspace_params(key)
+            num_ctas, work_info, cta_indptr, tmp_o, tmp_lse = workspace_params(key.num_kv_heads, key.head_dim)
             o = buffer_param("o", (idx.num_q_rows, key.num_qo_heads, D), key.o_dtype)
             lse = buffer_param("lse", (idx.num_q_rows, key.num_qo_heads), "float32")
             sm_scale = scalar_param("sm_scale", "float32")
@@ -138,6 +112,15 @@ def make_prefill_cuda(key: AttentionKey, tiles: PrefillTiles | None = None) -> t
                 vf = local("vf", (8,), dt)
                 pf = local("pf", (MT * 8,), dt)
                 qf32, kf32, vf32, pf32 = _alias32(qf, MT * 4), _alias32(kf, 4), _alias32(vf, 4), _alias32(pf, MT * 4)
+
+                def mma_pair(acc, a32, b32, n2):
+                    """acc[mt, 2 n2 + {0, 1}] += A[mt] . B for every m-tile: the two 16x8 blocks of one
+                    x4 ldmatrix of B (registers 0-1 and 2-3)."""
+                    with loop("mt", MT, "unroll") as mt:
+                        for half in range(2):
+                            c = [acc[mt, n2 * 2 + half, j] for j in range(4)]
+                            a = [a32[mt * 4 + j] for j in range(4)]
+                            T.evaluate(mma(*c, *a, b32[2 * half], b32[2 * half + 1], *c))
 
                 lane = tid % 32
                 warp = let("warp", tid // 32)
@@ -187,7 +170,7 @@ def make_prefill_cuda(key: AttentionKey, tiles: PrefillTiles | None = None) -> t
                             qrow = let("qrow", q_row_begin + tok)
                             qh = let("qh", head)
                             qctx = ctx(tok, head=qh)
-                            load = lambda dd: _f32(idx.q[qrow, qh, dd])  # noqa: E731
+                            load = lambda dd: f32(idx.q[qrow, qh, dd])  # noqa: E731
                             with loop("v", 8, "unroll") as v:
                                 store(q_s, tirx.Cast(dt, variant.query_transform(qctx, load, col + v)), r, col + v)
 
@@ -208,11 +191,11 @@ def make_prefill_cuda(key: AttentionKey, tiles: PrefillTiles | None = None) -> t
 
                     with loop("mt", MT, "unroll") as mt:
                         for h2 in range(2):
-                            store(m_i, _neg_inf() if softmax else _zero(), mt, h2)
-                            store(l_i, _zero(), mt, h2)
+                            store(m_i, neg_inf() if softmax else zero(), mt, h2)
+                            store(l_i, zero(), mt, h2)
                         with loop("nd", ND, "unroll") as nd:
                             with loop("j", 4, "unroll") as j:
-                                store(o_acc, _zero(), mt, nd, j)
+                                store(o_acc, zero(), mt, nd, j)
 
                     # -- the KV loop ---------------------------------------------------------------
                     with loop("it", n_tiles) as it:
@@ -229,7 +212,7 @@ def make_prefill_cuda(key: AttentionKey, tiles: PrefillTiles | None = None) -> t
                                 kr, col = c // CH, (c % CH) * 8
                                 kctx = HookContext(batch, None, idx.kv_pos(req, t0 + kr), None, kv_head,
                                                    idx.qo_len(req), kv_len, D, params)
-                                load_k = lambda dd, kr=kr: _f32(k_s[stage, kr, dd])  # noqa: E731
+                                load_k = lambda dd, kr=kr: f32(k_s[stage, kr, dd])  # noqa: E731
                                 with loop("v", 8, "unroll") as v:
                                     store(kt_s, tirx.Cast(dt, variant.key_transform(kctx, load_k, col + v)), kr, col + v)
                             _sync()
@@ -238,7 +221,7 @@ def make_prefill_cuda(key: AttentionKey, tiles: PrefillTiles | None = None) -> t
                         with loop("mt", MT, "unroll") as mt:
                             with loop("nb", NB, "unroll") as nb:
                                 with loop("j", 4, "unroll") as j:
-                                    store(s_acc, _zero(), mt, nb, j)
+                                    store(s_acc, zero(), mt, nb, j)
                         with loop("kd", KD, "unroll") as kd:
                             with loop("mt", MT, "unroll") as mt:
                                 qr = warp * (16 * MT) + mt * 16 + lane % 16
@@ -249,12 +232,7 @@ def make_prefill_cuda(key: AttentionKey, tiles: PrefillTiles | None = None) -> t
                                 kcol = kd * 16 + ((lane // 8) % 2) * 8
                                 src = (kr, kcol) if stage_keys else (stage, kr, kcol)
                                 T.evaluate(ldm(kf32[0], kf32[1], kf32[2], kf32[3], _ptr(kt_s if stage_keys else k_s, src, "r")))
-                                with loop("mt", MT, "unroll") as mt:
-                                    for half in range(2):
-                                        nb = nb2 * 2 + half
-                                        acc = [s_acc[mt, nb, j] for j in range(4)]
-                                        a = [qf32[mt * 4 + j] for j in range(4)]
-                                        T.evaluate(mma(*acc, *a, kf32[2 * half], kf32[2 * half + 1], *acc))
+                                mma_pair(s_acc, qf32, kf32, nb2)
 
                         # logits, mask, online softmax
                         def logits(mt, nb, j, masked: bool):
@@ -273,7 +251,7 @@ def make_prefill_cuda(key: AttentionKey, tiles: PrefillTiles | None = None) -> t
                                 m = variant.logits_mask(sctx)
                                 if m is not None:
                                     vis = tirx.all(vis, m)
-                                val = tirx.if_then_else(vis, val, _neg_inf() if softmax else _zero())
+                                val = tirx.if_then_else(vis, val, neg_inf() if softmax else zero())
                             store(s_acc, val, mt, nb, j)
 
                         def all_logits(masked: bool):
@@ -303,13 +281,13 @@ def make_prefill_cuda(key: AttentionKey, tiles: PrefillTiles | None = None) -> t
                                     for nb in range(NB):
                                         mx = tirx.max(mx, tirx.max(s_acc[mt, nb, 2 * h2], s_acc[mt, nb, 2 * h2 + 1]))
                                     mx = let("mx", mx)
-                                    mx = let("mx1", tirx.max(mx, _shfl_xor(mx, 1)))
-                                    mx = let("mx2", tirx.max(mx, _shfl_xor(mx, 2)))
-                                    m_safe = let("m_safe", tirx.if_then_else(mx == _neg_inf(), _zero(), mx))
+                                    mx = let("mx1", tirx.max(mx, shfl_xor(mx, 1)))
+                                    mx = let("mx2", tirx.max(mx, shfl_xor(mx, 2)))
+                                    m_safe = let("m_safe", tirx.if_then_else(mx == neg_inf(), zero(), mx))
                                     scale = let("scale", tirx.exp2(m_i[mt, h2] - m_safe))
                                     store(m_i, mx, mt, h2)
                                     rs = local("rs", 1)
-                                    store(rs, _zero(), 0)
+                                    store(rs, zero(), 0)
                                     with loop("nb", NB, "unroll") as nb:
                                         for j in (2 * h2, 2 * h2 + 1):
                                             pv = tirx.exp2(s_acc[mt, nb, j] - m_safe)
@@ -330,12 +308,7 @@ def make_prefill_cuda(key: AttentionKey, tiles: PrefillTiles | None = None) -> t
                                 vr = kk * 16 + ((lane // 8) % 2) * 8 + lane % 8
                                 T.evaluate(ldm_t(vf32[0], vf32[1], vf32[2], vf32[3],
                                                  _ptr(v_s, (stage, vr, nd2 * 16 + (lane // 16) * 8), "r")))
-                                with loop("mt", MT, "unroll") as mt:
-                                    for half in range(2):
-                                        nd = nd2 * 2 + half
-                                        acc = [o_acc[mt, nd, j] for j in range(4)]
-                                        a = [pf32[mt * 4 + j] for j in range(4)]
-                                        T.evaluate(mma(*acc, *a, vf32[2 * half], vf32[2 * half + 1], *acc))
+                                mma_pair(o_acc, pf32, vf32, nd2)
                         _sync()  # the stage is refilled by the next iteration's issue
 
                     # -- epilogue: normalize, write o and lse (or the partial state) -----------------
@@ -346,15 +319,15 @@ def make_prefill_cuda(key: AttentionKey, tiles: PrefillTiles | None = None) -> t
                             tok, head = p // G, kv_head * G + p % G
                             tot = local("tot", 1)
                             store(tot, l_i[mt, h2], 0)
-                            store(tot, tot[0] + _shfl_xor(tot[0], 1), 0)
-                            store(tot, tot[0] + _shfl_xor(tot[0], 2), 0)
+                            store(tot, tot[0] + shfl_xor(tot[0], 1), 0)
+                            store(tot, tot[0] + shfl_xor(tot[0], 2), 0)
                             denom = let("denom", tot[0])
                             if softmax:
-                                inv = let("inv", tirx.if_then_else(denom > 0, 1.0 / denom, _zero()))
-                                lse_val = tirx.if_then_else(denom > 0, m_i[mt, h2] + tirx.log2(denom), _neg_inf())
+                                inv = let("inv", tirx.if_then_else(denom > 0, 1.0 / denom, zero()))
+                                lse_val = tirx.if_then_else(denom > 0, m_i[mt, h2] + tirx.log2(denom), neg_inf())
                             else:
                                 inv = tirx.const(1.0, "float32")
-                                lse_val = _neg_inf()
+                                lse_val = neg_inf()
                             with when(r < rows):
                                 with T.If(out_row < 0):
                                     with T.Then():
@@ -411,34 +384,23 @@ def make_prefill_merge_cuda(key: AttentionKey) -> tirx.PrimFunc:
                     acc = local("acc", VEC)
                     md = local("md", 2)
                     with loop("v", VEC, "unroll") as v:
-                        store(acc, _zero(), v)
-                    store(md, _neg_inf(), 0)
-                    store(md, _zero(), 1)
+                        store(acc, zero(), v)
+                    store(md, neg_inf(), 0)
+                    store(md, zero(), 1)
                     with loop("k", n) as k:
                         s_r = let("s_r", tmp_lse[start + k, kv_head])
-                        if key.variant.use_softmax:
-                            m_new = let("m_new", tirx.max(md[0], s_r))
-                            m_safe = let("m_safe", tirx.if_then_else(m_new == _neg_inf(), _zero(), m_new))
-                            sc = let("sc", tirx.exp2(md[0] - m_safe))
-                            w_r = let("w_r", tirx.exp2(s_r - m_safe))
-                            store(md, md[1] * sc + w_r, 1)
-                            store(md, m_new, 0)
-                            with loop("v", VEC, "unroll") as v:
-                                part = tirx.if_then_else(w_r > 0, w_r * tmp_o[start + k, kv_head, tx * VEC + v], _zero())
-                                store(acc, acc[v] * sc + part, v)
-                        else:
-                            with loop("v", VEC, "unroll") as v:
-                                store(acc, acc[v] + tmp_o[start + k, kv_head, tx * VEC + v], v)
+                        fold_partial(key.variant.use_softmax, md, acc, (), VEC, s_r,
+                                     lambda v, k=k: tmp_o[start + k, kv_head, tx * VEC + v])
                     if key.variant.use_softmax:
                         denom = md[1]
                         with loop("v", VEC, "unroll") as v:
-                            val = tirx.if_then_else(denom > 0, acc[v] / denom, _zero())
+                            val = tirx.if_then_else(denom > 0, acc[v] / denom, zero())
                             store(o, tirx.Cast(key.o_dtype, val), tok, head, tx * VEC + v)
                         with when(tx == 0):
-                            store(lse, tirx.if_then_else(denom > 0, md[0] + tirx.log2(denom), _neg_inf()), tok, head)
+                            store(lse, tirx.if_then_else(denom > 0, md[0] + tirx.log2(denom), neg_inf()), tok, head)
                     else:
                         with loop("v", VEC, "unroll") as v:
                             store(o, tirx.Cast(key.o_dtype, acc[v]), tok, head, tx * VEC + v)
                         with when(tx == 0):
-                            store(lse, _neg_inf(), tok, head)
+                            store(lse, neg_inf(), tok, head)
     return ib.get()

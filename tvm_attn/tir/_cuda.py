@@ -1,0 +1,61 @@
+"""What the CUDA kernel generators share: float helpers, the warp shuffle, the planner's workspace
+arguments, and the one step that folds a partial attention state into a running one (both merge
+kernels use it)."""
+
+from __future__ import annotations
+
+import math
+
+from tvm import tirx
+
+from ._builder import buffer_param, let, loop, store, sym
+from .plan import WORK_FIELDS
+
+FULL_MASK = 0xFFFFFFFF
+
+
+def f32(x):
+    return tirx.Cast("float32", x)
+
+
+def neg_inf():
+    return tirx.const(-math.inf, "float32")
+
+
+def zero():
+    return tirx.const(0.0, "float32")
+
+
+def shfl_xor(value, offset: int, width: int = 32):
+    return tirx.op.tvm_warp_shuffle_xor(FULL_MASK, value, offset, width, 32)
+
+
+def workspace_params(part_heads: int, head_dim: int):
+    """Declare the planner's work list and the partial states (``part_heads`` heads per partial row);
+    returns (num_ctas, work_info, cta_indptr, tmp_o, tmp_lse)."""
+    max_works, num_ctas_plus_one, max_partials = sym("max_works"), sym("num_ctas_plus_1"), sym("max_partials")
+    work_info = buffer_param("work_info", (WORK_FIELDS, max_works), "int32")
+    cta_indptr = buffer_param("cta_indptr", (num_ctas_plus_one,), "int32")
+    tmp_o = buffer_param("tmp_o", (max_partials, part_heads, head_dim), "float32")
+    tmp_lse = buffer_param("tmp_lse", (max_partials, part_heads), "float32")
+    return num_ctas_plus_one - 1, work_info, cta_indptr, tmp_o, tmp_lse
+
+
+def fold_partial(softmax: bool, md, acc, lead: tuple, vec: int, s_r, part):
+    """Fold one partial state into the running one: ``md[(*lead, 0)]``/``md[(*lead, 1)]`` hold the
+    running max (log2 units) and weight sum, ``acc[(*lead, v)]`` the weighted output; the partial has
+    log2 LSE ``s_r`` and normalized output ``part(v)``. Without softmax the outputs just add."""
+    if not softmax:
+        with loop("v", vec, "unroll") as v:
+            store(acc, acc[(*lead, v)] + part(v), *lead, v)
+        return
+    m_old = md[(*lead, 0)]
+    m_new = let("m_new", tirx.max(m_old, s_r))
+    m_safe = let("m_safe", tirx.if_then_else(m_new == neg_inf(), zero(), m_new))
+    scale = let("scale", tirx.exp2(m_old - m_safe))
+    w_r = let("w_r", tirx.exp2(s_r - m_safe))
+    store(md, md[(*lead, 1)] * scale + w_r, *lead, 1)
+    store(md, m_new, *lead, 0)
+    with loop("v", vec, "unroll") as v:
+        weighted = tirx.if_then_else(w_r > 0, w_r * part(v), zero())
+        store(acc, acc[(*lead, v)] * scale + weighted, *lead, v)
