@@ -6,6 +6,8 @@ than a full cross product: every layout, page size, dtype, head_dim, head groupi
 
 from __future__ import annotations
 
+import numpy as np
+
 import tvm_attn as ta
 
 BASE = dict(layout="NHD", page_size=16, dtype="float16", head_dim=128, heads=(32, 8), variant="default")
@@ -23,6 +25,17 @@ def variant_of(name: str):
         "sigmoid": ta.SigmoidAttention(),
         "window_softcap": ta.SlidingWindow() + ta.LogitsSoftCap(),
     }[name]
+
+
+def page_table(rng, kv_lens, page_size, spare: int = 5):
+    """A shuffled page table for ``kv_lens`` in a cache of ``spare`` more pages than it uses:
+    (kv_indptr, kv_indices, kv_last_page_len, num_pages)."""
+    pages = [(n + page_size - 1) // page_size for n in kv_lens]
+    indptr = np.cumsum([0] + pages).astype(np.int32)
+    num_pages = int(indptr[-1]) + spare
+    indices = rng.permutation(num_pages)[: indptr[-1]].astype(np.int32)
+    last = np.array([n - (p - 1) * page_size if p else 0 for n, p in zip(kv_lens, pages)], np.int32)
+    return indptr, indices, last, num_pages
 
 
 def _cases():

@@ -13,18 +13,9 @@ import tvm_attn as ta
 from tvm_attn import reference as R
 
 from conftest import assert_attention_close, randn
-from .cases import CASES, case_id, key_of, variant_of
+from .cases import CASES, case_id, key_of, page_table, variant_of
 
 pytestmark = pytest.mark.gpu
-
-
-def page_table(rng, kv_lens, page_size):
-    pages = [(n + page_size - 1) // page_size for n in kv_lens]
-    indptr = np.cumsum([0] + pages).astype(np.int32)
-    num_pages = int(indptr[-1]) + 5
-    indices = rng.permutation(num_pages)[: indptr[-1]].astype(np.int32)
-    last = np.array([n - (p - 1) * page_size if p else 0 for n, p in zip(kv_lens, pages)], np.int32)
-    return indptr, indices, last, num_pages
 
 
 def variant_args(name, rng, Hq, kv_lens):

@@ -14,7 +14,7 @@ import tvm_attn as ta
 from tvm_attn import reference as R
 
 from conftest import TOL, assert_attention_close, randn
-from .cases import variant_of
+from .cases import page_table, variant_of
 from .prefill_cases import BASE, BSR, CASES, LENGTHS, LONG, MEDIUM, SHORT, case_id, key_of
 
 pytestmark = pytest.mark.gpu
@@ -24,15 +24,6 @@ def _dev():
     import tvm
 
     return tvm.cuda(0)
-
-
-def page_table(rng, kv_lens, page_size):
-    pages = [(n + page_size - 1) // page_size for n in kv_lens]
-    indptr = np.cumsum([0] + pages).astype(np.int32)
-    num_pages = int(indptr[-1]) + 3
-    indices = rng.permutation(num_pages)[: indptr[-1]].astype(np.int32)
-    last = np.array([n - (p - 1) * page_size if p else 0 for n, p in zip(kv_lens, pages)], np.int32)
-    return indptr, indices, last, num_pages
 
 
 def variant_args(name, rng, lengths, all_false=False):
@@ -59,7 +50,7 @@ def check(case, lengths, rng, all_false_mask=False, **wrapper_kw):
     args = variant_args(case["variant"], rng, lengths, all_false_mask)
     plan_kw = dict(causal=case["causal"], variant=variant, q_data_type=dtype)
     if case["kv"] == "paged":
-        indptr, indices, last, num_pages = page_table(rng, kv_lens, S)
+        indptr, indices, last, num_pages = page_table(rng, kv_lens, S, spare=3)
         cache = randn(rng, ta.PagedKV(S, layout).cache_shape(num_pages, Hkv, D), dtype)
         w = ta.BatchPrefillWithPagedKVCacheWrapper(layout, device="cuda", **wrapper_kw)
         w.plan(qo_indptr, indptr, indices, last, Hq, Hkv, D, S, **plan_kw)
@@ -180,7 +171,7 @@ def test_cuda_graph_replay_after_lengths_change():
 
     def plan(lengths):
         qo_indptr = np.cumsum([0] + [q for q, _ in lengths]).astype(np.int32)
-        indptr, indices, last, _ = page_table(rng, [k for _, k in lengths], S)
+        indptr, indices, last, _ = page_table(rng, [k for _, k in lengths], S, spare=3)
         indices = rng.permutation(num_pages)[: indptr[-1]].astype(np.int32)
         w.plan(qo_indptr, indptr, indices, last, Hq, Hkv, D, S, causal=True)
         return qo_indptr, indptr, indices, last
