@@ -13,10 +13,7 @@ Usage (GPU host, after `source .gpu/setup.sh`):
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -26,6 +23,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 REQUIRES = "gpu"
+
+from tvm_attn.benchmark import bar_plot, result_header, time_torch, time_tvm, write_result  # noqa: E402
 
 HQ, HKV, D, PAGE = 32, 8, 128, 16
 
@@ -55,25 +54,6 @@ def page_table(lens, rng):
     indices = rng.permutation(int(indptr[-1])).astype(np.int32)
     last = np.array([n - (p - 1) * PAGE if p else 0 for n, p in zip(lens, pages)], np.int32)
     return indptr, indices, last
-
-
-def time_torch(torch, fn, repeat: int) -> float:
-    """Median milliseconds of ``fn`` with CUDA events, after one warm-up call."""
-    fn()
-    ev = [torch.cuda.Event(enable_timing=True) for _ in range(2)]
-    times = []
-    for _ in range(repeat):
-        ev[0].record()
-        fn()
-        ev[1].record()
-        torch.cuda.synchronize()
-        times.append(ev[0].elapsed_time(ev[1]))
-    return float(np.median(times))
-
-
-def time_tvm(mod, name, dev, args, number=20, repeat=15):
-    t = mod.time_evaluator(name, dev, number=number, repeat=repeat)(*args)
-    return float(np.median(t.results)) * 1e3
 
 
 def main(small: bool = False, out: str | None = None) -> list[dict]:
@@ -144,8 +124,8 @@ def main(small: bool = False, out: str | None = None) -> list[dict]:
                     continue
             main_args, merge_args, _, _ = w._call.launch_args(q_d, [("paged_kv_cache", cache_d)], vargs)
             mod = w._cache.module(w.kernel_key)
-            ms = time_tvm(mod, w.kernel_key.uri, dev, main_args)
-            ms += time_tvm(mod, w.kernel_key.uri + "_merge", dev, merge_args)
+            ms = time_tvm(mod, w.kernel_key.uri, dev, main_args, number=20, repeat=15)
+            ms += time_tvm(mod, w.kernel_key.uri + "_merge", dev, merge_args, number=20, repeat=15)
             add(workload, "tvm_attn" + suffix, ms, nbytes)
         if builtin is not None and hkv in (8, 32):
             name = f"builtin_decode_h{hq}x{hkv}"
@@ -200,11 +180,8 @@ def main(small: bool = False, out: str | None = None) -> list[dict]:
         plan_times[f"batch{b}"] = {"wrapper_plan_us": round(float(np.median(ts)) * 1e6, 1),
                                    "planner_call_us": round(float(np.median(tp)) * 1e6, 1)}
 
-    # the GPU host gets a copy of the tree without .git: the build machine passes the commit along
-    commit = os.environ.get("TVM_ATTN_COMMIT") or subprocess.run(
-        ["git", "rev-parse", "--verify", "-q", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
-    result = {"device": device_name, "date": datetime.date.today().isoformat(), "commit": commit or None,
-              "command": "TVM_ATTN_CACHE_DIR=.kernels python scripts/bench_decode.py --out " + (out or "-"),
+    result = {**result_header(device_name, "TVM_ATTN_CACHE_DIR=.kernels python scripts/bench_decode.py --out "
+                              + (out or "-"), ROOT),
               "ceilings": ceilings, "rows": rows, "plan_time": plan_times, "notes": notes}
     print(f"device {device_name}; ceilings " + ", ".join(f"{k} {v:.2f}" for k, v in ceilings.items()))
     print(f"{'workload':<44}{'kernel':<24}{'us':>9}{'TB/s':>7}{'%ceil':>7}")
@@ -214,36 +191,14 @@ def main(small: bool = False, out: str | None = None) -> list[dict]:
     for n in notes:
         print("note:", n)
     if out:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(json.dumps(result, indent=1))
-        plot(result, Path(out).with_suffix(".png"))
+        write_result(out, result, plot)
     return rows
 
 
 def plot(result, path):
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return
-    workloads_ = list(dict.fromkeys(r["workload"] for r in result["rows"]))
-    kernels = list(dict.fromkeys(r["kernel"] for r in result["rows"] if "/" not in r["kernel"]))
-    fig, ax = plt.subplots(figsize=(12, 5))
-    width = 0.8 / max(len(kernels), 1)
-    for i, k in enumerate(kernels):
-        vals = [next((r["TBps"] for r in result["rows"] if r["workload"] == w and r["kernel"] == k), 0) for w in workloads_]
-        ax.bar(np.arange(len(workloads_)) + i * width, vals, width, label=k)
-    if result["ceilings"].get("read_TBps"):
-        ax.axhline(result["ceilings"]["read_TBps"], color="k", ls="--", label="read ceiling")
-    ax.set_xticks(np.arange(len(workloads_)) + 0.4 - width / 2)
-    ax.set_xticklabels([w.replace("decode ", "").replace(" d128 p16 fp16", "") for w in workloads_], rotation=20, fontsize=8)
-    ax.set_ylabel("TB/s of K+V read")
-    ax.set_title(f"Paged decode, {result['device']}")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    bar_plot(result, path, value=lambda r: r["TBps"], kernels=lambda k: "/" not in k,
+             label=lambda w: w.replace("decode ", "").replace(" d128 p16 fp16", ""), ylabel="TB/s of K+V read",
+             title=f"Paged decode, {result['device']}", hline=(result["ceilings"].get("read_TBps"), "read ceiling"))
 
 
 if __name__ == "__main__":

@@ -19,10 +19,8 @@ CUDA slots land.
 from __future__ import annotations
 
 import argparse
-import datetime
 import gc
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -34,6 +32,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 REQUIRES = "gpu"
+
+from tvm_attn.benchmark import bar_plot, result_header, write_result  # noqa: E402
 
 MODELS = {"tvm_attn": "tvm_attn", "tvm_builtin": "tvm_builtin_tir"}  # kv_cache -> the row's kernel name
 BATCHES, CONTEXTS, TTFT_PROMPT = (1, 16, 64), (1024, 4096), 2048
@@ -176,12 +176,10 @@ def run(directory: Path, out: str | None, small: bool) -> list[dict]:
             b, ctx = key.split("x")
             rows.append({"workload": f"decode itl b{b} ctx{ctx} {name}", "kernel": kernel, "median_us": round(us, 1),
                          "TBps": None, "TFLOPs": None, "pct_of_ceiling": None})
-    commit = os.environ.get("TVM_ATTN_COMMIT") or subprocess.run(
-        ["git", "rev-parse", "--verify", "-q", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
     device_name = _device_name(meta["target"])
     result = {
-        "device": device_name, "date": datetime.date.today().isoformat(), "commit": commit or None,
-        "command": f"python scripts/bench_e2e.py --run {directory} --out {out or '-'}", "ceilings": {},
+        **result_header(device_name, f"python scripts/bench_e2e.py --run {directory} --out {out or '-'}", ROOT),
+        "ceilings": {},
         "rows": rows, "kv_cache_slots": {k: results[k]["kv_cache_slots"] for k in MODELS},
         "check": {"reference": "tvm_builtin_tir model, same weights", "max_abs_logit_diff": errs, "matched": matched},
         "notes": ["median_us is per decode step of the whole batch (inter-token latency) or per 2k prefill (TTFT), "
@@ -191,9 +189,7 @@ def run(directory: Path, out: str | None, small: bool) -> list[dict]:
         print(f"{row['workload']:<44}{row['kernel']:<20}{row['median_us']:>12.1f} us")
     print("logit check vs the built-in model:", "matched" if matched else "MISMATCH", errs)
     if out:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(json.dumps(result, indent=1))
-        plot(result, Path(out).with_suffix(".png"))
+        write_result(out, result, plot)
     if not matched:
         raise SystemExit("tvm_attn's model disagrees with the built-in one; its rows were not written")
     return rows
@@ -206,29 +202,9 @@ def _device_name(target: str) -> str:
 
 
 def plot(result, path):
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed here: no plot")
-        return
-    workloads = list(dict.fromkeys(r["workload"] for r in result["rows"]))
-    kernels = list(dict.fromkeys(r["kernel"] for r in result["rows"]))
-    fig, ax = plt.subplots(figsize=(11, 4.5))
-    width = 0.8 / max(len(kernels), 1)
-    for i, k in enumerate(kernels):
-        vals = [next((r["median_us"] / 1e3 for r in result["rows"] if r["workload"] == w and r["kernel"] == k), 0)
-                for w in workloads]
-        ax.bar(np.arange(len(workloads)) + i * width, vals, width, label=k)
-    ax.set_xticks(np.arange(len(workloads)) + 0.4 - width / 2)
-    ax.set_xticklabels([w.rsplit(" ", 2)[0] for w in workloads], rotation=20, fontsize=8)
-    ax.set_ylabel("ms (lower is better)")
-    ax.set_title(f"Llama-3.1-8B shape, end to end, {result['device']}")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    bar_plot(result, path, value=lambda r: r["median_us"] / 1e3, label=lambda w: w.rsplit(" ", 2)[0],
+             ylabel="ms (lower is better)", title=f"Llama-3.1-8B shape, end to end, {result['device']}",
+             figsize=(11, 4.5))
 
 
 def main(small: bool = False, argv=None) -> list[dict]:

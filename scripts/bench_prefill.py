@@ -16,10 +16,7 @@ Usage (GPU host, after `source .gpu/setup.sh`):
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -28,6 +25,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 REQUIRES = "gpu"
+
+from tvm_attn.benchmark import bar_plot, result_header, time_torch, time_tvm, write_result  # noqa: E402
 
 
 def zipf_lengths(n=16, mean=1024, seed=0):
@@ -81,26 +80,6 @@ def visible_pairs(reqs, causal: bool) -> int:
             i = np.arange(qo)
             total += int(np.clip(i + kv - qo + 1, 0, kv).sum())
     return total
-
-
-def time_torch(torch, fn, repeat: int = 10) -> float:
-    """Median milliseconds of ``fn`` with CUDA events, after a warm-up call."""
-    fn()
-    torch.cuda.synchronize()
-    ev = [torch.cuda.Event(enable_timing=True) for _ in range(2)]
-    times = []
-    for _ in range(repeat):
-        ev[0].record()
-        fn()
-        ev[1].record()
-        torch.cuda.synchronize()
-        times.append(ev[0].elapsed_time(ev[1]))
-    return float(np.median(times))
-
-
-def time_tvm(mod, name, dev, args, number=5, repeat=7) -> float:
-    t = mod.time_evaluator(name, dev, number=number, repeat=repeat)(*args)
-    return float(np.median(t.results)) * 1e3
 
 
 def main(small: bool = False, out: str | None = None) -> list[dict]:
@@ -183,9 +162,9 @@ def main(small: bool = False, out: str | None = None) -> list[dict]:
         if matches(f"{workload} tvm_attn", o.numpy()[rows0], ref_o):
             main_args, merge_args, _, _ = w._call.launch_args(q_d, data, {})
             mod = w._cache.module(w.kernel_key)
-            ms = time_tvm(mod, w.kernel_key.uri, dev, main_args)
+            ms = time_tvm(mod, w.kernel_key.uri, dev, main_args, number=5, repeat=7)
             if merge_args is not None and w._call.merge_fn is not None:
-                ms += time_tvm(mod, w.kernel_key.uri + "_merge", dev, merge_args)
+                ms += time_tvm(mod, w.kernel_key.uri + "_merge", dev, merge_args, number=5, repeat=7)
             add(workload, "tvm_attn", ms, flops)
             rows[-1]["schedule"] = w.kernel_key.schedule
 
@@ -241,44 +220,21 @@ def main(small: bool = False, out: str | None = None) -> list[dict]:
         del q_t, k_t, v_t, data, w
         torch.cuda.empty_cache()
 
-    commit = os.environ.get("TVM_ATTN_COMMIT") or subprocess.run(
-        ["git", "rev-parse", "--verify", "-q", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
-    result = {"device": device_name, "date": datetime.date.today().isoformat(), "commit": commit or None,
-              "command": "TVM_ATTN_CACHE_DIR=.kernels python scripts/bench_prefill.py --out " + (out or "-"),
+    result = {**result_header(device_name, "TVM_ATTN_CACHE_DIR=.kernels python scripts/bench_prefill.py --out "
+                              + (out or "-"), ROOT),
               "ceilings": ceilings, "rows": rows, "notes": notes}
     print(f"device {device_name}; dense fp16 GEMM {ceiling:.0f} TFLOP/s")
     for n in notes:
         print("note:", n)
     if out:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(json.dumps(result, indent=1))
-        plot(result, Path(out).with_suffix(".png"))
+        write_result(out, result, plot)
     return rows
 
 
 def plot(result, path):
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return
-    workloads_ = list(dict.fromkeys(r["workload"] for r in result["rows"]))
-    kernels = list(dict.fromkeys(r["kernel"] for r in result["rows"]))
-    fig, ax = plt.subplots(figsize=(15, 5.5))
-    width = 0.8 / max(len(kernels), 1)
-    for i, k in enumerate(kernels):
-        vals = [next((r["TFLOPs"] for r in result["rows"] if r["workload"] == w and r["kernel"] == k), 0) for w in workloads_]
-        ax.bar(np.arange(len(workloads_)) + i * width, vals, width, label=k)
-    ax.set_xticks(np.arange(len(workloads_)) + 0.4 - width / 2)
-    ax.set_xticklabels([w.replace("prefill ", "").replace(" fp16", "") for w in workloads_], rotation=30, ha="right",
-                       fontsize=7)
-    ax.set_ylabel("TFLOP/s (causal counts visible pairs)")
-    ax.set_title(f"Prefill, {result['device']} (dense fp16 GEMM {result['ceilings']['gemm_fp16_TFLOPs']:.0f} TFLOP/s)")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    bar_plot(result, path, value=lambda r: r["TFLOPs"], label=lambda w: w.replace("prefill ", "").replace(" fp16", ""),
+             ylabel="TFLOP/s (causal counts visible pairs)", figsize=(15, 5.5), rotation=30, ha="right", fontsize=7,
+             title=f"Prefill, {result['device']} (dense fp16 GEMM {result['ceilings']['gemm_fp16_TFLOPs']:.0f} TFLOP/s)")
 
 
 if __name__ == "__main__":
