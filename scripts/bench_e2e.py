@@ -11,9 +11,15 @@ Two steps, because the GPU host has TVM's runtime only:
 Each model runs in its own process (its KV cache for 64 x 4k tokens takes 34 GB), with the same
 weights. Correctness first: before timing, both models prefill the same prompt and decode a step;
 rows are written only when their logits agree (fp16 tolerance). The JSON's ``kv_cache_slots`` says
-which KV-cache slots hold tvm_attn kernels: on CUDA this version fills none (every attention slot is
-TVM's kernel, see tvm_attn/relax/kv_cache.py), so the two rows measure the same kernels until the
-CUDA slots land.
+which KV-cache slots hold tvm_attn kernels: on CUDA the ragged prefill, paged prefill and decode
+slots (tvm_attn/relax/kv_backend.py); the baseline's are TVM's TIR kernels.
+
+Where the time goes at batch 64 / context 4k: the decode attention kernels alone (ours and TVM's,
+from the kernel cache of scripts/build_gpu_kernels.py when it is there) at that shape, times the
+layer count; the rest of the step is the model's GEMMs, norms, RoPE, page appends and host work.
+
+The random weights of one layer are shared by every layer (each layer still streams its weights
+from HBM: a layer's 436 MB does not fit in L2), which makes the two processes' setup fast.
 """
 
 from __future__ import annotations
@@ -40,8 +46,12 @@ BATCHES, CONTEXTS, TTFT_PROMPT = (1, 16, 64), (1024, 4096), 2048
 
 
 def build(directory: Path, target: str, config: str = "llama3-8b", **overrides) -> None:
-    """Compile both models (and their cubins) into ``directory``; needs TVM's compiler."""
+    """Compile both models (and their cubins) into ``directory``; needs TVM's compiler. On CUDA the
+    tiny model is built in float16 (tvm_attn's CUDA kernels run on tensor cores)."""
     from tvm_attn.models.build import build_model
+
+    if target.startswith("cuda") and config == "tiny":
+        overrides.setdefault("dtype", "float16")
 
     directory.mkdir(parents=True, exist_ok=True)
     for kv_cache in MODELS:
@@ -50,29 +60,117 @@ def build(directory: Path, target: str, config: str = "llama3-8b", **overrides) 
 
 
 def fast_random_weights(meta: dict, device) -> list:
-    """Random fp16 weights at the scale of a trained model, made quickly: windows of one random pool.
-    Deterministic, so both model processes get the same weights."""
+    """Random fp16 weights at the scale of a trained model, made quickly: windows of one random pool,
+    and one set of layer weights shared by all layers. Deterministic, so both model processes get
+    the same weights."""
+    import re
+
     import tvm
 
     from tvm_attn.models.runtime import config_from_json
 
     cfg = config_from_json(meta["config"])
     shapes = cfg.param_shapes()
-    pool = np.random.default_rng(0).standard_normal(1 << 24).astype(cfg.dtype)
+    pool = np.random.default_rng(0).standard_normal(1 << 24).astype(np.float32)
     rng = np.random.default_rng(1)
+    made: dict[str, object] = {}
     out = []
     for name in meta["param_names"]:
-        shape = shapes[name]
-        n = int(np.prod(shape))
-        reps = -(-n // pool.size)
-        flat = np.concatenate([np.roll(pool, int(rng.integers(pool.size))) for _ in range(reps)])[:n]
-        if name.endswith("norm.weight"):
-            w = 1.0 + 0.1 * flat
-        elif "embed_tokens" in name:
-            w = flat
-        else:
-            w = flat / np.sqrt(shape[1])
-        out.append(tvm.runtime.tensor(w.astype(cfg.dtype).reshape(shape), device))
+        shared = re.sub(r"layers\.\d+\.", "layers.*.", name)
+        if shared not in made:
+            shape = shapes[name]
+            n = int(np.prod(shape))
+            reps = -(-n // pool.size)
+            flat = np.concatenate([np.roll(pool, int(rng.integers(pool.size))) for _ in range(reps)])[:n]
+            if name.endswith("norm.weight"):
+                w = 1.0 + 0.1 * flat
+            elif "embed_tokens" in name:
+                w = flat
+            else:
+                w = flat / np.sqrt(shape[1])
+            made[shared] = tvm.runtime.tensor(w.astype(cfg.dtype).reshape(shape), device)
+        out.append(made[shared])
+    return out
+
+
+def cache_plan_time(library: Path, meta: dict, dev) -> dict:
+    """Microseconds of one decode-step plan through the cache's paged-prefill slot (the C++
+    ``tvm_attn_kv_plan_paged`` in the model's library: the planner plus the copy of the work lists
+    to the device), called from Python, at batch 1, 64 and 256 with 2048 keys per request."""
+    import tvm
+
+    c = meta["config"]
+    hq, hkv, d, page = c["num_attention_heads"], c["num_key_value_heads"], c["head_dim"], c["page_size"]
+    plan = tvm.runtime.load_module(str(library)).get_function("tvm_attn_kv_plan_paged", query_imports=True)
+    try:
+        host = tvm.runtime.device("cuda_host", 0)
+        pinned = tvm.runtime.empty((8 << 20,), "uint8", host)
+    except Exception:  # noqa: BLE001 - no page-locked allocator: plain host memory
+        host = tvm.cpu()
+        pinned = tvm.runtime.empty((8 << 20,), "uint8", host)
+    int_ws = tvm.runtime.empty((8 << 20,), "uint8", dev)
+    float_ws = tvm.runtime.empty((64 << 20,), "uint8", dev)
+    out = {}
+    for b in (1, 64, 256):
+        pages = 2048 // page
+        qo = tvm.runtime.tensor(np.arange(b + 1, dtype=np.int32), tvm.cpu())
+        ip = tvm.runtime.tensor(np.arange(b + 1, dtype=np.int32) * pages, tvm.cpu())
+        kv_len = tvm.runtime.tensor(np.full(b, 2048, np.int32), tvm.cpu())
+        args = (float_ws, int_ws, pinned, qo, ip, kv_len, b, b, hq, hkv, page, False, d, d, False, -1, -1, False, 0)
+        plan(*args)
+        ts = []
+        for _ in range(200):
+            t0 = time.perf_counter()
+            plan(*args)
+            ts.append(time.perf_counter() - t0)
+        out[f"batch{b}"] = round(float(np.median(ts)) * 1e6, 1)
+    dev.sync()
+    return out
+
+
+def attention_split(library: Path, batch: int, ctx: int) -> dict:
+    """Per-step decode attention (all layers) at ``batch`` x ``ctx``: tvm_attn's decode kernel (the one
+    the cache runs for a decode step) and TVM's built-in TIR decode, timed alone on random pages."""
+    import os
+
+    import tvm
+
+    import tvm_attn as ta
+    from tvm_attn.benchmark import time_tvm
+    from tvm_attn.cuda_runtime import ensure_cuda
+
+    meta = json.loads(library.with_suffix(".json").read_text())
+    c = meta["config"]
+    hq, hkv, d, page, layers = (c["num_attention_heads"], c["num_key_value_heads"], c["head_dim"], c["page_size"],
+                                c["num_hidden_layers"])
+    cache_dir = Path(os.environ.get("TVM_ATTN_CACHE_DIR", ROOT / ".kernels"))
+    ensure_cuda(cache_dir / "cubin")
+    dev = tvm.cuda(0)
+    rng = np.random.default_rng(0)
+    pages = -(-ctx // page)
+    indptr = np.arange(batch + 1, dtype=np.int32) * pages
+    indices = rng.permutation(batch * pages).astype(np.int32)
+    last = np.full(batch, ctx - (pages - 1) * page, np.int32)
+    q = tvm.runtime.tensor(rng.standard_normal((batch, hq, d)).astype("float16"), dev)
+    cache = tvm.runtime.empty((batch * pages, 2, hkv, page, d), "float16", dev)  # HND, as the KV cache
+    out = {}
+    w = ta.BatchDecodeWithPagedKVCacheWrapper("HND", device="cuda")
+    w.plan(indptr, indices, last, hq, hkv, d, page)
+    main_args, merge_args, _, _ = w._call.launch_args(q, [("paged_kv_cache", cache)], {})
+    mod = w._cache.module(w.kernel_key)
+    ms = time_tvm(mod, w.kernel_key.uri, dev, main_args, number=10, repeat=10)
+    if merge_args is not None and w._call.merge_fn is not None:
+        ms += time_tvm(mod, w.kernel_key.uri + "_merge", dev, merge_args, number=10, repeat=10)
+    out["tvm_attn"] = ms * 1e3 * layers
+    builtin_path = cache_dir / "tvm_builtin_decode.so"
+    name = f"builtin_decode_h{hq}x{hkv}"
+    if builtin_path.exists():
+        builtin = tvm.runtime.load_module(str(builtin_path))
+        zeros = tvm.runtime.tensor(np.zeros(batch, np.int32), dev)
+        args = [q, cache, tvm.runtime.tensor(indptr, dev), tvm.runtime.tensor(indices, dev),
+                tvm.runtime.tensor(last, dev), zeros, zeros, tvm.runtime.empty((batch, hq, d), "float16", dev),
+                tvm.runtime.empty((batch, hq), "float32", dev), 0, 1.0, 1e4, 1.0 / np.sqrt(d)]
+        out["tvm_builtin"] = time_tvm(builtin, name, dev, args, number=3, repeat=5) * 1e3 * layers
     return out
 
 
@@ -143,6 +241,8 @@ def run_one(library: Path, small: bool) -> dict:
                                                    3 if small else 20) * 1e6
             for sid in ids:
                 s.remove_sequence(sid)
+    if meta["kv_cache"] == "tvm_attn" and device == "cuda":
+        result["cache_plan_us"] = cache_plan_time(library, meta, dev)
     result["check"] = [c.astype(np.float32).tolist() for c in check]
     result["kv_cache_slots"] = meta["kv_cache_slots"]
     del s, weights
@@ -176,14 +276,30 @@ def run(directory: Path, out: str | None, small: bool) -> list[dict]:
             b, ctx = key.split("x")
             rows.append({"workload": f"decode itl b{b} ctx{ctx} {name}", "kernel": kernel, "median_us": round(us, 1),
                          "TBps": None, "TFLOPs": None, "pct_of_ceiling": None})
+    split_at = (max(BATCHES), max(CONTEXTS)) if not small else None
+    split = {}
+    if split_at and meta["target"].startswith("cuda"):
+        attn = attention_split(directory / "tvm_attn.so", *split_at)
+        for kv_cache, kernel in MODELS.items():
+            itl = results[kv_cache]["itl_us"].get(f"{split_at[0]}x{split_at[1]}")
+            if kv_cache in attn and itl is not None:
+                split[kernel] = {"itl_us": round(itl, 1), "attention_us": round(attn[kv_cache], 1),
+                                 "rest_us": round(itl - attn[kv_cache], 1)}
+                rows.append({"workload": f"decode attention only b{split_at[0]} ctx{split_at[1]} {name}",
+                             "kernel": kernel, "median_us": round(attn[kv_cache], 1), "TBps": None, "TFLOPs": None,
+                             "pct_of_ceiling": None})
     device_name = _device_name(meta["target"])
     result = {
         **result_header(device_name, f"python scripts/bench_e2e.py --run {directory} --out {out or '-'}", ROOT),
         "ceilings": {},
         "rows": rows, "kv_cache_slots": {k: results[k]["kv_cache_slots"] for k in MODELS},
         "check": {"reference": "tvm_builtin_tir model, same weights", "max_abs_logit_diff": errs, "matched": matched},
+        "cache_plan_us": results["tvm_attn"].get("cache_plan_us"),
+        "time_split": {"at": f"b{split_at[0]} ctx{split_at[1]}" if split_at else None, **split},
         "notes": ["median_us is per decode step of the whole batch (inter-token latency) or per 2k prefill (TTFT), "
-                  "host launch overhead included; weights random fp16"],
+                  "host launch overhead included; weights random fp16, one layer's weights shared by all layers",
+                  "decode attention only: the decode kernels alone at that shape on random pages, times the "
+                  "layer count; time_split.rest_us = itl - attention (GEMMs, norms, RoPE, page appends, host)"],
     }
     for row in rows:
         print(f"{row['workload']:<44}{row['kernel']:<20}{row['median_us']:>12.1f} us")

@@ -4,7 +4,8 @@ kernel's ptxas report (spills) and SASS (LDG.E.128 / LDGSTS, LDSM, HMMA, local m
 nvcc/cuobjdump are here.
 
 Usage: python scripts/build_gpu_kernels.py [--out .kernels] [--arch sm_90a] [--small]
-Writes: <out>/*.so + cubin/ (precompiled), <out>/tvm_builtin_{decode,prefill}.so, <out>/kernel_report.json
+Writes: <out>/*.so + cubin/ (precompiled), <out>/tvm_builtin_{decode,prefill}.so, <out>/models/ (the GPU
+tier's tiny models), <out>/kernel_report.json
 """
 
 from __future__ import annotations
@@ -78,6 +79,20 @@ def build_builtin(out: Path, arch: str) -> None:
     precompile(cuda_source(ex), arch, out / "cubin")
 
 
+#: tests/gpu/test_kv_cache_cuda.py's models: the cache sends decode to the decode slot at GQA group 2
+#: and to the paged-prefill slot at group 4
+GPU_TEST_MODELS = {"tiny_g2": {}, "tiny_g4": {"hidden_size": 512, "num_attention_heads": 8, "num_key_value_heads": 2}}
+
+
+def build_models(out: Path, arch: str) -> None:
+    """The tiny Llama model in float16 with tvm_attn's KV cache, for the GPU tier."""
+    from tvm_attn.models.build import build_model
+
+    for name, overrides in GPU_TEST_MODELS.items():
+        build_model("tiny", f"cuda:{arch}", out / "models" / f"{name}.so", seed=3, dtype="float16",
+                    progress=False, **overrides)
+
+
 def main(small: bool = False, out: str | None = None, arch: str = "sm_90a") -> list[dict]:
     from tests.gpu import prefill_cases
     from tests.gpu.cases import CASES, case_id, key_of
@@ -89,7 +104,8 @@ def main(small: bool = False, out: str | None = None, arch: str = "sm_90a") -> l
     out_dir = Path(out) if out else ROOT / ".kernels"
     cases = CASES[:2] if small else CASES
     keys = [key_of(c, target) for c in cases]
-    bench = [key_of({**CASES[0], "heads": (32, 32)}, target)]
+    # bench_decode's MHA row; bench_e2e's decode-attention split (TVM's KV cache pages are HND)
+    bench = [key_of({**CASES[0], "heads": (32, 32)}, target), key_of({**CASES[0], "layout": "HND"}, target)]
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("bench_prefill", ROOT / "scripts" / "bench_prefill.py")
@@ -123,6 +139,7 @@ def main(small: bool = False, out: str | None = None, arch: str = "sm_90a") -> l
         print(f"{row['case']:<40} build {row['build_s']:6.2f}s  regs {regs}  spills {spills}  sass {row.get('sass')}")
     if not small:
         build_builtin(out_dir, arch)
+        build_models(out_dir, arch)
         (out_dir / "kernel_report.json").write_text(json.dumps(rows, indent=1))
     return rows
 

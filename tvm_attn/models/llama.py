@@ -190,7 +190,11 @@ def build_module(config: LlamaConfig, target: str = "llvm", kv_cache: str = "tvm
         "create_paged_kv_cache": {"max_batch_size": int, "max_total_seq_len": int, "prefill_chunk_size": int,
                                   "$": {"param_mode": "none", "effect_mode": "none"}},
     }
-    mod, params = model.export_tvm(spec=spec)
+    mod, params, ext_mods = model.export_tvm(spec=spec, allow_extern=True)
+    if ext_mods:  # the CUDA cache's plan/run functions (tvm_attn.relax.kv_backend), linked into the library
+        from ..relax.kv_cache import external_mods
+
+        mod = mod.with_attr("external_mods", external_mods(ext_mods))
     names = [name for name, _ in params]
     if sorted(names) != sorted(c.param_shapes()):
         raise AssertionError(f"model parameters {names} differ from LlamaConfig.param_shapes()")

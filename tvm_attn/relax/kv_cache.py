@@ -4,18 +4,20 @@
 TVM's ``TIRPagedKVCache`` (``tvm/relax/frontend/nn/llm/kv_cache.py``), so the runtime object is
 TVM's own: sequence add / remove / fork / popn, ``begin_forward`` / ``end_forward``, page
 management and the cascade over shared prefixes behave as they do for MLC-LLM. What changes is
-what sits in the ``("tirx", f)`` slots (:func:`slot_sources` lists them):
+what sits in the attention slots (:func:`slot_sources` lists them):
 
-* ours (:func:`tvm_attn.tir.abi.kv_cache_kernel`, the builtin TIR signatures): ragged prefill (the
-  new tokens against themselves, causal), paged prefill (the queries against each shared-prefix
-  depth of the cache), paged decode, and the in-place state merge that combines them;
+* ours: ragged prefill (the new tokens against themselves, causal), paged prefill (the queries
+  against each shared-prefix depth of the cache) and paged decode. On the CPU (``llvm``) they are
+  ``("tirx", f)`` slots with the builtin TIR signatures (:func:`tvm_attn.tir.abi.kv_cache_kernel`),
+  and the in-place state merge is ours too. On CUDA they are ``("flashinfer", run, plan)`` slots
+  (:mod:`tvm_attn.relax.kv_backend`): the cache plans once per forward with tvm_attn's planner
+  and runs the tensor-core prefill and the split-KV decode kernels per layer;
 * TVM's: the page kernels (transpose-append of new K/V into pages, single-page copy for forks,
-  compaction, debug read-out), the fused split + RoPE kernel, the sliding-window slots and the
-  tree-mask (speculative decoding) slots.
+  compaction, debug read-out), the fused split + RoPE kernel, the sliding-window slots, the
+  tree-mask (speculative decoding) slots, and on CUDA the in-place state merge.
 
 Our kernels leave RoPE to the cache's split-rotary kernel, so ``rope_mode`` is ``RopeMode.NORMAL``
-(or ``NONE``); inline RoPE raises. On CUDA targets every attention slot keeps TVM's kernel for now:
-our CUDA decode needs its planner's work lists, which the ``tirx`` slot convention cannot pass.
+(or ``NONE``); inline RoPE raises.
 """
 
 from __future__ import annotations
@@ -26,11 +28,11 @@ from dataclasses import dataclass
 import tvm
 from tvm import relax as rx
 from tvm import tirx
+from tvm.relax.frontend.nn.extern import ExternModule
 from tvm.relax.frontend.nn.llm import kv_cache as tvm_kv
 from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache, RopeMode
 
 from ..tir.abi import kv_cache_kernel
-from ..variants.base import compose
 from ..tir.merge import make_merge
 from ..config import MergeKey
 
@@ -63,9 +65,10 @@ class KVCacheConfig:
 def slot_sources(target: str) -> dict[str, str]:
     """Which kernel fills each slot of the cache for ``target``: ``"tvm_attn"`` or ``"tvm_builtin"``
     (``target="tvm_builtin"`` describes TVM's own ``TIRPagedKVCache``)."""
-    ours = "tvm_attn" if target == "llvm" else "tvm_builtin"
+    ours = "tvm_builtin" if target == "tvm_builtin" else "tvm_attn"
     return {
-        "prefill_ragged": ours, "prefill_paged": ours, "decode_paged": ours, "merge_state": ours,
+        "prefill_ragged": ours, "prefill_paged": ours, "decode_paged": ours,
+        "merge_state": "tvm_attn" if target == "llvm" else "tvm_builtin",
         "prefill_sliding_window": "tvm_builtin", "decode_sliding_window": "tvm_builtin",
         "tree_mask": "tvm_builtin", "transpose_append": "tvm_builtin", "split_rotary": "tvm_builtin",
         "copy_single_page": "tvm_builtin", "compact_copy": "tvm_builtin", "debug_get_kv": "tvm_builtin",
@@ -107,15 +110,16 @@ class AttnPagedKVCache(PagedKVCache):
                 "global_symbol", "tvm_attn_merge_state_in_place"), "tvm_attn_merge_state_in_place")
             cpu = True
         else:
-            if compose(variant).uri() != "default":
-                raise ValueError(f"target {c.target!r}: variants in the cache need tvm_attn's kernels, which "
-                                 "fill the CUDA slots only in a later version")
-            ragged = tir(tvm_kv._attention_prefill_ragged(hkv, hq, d, d, dt, rope_scaling, target),
-                         "tir_attention_prefill_ragged")
-            paged = tir(tvm_kv._attention_prefill(hkv, hq, d, dt, False, rope_scaling, target, page_size=c.page_size),
-                        "tir_attention_prefill")
-            decode = tir(tvm_kv._attention_decode(hkv, hq, d, dt, False, rope_scaling, target, page_size=c.page_size),
-                         "tir_attention_decode")
+            # CUDA: the ("flashinfer", run, plan) convention with tvm_attn's planner (kv_backend)
+            from tvm.relax.frontend import nn
+
+            from .kv_backend import CudaKVBackend
+
+            backend = CudaKVBackend(c, variant)
+            for name, func in backend.functions().items():
+                bb.add_func(func, name)
+            nn.add_extern(_LoadedExtern(backend.static_library()))
+            ragged, paged, decode = backend.slots()
             merge = bb.add_func(tvm_kv._merge_state_inplace(hq, d, dt, target, "tir_attention_merge_state"),
                                 "tir_attention_merge_state")
             cpu = False
@@ -183,6 +187,25 @@ def tree_kernels_without_rope_scaling():
         yield
     finally:
         tvm_kv.tree_attn, tvm_kv.tree_attn_with_paged_kv_cache = saved
+
+
+class _LoadedExtern(ExternModule):
+    """An already compiled runtime module (a static library) as an ``nn`` external module, so that
+    ``export_tvm(..., allow_extern=True)`` hands it to the build (see :func:`external_mods`)."""
+
+    def __init__(self, module):
+        from .kv_backend import SYMBOLS
+
+        super().__init__({name: None for name in SYMBOLS})
+        self._module = module
+
+    def load(self):
+        return self._module
+
+
+def external_mods(ext_mods) -> list:
+    """The runtime modules of ``export_tvm``'s external modules, for the IRModule's ``external_mods``."""
+    return [m.load() for m in ext_mods]
 
 
 def _target(name: str) -> tvm.target.Target:

@@ -139,6 +139,23 @@ class TVMKVCacheSlot(KernelABI):
         return super().reorder(key, func.specialize(binds) if binds else func)
 
 
+def fixed_scalars(variant) -> tuple:
+    """``(name, default)`` of each run-time argument of ``variant``, which a KV-cache slot binds into
+    the kernel (the cache passes no variant arguments); raises ``ValueError`` for an argument that
+    is a tensor or has no default."""
+    from ..variants.base import ScalarParam
+
+    fixed = []
+    for p in variant.extra_params():
+        if not isinstance(p, ScalarParam) or p.default is None:
+            raise ValueError(
+                f"variant {variant!r}: TVM's KV cache cannot pass the argument {p.name!r}; a cache slot takes "
+                "variants whose run-time arguments are scalars with defaults (bound into the kernel)"
+            )
+        fixed.append((p.name, p.default))
+    return tuple(fixed)
+
+
 def kv_cache_kernel(slot: str, num_qo_heads: int, num_kv_heads: int, head_dim: int, dtype: str, page_size: int,
                     variant=None) -> tirx.PrimFunc:
     """The kernel for one attention slot of TVM's runtime KV cache, in the builtin TIR signature.
@@ -149,22 +166,14 @@ def kv_cache_kernel(slot: str, num_qo_heads: int, num_kv_heads: int, head_dim: i
     softmax (the cache merges attention states by their LSE).
     """
     from ..variants import compose
-    from ..variants.base import ScalarParam
     from .attention import make_attention
 
     user = compose(variant)
     if not user.use_softmax:
         raise ValueError(f"variant {user!r}: TVM's cache merges attention states by their LSE, which needs softmax")
-    fixed = []
-    for p in user.extra_params():
-        if not isinstance(p, ScalarParam) or p.default is None:
-            raise ValueError(
-                f"variant {user!r}: TVM's KV cache cannot pass the argument {p.name!r}; a cache slot takes "
-                "variants whose run-time arguments are scalars with defaults (bound into the kernel)"
-            )
-        fixed.append((p.name, p.default))
+    fixed = fixed_scalars(user)
     full = user if slot == "decode" else compose(RuntimeCausal(), user)
     kv = RaggedKV("NHD") if slot == "prefill_ragged" else PagedKV(page_size, "HND")
     kind = "decode" if slot == "decode" else "prefill"
     key = AttentionKey(kind, kv, num_qo_heads, num_kv_heads, head_dim, dtype, dtype, full, "llvm")
-    return make_attention(key, TVMKVCacheSlot(slot, tuple(fixed)))
+    return make_attention(key, TVMKVCacheSlot(slot, fixed))

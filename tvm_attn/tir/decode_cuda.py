@@ -97,7 +97,9 @@ def make_batch_decode_cuda(key: AttentionKey, tiles: DecodeTiles | None = None) 
                         kg = let("kg", warp * tiles.keys_per_warp + lane // TX)
                         kv_len = let("kv_len", idx.kv_len(req))
                         ctx = HookContext(req, 0, None, None, kv_head, 1, kv_len, D, params)
-                        begin, end = work_info[1, w], work_info[2, w]
+                        # a plan made from page counts alone (TVM's KV-cache decode slot) counts the
+                        # last page full: the piece ends at the request's length
+                        begin, end = work_info[1, w], tirx.min(work_info[2, w], kv_len)
                         bounds = variant.kv_range(ctx)
                         if bounds is not None:
                             begin, end = tirx.max(begin, bounds[0]), tirx.min(end, bounds[1])

@@ -1,0 +1,499 @@
+// tvm_attn's kernels in TVM's runtime paged KV cache, through its ("flashinfer", run, plan) slots.
+//
+// TVM's cache (src/runtime/vm/paged_kv_cache.cc, attn_backend.h) calls a slot's `plan` once per
+// forward, on the host with host copies of the index arrays, and its `run` once per layer. Here,
+// `plan` runs tvm_attn's planner (the host TIR function `tvm_attn_plan`, compiled into the same
+// library) into the cache's page-locked int workspace, copies the work lists to the device int
+// workspace on the current stream, and returns the sizes `run` needs; `run` calls the CUDA kernels
+// (host TIR functions of the same library) on views of the cache's tensors, then the merge kernel
+// when the plan cut an item. A paged-prefill plan whose requests all have one query token (a decode
+// step: the cache routes decode to the prefill slot when the GQA group is 4 or more) runs the
+// decode kernel.
+//
+// tvm_attn/relax/kv_backend.py compiles this file with a generated header (TVM_ATTN_KV_CONFIG)
+// that names the model's kernels and the schedule constants; nothing here is model-specific.
+
+#include <dlpack/dlpack.h>
+#include <tvm/ffi/container/array.h>
+#include <tvm/ffi/container/tensor.h>
+#include <tvm/ffi/error.h>
+#include <tvm/ffi/extra/c_env_api.h>
+#include <tvm/ffi/function.h>
+#include <tvm/runtime/device_api.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <string>
+#include <vector>
+
+namespace tvm_attn_kv {
+
+using tvm::ffi::Array;
+using tvm::ffi::Tensor;
+
+struct PrefillTile {
+  int64_t max_mean_rows;   // this tile serves batches whose mean GQA-packed query rows are <= this
+  int64_t tile_q;          // packed query rows per CTA tile
+  int64_t blocks_per_sm;   // resident CTAs per SM: sizes the persistent grid
+  int64_t work_overhead;   // planner cost of a work beyond its keys
+  TVMFFISafeCallType paged, paged_merge, ragged, ragged_merge;
+};
+
+struct DecodeKernel {
+  int64_t ctas_per_sm;     // resident CTAs per SM
+  int64_t blocks_per_work; // CTAs one work item occupies (KV heads x head splits)
+  int64_t work_overhead;
+  int64_t pack_slack_div;
+  TVMFFISafeCallType kernel, merge;
+};
+
+}  // namespace tvm_attn_kv
+
+#include TVM_ATTN_KV_CONFIG  // kNumQoHeads, kNumKvHeads, kHeadDim, kPageSize, kDType, kPrefillTiles,
+                             // kPrefillPackSlackDiv, kDecode, kPlanner
+
+namespace tvm_attn_kv {
+
+// plan_info fields (an Array<int64_t> that the cache hands back to run)
+enum PlanField : int {
+  kKind = 0,         // 0: decode kernel, 1: prefill kernel
+  kTile,             // index into kPrefillTiles
+  kBatch,
+  kMaxWorks,
+  kNumCtas,
+  kMaxRows,
+  kMaxPartials,
+  kNumPartials,
+  kCausal,           // the plan clipped keys to the causal range
+  kNumPlanFields
+};
+constexpr int64_t kKindDecode = 0, kKindPrefill = 1;
+
+constexpr int kWorkFields = 6;
+
+// A DLTensor over `data`, with its own shape storage.
+struct View {
+  DLTensor t;
+  int64_t shape[5];
+  View(void* data, DLDevice dev, DLDataType dtype, std::initializer_list<int64_t> dims) {
+    int i = 0;
+    for (int64_t d : dims) shape[i++] = d;
+    t.data = data;
+    t.device = dev;
+    t.ndim = i;
+    t.dtype = dtype;
+    t.shape = shape;
+    t.strides = nullptr;
+    t.byte_offset = 0;
+  }
+  DLTensor* get() { return &t; }
+};
+
+// A contiguous tensor argument with its byte offset folded into the data pointer (the cache passes
+// index arrays as views into one buffer; the TIR kernels take offset-free buffers).
+struct Rebased {
+  DLTensor t;
+  explicit Rebased(const Tensor& x) {
+    t = *x.GetDLTensorPtr();
+    t.data = static_cast<char*>(t.data) + t.byte_offset;
+    t.byte_offset = 0;
+  }
+  DLTensor* get() { return &t; }
+};
+
+template <typename... Args>
+void Call(TVMFFISafeCallType fn, Args... args) {
+  tvm::ffi::Function::FromExternC(nullptr, fn, nullptr)(args...);
+}
+
+inline const char* DTypeName(DLDataType t) {
+  if (t.code == kDLFloat && t.bits == 16) return "float16";
+  if (t.code == kDLBfloat && t.bits == 16) return "bfloat16";
+  if (t.code == kDLFloat && t.bits == 32) return "float32";
+  return "other";
+}
+
+inline void CheckConfig(const char* what, int64_t num_qo_heads, int64_t num_kv_heads, int64_t qk_head_dim,
+                        int64_t v_head_dim) {
+  if (num_qo_heads != kNumQoHeads || num_kv_heads != kNumKvHeads || qk_head_dim != kHeadDim ||
+      v_head_dim != kHeadDim) {
+    TVM_FFI_THROW(ValueError) << what << ": tvm_attn's KV-cache kernels were built for " << kNumQoHeads << "/"
+                              << kNumKvHeads << " heads, head_dim " << kHeadDim << "; the cache asks for "
+                              << num_qo_heads << "/" << num_kv_heads << " heads, head_dim " << qk_head_dim
+                              << " (v " << v_head_dim << ")";
+  }
+}
+
+inline void CheckTensor(const char* name, const Tensor& x, DLDataType dtype) {
+  const DLTensor* t = x.GetDLTensorPtr();
+  if (t->dtype.code != dtype.code || t->dtype.bits != dtype.bits || t->dtype.lanes != dtype.lanes) {
+    TVM_FFI_THROW(ValueError) << "tvm_attn KV-cache kernels: " << name << " has dtype " << DTypeName(t->dtype)
+                              << ", the kernels were built for " << DTypeName(dtype);
+  }
+}
+
+inline int64_t NumSMs(DLDevice dev) {
+  static int64_t cached[64] = {0};
+  int id = dev.device_id;
+  if (id >= 0 && id < 64 && cached[id]) return cached[id];
+  tvm::ffi::Any rv;
+  tvm::runtime::DeviceAPI::Get(dev)->GetAttr(dev, tvm::runtime::kMultiProcessorCount, &rv);
+  int64_t n = rv.cast<int64_t>();
+  if (id >= 0 && id < 64) cached[id] = n;
+  return n;
+}
+
+inline const int32_t* HostInt32(const char* name, const Tensor& x, int64_t n) {
+  const DLTensor* t = x.GetDLTensorPtr();
+  if (t->dtype.code != kDLInt || t->dtype.bits != 32 || t->ndim != 1 || t->shape[0] < n) {
+    TVM_FFI_THROW(ValueError) << "tvm_attn plan: " << name << " must be a host int32 vector of at least " << n
+                              << " entries";
+  }
+  if (t->device.device_type != kDLCPU && t->device.device_type != kDLCUDAHost) {
+    TVM_FFI_THROW(ValueError) << "tvm_attn plan: " << name << " must be in host memory";
+  }
+  return reinterpret_cast<const int32_t*>(static_cast<const char*>(t->data) + t->byte_offset);
+}
+
+// The workspace layout of one plan: int32 arrays work_info [6, max_works], cta_indptr [num_ctas + 1],
+// merge_indptr [max_rows + 1] (in the device int workspace, staged in the page-locked one), and
+// float32 tmp_o [max_partials, part_heads, head_dim], tmp_lse [max_partials, part_heads] (float
+// workspace).
+struct Layout {
+  int64_t max_works, num_ctas, max_rows, max_partials, part_heads;
+  int64_t cta_offset() const { return kWorkFields * max_works; }
+  int64_t merge_offset() const { return cta_offset() + num_ctas + 1; }
+  int64_t int_elems() const { return merge_offset() + max_rows + 1; }
+  int64_t lse_offset() const { return max_partials * part_heads * kHeadDim; }
+  int64_t float_elems() const { return lse_offset() + max_partials * part_heads; }
+};
+
+inline Layout LayoutOf(const Array<int64_t>& info) {
+  if (static_cast<int>(info.size()) != kNumPlanFields) {
+    TVM_FFI_THROW(ValueError) << "tvm_attn run: plan_info has " << info.size() << " fields, expected "
+                              << kNumPlanFields << " (was it made by tvm_attn's plan?)";
+  }
+  int64_t part_heads = info[kKind] == kKindDecode ? kNumQoHeads : kNumKvHeads;
+  return Layout{info[kMaxWorks], info[kNumCtas], info[kMaxRows], info[kMaxPartials], part_heads};
+}
+
+inline int64_t Bytes(const Tensor& x) {
+  const DLTensor* t = x.GetDLTensorPtr();
+  int64_t n = (t->dtype.bits * t->dtype.lanes + 7) / 8;
+  for (int i = 0; i < t->ndim; ++i) n *= t->shape[i];
+  return n;
+}
+
+// Runs the planner into the page-locked int workspace and copies the result to the device.
+Array<int64_t> Plan(int64_t kind, int64_t tile, const Tensor& float_ws, const Tensor& int_ws,
+                    const Tensor& pinned_ws, const int32_t* qo_indptr, const int32_t* kv_indptr,
+                    const int32_t* last_page_len, int64_t batch, int64_t page_size, bool allow_split,
+                    bool causal) {
+  DLDevice dev = int_ws.GetDLTensorPtr()->device;
+  int64_t sms = NumSMs(dev);
+  int64_t rows, group, tile_q, overhead, slack, num_ctas, max_items;
+  if (kind == kKindDecode) {
+    rows = batch, group = 1, tile_q = 1;
+    overhead = kDecode.work_overhead, slack = kDecode.pack_slack_div;
+    num_ctas = std::max<int64_t>(1, sms * kDecode.ctas_per_sm / kDecode.blocks_per_work);
+    max_items = batch;
+  } else {
+    const PrefillTile& t = kPrefillTiles[tile];
+    group = kNumQoHeads / kNumKvHeads;
+    rows = static_cast<int64_t>(qo_indptr[batch]) * group, tile_q = t.tile_q;
+    overhead = t.work_overhead, slack = kPrefillPackSlackDiv;
+    num_ctas = std::max<int64_t>(1, sms * t.blocks_per_sm / kNumKvHeads);
+    max_items = (rows + tile_q - 1) / tile_q + batch;
+  }
+  Layout lay{max_items + num_ctas, num_ctas, rows,
+             kind == kKindDecode ? max_items + num_ctas : 2 * num_ctas * tile_q,
+             kind == kKindDecode ? kNumQoHeads : kNumKvHeads};
+  int64_t int_bytes = 4 * lay.int_elems(), float_bytes = 4 * lay.float_elems();
+  if (int_bytes > Bytes(int_ws) || int_bytes > Bytes(pinned_ws) || float_bytes > Bytes(float_ws)) {
+    TVM_FFI_THROW(ValueError) << "tvm_attn plan: the step needs " << int_bytes << " bytes of int workspace and "
+                              << float_bytes << " of float workspace; the cache has " << Bytes(int_ws) << " and "
+                              << Bytes(float_ws) << " (" << batch << " requests, " << rows << " packed rows)";
+  }
+  DLDevice host{kDLCPU, 0};
+  int32_t* pinned = static_cast<int32_t*>(pinned_ws.GetDLTensorPtr()->data);
+  // the planner reads host int32 vectors; copy the cache's (and the synthesized) arrays into views
+  std::vector<int32_t> qo(qo_indptr, qo_indptr + batch + 1), kv(kv_indptr, kv_indptr + batch + 1),
+      last(last_page_len, last_page_len + batch);
+  int32_t stats[4] = {0, 0, 0, 0};
+  View qo_v(qo.data(), host, {kDLInt, 32, 1}, {batch + 1});
+  View kv_v(kv.data(), host, {kDLInt, 32, 1}, {batch + 1});
+  View last_v(last.data(), host, {kDLInt, 32, 1}, {batch});
+  View work_v(pinned, host, {kDLInt, 32, 1}, {kWorkFields, lay.max_works});
+  View cta_v(pinned + lay.cta_offset(), host, {kDLInt, 32, 1}, {lay.num_ctas + 1});
+  View merge_v(pinned + lay.merge_offset(), host, {kDLInt, 32, 1}, {lay.max_rows + 1});
+  View stats_v(stats, host, {kDLInt, 32, 1}, {4});
+  Call(kPlanner, qo_v.get(), kv_v.get(), last_v.get(), work_v.get(), cta_v.get(), merge_v.get(), stats_v.get(),
+       lay.max_partials, page_size, static_cast<int64_t>(allow_split), group, tile_q,
+       static_cast<int64_t>(causal), overhead, slack);
+  if (stats[3] != 0) {
+    static const char* what[] = {"", "max_works", "max_partials", "max_rows"};
+    TVM_FFI_THROW(InternalError) << "tvm_attn plan: the planner ran out of " << what[stats[3] & 3]
+                                 << " (" << stats[0] << " works, " << stats[1] << " partial rows)";
+  }
+  View src(pinned, host, {kDLInt, 32, 1}, {lay.int_elems()});
+  View dst(int_ws.GetDLTensorPtr()->data, dev, {kDLInt, 32, 1}, {lay.int_elems()});
+  dst.t.byte_offset = int_ws.GetDLTensorPtr()->byte_offset;
+  tvm::runtime::DeviceAPI::Get(dev)->CopyDataFromTo(src.get(), dst.get(),
+                                                 TVMFFIEnvGetStream(dev.device_type, dev.device_id));
+  Array<int64_t> info;
+  int64_t fields[kNumPlanFields] = {kind, tile, batch, lay.max_works, lay.num_ctas, lay.max_rows,
+                                    lay.max_partials, stats[1], static_cast<int64_t>(causal)};
+  for (int64_t f : fields) info.push_back(f);
+  return info;
+}
+
+inline void CheckPlanArgs(const char* what, bool enable_cuda_graph, int64_t window_left) {
+  if (enable_cuda_graph) {
+    TVM_FFI_THROW(ValueError) << what << ": tvm_attn's KV-cache plan does not capture CUDA graphs (the "
+                              << "cache never asks); use the wrappers' use_cuda_graph for graphs";
+  }
+  if (window_left >= 0) {
+    TVM_FFI_THROW(ValueError) << what << ": tvm_attn's KV-cache kernels have no sliding window (window_left "
+                              << window_left << "); the cache's sliding-window slots keep TVM's kernels";
+  }
+}
+
+// The tile for a batch: by the mean GQA-packed query rows of its non-empty requests.
+inline int64_t ChooseTile(const int32_t* qo_indptr, int64_t batch) {
+  int64_t tokens = 0, nonempty = 0;
+  for (int64_t b = 0; b < batch; ++b) {
+    int64_t n = qo_indptr[b + 1] - qo_indptr[b];
+    tokens += n;
+    nonempty += n > 0;
+  }
+  int64_t mean = nonempty ? tokens * (kNumQoHeads / kNumKvHeads) / nonempty : 0;
+  int64_t n = static_cast<int64_t>(sizeof(kPrefillTiles) / sizeof(kPrefillTiles[0]));
+  for (int64_t i = 0; i < n; ++i) {
+    if (mean <= kPrefillTiles[i].max_mean_rows) return i;
+  }
+  return n - 1;
+}
+
+Array<int64_t> PlanPrefill(bool paged, Tensor float_ws, Tensor int_ws, Tensor pinned_ws, Tensor qo_indptr_h,
+                           Tensor kv_indptr_h, Tensor kv_len_h, int64_t total_qo_len, int64_t batch,
+                           int64_t num_qo_heads, int64_t num_kv_heads, int64_t page_size, bool enable_cuda_graph,
+                           int64_t qk_head_dim, int64_t v_head_dim, bool causal, int64_t window_left,
+                           int64_t fixed_split_size, bool disable_split_kv) {
+  const char* what = paged ? "tvm_attn paged-prefill plan" : "tvm_attn ragged-prefill plan";
+  CheckConfig(what, num_qo_heads, num_kv_heads, qk_head_dim, v_head_dim);
+  CheckPlanArgs(what, enable_cuda_graph, window_left);
+  if (fixed_split_size > 0) {
+    TVM_FFI_THROW(ValueError) << what << ": fixed_split_size is not supported (the planner sizes the pieces)";
+  }
+  if (paged && page_size != kPageSize) {
+    TVM_FFI_THROW(ValueError) << what << ": the kernels were built for page size " << kPageSize << ", got "
+                              << page_size;
+  }
+  const int32_t* qo = HostInt32("qo_indptr", qo_indptr_h, batch + 1);
+  const int32_t* kv = HostInt32(paged ? "page_indptr" : "kv_indptr", kv_indptr_h, batch + 1);
+  const int32_t* kv_len = HostInt32("kv_len", kv_len_h, batch);
+  if (qo[batch] != total_qo_len) {
+    TVM_FFI_THROW(ValueError) << what << ": qo_indptr ends at " << qo[batch] << ", total_qo_len is " << total_qo_len;
+  }
+  std::vector<int32_t> last(batch);
+  for (int64_t b = 0; b < batch; ++b) {
+    // ragged KV: rows are pages of one key; paged: the last page holds what the length leaves
+    int64_t pages = kv[b + 1] - kv[b];
+    last[b] = paged ? (pages ? static_cast<int32_t>(kv_len[b] - (pages - 1) * kPageSize) : 0) : 1;
+    if (paged && pages && (last[b] <= 0 || last[b] > kPageSize)) {
+      TVM_FFI_THROW(ValueError) << what << ": request " << b << " has " << pages << " pages but " << kv_len[b]
+                                << " keys";
+    }
+  }
+  bool decode = paged && batch > 0;
+  for (int64_t b = 0; decode && b < batch; ++b) decode = qo[b + 1] - qo[b] == 1;
+  if (decode) {
+    return Plan(kKindDecode, 0, float_ws, int_ws, pinned_ws, qo, kv, last.data(), batch, kPageSize,
+                !disable_split_kv, false);
+  }
+  return Plan(kKindPrefill, ChooseTile(qo, batch), float_ws, int_ws, pinned_ws, qo, kv, last.data(), batch,
+              paged ? kPageSize : 1, !disable_split_kv, causal);
+}
+
+Array<int64_t> PlanPaged(Tensor float_ws, Tensor int_ws, Tensor pinned_ws, Tensor qo_indptr, Tensor page_indptr,
+                         Tensor kv_len, int64_t total_qo_len, int64_t batch, int64_t num_qo_heads,
+                         int64_t num_kv_heads, int64_t page_size, bool enable_cuda_graph, int64_t qk_head_dim,
+                         int64_t v_head_dim, bool causal, int64_t window_left, int64_t fixed_split_size,
+                         bool disable_split_kv, int64_t num_colocated_ctas) {
+  return PlanPrefill(true, float_ws, int_ws, pinned_ws, qo_indptr, page_indptr, kv_len, total_qo_len, batch,
+                     num_qo_heads, num_kv_heads, page_size, enable_cuda_graph, qk_head_dim, v_head_dim, causal,
+                     window_left, fixed_split_size, disable_split_kv);
+}
+
+Array<int64_t> PlanRagged(Tensor float_ws, Tensor int_ws, Tensor pinned_ws, Tensor qo_indptr, Tensor kv_indptr,
+                          Tensor kv_len, int64_t total_qo_len, int64_t batch, int64_t num_qo_heads,
+                          int64_t num_kv_heads, int64_t page_size, bool enable_cuda_graph, int64_t qk_head_dim,
+                          int64_t v_head_dim, bool causal, int64_t window_left, int64_t fixed_split_size,
+                          bool disable_split_kv, int64_t num_colocated_ctas) {
+  return PlanPrefill(false, float_ws, int_ws, pinned_ws, qo_indptr, kv_indptr, kv_len, total_qo_len, batch,
+                     num_qo_heads, num_kv_heads, page_size, enable_cuda_graph, qk_head_dim, v_head_dim, causal,
+                     window_left, fixed_split_size, disable_split_kv);
+}
+
+// The decode slot's plan sees page counts only: it plans every page full, and the decode kernel
+// clips each piece to the request's length, which run passes on the device.
+Array<int64_t> PlanDecode(Tensor float_ws, Tensor int_ws, Tensor pinned_ws, Tensor page_indptr_h, int64_t batch,
+                          int64_t num_qo_heads, int64_t num_kv_heads, int64_t page_size, bool enable_cuda_graph,
+                          int64_t window_left, double logits_soft_cap, int64_t qk_head_dim, int64_t v_head_dim,
+                          Tensor empty_q, Tensor empty_kv) {
+  const char* what = "tvm_attn decode plan";
+  CheckConfig(what, num_qo_heads, num_kv_heads, qk_head_dim, v_head_dim);
+  CheckPlanArgs(what, enable_cuda_graph, window_left);
+  if (logits_soft_cap > 0) {
+    TVM_FFI_THROW(ValueError) << what << ": logits_soft_cap is a variant of the kernels, not a plan option";
+  }
+  if (page_size != kPageSize) {
+    TVM_FFI_THROW(ValueError) << what << ": the kernels were built for page size " << kPageSize << ", got "
+                              << page_size;
+  }
+  CheckTensor("q", empty_q, kDType);
+  CheckTensor("kv", empty_kv, kDType);
+  const int32_t* kv = HostInt32("page_indptr", page_indptr_h, batch + 1);
+  std::vector<int32_t> qo(batch + 1), last(batch);
+  for (int64_t b = 0; b <= batch; ++b) qo[b] = static_cast<int32_t>(b);
+  for (int64_t b = 0; b < batch; ++b) last[b] = kv[b + 1] > kv[b] ? kPageSize : 0;
+  return Plan(kKindDecode, 0, float_ws, int_ws, pinned_ws, qo.data(), kv, last.data(), batch, kPageSize, true,
+              false);
+}
+
+// The workspace views of a plan, on the device.
+struct Workspace {
+  View work, cta, merge, tmp_o, tmp_lse;
+  Workspace(const Tensor& float_ws, const Tensor& int_ws, const Layout& lay)
+      : work(Base(int_ws), Dev(int_ws), {kDLInt, 32, 1}, {kWorkFields, lay.max_works}),
+        cta(static_cast<int32_t*>(Base(int_ws)) + lay.cta_offset(), Dev(int_ws), {kDLInt, 32, 1},
+            {lay.num_ctas + 1}),
+        merge(static_cast<int32_t*>(Base(int_ws)) + lay.merge_offset(), Dev(int_ws), {kDLInt, 32, 1},
+              {lay.max_rows + 1}),
+        tmp_o(Base(float_ws), Dev(float_ws), {kDLFloat, 32, 1}, {lay.max_partials, lay.part_heads, kHeadDim}),
+        tmp_lse(static_cast<float*>(Base(float_ws)) + lay.lse_offset(), Dev(float_ws), {kDLFloat, 32, 1},
+                {lay.max_partials, lay.part_heads}) {}
+  static void* Base(const Tensor& x) {
+    const DLTensor* t = x.GetDLTensorPtr();
+    return static_cast<char*>(t->data) + t->byte_offset;
+  }
+  static DLDevice Dev(const Tensor& x) { return x.GetDLTensorPtr()->device; }
+};
+
+// The cache's paged K and V views (pages[:, 0] and pages[:, 1]) -> the whole [P, 2, H, S, D] cache.
+inline View Pages(const Tensor& k_view, const Tensor& v_view) {
+  const DLTensor* k = k_view.GetDLTensorPtr();
+  const DLTensor* v = v_view.GetDLTensorPtr();
+  int64_t inner = kNumKvHeads * kPageSize * kHeadDim;
+  int64_t elem = (k->dtype.bits * k->dtype.lanes + 7) / 8;
+  char* base = static_cast<char*>(k->data) + k->byte_offset;
+  char* vbase = static_cast<char*>(v->data) + v->byte_offset;
+  bool hnd = k->ndim == 4 && k->shape[1] == kNumKvHeads && k->shape[2] == kPageSize && k->shape[3] == kHeadDim;
+  bool interleaved = vbase == base + inner * elem &&
+                     (k->strides == nullptr || (k->strides[0] == 2 * inner && k->strides[3] == 1));
+  if (!hnd || !interleaved) {
+    TVM_FFI_THROW(ValueError) << "tvm_attn run: expected the cache's K/V views of one [pages, 2, "
+                              << kNumKvHeads << ", " << kPageSize << ", " << kHeadDim << "] tensor";
+  }
+  return View(base, k->device, k->dtype, {k->shape[0], 2, kNumKvHeads, kPageSize, kHeadDim});
+}
+
+void RunDecodeKernel(const Array<int64_t>& info, const Tensor& float_ws, const Tensor& int_ws, const Tensor& q,
+                     View& pages, const Tensor& page_indptr, const Tensor& page_indices, const Tensor& length_info,
+                     const Tensor& o, const Tensor& lse, double sm_scale) {
+  Layout lay = LayoutOf(info);
+  Workspace ws(float_ws, int_ws, lay);
+  Rebased q_r(q), ip(page_indptr), ix(page_indices), len(length_info), o_r(o), lse_r(lse);
+  if (q_r.t.ndim != 3 || q_r.t.shape[0] != info[kBatch]) {
+    TVM_FFI_THROW(ValueError) << "tvm_attn decode run: q has " << q_r.t.shape[0] << " rows, the plan has "
+                              << info[kBatch] << " requests";
+  }
+  Call(kDecode.kernel, q_r.get(), pages.get(), ip.get(), ix.get(), len.get(), ws.work.get(), ws.cta.get(),
+       ws.tmp_o.get(), ws.tmp_lse.get(), o_r.get(), lse_r.get(), sm_scale);
+  if (info[kNumPartials] > 0) {
+    Call(kDecode.merge, ws.merge.get(), ws.tmp_o.get(), ws.tmp_lse.get(), o_r.get(), lse_r.get());
+  }
+}
+
+inline int64_t CausalArg(const Array<int64_t>& info, int64_t mask_mode) {
+  if (mask_mode != 0 && mask_mode != 1) {
+    TVM_FFI_THROW(ValueError) << "tvm_attn run: mask_mode " << mask_mode << " (0: none, 1: causal; custom "
+                              << "masks are variants of the kernels)";
+  }
+  if (info[kCausal] && !mask_mode) {
+    TVM_FFI_THROW(ValueError) << "tvm_attn run: planned causal (keys clipped per tile), run without the mask; "
+                              << "plan with causal=false";
+  }
+  return mask_mode;
+}
+
+void RunPaged(Tensor float_ws, Tensor int_ws, Array<int64_t> plan_info, Tensor q, Tensor k_view, Tensor v_view,
+              Tensor qo_indptr, Tensor page_indptr, Tensor page_indices, Tensor length_info, Tensor o, Tensor lse,
+              int64_t mask_mode, int64_t layout, int64_t window_left, bool enable_pdl, double sm_scale,
+              double rope_rcp_scale, double rope_rcp_theta) {
+  if (layout != 1) TVM_FFI_THROW(ValueError) << "tvm_attn paged run: the cache's pages are HND (layout 1)";
+  CheckTensor("q", q, kDType);
+  CheckTensor("pages", k_view, kDType);
+  View pages = Pages(k_view, v_view);
+  Layout lay = LayoutOf(plan_info);
+  if (plan_info[kKind] == kKindDecode) {
+    RunDecodeKernel(plan_info, float_ws, int_ws, q, pages, page_indptr, page_indices, length_info, o, lse,
+                    sm_scale);
+    return;
+  }
+  const PrefillTile& t = kPrefillTiles[plan_info[kTile]];
+  int64_t causal = CausalArg(plan_info, mask_mode);
+  Workspace ws(float_ws, int_ws, lay);
+  Rebased q_r(q), qo(qo_indptr), ip(page_indptr), ix(page_indices), len(length_info), o_r(o), lse_r(lse);
+  Call(t.paged, q_r.get(), qo.get(), pages.get(), ip.get(), ix.get(), len.get(), ws.work.get(), ws.cta.get(),
+       ws.tmp_o.get(), ws.tmp_lse.get(), o_r.get(), lse_r.get(), sm_scale, causal);
+  if (plan_info[kNumPartials] > 0) {
+    Call(t.paged_merge, ws.merge.get(), ws.tmp_o.get(), ws.tmp_lse.get(), o_r.get(), lse_r.get(), causal);
+  }
+}
+
+void RunRagged(Tensor float_ws, Tensor int_ws, Array<int64_t> plan_info, Tensor q, Tensor k, Tensor v,
+               Tensor qo_indptr, Tensor kv_indptr, Tensor o, Tensor lse, int64_t mask_mode, int64_t layout,
+               int64_t window_left, bool enable_pdl, double sm_scale, double rope_rcp_scale,
+               double rope_rcp_theta) {
+  if (layout != 0) TVM_FFI_THROW(ValueError) << "tvm_attn ragged run: k/v must be NHD (layout 0)";
+  CheckTensor("q", q, kDType);
+  CheckTensor("k", k, kDType);
+  CheckTensor("v", v, kDType);
+  Layout lay = LayoutOf(plan_info);
+  if (plan_info[kKind] != kKindPrefill) TVM_FFI_THROW(ValueError) << "tvm_attn ragged run: not a prefill plan";
+  const PrefillTile& t = kPrefillTiles[plan_info[kTile]];
+  int64_t causal = CausalArg(plan_info, mask_mode);
+  Workspace ws(float_ws, int_ws, lay);
+  Rebased q_r(q), k_r(k), v_r(v), qo(qo_indptr), ip(kv_indptr), o_r(o), lse_r(lse);
+  Call(t.ragged, q_r.get(), qo.get(), k_r.get(), v_r.get(), ip.get(), ws.work.get(), ws.cta.get(), ws.tmp_o.get(),
+       ws.tmp_lse.get(), o_r.get(), lse_r.get(), sm_scale, causal);
+  if (plan_info[kNumPartials] > 0) {
+    Call(t.ragged_merge, ws.merge.get(), ws.tmp_o.get(), ws.tmp_lse.get(), o_r.get(), lse_r.get(), causal);
+  }
+}
+
+void RunDecode(Tensor float_ws, Tensor int_ws, Array<int64_t> plan_info, Tensor q, Tensor k_view, Tensor v_view,
+               Tensor page_indptr, Tensor page_indices, Tensor length_info, Tensor o, Tensor lse, int64_t layout,
+               int64_t window_left, bool enable_pdl, double sm_scale, double rope_rcp_scale,
+               double rope_rcp_theta) {
+  if (layout != 1) TVM_FFI_THROW(ValueError) << "tvm_attn decode run: the cache's pages are HND (layout 1)";
+  CheckTensor("q", q, kDType);
+  CheckTensor("pages", k_view, kDType);
+  if (plan_info.size() != kNumPlanFields || plan_info[kKind] != kKindDecode) {
+    TVM_FFI_THROW(ValueError) << "tvm_attn decode run: not a decode plan";
+  }
+  View pages = Pages(k_view, v_view);
+  RunDecodeKernel(plan_info, float_ws, int_ws, q, pages, page_indptr, page_indices, length_info, o, lse,
+                  sm_scale);
+}
+
+}  // namespace tvm_attn_kv
+
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(tvm_attn_kv_plan_paged, tvm_attn_kv::PlanPaged);
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(tvm_attn_kv_plan_ragged, tvm_attn_kv::PlanRagged);
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(tvm_attn_kv_plan_decode, tvm_attn_kv::PlanDecode);
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(tvm_attn_kv_run_paged, tvm_attn_kv::RunPaged);
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(tvm_attn_kv_run_ragged, tvm_attn_kv::RunRagged);
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(tvm_attn_kv_run_decode, tvm_attn_kv::RunDecode);
