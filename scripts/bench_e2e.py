@@ -189,7 +189,8 @@ def run_one(library: Path, small: bool) -> dict:
     dev = tvm.cuda(0) if device == "cuda" else tvm.cpu()
     batches, contexts, prompt = ((1, 2), (64,), 48) if small else (BATCHES, CONTEXTS, TTFT_PROMPT)
     weights = fast_random_weights(meta, dev)
-    capacity = max(batches) * max(contexts) + 1024
+    # every sequence's context plus the timed decode steps, each rounded up to whole pages, plus a prompt
+    capacity = max(batches) * (max(contexts) + 64) + max(prompt, 1024)
     s = ModelSession(library, device, weights=weights, max_batch_size=max(batches),
                      max_total_seq_len=capacity, prefill_chunk_size=max(8192, prompt))
     vocab = meta["config"]["vocab_size"]
@@ -225,22 +226,32 @@ def run_one(library: Path, small: bool) -> dict:
         s.forward([sid], [tokens], last_only=True, fetch=False)
         s.remove_sequence(sid)
 
+    t_phase = time.perf_counter()
     result["ttft_us"] = timed(ttft_once, 3 if small else 10) * 1e6
+    print(f"{library.name}: ttft {result['ttft_us'] / 1e3:.1f} ms ({time.perf_counter() - t_phase:.0f} s)", flush=True)
+    repeat, warmup = (3, 2) if small else (20, 2)
     for ctx in contexts:
+        # fill max(batches) sequences to ctx once; each batch size decodes the first b of them, and
+        # popn takes the timed steps' tokens back off so every cell starts at the same context
+        t_phase = time.perf_counter()
+        ids = [int(next(next_id)) for _ in range(max(batches))]
+        for sid in ids:
+            s.add_sequence(sid)
+        per_forward = max(1, 8192 // ctx)          # fill the context, a few sequences per forward
+        for i in range(0, len(ids), per_forward):
+            group = ids[i : i + per_forward]
+            s.forward(group, [rng.integers(0, vocab, ctx - 1).tolist() for _ in group], last_only=True, fetch=False)
+        dev.sync()
+        print(f"{library.name}: filled {len(ids)} x {ctx} ({time.perf_counter() - t_phase:.0f} s)", flush=True)
         for b in batches:
-            ids = [int(next(next_id)) for _ in range(b)]
-            for sid in ids:
-                s.add_sequence(sid)
-            per_forward = max(1, 8192 // ctx)          # fill the context, a few sequences per forward
-            for i in range(0, b, per_forward):
-                group = ids[i : i + per_forward]
-                s.forward(group, [rng.integers(0, vocab, ctx - 1).tolist() for _ in group], last_only=True,
-                          fetch=False)
             step_tokens = [[int(t)] for t in rng.integers(0, vocab, b)]
-            result["itl_us"][f"{b}x{ctx}"] = timed(lambda: s.forward(ids, step_tokens, fetch=False),
-                                                   3 if small else 20) * 1e6
-            for sid in ids:
-                s.remove_sequence(sid)
+            result["itl_us"][f"{b}x{ctx}"] = timed(lambda: s.forward(ids[:b], step_tokens, fetch=False),
+                                                   repeat, warmup) * 1e6
+            for sid in ids[:b]:
+                s.popn(sid, repeat + warmup)
+            print(f"{library.name}: itl b{b} ctx{ctx} {result['itl_us'][f'{b}x{ctx}'] / 1e3:.2f} ms", flush=True)
+        for sid in ids:
+            s.remove_sequence(sid)
     if meta["kv_cache"] == "tvm_attn" and device == "cuda":
         result["cache_plan_us"] = cache_plan_time(library, meta, dev)
     result["check"] = [c.astype(np.float32).tolist() for c in check]
