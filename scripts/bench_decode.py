@@ -3,7 +3,9 @@
 Measures in one run: the streaming-read ceiling (a large read-only torch reduction) and the device
 copy rate; tvm_attn's decode (kernel + merge, with the plan it uses); TVM's built-in
 ``_attention_decode`` (built by scripts/build_gpu_kernels.py with the same workflow); torch SDPA over
-contiguous KV where torch is present. Plan time is measured at batch 1, 64 and 256.
+contiguous KV where torch is present; and, at 32/8 heads, the tensor-core prefill kernel run on the
+decode step (a query token per request, the group folded into 4 query rows of a 16-row tile), to
+check whether large GQA groups should decode through it. Plan time is measured at batch 1, 64 and 256.
 Rows are written only for kernels whose output matched the reference in this run.
 
 Usage (GPU host, after `source .gpu/setup.sh`):
@@ -42,6 +44,19 @@ def workloads(small: bool):
         ("b64 l2048 mha", [2048] * 64, 32, 32),
     ]
     return out[:1] if small else out
+
+
+def prefill_kernel_keys(target: str = "cuda:sm_90a") -> list:
+    """The tensor-core prefill kernel run on decode steps (one query token per request, the GQA group
+    folded into query rows), which this benchmark compares with the decode kernel at 32/8 heads
+    (built ahead by scripts/build_gpu_kernels.py)."""
+    import tvm_attn as ta
+    from tvm_attn.config import AttentionKey
+    from tvm_attn.schedule.prefill import prefill_schedule
+    from tvm_attn.variants import AttentionVariant
+
+    return [AttentionKey("prefill", ta.PagedKV(PAGE, "NHD"), HQ, HKV, D, "float16", "float16", AttentionVariant(),
+                         target, prefill_schedule(D, HQ // HKV))]
 
 
 def kv_bytes(lens, hkv):
@@ -127,6 +142,20 @@ def main(small: bool = False, out: str | None = None) -> list[dict]:
             ms = time_tvm(mod, w.kernel_key.uri, dev, main_args, number=20, repeat=15)
             ms += time_tvm(mod, w.kernel_key.uri + "_merge", dev, merge_args, number=20, repeat=15)
             add(workload, "tvm_attn" + suffix, ms, nbytes)
+        if hkv == HKV and hq == HQ:  # decode through the prefill kernel (issue: large GQA groups)
+            w = ta.BatchPrefillWithPagedKVCacheWrapper("NHD", device="cuda")
+            w.plan(np.arange(len(lens) + 1, dtype=np.int32), indptr, indices, last, hq, hkv, D, PAGE)
+            o = w.run(q_d, cache_d).numpy()
+            err = float(np.abs(o[:check_rows].astype(np.float32) - ref_o).max())
+            if err <= 2e-3:
+                main_args, merge_args, _, _ = w._call.launch_args(q_d, [("paged_kv_cache", cache_d)], {})
+                mod = w._cache.module(w.kernel_key)
+                ms = time_tvm(mod, w.kernel_key.uri, dev, main_args, number=20, repeat=15)
+                if merge_args is not None:
+                    ms += time_tvm(mod, w.kernel_key.uri + "_merge", dev, merge_args, number=20, repeat=15)
+                add(workload, "tvm_attn_prefill_kernel", ms, nbytes)
+            else:
+                notes.append(f"{workload}: prefill kernel on decode mismatch {err:.3e}, row dropped")
         if builtin is not None and hkv in (8, 32):
             name = f"builtin_decode_h{hq}x{hkv}"
             if torch is not None:

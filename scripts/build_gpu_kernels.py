@@ -111,7 +111,11 @@ def main(small: bool = False, out: str | None = None, arch: str = "sm_90a") -> l
     spec = importlib.util.spec_from_file_location("bench_prefill", ROOT / "scripts" / "bench_prefill.py")
     bench_prefill = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench_prefill)
-    prefill = {k.uri: k for k in prefill_cases.build_keys(target) + bench_prefill.kernel_keys(target)}
+    spec = importlib.util.spec_from_file_location("bench_decode", ROOT / "scripts" / "bench_decode.py")
+    bench_decode = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_decode)
+    prefill = {k.uri: k for k in prefill_cases.build_keys(target) + bench_prefill.kernel_keys(target)
+               + bench_decode.prefill_kernel_keys(target)}
     prefill = list(prefill.values())
     if small:
         prefill = prefill[:1]
