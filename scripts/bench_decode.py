@@ -140,7 +140,8 @@ def main(small: bool = False, out: str | None = None) -> list[dict]:
             main_args, merge_args, _, _ = w._call.launch_args(q_d, [("paged_kv_cache", cache_d)], vargs)
             mod = w._cache.module(w.kernel_key)
             ms = time_tvm(mod, w.kernel_key.uri, dev, main_args, number=20, repeat=15)
-            ms += time_tvm(mod, w.kernel_key.uri + "_merge", dev, merge_args, number=20, repeat=15)
+            if merge_args is not None:  # the plan cut a request
+                ms += time_tvm(mod, w.kernel_key.uri + "_merge", dev, merge_args, number=20, repeat=15)
             add(workload, "tvm_attn" + suffix, ms, nbytes)
         if hkv == HKV and hq == HQ:  # decode through the prefill kernel (issue: large GQA groups)
             w = ta.BatchPrefillWithPagedKVCacheWrapper("NHD", device="cuda")

@@ -294,31 +294,34 @@ def make_decode_merge_cuda(key: AttentionKey, tiles: DecodeTiles | None = None) 
                     b_safe = let("b_safe", tirx.min(b, batch_plus_one - 2))
                     start = let("start", merge_indptr[b_safe])
                     count = merge_indptr[b_safe + 1] - start
-                    # no branch around the body (barriers cannot go inside one): others merge 0 rows
+                    # the condition is uniform over the block (one request, one head), so a block with
+                    # nothing to merge leaves before the barrier and every thread of an active one reaches it
                     active = tirx.all(b < batch, count >= 2)
-                    n = let("n", tirx.if_then_else(active, count, 0))
-                    with loop("v", VEC, "unroll") as v:
-                        store(o_reg, tirx.const(0.0, "float32"), 0, v)
-                    store(md, neg_inf(), 0, 0)
-                    store(md, tirx.const(0.0, "float32"), 0, 1)
-                    with loop("k", tirx.ceildiv(tirx.max(n - rg, 0), RG)) as k:
-                        row = let("row", start + rg + k * RG)
-                        s_r = let("s_r", tmp_lse[row, h])
-                        fold_partial(variant.use_softmax, md, o_reg, (0,), VEC, s_r,
-                                     lambda v, row=row: tmp_o[row, h, tx * VEC + v])
-                    with loop("v", VEC, "unroll") as v:
-                        store(smem_o, o_reg[0, v], rg, 0, tx * VEC + v)
-                    with when(tx == 0):
-                        store(smem_md, md[0, 0], rg, 0, 0)
-                        store(smem_md, md[0, 1], rg, 0, 1)
-                    T.evaluate(tirx.op.tvm_storage_sync("shared"))
-                    res, tot = local("res", VEC), local("tot", 2)
-                    _merge_groups(variant.use_softmax, RG, smem_md, smem_o, 0, tx, VEC, res, tot)
-                    kv_head = h // key.group_size
-                    octx = HookContext(b, 0, None, h, kv_head, 1, None, D, params)
-                    with when(tirx.all(active, rg == 0)):
+                    with when(active):
+                        n = let("n", count)
                         with loop("v", VEC, "unroll") as v:
-                            store(o, tirx.Cast(key.o_dtype, variant.output_transform(octx, res[v], tx * VEC + v)), b, h, tx * VEC + v)
+                            store(o_reg, tirx.const(0.0, "float32"), 0, v)
+                        store(md, neg_inf(), 0, 0)
+                        store(md, tirx.const(0.0, "float32"), 0, 1)
+                        with loop("k", tirx.ceildiv(tirx.max(n - rg, 0), RG)) as k:
+                            row = let("row", start + rg + k * RG)
+                            s_r = let("s_r", tmp_lse[row, h])
+                            fold_partial(variant.use_softmax, md, o_reg, (0,), VEC, s_r,
+                                         lambda v, row=row: tmp_o[row, h, tx * VEC + v])
+                        with loop("v", VEC, "unroll") as v:
+                            store(smem_o, o_reg[0, v], rg, 0, tx * VEC + v)
                         with when(tx == 0):
-                            store(lse, tot[0], b, h)
+                            store(smem_md, md[0, 0], rg, 0, 0)
+                            store(smem_md, md[0, 1], rg, 0, 1)
+                        T.evaluate(tirx.op.tvm_storage_sync("shared"))
+                        res, tot = local("res", VEC), local("tot", 2)
+                        _merge_groups(variant.use_softmax, RG, smem_md, smem_o, 0, tx, VEC, res, tot)
+                        kv_head = h // key.group_size
+                        octx = HookContext(b, 0, None, h, kv_head, 1, None, D, params)
+                        with when(rg == 0):
+                            with loop("v", VEC, "unroll") as v:
+                                store(o, tirx.Cast(key.o_dtype, variant.output_transform(octx, res[v], tx * VEC + v)),
+                                      b, h, tx * VEC + v)
+                            with when(tx == 0):
+                                store(lse, tot[0], b, h)
     return ib.get()
