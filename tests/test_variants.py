@@ -121,25 +121,3 @@ def test_pack_custom_mask_layout():
     assert packed.tolist() == [217, 1, 255, 1] and indptr.tolist() == [0, 2, 4]
     bits = np.unpackbits(packed[:2], bitorder="little")[:9].reshape(3, 3)
     np.testing.assert_array_equal(bits.astype(bool), m)
-
-
-def test_rope_cuda_angle_reduction_constants():
-    """The CUDA RoPE path reduces the float32 angle by k * 2*pi in three parts before the SFU's
-    __cosf/__sinf: the first two parts times any k < 2^13 must be exact in float32, and the reduced
-    angle (emulated in float32 here) must give the sine of the float32 angle to ~1 ulp."""
-    import math
-
-    from tvm_attn.variants.rope import _TWO_PI
-
-    f32 = np.float32
-    assert abs(sum(_TWO_PI) - 2 * math.pi) < 1e-12
-    for part in _TWO_PI[:2]:
-        assert float(f32(part)) == part
-        for k in (1, 4095, 8191):
-            assert float(f32(f32(k) * f32(part))) == k * part  # exact product
-    angle = (np.arange(0, 50000, 3, dtype=np.float32) * f32(0.7)).astype(f32)
-    k = np.rint(angle * f32(1 / (2 * math.pi))).astype(f32)
-    r = ((angle - k * f32(_TWO_PI[0])) - k * f32(_TWO_PI[1])) - k * f32(_TWO_PI[2])
-    assert np.abs(r).max() <= math.pi + 1e-2  # k may round to the neighbour of a half-turn
-    err = np.abs(np.sin(r.astype(np.float64)) - np.sin(angle.astype(np.float64)))
-    assert err.max() < 5e-7, err.max()

@@ -33,7 +33,7 @@ from tvm import tirx
 from ..config import AttentionKey
 from ..kv.index import declare_layout
 from ..schedule.decode import DecodeTiles
-from ..variants.base import HookContext, generating_for
+from ..variants.base import HookContext
 from ._builder import IRBuilder, T, buffer_param, let, local, loop, scalar_param, store, sym, when
 from ._cuda import f32, fold_partial, neg_inf, shfl_xor, workspace_params
 from .attention import declare_extra_params
@@ -61,7 +61,7 @@ def make_batch_decode_cuda(key: AttentionKey, tiles: DecodeTiles | None = None) 
     VEC, TX, U, NKG = tiles.vec, tiles.lanes_per_key, tiles.unroll, tiles.key_groups
     head_splits = key.group_size // G
     stage_keys = variant.overrides("key_transform")
-    with generating_for("cuda"), IRBuilder() as ib:
+    with IRBuilder() as ib:
         with T.prim_func():
             T.func_name(key.uri)
             T.func_attr({"global_symbol": key.uri, "tir.noalias": True, "tirx.is_scheduled": True})
@@ -273,7 +273,7 @@ def make_decode_merge_cuda(key: AttentionKey, tiles: DecodeTiles | None = None) 
     variant, D, VEC = key.variant, key.head_dim, tiles.vec
     TX = D // VEC
     RG = max(1, 128 // TX)
-    with generating_for("cuda"), IRBuilder() as ib:
+    with IRBuilder() as ib:
         with T.prim_func():
             name = key.uri + "_merge"
             T.func_name(name)

@@ -35,7 +35,7 @@ from tvm import tirx
 from ..config import AttentionKey
 from ..kv.index import declare_layout
 from ..schedule.prefill import PrefillTiles, check_key
-from ..variants.base import HookContext, generating_for
+from ..variants.base import HookContext
 from ._builder import IRBuilder, T, buffer_param, let, local, loop, scalar_param, store, sym, when
 from ._cuda import f32, fold_partial, neg_inf, shfl_xor, workspace_params, zero
 from .attention import declare_extra_params
@@ -85,7 +85,7 @@ def make_prefill_cuda(key: AttentionKey, tiles: PrefillTiles | None = None) -> t
     load_q_through_regs = variant.overrides("query_transform")
     has_mask = variant.overrides("logits_mask")
     softmax = variant.use_softmax
-    with generating_for("cuda"), IRBuilder() as ib:
+    with IRBuilder() as ib:
         with T.prim_func():
             T.func_name(key.uri)
             T.func_attr({"global_symbol": key.uri, "tir.noalias": True, "tirx.is_scheduled": True})
@@ -362,7 +362,7 @@ def make_prefill_merge_cuda(key: AttentionKey) -> tirx.PrimFunc:
     D, G = key.head_dim, key.group_size
     VEC = 4
     TX = D // VEC
-    with generating_for("cuda"), IRBuilder() as ib:
+    with IRBuilder() as ib:
         with T.prim_func():
             name = key.uri + "_merge"
             T.func_name(name)

@@ -23,10 +23,8 @@ Semantics, shared by every kernel and the reference:
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import re
-import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -399,23 +397,3 @@ def compose(*variants: AttentionVariant) -> AttentionVariant:
     if len(parts) == 1:
         return parts[0]
     return ComposedVariant(parts)
-
-
-_CODEGEN = threading.local()
-
-
-@contextlib.contextmanager
-def generating_for(kind: str):
-    """Within the block, hooks generate code for a target of ``kind`` (``"llvm"`` or ``"cuda"``): the
-    CUDA kernel generators set it, so a hook may use a device intrinsic (:func:`codegen_kind`)."""
-    saved = getattr(_CODEGEN, "kind", "llvm")
-    _CODEGEN.kind = kind
-    try:
-        yield
-    finally:
-        _CODEGEN.kind = saved
-
-
-def codegen_kind() -> str:
-    """The target kind hooks are generating code for (default ``"llvm"``)."""
-    return getattr(_CODEGEN, "kind", "llvm")

@@ -23,35 +23,6 @@ from .base import AttentionVariant, ScalarParam
 _STYLES = ("llama", "llama3.1")
 
 
-def _split(x: float, bits: int) -> float:
-    """``x`` rounded to ``bits`` significant bits."""
-    e = math.frexp(x)[1]
-    return round(x * 2.0 ** (bits - e)) * 2.0 ** (e - bits)
-
-
-#: 2*pi in three float32 parts (Cody-Waite): the first two have 11 significant bits, so ``k * part``
-#: is exact for multiples ``k < 2^13`` (angles up to ~51000 rad), and the third carries the rest
-_TWO_PI = (_split(2 * math.pi, 11), _split(2 * math.pi - _split(2 * math.pi, 11), 11))
-_TWO_PI = (*_TWO_PI, float(np.float32(2 * math.pi - _TWO_PI[0] - _TWO_PI[1])))
-
-
-def _cos_sin(angle):
-    """cos and sin of a float32 angle. On CUDA: the angle is reduced to [-pi, pi] by a two-constant
-    (Cody-Waite) subtraction of its multiple of 2*pi, then the SFU's ``__cosf``/``__sinf`` (absolute
-    error 2^-21.4 there) replace the library's ``cosf``/``sinf``, whose range reduction made decode
-    with RoPE compute-bound (64% of the read ceiling on an H100). Elsewhere: ``cos``/``sin``."""
-    from tvm import tirx
-
-    from .base import codegen_kind
-
-    if codegen_kind() != "cuda":
-        return tirx.cos(angle), tirx.sin(angle)
-    f32 = lambda x: tirx.const(x, "float32")  # noqa: E731
-    k = tirx.nearbyint(angle * f32(1.0 / (2 * math.pi)))
-    r = ((angle - k * f32(_TWO_PI[0])) - k * f32(_TWO_PI[1])) - k * f32(_TWO_PI[2])
-    return tirx.call_pure_extern("float32", "__cosf", r), tirx.call_pure_extern("float32", "__sinf", r)
-
-
 class RoPE(AttentionVariant):
     uri_name = "rope"
     def __init__(
@@ -111,8 +82,7 @@ class RoPE(AttentionVariant):
         first = d < half
         partner = tirx.if_then_else(first, d + half, d - half)
         rotated = tirx.if_then_else(first, -load(partner), load(partner))
-        cos, sin = _cos_sin(angle)
-        return load(d) * cos + rotated * sin
+        return load(d) * tirx.cos(angle) + rotated * tirx.sin(angle)
 
     def query_transform(self, ctx, load, d):
         return self._rotate(ctx, load, d, ctx.qo_idx + ctx.kv_len - ctx.qo_len)
