@@ -67,8 +67,6 @@ class CudaKVBackend:
 
         c = self.config = config
         user = compose(variant)
-        if not user.use_softmax:
-            raise ValueError(f"variant {user!r}: TVM's cache merges attention states by their LSE, which needs softmax")
         self.fixed = fixed_scalars(user)
         hq, hkv, d, dt = c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.dtype
         if dt not in _DLPACK_DTYPE:
@@ -90,20 +88,14 @@ class CudaKVBackend:
     def functions(self) -> dict:
         """name -> PrimFunc: every kernel, merge kernel and the planner, with the variant's scalars bound."""
         from ..build import generate
+        from ..tir.abi import bind_scalars
 
         out = {}
         keys = [k for pair in self.prefill_keys for k in pair] + [self.decode_key]
         for key in keys:
             for gv, func in generate(key).functions.items():
-                out[gv.name_hint] = self._bind(func)
+                out[gv.name_hint] = bind_scalars(func, self.fixed)
         return out
-
-    def _bind(self, func):
-        from tvm import tirx
-
-        by_name = {p.name: p for p in func.params}
-        binds = {by_name[n]: tirx.const(v, str(by_name[n].ty.dtype)) for n, v in self.fixed if n in by_name}
-        return func.specialize(binds) if binds else func
 
     # -- the C++ side ---------------------------------------------------------------------------------
     def header(self) -> str:

@@ -134,17 +134,18 @@ class TVMKVCacheSlot(KernelABI):
                 "q_rope_position", "o", "lse", *causal, *tail]
 
     def reorder(self, key, func):
-        by_name = {p.name: p for p in func.params}
-        binds = {by_name[n]: tirx.const(v, str(by_name[n].ty.dtype)) for n, v in self.fixed}
-        return super().reorder(key, func.specialize(binds) if binds else func)
+        return super().reorder(key, bind_scalars(func, self.fixed))
 
 
 def fixed_scalars(variant) -> tuple:
     """``(name, default)`` of each run-time argument of ``variant``, which a KV-cache slot binds into
-    the kernel (the cache passes no variant arguments); raises ``ValueError`` for an argument that
+    the kernel (the cache passes no variant arguments; :func:`bind_scalars`); raises ``ValueError``
+    for a variant without softmax (the cache merges states by their LSE) and for an argument that
     is a tensor or has no default."""
     from ..variants.base import ScalarParam
 
+    if not variant.use_softmax:
+        raise ValueError(f"variant {variant!r}: TVM's cache merges attention states by their LSE, which needs softmax")
     fixed = []
     for p in variant.extra_params():
         if not isinstance(p, ScalarParam) or p.default is None:
@@ -154,6 +155,14 @@ def fixed_scalars(variant) -> tuple:
             )
         fixed.append((p.name, p.default))
     return tuple(fixed)
+
+
+def bind_scalars(func: tirx.PrimFunc, fixed) -> tirx.PrimFunc:
+    """``func`` with the scalar parameters named in ``fixed`` (``(name, value)`` pairs, from
+    :func:`fixed_scalars`) bound to their values; names ``func`` does not declare are skipped."""
+    by_name = {p.name: p for p in func.params}
+    binds = {by_name[n]: tirx.const(v, str(by_name[n].ty.dtype)) for n, v in fixed if n in by_name}
+    return func.specialize(binds) if binds else func
 
 
 def kv_cache_kernel(slot: str, num_qo_heads: int, num_kv_heads: int, head_dim: int, dtype: str, page_size: int,
@@ -169,8 +178,6 @@ def kv_cache_kernel(slot: str, num_qo_heads: int, num_kv_heads: int, head_dim: i
     from .attention import make_attention
 
     user = compose(variant)
-    if not user.use_softmax:
-        raise ValueError(f"variant {user!r}: TVM's cache merges attention states by their LSE, which needs softmax")
     fixed = fixed_scalars(user)
     full = user if slot == "decode" else compose(RuntimeCausal(), user)
     kv = RaggedKV("NHD") if slot == "prefill_ragged" else PagedKV(page_size, "HND")
