@@ -23,7 +23,6 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <cstring>
 #include <string>
 #include <vector>
 
@@ -217,13 +216,11 @@ Array<int64_t> Plan(int64_t kind, int64_t tile, const Tensor& float_ws, const Te
   }
   DLDevice host{kDLCPU, 0};
   int32_t* pinned = static_cast<int32_t*>(pinned_ws.GetDLTensorPtr()->data);
-  // the planner reads host int32 vectors; copy the cache's (and the synthesized) arrays into views
-  std::vector<int32_t> qo(qo_indptr, qo_indptr + batch + 1), kv(kv_indptr, kv_indptr + batch + 1),
-      last(last_page_len, last_page_len + batch);
   int32_t stats[4] = {0, 0, 0, 0};
-  View qo_v(qo.data(), host, {kDLInt, 32, 1}, {batch + 1});
-  View kv_v(kv.data(), host, {kDLInt, 32, 1}, {batch + 1});
-  View last_v(last.data(), host, {kDLInt, 32, 1}, {batch});
+  // the planner only reads its three index arrays
+  View qo_v(const_cast<int32_t*>(qo_indptr), host, {kDLInt, 32, 1}, {batch + 1});
+  View kv_v(const_cast<int32_t*>(kv_indptr), host, {kDLInt, 32, 1}, {batch + 1});
+  View last_v(const_cast<int32_t*>(last_page_len), host, {kDLInt, 32, 1}, {batch});
   View work_v(pinned, host, {kDLInt, 32, 1}, {kWorkFields, lay.max_works});
   View cta_v(pinned + lay.cta_offset(), host, {kDLInt, 32, 1}, {lay.num_ctas + 1});
   View merge_v(pinned + lay.merge_offset(), host, {kDLInt, 32, 1}, {lay.max_rows + 1});
@@ -275,11 +272,13 @@ inline int64_t ChooseTile(const int32_t* qo_indptr, int64_t batch) {
   return n - 1;
 }
 
-Array<int64_t> PlanPrefill(bool paged, Tensor float_ws, Tensor int_ws, Tensor pinned_ws, Tensor qo_indptr_h,
-                           Tensor kv_indptr_h, Tensor kv_len_h, int64_t total_qo_len, int64_t batch,
-                           int64_t num_qo_heads, int64_t num_kv_heads, int64_t page_size, bool enable_cuda_graph,
-                           int64_t qk_head_dim, int64_t v_head_dim, bool causal, int64_t window_left,
-                           int64_t fixed_split_size, bool disable_split_kv) {
+// The paged- and ragged-prefill slots' plan (FlashInfer's batch_prefill_plan arguments).
+template <bool paged>
+Array<int64_t> PlanPrefill(Tensor float_ws, Tensor int_ws, Tensor pinned_ws, Tensor qo_indptr_h, Tensor kv_indptr_h,
+                           Tensor kv_len_h, int64_t total_qo_len, int64_t batch, int64_t num_qo_heads,
+                           int64_t num_kv_heads, int64_t page_size, bool enable_cuda_graph, int64_t qk_head_dim,
+                           int64_t v_head_dim, bool causal, int64_t window_left, int64_t fixed_split_size,
+                           bool disable_split_kv, int64_t num_colocated_ctas) {
   const char* what = paged ? "tvm_attn paged-prefill plan" : "tvm_attn ragged-prefill plan";
   CheckConfig(what, num_qo_heads, num_kv_heads, qk_head_dim, v_head_dim);
   CheckPlanArgs(what, enable_cuda_graph, window_left);
@@ -314,26 +313,6 @@ Array<int64_t> PlanPrefill(bool paged, Tensor float_ws, Tensor int_ws, Tensor pi
   }
   return Plan(kKindPrefill, ChooseTile(qo, batch), float_ws, int_ws, pinned_ws, qo, kv, last.data(), batch,
               paged ? kPageSize : 1, !disable_split_kv, causal);
-}
-
-Array<int64_t> PlanPaged(Tensor float_ws, Tensor int_ws, Tensor pinned_ws, Tensor qo_indptr, Tensor page_indptr,
-                         Tensor kv_len, int64_t total_qo_len, int64_t batch, int64_t num_qo_heads,
-                         int64_t num_kv_heads, int64_t page_size, bool enable_cuda_graph, int64_t qk_head_dim,
-                         int64_t v_head_dim, bool causal, int64_t window_left, int64_t fixed_split_size,
-                         bool disable_split_kv, int64_t num_colocated_ctas) {
-  return PlanPrefill(true, float_ws, int_ws, pinned_ws, qo_indptr, page_indptr, kv_len, total_qo_len, batch,
-                     num_qo_heads, num_kv_heads, page_size, enable_cuda_graph, qk_head_dim, v_head_dim, causal,
-                     window_left, fixed_split_size, disable_split_kv);
-}
-
-Array<int64_t> PlanRagged(Tensor float_ws, Tensor int_ws, Tensor pinned_ws, Tensor qo_indptr, Tensor kv_indptr,
-                          Tensor kv_len, int64_t total_qo_len, int64_t batch, int64_t num_qo_heads,
-                          int64_t num_kv_heads, int64_t page_size, bool enable_cuda_graph, int64_t qk_head_dim,
-                          int64_t v_head_dim, bool causal, int64_t window_left, int64_t fixed_split_size,
-                          bool disable_split_kv, int64_t num_colocated_ctas) {
-  return PlanPrefill(false, float_ws, int_ws, pinned_ws, qo_indptr, kv_indptr, kv_len, total_qo_len, batch,
-                     num_qo_heads, num_kv_heads, page_size, enable_cuda_graph, qk_head_dim, v_head_dim, causal,
-                     window_left, fixed_split_size, disable_split_kv);
 }
 
 // The decode slot's plan sees page counts only: it plans every page full, and the decode kernel
@@ -491,8 +470,8 @@ void RunDecode(Tensor float_ws, Tensor int_ws, Array<int64_t> plan_info, Tensor 
 
 }  // namespace tvm_attn_kv
 
-TVM_FFI_DLL_EXPORT_TYPED_FUNC(tvm_attn_kv_plan_paged, tvm_attn_kv::PlanPaged);
-TVM_FFI_DLL_EXPORT_TYPED_FUNC(tvm_attn_kv_plan_ragged, tvm_attn_kv::PlanRagged);
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(tvm_attn_kv_plan_paged, tvm_attn_kv::PlanPrefill<true>);
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(tvm_attn_kv_plan_ragged, tvm_attn_kv::PlanPrefill<false>);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(tvm_attn_kv_plan_decode, tvm_attn_kv::PlanDecode);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(tvm_attn_kv_run_paged, tvm_attn_kv::RunPaged);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(tvm_attn_kv_run_ragged, tvm_attn_kv::RunRagged);
