@@ -169,3 +169,51 @@ def test_prefill_plan_covers_every_tile_and_row(planner, reqs, group, tile_q, nu
         overhead = 32 + tile_q // 2
         loads = [sum(work[2, w] - work[1, w] + overhead for w in range(cta[c], cta[c + 1])) for c in range(num_ctas)]
         assert max(loads) <= max(quota + MIN_PIECE + 2 * overhead, quota + quota // 10) or num_ctas == 1
+
+
+def _decode_ws(max_batch, num_ctas=8):
+    from tvm_attn.planner import Workspace
+
+    return Workspace(max_batch, num_ctas, max_batch + num_ctas, max_batch + num_ctas, 4, 16)
+
+
+def test_plan_buffers_send_plan_and_index_in_one_staging_array(planner):
+    """PlanBuffers (here on the CPU): the planner writes into the staging array, upload copies plan
+    and index arrays together, and the kernels' views see exactly them."""
+    from tvm_attn.planner import PlanBuffers
+
+    rng = np.random.default_rng(0)
+    bufs = PlanBuffers(_decode_ws(8), tvm.cpu(), (9, 400, 8))
+    for lens in ([300, 5, 0, 1000, 17], [64] * 8, [1]):
+        indptr, last = page_table(lens, 16)
+        indices = rng.permutation(int(indptr[-1])).astype(np.int32)
+        qo = np.arange(len(lens) + 1, dtype=np.int32)
+        num_works, _, _ = bufs.plan(planner, qo, indptr, last, 16, True)
+        views = bufs.upload((indptr, indices, last))
+        for view, host in zip(views, (indptr, indices, last)):
+            np.testing.assert_array_equal(view.numpy(), host)
+        np.testing.assert_array_equal(bufs.work_info.numpy(), bufs.host_work)
+        np.testing.assert_array_equal(bufs.cta_indptr.numpy(), bufs.host_cta)
+        np.testing.assert_array_equal(bufs.merge_indptr.numpy(), bufs.host_merge)
+        assert bufs.host_cta[-1] == num_works > 0
+    assert not bufs.fits((9, 401, 8))
+    with pytest.raises(ValueError, match="exceed the workspace's slots"):
+        bufs.upload((indptr, np.zeros(401, np.int32), last))
+    with pytest.raises(ValueError, match="workspace is too small"):
+        indptr, last = page_table([10] * 9, 16)  # 9 requests, room for 8 rows
+        bufs.plan(planner, np.arange(10, dtype=np.int32), indptr, last, 16, True)
+
+
+def test_device_plan_grows_its_buffers_or_refuses_under_cuda_graphs():
+    from tvm_attn.api._common import DevicePlan
+
+    dp = DevicePlan(tvm.cpu(), graph=False)
+    a = dp.workspace(("decode",), (8,), _decode_ws, (9, 100, 8))
+    assert dp.workspace(("decode",), (4,), _decode_ws, (5, 200, 4)) is a  # fits: twice the first sizes
+    b = dp.workspace(("decode",), (4,), _decode_ws, (5, 300, 4))
+    assert b is not a and b.fits((9, 600, 8)) and b.ws.max_rows == 8  # grown, never shrunk
+    g = DevicePlan(tvm.cpu(), graph=True)
+    first = g.workspace(("decode",), (8,), _decode_ws, (9, 100, 8))
+    assert g.workspace(("decode",), (8,), _decode_ws, (9, 100, 8)) is first
+    with pytest.raises(ValueError, match="use_cuda_graph"):
+        g.workspace(("decode",), (8,), _decode_ws, (9, 101, 8))

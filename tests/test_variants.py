@@ -121,3 +121,38 @@ def test_pack_custom_mask_layout():
     assert packed.tolist() == [217, 1, 255, 1] and indptr.tolist() == [0, 2, 4]
     bits = np.unpackbits(packed[:2], bitorder="little")[:9].reshape(3, 3)
     np.testing.assert_array_equal(bits.astype(bool), m)
+
+
+class KeyGain(ta.AttentionVariant):
+    """A user variant whose key transform reads a DimTable: a gain per head-dimension pair."""
+
+    scalars = (ta.ScalarParam("gain_base", "float32", 1.5),)
+
+    def tables(self, head_dim):
+        return (ta.DimTable("key_gain", head_dim // 2, lambda ctx, i: ctx["gain_base"] + 0.125 * i),)
+
+    def key_transform(self, ctx, load, d):
+        from tvm import tirx
+
+        return load(d) * ctx.table(self.tables(ctx.head_dim)[0], tirx.floormod(d, ctx.head_dim // 2))
+
+    def ref_key_transform(self, ctx, k):
+        half = k.shape[-1] // 2
+        gain = ctx["gain_base"] + 0.125 * np.arange(half)
+        return k * np.concatenate([gain, gain])[None, :]
+
+
+def test_dim_table_variant_end_to_end(rng):
+    """A kernel that keeps no tables computes the entry in place; same result as the numpy twin."""
+    q, k, v = randn(rng, (6, 4, 64), "float32"), randn(rng, (17, 2, 64), "float32"), randn(rng, (17, 2, 64), "float32")
+    variant = KeyGain() + ta.RoPE()
+    args = {"gain_base": 0.75}
+    o, lse = ta.single_prefill_with_kv_cache(q, k, v, variant=variant, return_lse=True, **args)
+    ref_o, ref_lse = R.dense_attention(q, k, v, variant=variant, params=args)
+    assert_attention_close(o, lse, ref_o, ref_lse, "float32")
+    assert [t.name for t in variant.tables(64)] == ["key_gain", "rope_freq"]
+
+
+def test_compose_refuses_duplicate_table_names():
+    with pytest.raises(ValueError, match="rope_freq"):
+        ta.compose(ta.RoPE(), ta.RoPE("llama3.1")).tables(128)

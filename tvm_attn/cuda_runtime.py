@@ -34,7 +34,7 @@ _STATE: dict = {"cubin_dirs": [], "arch": None, "registered": False}
 
 
 _DECODE_BOUNDS = re.compile(
-    r"__launch_bounds__\((\d+)\) (attn_(?:decode_\w+_w\d+u\d+g\d+|(?:prefill|bsr)_\w+_fa2q\d+k\d+w\d+s\d+)b(\d+))_kernel\("
+    r"__launch_bounds__\((\d+)\) (attn_(?:decode_\w+_w\d+u\d+g\d+|(?:prefill|bsr)_\w+_fa2q\d+k\d+w\d+s\d+)b(\d+)p?)_kernel\("
 )
 
 

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import tvm
+import tvm_ffi
 
 from .schedule.decode import DecodeTiles
 
@@ -109,35 +110,69 @@ def prefill_workspace_size(max_num_tokens: int, max_batch_size: int, num_qo_head
     return ws.int_bytes + ws.float_bytes
 
 
-class PlanBuffers:
-    """Host and device buffers of one wrapper's plan, allocated once."""
+#: int32 elements between the starts of the regions of the staging buffer (64 bytes)
+_ALIGN = 16
 
-    def __init__(self, ws: Workspace, device):
-        cpu = tvm.cpu()
+
+def _host_arg(a: np.ndarray):
+    """A zero-copy TVM view of a host int32 array (a copy where the array cannot be shared)."""
+    try:
+        return tvm_ffi.from_dlpack(a)
+    except (BufferError, TypeError, ValueError):
+        return tvm.runtime.tensor(np.ascontiguousarray(a), tvm.cpu())
+
+
+class PlanBuffers:
+    """Host and device buffers of one wrapper's plan, allocated once.
+
+    Every int array a plan sends to the device (the planner's work list, CTA and merge offsets, and
+    the step's index arrays, in slots of ``index_capacity`` entries) lives in one host staging array
+    and one device array of the same layout, so a plan moves them with one copy; the device arrays
+    the kernels get are views into it (the CUDA kernels take index and work arrays with an offset).
+    The planner writes its output straight into the staging array."""
+
+    def __init__(self, ws: Workspace, device, index_capacity: tuple[int, ...] = ()):
         self.ws = ws
-        self.host_work = tvm.runtime.empty((6, ws.max_works), "int32", cpu)
-        self.host_cta = tvm.runtime.empty((ws.num_ctas + 1,), "int32", cpu)
-        self.host_merge = tvm.runtime.empty((ws.max_rows + 1,), "int32", cpu)
-        self.host_stats = tvm.runtime.empty((4,), "int32", cpu)
-        self.work_info = tvm.runtime.empty((6, ws.max_works), "int32", device)
-        self.cta_indptr = tvm.runtime.empty((ws.num_ctas + 1,), "int32", device)
-        self.merge_indptr = tvm.runtime.empty((ws.max_rows + 1,), "int32", device)
+        sizes = [6 * ws.max_works, ws.num_ctas + 1, ws.max_rows + 1, *(max(int(c), 1) for c in index_capacity)]
+        starts, end = [], 0
+        for size in sizes:
+            starts.append(end)
+            end += -(-size // _ALIGN) * _ALIGN
+        self._starts, self.index_capacity = starts, tuple(sizes[3:])
+        self.host = np.zeros(end, np.int32)
+        self._dev = tvm.runtime.empty((end,), "int32", device)
+        self.host_work = self.host[starts[0]: starts[0] + sizes[0]].reshape(6, ws.max_works)
+        self.host_cta = self.host[starts[1]: starts[1] + sizes[1]]
+        self.host_merge = self.host[starts[2]: starts[2] + sizes[2]]
+        self.host_stats = np.zeros(4, np.int32)
+        self._outputs = tuple(tvm_ffi.from_dlpack(a) for a in (self.host_work, self.host_cta, self.host_merge,
+                                                                self.host_stats))
+        self.work_info = self._view(starts[0], (6, ws.max_works))
+        self.cta_indptr = self._view(starts[1], (ws.num_ctas + 1,))
+        self.merge_indptr = self._view(starts[2], (ws.max_rows + 1,))
         self.tmp_o = tvm.runtime.empty((ws.max_partials, ws.part_heads, ws.head_dim), "float32", device)
         self.tmp_lse = tvm.runtime.empty((ws.max_partials, ws.part_heads), "float32", device)
         self.num_partials = 0
+        self._views: dict = {}
+
+    def _view(self, start: int, shape: tuple):
+        return self._dev._create_view(shape, relative_byte_offset=4 * start)
+
+    def fits(self, sizes) -> bool:
+        """Whether index arrays of ``sizes`` entries fit the slots."""
+        return len(sizes) <= len(self.index_capacity) and all(n <= c for n, c in zip(sizes, self.index_capacity))
 
     def plan(self, planner, qo_indptr: np.ndarray, kv_indptr: np.ndarray, last_page_len: np.ndarray,
              page_size: int, allow_split: bool, group_size: int = 1, tile_q: int = 1, causal: bool = False,
              work_overhead: int = WORK_OVERHEAD, pack_slack_div: int = PACK_SLACK_DIV):
-        """Run the planner on host arrays and upload the result; returns (num_works, num_partials, quota)."""
-        cpu = tvm.cpu()
+        """Run the planner on host arrays (its output lands in the staging array; :meth:`upload`
+        sends it); returns (num_works, num_partials, quota)."""
         planner(
-            tvm.runtime.tensor(qo_indptr, cpu), tvm.runtime.tensor(kv_indptr, cpu),
-            tvm.runtime.tensor(last_page_len, cpu), self.host_work, self.host_cta, self.host_merge,
-            self.host_stats, self.ws.max_partials, page_size, int(allow_split), group_size, tile_q,
+            _host_arg(qo_indptr), _host_arg(kv_indptr), _host_arg(last_page_len), *self._outputs[:3],
+            self._outputs[3], self.ws.max_partials, page_size, int(allow_split), group_size, tile_q,
             int(causal), work_overhead, pack_slack_div,
         )
-        num_works, num_partials, quota, status = (int(x) for x in self.host_stats.numpy())
+        num_works, num_partials, quota, status = (int(x) for x in self.host_stats)
         if status:
             what = STATUS[status]
             raise ValueError(
@@ -147,11 +182,31 @@ class PlanBuffers:
                 f"max_works={self.ws.max_works}, max_partials={self.ws.max_partials}; create the wrapper "
                 "with larger maxima"
             )
-        self.work_info.copyfrom(self.host_work)
-        self.cta_indptr.copyfrom(self.host_cta)
-        self.merge_indptr.copyfrom(self.host_merge)
         self.num_partials = num_partials
         return num_works, num_partials, quota
+
+    def upload(self, index_arrays=()) -> tuple:
+        """Copy the plan and ``index_arrays`` (int32, one per slot) to the device in one transfer;
+        returns the device views of the index arrays."""
+        if not self.fits([a.size for a in index_arrays]):
+            raise ValueError(f"plan: index arrays of {[a.size for a in index_arrays]} entries exceed the "
+                             f"workspace's slots {self.index_capacity}")
+        views, end = [], self._starts[3]
+        for slot, a in enumerate(index_arrays):
+            start = self._starts[3 + slot]
+            self.host[start: start + a.size] = a
+            end = start + a.size
+            views.append(self._last_view(slot, start, a.size))
+        self._last_view("copy", 0, end).copyfrom(self.host[:end])
+        return tuple(views)
+
+    def _last_view(self, slot, start: int, size: int):
+        """The device view of ``size`` entries at ``start``, kept while the size repeats (as it does
+        step after step in a steady batch, and always under CUDA graphs)."""
+        view = self._views.get(slot)
+        if view is None or view.shape[0] != size:
+            view = self._views[slot] = self._view(start, (size,))
+        return view
 
 
 GLOBAL_NAME = "tvm_attn.plan"

@@ -178,9 +178,13 @@ class KernelCall:
     workspace_args: tuple = ()
     merge_fn: object = None
     merge_args: tuple = ()
+    #: the variant's default tensors (:func:`default_tensors`), made here unless given
+    defaults: dict | None = None
 
     def __post_init__(self):
-        self.defaults = default_tensors(self.key, self.device)
+        if self.defaults is None:
+            self.defaults = default_tensors(self.key, self.device)
+
 
     def launch_args(self, q, data_args, variant_args, out=None, lse=None):
         """The kernel's and the merge kernel's argument lists (for timing them in isolation)."""
@@ -206,6 +210,18 @@ class KernelCall:
         if return_lse:
             return o_res, _finish(lse_t, lse, q)
         return o_res
+
+
+@dataclass
+class PlanStatics:
+    """A CUDA wrapper's per-key plan state: kept across plans of the same key."""
+
+    key: AttentionKey
+    tiles: object
+    planner: object
+    kernel: object
+    merge: object
+    defaults: dict
 
 
 def _out_tensor(name, given, shape, dtype, device):
@@ -265,49 +281,40 @@ class Wrapper:
 
 
 class DevicePlan:
-    """The CUDA side of a wrapper's plan: the planner's workspace (allocated once for the wrapper's
-    maxima) and device copies of the index arrays, in buffers that only grow. With CUDA graphs every
-    buffer is sized once, so a plan allocates nothing and the captured pointers stay valid."""
+    """The CUDA side of a wrapper's plan: the planner's workspace and the slots of the index arrays
+    (:class:`~tvm_attn.planner.PlanBuffers`, allocated for the wrapper's maxima), rebuilt only when a
+    plan needs more room. With CUDA graphs it is sized once, so a plan allocates nothing and the
+    captured pointers stay valid."""
 
     def __init__(self, device, graph: bool):
         self.device, self.graph = device, graph
         self.buffers = None
         self._ws_id = None
-        self._index: dict[int, tvm.runtime.Tensor] = {}
 
-    def workspace(self, ws_id: tuple, need: tuple, make):
+    def workspace(self, ws_id: tuple, need: tuple, make, index_sizes: tuple = ()):
         """The plan buffers of workspace kind ``ws_id`` with room for ``need`` (a tuple of maxima,
-        e.g. (tokens, requests)); ``make(size)`` builds the :class:`~tvm_attn.planner.Workspace`.
-        Rebuilt, at the element-wise maximum of the old and new needs, only when the kind changes or
-        a need grows."""
+        e.g. (tokens, requests)) and index arrays of ``index_sizes`` entries; ``make(*size)`` builds
+        the :class:`~tvm_attn.planner.Workspace`. Rebuilt, at the element-wise maximum of the old
+        and new needs (index slots at twice the size), only when the kind changes or a need grows."""
         from ..planner import PlanBuffers
 
-        same = self.buffers is not None and self._ws_id == ws_id
-        if same and all(n <= h for n, h in zip(need, self._size)):
-            return self.buffers
-        if self.graph and self.buffers is not None:
+        old = self.buffers
+        same = old is not None and self._ws_id == ws_id
+        if same and all(n <= h for n, h in zip(need, self._size)) and old.fits(index_sizes):
+            return old
+        if self.graph and old is not None:
             raise ValueError(
-                f"use_cuda_graph: this plan needs room for {need} (workspace {ws_id}), beyond the "
-                f"wrapper's fixed {self._size} ({self._ws_id}); size the wrapper for the largest step"
+                f"use_cuda_graph: this plan needs room for {need} and index arrays of {list(index_sizes)} entries "
+                f"(workspace {ws_id}), beyond the wrapper's fixed {self._size} and {list(old.index_capacity)} "
+                f"({self._ws_id}); size the wrapper's maxima for the largest step"
             )
         size = tuple(max(n, h) for n, h in zip(need, self._size)) if same else tuple(need)
-        self.buffers = PlanBuffers(make(*size), self.device)
+        index_capacity = tuple(index_sizes) if self.graph else tuple(max(2 * n, 64) for n in index_sizes)
+        if same:
+            index_capacity = tuple(max(c, h) for c, h in zip(index_capacity, old.index_capacity))
+        self.buffers = PlanBuffers(make(*size), self.device, index_capacity)
         self._ws_id, self._size = ws_id, size
         return self.buffers
-
-    def upload(self, slot: int, host: np.ndarray):
-        buf = self._index.get(slot)
-        if buf is None or buf.shape[0] < max(host.size, 1):
-            if self.graph and buf is not None:
-                raise ValueError(f"use_cuda_graph: index array {slot} grew past its first size "
-                                 f"({buf.shape[0]} < {host.size}); size the wrapper's maxima for the largest step")
-            capacity = max(host.size, 1) if self.graph else max(2 * host.size, 64)
-            buf = tvm.runtime.empty((capacity,), "int32", self.device)
-            self._index[slot] = buf
-        view = buf if buf.shape[0] == host.size else buf._create_view((host.size,))
-        if host.size:
-            view.copyfrom(host)
-        return view
 
 
 def data_dtypes(q_data_type, kv_data_type) -> tuple[str, str]:

@@ -12,7 +12,8 @@ from ..config import AttentionKey
 from ..kv.formats import PagedKV
 from ..tensor import shape_of
 from ._common import (
-    DevicePlan, KernelCall, Wrapper, check_tensor, data_dtypes, default_sm_scale, flashinfer_variant, reshape, run_single,
+    DevicePlan, KernelCall, Wrapper, PlanStatics, check_tensor, data_dtypes, default_sm_scale, default_tensors,
+    flashinfer_variant, reshape, run_single,
 )
 
 
@@ -50,6 +51,8 @@ class BatchDecodeWithPagedKVCacheWrapper(Wrapper):
         self._max_pages = int(max_num_pages) if max_num_pages else None
         self._allow_split = not disable_split_kv
         self._dev_plan = DevicePlan(self._device, self._graph) if self._target != "llvm" else None
+        self._statics = None
+        self._qo = np.zeros(0, np.int32)
 
     def plan(
         self, indptr, indices, last_page_len, num_qo_heads: int, num_kv_heads: int, head_dim: int,
@@ -89,8 +92,7 @@ class BatchDecodeWithPagedKVCacheWrapper(Wrapper):
             self._plan_cuda(key, sm_scale, indptr, indices[: indptr[-1]], last_page_len)
 
     def _plan_cuda(self, key, sm_scale, indptr, indices, last_page_len) -> None:
-        from ..planner import PLAN, decode_workspace
-        from ..schedule.decode import DecodeTiles
+        from ..planner import decode_workspace
 
         batch = indptr.size - 1
         if self._graph:
@@ -104,25 +106,40 @@ class BatchDecodeWithPagedKVCacheWrapper(Wrapper):
             indices = np.concatenate([indices, np.zeros(self._max_pages - indices.size, np.int32)])
             self._batch_size = self._max_batch
         capacity = self._max_batch if self._graph else max(batch, self._max_batch or 0, 1)
-        tiles = DecodeTiles.parse(key.schedule, key.head_dim, key.kv_dtype)
+        st = self._static(key)
         dp = self._dev_plan
+        index = (indptr, indices, last_page_len)
         bufs = dp.workspace(
             ("decode", key.num_qo_heads, key.num_kv_heads, key.head_dim, key.schedule), (capacity,),
-            lambda rows: decode_workspace(rows, key.num_qo_heads, key.num_kv_heads, key.head_dim, tiles,
+            lambda rows: decode_workspace(rows, key.num_qo_heads, key.num_kv_heads, key.head_dim, st.tiles,
                                           self._device.multi_processor_count),
+            tuple(a.size for a in index),
         )
-        module = self._cache.module(key)
-        bufs.plan(module[PLAN], np.arange(indptr.size, dtype=np.int32), indptr, last_page_len, key.kv.page_size,
-                  self._allow_split)
-        index = tuple(dp.upload(i, a) for i, a in enumerate((indptr, indices, last_page_len)))
+        if self._qo.size != indptr.size:
+            self._qo = np.arange(indptr.size, dtype=np.int32)
+        bufs.plan(st.planner, self._qo, indptr, last_page_len, key.kv.page_size, self._allow_split)
         self._call = KernelCall(
-            key, module[key.uri], self._device, (), index, self._batch_size,
+            key, st.kernel, self._device, (), bufs.upload(index), self._batch_size,
             default_sm_scale(sm_scale, key.head_dim), workspace_args=(bufs.work_info, bufs.cta_indptr, bufs.tmp_o, bufs.tmp_lse),
             # no merge launch when no request was cut (it costs 7-13 us at batch 64-128 on an H100);
             # a captured graph keeps it, since a later plan may cut
-            merge_fn=module[key.uri + "_merge"] if self._graph or bufs.num_partials > 0 else None,
-            merge_args=(bufs.merge_indptr, bufs.tmp_o, bufs.tmp_lse),
+            merge_fn=st.merge if self._graph or bufs.num_partials > 0 else None,
+            merge_args=(bufs.merge_indptr, bufs.tmp_o, bufs.tmp_lse), defaults=st.defaults,
         )
+
+    def _static(self, key):
+        """What a plan of ``key`` needs besides the lengths (the schedule, the kernel functions, the
+        variant's default tensors), kept while the key stays the same, as it does step after step."""
+        from ..planner import PLAN
+        from ..schedule.decode import DecodeTiles
+
+        st = self._statics
+        if st is None or st.key != key:
+            module = self._cache.module(key)
+            st = self._statics = PlanStatics(
+                key, DecodeTiles.parse(key.schedule, key.head_dim, key.kv_dtype), module[PLAN], module[key.uri],
+                module[key.uri + "_merge"], default_tensors(key, self._device))
+        return st
 
     def run(self, q, paged_kv_cache, *, out=None, lse=None, return_lse: bool = False, **variant_args):
         """``q`` ``[batch_size, num_qo_heads, head_dim]`` -> ``o`` of the same shape (and ``lse`` float32

@@ -94,11 +94,14 @@ class CudaPrefillPlan(Wrapper):
                 indices = np.concatenate([indices, np.zeros(self._max_pages - indices.size, np.int32)])
             num_q_rows = self._max_tokens
         need = (max(int(qo_indptr[-1]), self._max_tokens, 1), max(batch, self._max_batch, 1))
+        arrays = {"kv_indptr": kv_indptr, "last": last, "indices": indices}
+        index = ((qo_indptr,) if key.kind == "prefill" else ()) + tuple(arrays[name] for name in order)
         dp = self._dev_plan
         bufs = dp.workspace(
             ("prefill", key.num_qo_heads, key.num_kv_heads, key.head_dim, key.schedule), need,
             lambda tokens, reqs: prefill_workspace(tokens, reqs, key.num_qo_heads, key.num_kv_heads, key.head_dim,
                                                    tiles, self._device.multi_processor_count),
+            tuple(a.size for a in index),
         )
         module = self._cache.module(key)
         # a cut tile's pieces are merged without the variant's context, so output transforms plan uncut
@@ -107,9 +110,8 @@ class CudaPrefillPlan(Wrapper):
                   # block-sparse steps are not positions: no causal clipping of the keys in the plan
                   is_causal(key.variant) and key.kind == "prefill", prefill_work_overhead(tiles.tile_q),
                   PREFILL_PACK_SLACK_DIV)
-        qo_dev = (dp.upload(0, qo_indptr),) if key.kind == "prefill" else ()
-        arrays = {"kv_indptr": kv_indptr, "last": last, "indices": indices}
-        index = tuple(dp.upload(i + 1, arrays[name]) for i, name in enumerate(order))
+        dev = bufs.upload(index)
+        qo_dev, index = (dev[:1], dev[1:]) if key.kind == "prefill" else ((), dev)
         merge = self._graph or bufs.num_partials > 0
         self._call = KernelCall(
             key, module[key.uri], self._device, qo_dev, index, num_q_rows, default_sm_scale(sm_scale, key.head_dim),

@@ -66,6 +66,15 @@ class PagedKV:
         else:
             check_range("kv_indices", indices[: indptr[-1]], 0, np.iinfo(np.int32).max, "page ids")
         pages = np.diff(indptr)
+        has_pages = pages > 0
+        # one pass for the common case: last_page_len in [1, page_size] where there are pages, else 0
+        if last_page_len.size and not np.array_equal(np.clip(last_page_len, has_pages, has_pages * self.page_size),
+                                                     last_page_len):
+            self._explain_last_page_len(pages, last_page_len)
+        kv_lens = np.where(has_pages, (pages - 1) * self.page_size + last_page_len, 0).astype(np.int64)
+        return indptr, indices, last_page_len, kv_lens
+
+    def _explain_last_page_len(self, pages, last_page_len):
         bad_full = np.nonzero((pages > 0) & ((last_page_len < 1) | (last_page_len > self.page_size)))[0]
         if bad_full.size:
             b = int(bad_full[0])
@@ -79,8 +88,6 @@ class PagedKV:
             raise ValueError(
                 f"kv_last_page_len: kv_last_page_len[{b}] = {int(last_page_len[b])} must be 0 for a request with no pages"
             )
-        kv_lens = np.where(pages > 0, (pages - 1) * self.page_size + last_page_len, 0).astype(np.int64)
-        return indptr, indices, last_page_len, kv_lens
 
     def cache_shape(self, num_pages: int, num_kv_heads: int, head_dim: int) -> tuple[int, ...]:
         if self.layout == "NHD":

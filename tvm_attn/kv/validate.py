@@ -18,6 +18,8 @@ def as_index_array(name: str, value) -> np.ndarray:
     from ..tensor import to_numpy
 
     arr = to_numpy(value)
+    if arr.dtype == INDEX_DTYPE and arr.ndim == 1 and arr.flags.c_contiguous:
+        return arr  # the common case, checked in O(1)
     if arr.ndim != 1:
         raise ValueError(f"{name}: must be 1-D, got shape {arr.shape}")
     if arr.size and arr.dtype.kind not in "iu":
@@ -33,8 +35,10 @@ def check_indptr(name: str, indptr: np.ndarray, total: int | None = None, total_
         raise ValueError(f"{name}: needs at least one entry (batch_size + 1), got an empty array")
     if indptr[0] != 0:
         raise ValueError(f"{name}: must start at 0, got {name}[0] = {int(indptr[0])}")
+    if indptr.size == 1:
+        return
     steps = np.diff(indptr)
-    if steps.size and steps.min() < 0:
+    if steps.min() < 0:
         i = int(np.argmin(steps))
         raise ValueError(
             f"{name}: must be non-decreasing, but {name}[{i}] = {int(indptr[i])} > {name}[{i + 1}] = {int(indptr[i + 1])}"
@@ -45,7 +49,7 @@ def check_indptr(name: str, indptr: np.ndarray, total: int | None = None, total_
 
 def check_range(name: str, arr: np.ndarray, low: int, high: int, what: str) -> None:
     """Every entry lies in ``[low, high)``."""
-    if arr.size == 0:
+    if arr.size == 0 or (arr.min() >= low and arr.max() < high):
         return
     bad = np.nonzero((arr < low) | (arr >= high))[0]
     if bad.size:

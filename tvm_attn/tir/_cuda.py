@@ -1,6 +1,6 @@
 """What the CUDA kernel generators share: float helpers, the warp shuffle, the planner's workspace
-arguments, and the one step that folds a partial attention state into a running one (both merge
-kernels use it)."""
+arguments, the variant's tables in shared memory, and the one step that folds a partial attention
+state into a running one (both merge kernels use it)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import math
 
 from tvm import tirx
 
-from ._builder import buffer_param, let, loop, store, sym
+from ..variants.base import HookContext
+from ._builder import IRBuilder, T, buffer_param, let, loop, store, sym, when
 from .plan import WORK_FIELDS
 
 FULL_MASK = 0xFFFFFFFF
@@ -34,11 +35,29 @@ def workspace_params(part_heads: int, head_dim: int):
     """Declare the planner's work list and the partial states (``part_heads`` heads per partial row);
     returns (num_ctas, work_info, cta_indptr, tmp_o, tmp_lse)."""
     max_works, num_ctas_plus_one, max_partials = sym("max_works"), sym("num_ctas_plus_1"), sym("max_partials")
-    work_info = buffer_param("work_info", (WORK_FIELDS, max_works), "int32")
-    cta_indptr = buffer_param("cta_indptr", (num_ctas_plus_one,), "int32")
+    # views into the plan's one staging array (tvm_attn.planner.PlanBuffers)
+    work_info = buffer_param("work_info", (WORK_FIELDS, max_works), "int32", offset=True)
+    cta_indptr = buffer_param("cta_indptr", (num_ctas_plus_one,), "int32", offset=True)
     tmp_o = buffer_param("tmp_o", (max_partials, part_heads, head_dim), "float32")
     tmp_lse = buffer_param("tmp_lse", (max_partials, part_heads), "float32")
     return num_ctas_plus_one - 1, work_info, cta_indptr, tmp_o, tmp_lse
+
+
+def stage_tables(variant, head_dim: int, params: dict, tid, threads: int) -> dict:
+    """Compute each of the variant's :class:`~tvm_attn.variants.DimTable` s once per block into
+    shared memory (thread ``tid`` of ``threads`` fills entries ``tid, tid + threads, ...``); returns
+    name -> buffer for ``HookContext.tables``. The caller syncs the block before the hooks read them."""
+    tables = {}
+    ctx = HookContext(None, None, None, None, None, None, None, head_dim, params)
+    for table in variant.tables(head_dim):
+        buf = T.alloc_buffer((table.size,), "float32", scope="shared")
+        IRBuilder.name(table.name, buf)
+        with loop("ti", -(-table.size // threads)) as ti:
+            i = ti * threads + tid
+            with when(i < table.size):
+                store(buf, tirx.Cast("float32", table.value(ctx, i)), i)
+        tables[table.name] = buf
+    return tables
 
 
 def fold_partial(softmax: bool, md, acc, lead: tuple, vec: int, s_r, part):

@@ -35,7 +35,7 @@ from ..kv.index import declare_layout
 from ..schedule.decode import DecodeTiles
 from ..variants.base import HookContext
 from ._builder import IRBuilder, T, buffer_param, let, local, loop, scalar_param, store, sym, when
-from ._cuda import f32, fold_partial, neg_inf, shfl_xor, workspace_params
+from ._cuda import f32, fold_partial, neg_inf, shfl_xor, stage_tables, workspace_params
 from .attention import declare_extra_params
 
 LOG2E = math.log2(math.e)
@@ -65,7 +65,7 @@ def make_batch_decode_cuda(key: AttentionKey, tiles: DecodeTiles | None = None) 
         with T.prim_func():
             T.func_name(key.uri)
             T.func_attr({"global_symbol": key.uri, "tir.noalias": True, "tirx.is_scheduled": True})
-            idx = declare_layout(key)
+            idx = declare_layout(key, offsets=True)  # views into the plan's staging array
             num_ctas, work_info, cta_indptr, tmp_o, tmp_lse = workspace_params(key.num_qo_heads, key.head_dim)
             o = buffer_param("o", (idx.num_q_rows, key.num_qo_heads, D), key.o_dtype)
             lse = buffer_param("lse", (idx.num_q_rows, key.num_qo_heads), "float32")
@@ -84,6 +84,10 @@ def make_batch_decode_cuda(key: AttentionKey, tiles: DecodeTiles | None = None) 
                     smem_md = T.alloc_buffer((NKG, G, 2), "float32", scope="shared")
                     k_smem = T.alloc_buffer((NKG, U, D), key.kv_dtype, scope="shared") if stage_keys else None
 
+                    tables = stage_tables(variant, D, params, tid, tiles.threads)
+                    if tables:
+                        T.evaluate(tirx.op.tvm_storage_sync("shared"))
+
                     # persistent CTA: its works, cta_indptr[cta]..cta_indptr[cta+1], one after another
                     first_work = let("first_work", cta_indptr[cta])
                     with loop("wi", cta_indptr[cta + 1] - first_work) as wi:
@@ -96,7 +100,7 @@ def make_batch_decode_cuda(key: AttentionKey, tiles: DecodeTiles | None = None) 
                         tx = let("tx", lane % TX)
                         kg = let("kg", warp * tiles.keys_per_warp + lane // TX)
                         kv_len = let("kv_len", idx.kv_len(req))
-                        ctx = HookContext(req, 0, None, None, kv_head, 1, kv_len, D, params)
+                        ctx = HookContext(req, 0, None, None, kv_head, 1, kv_len, D, params, tables)
                         # a plan made from page counts alone (TVM's KV-cache decode slot) counts the
                         # last page full: the piece ends at the request's length
                         begin, end = work_info[1, w], tirx.min(work_info[2, w], kv_len)
@@ -109,7 +113,7 @@ def make_batch_decode_cuda(key: AttentionKey, tiles: DecodeTiles | None = None) 
                         # q for the fused heads, transformed once
                         with loop("g", G, "unroll") as g:
                             h = head0 + g
-                            qctx = HookContext(req, 0, None, h, kv_head, 1, kv_len, D, params)
+                            qctx = HookContext(req, 0, None, h, kv_head, 1, kv_len, D, params, tables)
                             load_q = lambda dd, h=h: f32(idx.q[req, h, dd])  # noqa: E731
                             with loop("v", VEC, "unroll") as v:
                                 store(q_reg, variant.query_transform(qctx, load_q, tx * VEC + v), g, v)
@@ -117,15 +121,32 @@ def make_batch_decode_cuda(key: AttentionKey, tiles: DecodeTiles | None = None) 
                             store(md, neg_inf(), g, 0)
                             store(md, tirx.const(0.0, "float32"), g, 1)
 
-                        with loop("it", tirx.ceildiv(end - begin, NKG * U)) as it:
+                        def load_step(it, k_dst, v_dst):  # all loads of a step first: bytes in flight
+                            first = begin + it * (NKG * U) + kg
+                            with loop("u", U, "unroll") as u:
+                                addr = idx.kv_addr(req, tirx.min(first + u * NKG, end - 1))
+                                with loop("v", VEC, "vectorized") as v:
+                                    store(k_dst, idx.load_k(addr, kv_head, tx * VEC + v), u, v)
+                                with loop("v", VEC, "vectorized") as v:
+                                    store(v_dst, idx.load_v(addr, kv_head, tx * VEC + v), u, v)
+
+                        n_steps = let("n_steps", tirx.ceildiv(end - begin, NKG * U))
+                        if tiles.prefetch:
+                            k_next = local("k_next", (U, VEC), key.kv_dtype)
+                            v_next = local("v_next", (U, VEC), key.kv_dtype)
+                            with when(n_steps > 0):
+                                load_step(0, k_next, v_next)
+                        with loop("it", n_steps) as it:
                             base = let("base", begin + it * (NKG * U) + kg)
-                            with loop("u", U, "unroll") as u:  # all loads first: bytes in flight
-                                pos = tirx.min(base + u * NKG, end - 1)
-                                addr = idx.kv_addr(req, pos)
-                                with loop("v", VEC, "vectorized") as v:
-                                    store(k_reg, idx.load_k(addr, kv_head, tx * VEC + v), u, v)
-                                with loop("v", VEC, "vectorized") as v:
-                                    store(v_reg, idx.load_v(addr, kv_head, tx * VEC + v), u, v)
+                            if tiles.prefetch:  # take the step's rows, then issue the next step's loads
+                                with loop("u", U, "unroll") as u:
+                                    with loop("v", VEC, "unroll") as v:
+                                        store(k_reg, k_next[u, v], u, v)
+                                        store(v_reg, v_next[u, v], u, v)
+                                with when(it + 1 < n_steps):
+                                    load_step(it + 1, k_next, v_next)
+                            else:
+                                load_step(it, k_reg, v_reg)
                             if stage_keys:
                                 with loop("u", U, "unroll") as u:
                                     with loop("v", VEC, "vectorized") as v:
@@ -133,8 +154,8 @@ def make_batch_decode_cuda(key: AttentionKey, tiles: DecodeTiles | None = None) 
                                 T.evaluate(tirx.op.tvm_storage_sync("warp"))
                             with loop("u", U, "unroll") as u:
                                 pos = let("pos", base + u * NKG)
-                                sctx = HookContext(req, 0, pos, None, kv_head, 1, kv_len, D, params)
-                                kctx = HookContext(req, None, pos, None, kv_head, 1, kv_len, D, params)
+                                sctx = HookContext(req, 0, pos, None, kv_head, 1, kv_len, D, params, tables)
+                                kctx = HookContext(req, None, pos, None, kv_head, 1, kv_len, D, params, tables)
                                 if stage_keys:  # transformed once per key, for every head of the group
                                     k_t = local("k_t", VEC)
                                     load_k = lambda dd, u=u: f32(k_smem[kg, u, dd])  # noqa: E731
@@ -179,7 +200,7 @@ def make_batch_decode_cuda(key: AttentionKey, tiles: DecodeTiles | None = None) 
                                 res = local("res", VEC)
                                 tot = local("tot", 2)
                                 _merge_groups(variant.use_softmax, NKG, smem_md, smem_o, g, c, VEC, res, tot)
-                                octx = HookContext(req, 0, None, h, kv_head, 1, kv_len, D, params)
+                                octx = HookContext(req, 0, None, h, kv_head, 1, kv_len, D, params, tables)
                                 with T.If(out_row < 0):
                                     with T.Then():
                                         with loop("v", VEC, "unroll") as v:
@@ -266,20 +287,23 @@ def _merge_groups(use_softmax, NKG, smem_md, smem_o, g, c, VEC, res, tot):
 def make_decode_merge_cuda(key: AttentionKey, tiles: DecodeTiles | None = None) -> tirx.PrimFunc:
     """``<uri>_merge(merge_indptr, tmp_o, tmp_lse, o, lse, *extras)``: grid (max_batch, num_qo_heads).
 
-    A block of ``TX x RG`` threads merges one (request, head): row group ``rg`` folds the partial rows
-    ``rg, rg + RG, ...`` (so a request cut into 66 pieces is 9 dependent steps, not 66), then the
-    groups are merged through shared memory like the key groups of the decode kernel."""
+    A block of ``TX x RG`` threads (256) merges one (request, head): row group ``rg`` folds the
+    partial rows ``rg, rg + RG, ...`` (so a request cut into 66 pieces is 5 dependent steps at head_dim
+    128, not 66), then the first row group merges the groups' states through shared memory like the
+    key groups of the decode kernel. 256 threads: a single long request is cut into many pieces that
+    only ``num_qo_heads`` blocks merge (more row groups, fewer dependent steps), while a large batch
+    cut into few pieces each wants many small blocks resident at once."""
     tiles = tiles or tiles_for(key)
     variant, D, VEC = key.variant, key.head_dim, tiles.vec
     TX = D // VEC
-    RG = max(1, 128 // TX)
+    RG = max(1, 256 // TX)
     with IRBuilder() as ib:
         with T.prim_func():
             name = key.uri + "_merge"
             T.func_name(name)
             T.func_attr({"global_symbol": name, "tir.noalias": True, "tirx.is_scheduled": True})
             batch_plus_one, max_partials, batch = sym("max_batch_plus_1"), sym("max_partials"), sym("batch_size")
-            merge_indptr = buffer_param("merge_indptr", (batch_plus_one,), "int32")
+            merge_indptr = buffer_param("merge_indptr", (batch_plus_one,), "int32", offset=True)
             tmp_o = buffer_param("tmp_o", (max_partials, key.num_qo_heads, D), "float32")
             tmp_lse = buffer_param("tmp_lse", (max_partials, key.num_qo_heads), "float32")
             o = buffer_param("o", (batch, key.num_qo_heads, D), key.o_dtype)
@@ -306,19 +330,21 @@ def make_decode_merge_cuda(key: AttentionKey, tiles: DecodeTiles | None = None) 
                         with loop("k", tirx.ceildiv(tirx.max(n - rg, 0), RG)) as k:
                             row = let("row", start + rg + k * RG)
                             s_r = let("s_r", tmp_lse[row, h])
-                            fold_partial(variant.use_softmax, md, o_reg, (0,), VEC, s_r,
-                                         lambda v, row=row: tmp_o[row, h, tx * VEC + v])
+                            part = local("part", VEC)  # loaded whole (16-byte loads), then weighed
+                            with loop("v", VEC, "vectorized") as v:
+                                store(part, tmp_o[row, h, tx * VEC + v], v)
+                            fold_partial(variant.use_softmax, md, o_reg, (0,), VEC, s_r, lambda v: part[v])
                         with loop("v", VEC, "unroll") as v:
                             store(smem_o, o_reg[0, v], rg, 0, tx * VEC + v)
                         with when(tx == 0):
                             store(smem_md, md[0, 0], rg, 0, 0)
                             store(smem_md, md[0, 1], rg, 0, 1)
                         T.evaluate(tirx.op.tvm_storage_sync("shared"))
-                        res, tot = local("res", VEC), local("tot", 2)
-                        _merge_groups(variant.use_softmax, RG, smem_md, smem_o, 0, tx, VEC, res, tot)
                         kv_head = h // key.group_size
                         octx = HookContext(b, 0, None, h, kv_head, 1, None, D, params)
                         with when(rg == 0):
+                            res, tot = local("res", VEC), local("tot", 2)
+                            _merge_groups(variant.use_softmax, RG, smem_md, smem_o, 0, tx, VEC, res, tot)
                             with loop("v", VEC, "unroll") as v:
                                 store(o, tirx.Cast(key.o_dtype, variant.output_transform(octx, res[v], tx * VEC + v)),
                                       b, h, tx * VEC + v)

@@ -37,7 +37,7 @@ from ..kv.index import declare_layout
 from ..schedule.prefill import PrefillTiles, check_key
 from ..variants.base import HookContext
 from ._builder import IRBuilder, T, buffer_param, let, local, loop, scalar_param, store, sym, when
-from ._cuda import f32, fold_partial, neg_inf, shfl_xor, workspace_params, zero
+from ._cuda import f32, fold_partial, neg_inf, shfl_xor, stage_tables, workspace_params, zero
 from .attention import declare_extra_params
 
 LOG2E = math.log2(math.e)
@@ -89,7 +89,7 @@ def make_prefill_cuda(key: AttentionKey, tiles: PrefillTiles | None = None) -> t
         with T.prim_func():
             T.func_name(key.uri)
             T.func_attr({"global_symbol": key.uri, "tir.noalias": True, "tirx.is_scheduled": True})
-            idx = declare_layout(key)
+            idx = declare_layout(key, offsets=True)  # views into the plan's staging array
             num_ctas, work_info, cta_indptr, tmp_o, tmp_lse = workspace_params(key.num_kv_heads, key.head_dim)
             o = buffer_param("o", (idx.num_q_rows, key.num_qo_heads, D), key.o_dtype)
             lse = buffer_param("lse", (idx.num_q_rows, key.num_qo_heads), "float32")
@@ -126,6 +126,9 @@ def make_prefill_cuda(key: AttentionKey, tiles: PrefillTiles | None = None) -> t
                 warp = let("warp", tid // 32)
                 g, t4 = lane // 4, lane % 4
                 scale2 = let("scale_log2", sm_scale * LOG2E)
+                tables = stage_tables(variant, D, params, tid, NT)
+                if tables:
+                    _sync()
                 first_work = let("first_work", cta_indptr[cta])
                 with loop("wi", cta_indptr[cta + 1] - first_work) as wi:
                     w = let("w", first_work + wi)
@@ -142,7 +145,7 @@ def make_prefill_cuda(key: AttentionKey, tiles: PrefillTiles | None = None) -> t
                     def ctx(tok, pos=None, head=None):
                         kv_idx = None if pos is None else idx.kv_pos(req, pos)
                         return HookContext(batch, idx.qo_idx(req, tok), kv_idx, head, kv_head, idx.qo_len(req),
-                                           kv_len, D, params)
+                                           kv_len, D, params, tables)
 
                     begin, end = work_info[1, w], work_info[2, w]
                     # keys [full_lo, full_hi) are seen by every row of the tile (bounds are monotone)
@@ -211,7 +214,7 @@ def make_prefill_cuda(key: AttentionKey, tiles: PrefillTiles | None = None) -> t
                                 c = i * NT + tid
                                 kr, col = c // CH, (c % CH) * 8
                                 kctx = HookContext(batch, None, idx.kv_pos(req, t0 + kr), None, kv_head,
-                                                   idx.qo_len(req), kv_len, D, params)
+                                                   idx.qo_len(req), kv_len, D, params, tables)
                                 load_k = lambda dd, kr=kr: f32(k_s[stage, kr, dd])  # noqa: E731
                                 with loop("v", 8, "unroll") as v:
                                     store(kt_s, tirx.Cast(dt, variant.key_transform(kctx, load_k, col + v)), kr, col + v)
@@ -368,7 +371,7 @@ def make_prefill_merge_cuda(key: AttentionKey) -> tirx.PrimFunc:
             T.func_name(name)
             T.func_attr({"global_symbol": name, "tir.noalias": True, "tirx.is_scheduled": True})
             rows_plus_one, max_partials, num_q = sym("max_rows_plus_1"), sym("max_partials"), sym("num_q_rows")
-            merge_indptr = buffer_param("merge_indptr", (rows_plus_one,), "int32")
+            merge_indptr = buffer_param("merge_indptr", (rows_plus_one,), "int32", offset=True)
             tmp_o = buffer_param("tmp_o", (max_partials, key.num_kv_heads, D), "float32")
             tmp_lse = buffer_param("tmp_lse", (max_partials, key.num_kv_heads), "float32")
             o = buffer_param("o", (num_q, key.num_qo_heads, D), key.o_dtype)

@@ -8,6 +8,7 @@ use it.
 from .base import (
     AttentionVariant,
     ComposedVariant,
+    DimTable,
     HookContext,
     RefContext,
     ScalarParam,
@@ -60,7 +61,7 @@ def variant_from_spec(spec) -> AttentionVariant:
 
 
 __all__ = [
-    "AttentionVariant", "ComposedVariant", "HookContext", "RefContext", "ScalarParam", "TensorParam",
+    "AttentionVariant", "ComposedVariant", "DimTable", "HookContext", "RefContext", "ScalarParam", "TensorParam",
     "compose", "ALiBi", "LogitsSoftCap", "SigmoidAttention", "alibi_slopes", "Causal", "CustomMask",
     "RuntimeCausal", "SlidingWindow", "pack_custom_mask", "RoPE", "BUILTIN", "variant_from_spec",
 ]

@@ -100,11 +100,35 @@ class HookContext:
     head_dim: int
     params: dict[str, Any]
 
+    #: tables a kernel keeps (name -> Buffer over ``i``): see :class:`DimTable`
+    tables: dict[str, Any] = dataclasses.field(default_factory=dict)
+
     def __getitem__(self, name: str):
         try:
             return self.params[name]
         except KeyError:
             raise KeyError(f"no extra parameter {name!r}; declared: {sorted(self.params)}") from None
+
+    def table(self, table: "DimTable", i):
+        """Entry ``i`` of ``table``: read from the kernel's copy where it keeps one, else computed here."""
+        buf = self.tables.get(table.name)
+        return table.value(self, i) if buf is None else buf[i]
+
+
+@dataclass(frozen=True)
+class DimTable:
+    """Float32 values over an index ``i in [0, size)`` that depend only on ``i`` and the variant's
+    scalars, never on positions (RoPE's frequencies, ``theta ** (-2 i / head_dim) / scale``).
+
+    A hook reads entry ``i`` with ``ctx.table(table, i)``. Kernels that run the hook per key (the
+    CUDA kernels) compute each table once per block into shared memory, with ``value(ctx, i)`` for
+    a context that has only ``head_dim`` and the extra parameters; elsewhere ``ctx.table`` inlines
+    ``value``. Either way the hook's result is the same expression of the same inputs.
+    """
+
+    name: str
+    size: int
+    value: Callable[["HookContext", Any], Any] = dataclasses.field(compare=False)
 
 
 @dataclass
@@ -220,6 +244,10 @@ class AttentionVariant:
         """
         return None
 
+    def tables(self, head_dim: int) -> tuple[DimTable, ...]:
+        """The :class:`DimTable` s the hooks read through ``ctx.table`` (names unique in a variant)."""
+        return ()
+
     def mask_is_range(self) -> bool:
         """Whether ``logits_mask`` is exactly ``lo <= kv_idx < hi`` of :meth:`kv_range` (or absent).
 
@@ -304,6 +332,15 @@ class ComposedVariant(AttentionVariant):
 
     def mask_is_range(self) -> bool:
         return all(p.mask_is_range() for p in self.parts)
+
+    def tables(self, head_dim: int):
+        tables: dict[str, DimTable] = {}
+        for p in self.parts:
+            for t in p.tables(head_dim):
+                if t.name in tables:
+                    raise ValueError(f"compose: two parts read a table named {t.name!r}; table names must be unique")
+                tables[t.name] = t
+        return tuple(tables.values())
 
     def __repr__(self):
         return " + ".join(repr(p) for p in self.parts)

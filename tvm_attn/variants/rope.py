@@ -18,7 +18,7 @@ import math
 
 import numpy as np
 
-from .base import AttentionVariant, ScalarParam
+from .base import AttentionVariant, DimTable, ScalarParam
 
 _STYLES = ("llama", "llama3.1")
 
@@ -73,12 +73,17 @@ class RoPE(AttentionVariant):
             wavelen < omax / hi, base, tirx.if_then_else(wavelen > omax / lo, base / scale, mixed)
         )
 
+    def tables(self, head_dim: int):
+        # the frequencies depend on the pair index and the scalars only: a CUDA kernel computes them
+        # once per block (powf and a division per element per key made decode compute-bound)
+        return (DimTable("rope_freq", head_dim // 2, self._freq),)
+
     def _rotate(self, ctx, load, d, pos):
         from tvm import tirx
 
         half = ctx.head_dim // 2
         i = tirx.floormod(d, half)
-        angle = tirx.Cast("float32", pos) * self._freq(ctx, i)
+        angle = tirx.Cast("float32", pos) * ctx.table(self.tables(ctx.head_dim)[0], i)
         first = d < half
         partner = tirx.if_then_else(first, d + half, d - half)
         rotated = tirx.if_then_else(first, -load(partner), load(partner))

@@ -1,0 +1,58 @@
+"""What the CUDA generators emit, checked on the CUDA source (no GPU needed; the kernels themselves
+run in tests/gpu): the RoPE frequencies are computed once per block, not per key, and a prefetching
+decode schedule issues the next step's loads before it computes."""
+
+import re
+
+import pytest
+
+from tvm_attn.api._common import flashinfer_variant
+from tvm_attn.build import compile_key, cuda_source
+from tvm_attn.config import AttentionKey
+from tvm_attn.kv.formats import PagedKV, RaggedKV
+from tvm_attn.schedule.decode import DecodeTiles, decode_schedule
+from tvm_attn.schedule.prefill import choose_prefill_tiles
+
+TARGET = "cuda:sm_90a"
+
+
+def _kernel_body(src: str, name: str) -> str:
+    """The definition of kernel ``name`` (not its declaration), up to the next kernel."""
+    for m in re.finditer(re.escape(f"{name}_kernel("), src):
+        end_of_head = min(i for i in (src.find("{", m.end()), src.find(";", m.end())) if i >= 0)
+        if src[end_of_head] == "{":
+            nxt = src.find("__global__", end_of_head)
+            return src[m.start(): nxt if nxt > 0 else len(src)]
+    raise AssertionError(f"no definition of {name}_kernel in the source")
+
+
+@pytest.mark.parametrize("kind", ["decode", "prefill"])
+def test_rope_frequencies_once_per_block(kind):
+    v = flashinfer_variant(pos_encoding_mode="ROPE_LLAMA", causal=kind == "prefill")
+    if kind == "decode":
+        key = AttentionKey("decode", PagedKV(16, "NHD"), 32, 8, 128, "float16", "float16", v, TARGET,
+                           decode_schedule(128, "float16", 4, v))
+    else:
+        key = AttentionKey("prefill", RaggedKV("NHD"), 32, 8, 128, "float16", "float16", v, TARGET,
+                           choose_prefill_tiles(128).uri())
+    body = _kernel_body(cuda_source(compile_key(key)), key.uri)
+    assert re.search(r"__shared__[^;]*float rope_freq\w*\[64\]", body), "the frequency table is not in shared memory"
+    assert body.count("powf(") == 1, f"powf evaluated {body.count('powf(')} times, expected once (the table fill)"
+    assert "rope_freq" in body.split("powf(", 1)[1], "the rotations do not read the table"
+
+
+def test_decode_prefetch_schedule():
+    t = DecodeTiles.parse("w4u2g4b4p", 128, "float16")
+    assert t.prefetch and t.unroll == 2 and t.uri() == "w4u2g4b4p"
+    assert not DecodeTiles.parse("w4u4g4b4", 128, "float16").prefetch
+    for bad in ("w4u4g4b4q", "w4u0g4b4", "w4u4g4"):
+        with pytest.raises(ValueError, match="schedule"):
+            DecodeTiles.parse(bad, 128, "float16")
+    v = flashinfer_variant()
+    loads = {}
+    for sched in ("w4u2g4b4", "w4u2g4b4p"):
+        key = AttentionKey("decode", PagedKV(16, "NHD"), 32, 8, 128, "float16", "float16", v, TARGET, sched)
+        body = _kernel_body(cuda_source(compile_key(key)), key.uri)
+        loads[sched] = len(re.findall(r"\*\(uint4\*\)\(paged_kv_cache", body))
+    # the first step's loads before the loop, then the next step's inside it
+    assert loads["w4u2g4b4p"] == 2 * loads["w4u2g4b4"] > 0, loads
