@@ -110,13 +110,22 @@ def make_batch_decode_cuda(key: AttentionKey, tiles: DecodeTiles | None = None) 
                         begin = let("kv_begin", begin)
                         end = let("kv_end", tirx.if_then_else(live, tirx.max(end, begin), begin))
 
+                        def qk_dim(v):
+                            """Head dim of a lane's v-th q and key element in the q . k dot product. With
+                            staged keys, a lane holds dims d and d + D/2 together (half its elements
+                            each side), so a transform that pairs them (rotate-half RoPE) computes the
+                            pair's shared angle once; otherwise the dims of its 16-byte K loads."""
+                            if not stage_keys:
+                                return tx * VEC + v
+                            return tx * (VEC // 2) + tirx.floormod(v, VEC // 2) + (v // (VEC // 2)) * (D // 2)
+
                         # q for the fused heads, transformed once
                         with loop("g", G, "unroll") as g:
                             h = head0 + g
                             qctx = HookContext(req, 0, None, h, kv_head, 1, kv_len, D, params, tables)
                             load_q = lambda dd, h=h: f32(idx.q[req, h, dd])  # noqa: E731
                             with loop("v", VEC, "unroll") as v:
-                                store(q_reg, variant.query_transform(qctx, load_q, tx * VEC + v), g, v)
+                                store(q_reg, variant.query_transform(qctx, load_q, qk_dim(v)), g, v)
                                 store(o_reg, tirx.const(0.0, "float32"), g, v)
                             store(md, neg_inf(), g, 0)
                             store(md, tirx.const(0.0, "float32"), g, 1)
@@ -160,7 +169,7 @@ def make_batch_decode_cuda(key: AttentionKey, tiles: DecodeTiles | None = None) 
                                     k_t = local("k_t", VEC)
                                     load_k = lambda dd, u=u: f32(k_smem[kg, u, dd])  # noqa: E731
                                     with loop("v", VEC, "unroll") as v:
-                                        store(k_t, variant.key_transform(kctx, load_k, tx * VEC + v), v)
+                                        store(k_t, variant.key_transform(kctx, load_k, qk_dim(v)), v)
                                 with loop("g", G, "unroll") as g:
                                     acc = local("acc", 1)
                                     store(acc, tirx.const(0.0, "float32"), 0)
