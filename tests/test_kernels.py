@@ -202,3 +202,23 @@ def test_plan_is_reused_across_layers(rng):
         q = randn(rng, (3, Hq, D), "float16")
         o, lse = w.run(q, cache, return_lse=True)
         assert_attention_close(o, lse, *R.paged_attention(q, None, cache, indptr, indices, last), "float16")
+
+
+def test_replan_follows_changed_options(rng):
+    """The wrapper keeps the kernel key while a step's options repeat; any changed option (or another
+    variant object) plans a new kernel."""
+    S, Hq, Hk = 4, 4, 2
+    indptr, indices, last, num_pages = paged_table(rng, [7, 3], S, share=False)
+    cache = randn(rng, (num_pages, 2, S, Hk, D), "float16")
+    q = randn(rng, (2, Hq, D), "float16")
+    w = ta.BatchDecodeWithPagedKVCacheWrapper()
+    keys = []
+    for kwargs in ({}, {}, {"logits_soft_cap": 2.0}, {"variant": ta.SlidingWindow(2)}, {}):
+        w.plan(indptr, indices, last, Hq, Hk, D, S, **kwargs)
+        keys.append(w.kernel_key)
+        v = ta.compose(*(p for p in [kwargs.get("variant"), kwargs.get("logits_soft_cap") and ta.LogitsSoftCap(2.0)] if p))
+        o = w.run(q, cache)
+        assert_attention_close(o, None, R.paged_attention(q, None, cache, indptr, indices, last, variant=v)[0],
+                               None, "float16")
+    assert keys[0] is keys[1] and keys[4] == keys[0]
+    assert len({k.uri for k in keys}) == 3

@@ -52,6 +52,7 @@ class BatchDecodeWithPagedKVCacheWrapper(Wrapper):
         self._allow_split = not disable_split_kv
         self._dev_plan = DevicePlan(self._device, self._graph) if self._target != "llvm" else None
         self._statics = None
+        self._last_key = None
         self._qo = np.zeros(0, np.int32)
 
     def plan(
@@ -70,8 +71,27 @@ class BatchDecodeWithPagedKVCacheWrapper(Wrapper):
             options ``pos_encoding_mode`` ("NONE", "ROPE_LLAMA", "ALIBI"), ``window_left``,
             ``logits_soft_cap``, ``rope_scale`` and ``rope_theta``.
         """
+        # the kernel key depends only on the options, which a serving loop repeats every step
+        options = (num_qo_heads, num_kv_heads, head_dim, page_size, pos_encoding_mode, window_left, logits_soft_cap,
+                   q_data_type, kv_data_type, rope_scale, rope_theta)
+        last = self._last_key
+        if last is not None and last[1] is variant and last[0] == options:
+            key = last[2]
+        else:
+            key = self._key(options, variant)
+            self._last_key = (options, variant, key)
+        indptr, indices, last_page_len, _ = key.kv.validate(indptr, indices, last_page_len)
+        self._batch_size = indptr.size - 1
+        self._max_page = int(indices[: indptr[-1]].max(initial=-1))
+        if self._target == "llvm":
+            self._plan_call(key, sm_scale, (), (indptr, indices, last_page_len), self._batch_size)
+        else:
+            self._plan_cuda(key, sm_scale, indptr, indices[: indptr[-1]], last_page_len)
+
+    def _key(self, options, variant) -> AttentionKey:
+        (num_qo_heads, num_kv_heads, head_dim, page_size, pos_encoding_mode, window_left, logits_soft_cap,
+         q_data_type, kv_data_type, rope_scale, rope_theta) = options
         fmt = PagedKV(page_size, self._kv_layout)
-        indptr, indices, last_page_len, _ = fmt.validate(indptr, indices, last_page_len)
         q_dtype, kv_dtype = data_dtypes(q_data_type, kv_data_type)
         v = flashinfer_variant(
             variant, pos_encoding_mode=pos_encoding_mode, window_left=window_left,
@@ -82,14 +102,8 @@ class BatchDecodeWithPagedKVCacheWrapper(Wrapper):
             from ..schedule.decode import decode_schedule
 
             schedule = decode_schedule(head_dim, kv_dtype, num_qo_heads // max(num_kv_heads, 1), v)
-        key = AttentionKey("decode", fmt, num_qo_heads, num_kv_heads, head_dim, q_dtype, kv_dtype, v, self._target,
-                           schedule)
-        self._batch_size = indptr.size - 1
-        self._max_page = int(indices[: indptr[-1]].max(initial=-1))
-        if self._target == "llvm":
-            self._plan_call(key, sm_scale, (), (indptr, indices, last_page_len), self._batch_size)
-        else:
-            self._plan_cuda(key, sm_scale, indptr, indices[: indptr[-1]], last_page_len)
+        return AttentionKey("decode", fmt, num_qo_heads, num_kv_heads, head_dim, q_dtype, kv_dtype, v, self._target,
+                            schedule)
 
     def _plan_cuda(self, key, sm_scale, indptr, indices, last_page_len) -> None:
         from ..planner import decode_workspace
@@ -134,7 +148,7 @@ class BatchDecodeWithPagedKVCacheWrapper(Wrapper):
         from ..schedule.decode import DecodeTiles
 
         st = self._statics
-        if st is None or st.key != key:
+        if st is None or (st.key is not key and st.key != key):
             module = self._cache.module(key)
             st = self._statics = PlanStatics(
                 key, DecodeTiles.parse(key.schedule, key.head_dim, key.kv_dtype), module[PLAN], module[key.uri],
