@@ -145,8 +145,9 @@ class PlanBuffers:
         self.host_cta = self.host[starts[1]: starts[1] + sizes[1]]
         self.host_merge = self.host[starts[2]: starts[2] + sizes[2]]
         self.host_stats = np.zeros(4, np.int32)
-        self._outputs = tuple(tvm_ffi.from_dlpack(a) for a in (self.host_work, self.host_cta, self.host_merge,
-                                                                self.host_stats))
+        #: the planner's output arguments (work_info, cta_indptr, merge_indptr, stats): zero-copy views
+        self.planner_outputs = tuple(tvm_ffi.from_dlpack(a) for a in (self.host_work, self.host_cta,
+                                                                       self.host_merge, self.host_stats))
         self.work_info = self._view(starts[0], (6, ws.max_works))
         self.cta_indptr = self._view(starts[1], (ws.num_ctas + 1,))
         self.merge_indptr = self._view(starts[2], (ws.max_rows + 1,))
@@ -168,8 +169,8 @@ class PlanBuffers:
         """Run the planner on host arrays (its output lands in the staging array; :meth:`upload`
         sends it); returns (num_works, num_partials, quota)."""
         planner(
-            _host_arg(qo_indptr), _host_arg(kv_indptr), _host_arg(last_page_len), *self._outputs[:3],
-            self._outputs[3], self.ws.max_partials, page_size, int(allow_split), group_size, tile_q,
+            _host_arg(qo_indptr), _host_arg(kv_indptr), _host_arg(last_page_len), *self.planner_outputs,
+            self.ws.max_partials, page_size, int(allow_split), group_size, tile_q,
             int(causal), work_overhead, pack_slack_div,
         )
         num_works, num_partials, quota, status = (int(x) for x in self.host_stats)

@@ -185,7 +185,6 @@ class KernelCall:
         if self.defaults is None:
             self.defaults = default_tensors(self.key, self.device)
 
-
     def launch_args(self, q, data_args, variant_args, out=None, lse=None):
         """The kernel's and the merge kernel's argument lists (for timing them in isolation)."""
         key = self.key

@@ -90,7 +90,7 @@ struct View {
 };
 
 // A contiguous tensor argument with its byte offset folded into the data pointer (the cache passes
-// index arrays as views into one buffer; the TIR kernels take offset-free buffers).
+// q, o, lse and its index arrays as views; the kernels take q, o and lse as offset-free buffers).
 struct Rebased {
   DLTensor t;
   explicit Rebased(const Tensor& x) {

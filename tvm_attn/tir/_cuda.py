@@ -43,10 +43,25 @@ def workspace_params(part_heads: int, head_dim: int):
     return num_ctas_plus_one - 1, work_info, cta_indptr, tmp_o, tmp_lse
 
 
+def merge_params(key, part_heads: int, rows: str, out_rows: str):
+    """Declare a merge kernel's ``merge_indptr, tmp_o, tmp_lse, o, lse`` (partial rows of
+    ``part_heads`` heads; ``merge_indptr`` a view into the plan's staging array, with symbolic size
+    ``<rows>_plus_1``; ``o``/``lse`` with ``out_rows`` rows); returns
+    (rows_plus_one, merge_indptr, tmp_o, tmp_lse, o, lse)."""
+    D = key.head_dim
+    rows_plus_one, max_partials, num_out = sym(f"{rows}_plus_1"), sym("max_partials"), sym(out_rows)
+    merge_indptr = buffer_param("merge_indptr", (rows_plus_one,), "int32", offset=True)
+    tmp_o = buffer_param("tmp_o", (max_partials, part_heads, D), "float32")
+    tmp_lse = buffer_param("tmp_lse", (max_partials, part_heads), "float32")
+    o = buffer_param("o", (num_out, key.num_qo_heads, D), key.o_dtype)
+    lse = buffer_param("lse", (num_out, key.num_qo_heads), "float32")
+    return rows_plus_one, merge_indptr, tmp_o, tmp_lse, o, lse
+
+
 def stage_tables(variant, head_dim: int, params: dict, tid, threads: int) -> dict:
     """Compute each of the variant's :class:`~tvm_attn.variants.DimTable` s once per block into
     shared memory (thread ``tid`` of ``threads`` fills entries ``tid, tid + threads, ...``); returns
-    name -> buffer for ``HookContext.tables``. The caller syncs the block before the hooks read them."""
+    name -> buffer for ``HookContext.tables``, after a block barrier (none without tables)."""
     tables = {}
     ctx = HookContext(None, None, None, None, None, None, None, head_dim, params)
     for table in variant.tables(head_dim):
@@ -57,6 +72,8 @@ def stage_tables(variant, head_dim: int, params: dict, tid, threads: int) -> dic
             with when(i < table.size):
                 store(buf, tirx.Cast("float32", table.value(ctx, i)), i)
         tables[table.name] = buf
+    if tables:
+        T.evaluate(tirx.op.tvm_storage_sync("shared"))
     return tables
 
 

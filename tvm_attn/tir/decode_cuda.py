@@ -34,8 +34,8 @@ from ..config import AttentionKey
 from ..kv.index import declare_layout
 from ..schedule.decode import DecodeTiles
 from ..variants.base import HookContext
-from ._builder import IRBuilder, T, buffer_param, let, local, loop, scalar_param, store, sym, when
-from ._cuda import f32, fold_partial, neg_inf, shfl_xor, stage_tables, workspace_params
+from ._builder import IRBuilder, T, buffer_param, let, local, loop, scalar_param, store, when
+from ._cuda import f32, fold_partial, merge_params, neg_inf, shfl_xor, stage_tables, workspace_params
 from .attention import declare_extra_params
 
 LOG2E = math.log2(math.e)
@@ -85,8 +85,6 @@ def make_batch_decode_cuda(key: AttentionKey, tiles: DecodeTiles | None = None) 
                     k_smem = T.alloc_buffer((NKG, U, D), key.kv_dtype, scope="shared") if stage_keys else None
 
                     tables = stage_tables(variant, D, params, tid, tiles.threads)
-                    if tables:
-                        T.evaluate(tirx.op.tvm_storage_sync("shared"))
 
                     # persistent CTA: its works, cta_indptr[cta]..cta_indptr[cta+1], one after another
                     first_work = let("first_work", cta_indptr[cta])
@@ -311,12 +309,9 @@ def make_decode_merge_cuda(key: AttentionKey, tiles: DecodeTiles | None = None) 
             name = key.uri + "_merge"
             T.func_name(name)
             T.func_attr({"global_symbol": name, "tir.noalias": True, "tirx.is_scheduled": True})
-            batch_plus_one, max_partials, batch = sym("max_batch_plus_1"), sym("max_partials"), sym("batch_size")
-            merge_indptr = buffer_param("merge_indptr", (batch_plus_one,), "int32", offset=True)
-            tmp_o = buffer_param("tmp_o", (max_partials, key.num_qo_heads, D), "float32")
-            tmp_lse = buffer_param("tmp_lse", (max_partials, key.num_qo_heads), "float32")
-            o = buffer_param("o", (batch, key.num_qo_heads, D), key.o_dtype)
-            lse = buffer_param("lse", (batch, key.num_qo_heads), "float32")
+            batch_plus_one, merge_indptr, tmp_o, tmp_lse, o, lse = merge_params(key, key.num_qo_heads, "max_batch",
+                                                                                "batch_size")
+            batch = o.shape[0]
             params = declare_extra_params(key)
             with _thread(batch_plus_one - 1, "blockIdx.x") as b, _thread(key.num_qo_heads, "blockIdx.y") as h:
                 with _thread(TX * RG, "threadIdx.x") as t:

@@ -36,8 +36,8 @@ from ..config import AttentionKey
 from ..kv.index import declare_layout
 from ..schedule.prefill import PrefillTiles, check_key
 from ..variants.base import HookContext
-from ._builder import IRBuilder, T, buffer_param, let, local, loop, scalar_param, store, sym, when
-from ._cuda import f32, fold_partial, neg_inf, shfl_xor, stage_tables, workspace_params, zero
+from ._builder import IRBuilder, T, buffer_param, let, local, loop, scalar_param, store, when
+from ._cuda import f32, fold_partial, merge_params, neg_inf, shfl_xor, stage_tables, workspace_params, zero
 from .attention import declare_extra_params
 
 LOG2E = math.log2(math.e)
@@ -127,8 +127,6 @@ def make_prefill_cuda(key: AttentionKey, tiles: PrefillTiles | None = None) -> t
                 g, t4 = lane // 4, lane % 4
                 scale2 = let("scale_log2", sm_scale * LOG2E)
                 tables = stage_tables(variant, D, params, tid, NT)
-                if tables:
-                    _sync()
                 first_work = let("first_work", cta_indptr[cta])
                 with loop("wi", cta_indptr[cta + 1] - first_work) as wi:
                     w = let("w", first_work + wi)
@@ -370,12 +368,9 @@ def make_prefill_merge_cuda(key: AttentionKey) -> tirx.PrimFunc:
             name = key.uri + "_merge"
             T.func_name(name)
             T.func_attr({"global_symbol": name, "tir.noalias": True, "tirx.is_scheduled": True})
-            rows_plus_one, max_partials, num_q = sym("max_rows_plus_1"), sym("max_partials"), sym("num_q_rows")
-            merge_indptr = buffer_param("merge_indptr", (rows_plus_one,), "int32", offset=True)
-            tmp_o = buffer_param("tmp_o", (max_partials, key.num_kv_heads, D), "float32")
-            tmp_lse = buffer_param("tmp_lse", (max_partials, key.num_kv_heads), "float32")
-            o = buffer_param("o", (num_q, key.num_qo_heads, D), key.o_dtype)
-            lse = buffer_param("lse", (num_q, key.num_qo_heads), "float32")
+            rows_plus_one, merge_indptr, tmp_o, tmp_lse, o, lse = merge_params(key, key.num_kv_heads, "max_rows",
+                                                                               "num_q_rows")
+            num_q = o.shape[0]
             declare_extra_params(key)  # the same call shape as the decode merge (extras unused here)
             with T.thread_binding(0, rows_plus_one - 1, "blockIdx.x") as p, \
                     T.thread_binding(0, key.num_kv_heads, "blockIdx.y") as kv_head, \
