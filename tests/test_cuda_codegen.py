@@ -56,3 +56,30 @@ def test_decode_prefetch_schedule():
         loads[sched] = len(re.findall(r"\*\(uint4\*\)\(paged_kv_cache", body))
     # the first step's loads before the loop, then the next step's inside it
     assert loads["w4u2g4b4p"] == 2 * loads["w4u2g4b4"] > 0, loads
+
+
+def test_prefill_one_barrier_per_tile_and_lazy_rescale():
+    """One block barrier per KV tile and none between works (each warp loads its own query rows),
+    and the output rescale sits behind one warp vote."""
+    tiles = choose_prefill_tiles(128)
+    key = AttentionKey("prefill", RaggedKV("NHD"), 32, 8, 128, "float16", "float16", flashinfer_variant(causal=True),
+                       TARGET, tiles.uri())
+    body = _kernel_body(cuda_source(compile_key(key)), key.uri)
+    assert body.count("__syncthreads()") == 1, body.count("__syncthreads()")
+    # a KV tile's copies are issued at a work's start (its first tile) and in the loop (the next one)
+    per_issue = tiles.kv_tile * (128 // 8) // tiles.threads
+    k_copies = len(re.findall(r"cp_async\w*\([^;]*k_ptr\[", body))
+    assert k_copies == 2 * per_issue, (k_copies, per_issue)
+    assert body.count("__any_sync(") == 1
+    # the softmax scale is applied inside the exponent (raw q.k kept in registers)
+    assert re.search(r"exp2f\(\(\(s_acc_ptr\[\d+\] \* [^;]*\) - m_safe\)\)", body)
+
+
+def test_prefill_key_staging_has_two_barriers_per_tile():
+    """RoPE keys are rotated once per KV tile into their own buffer: a barrier before (the tile has
+    landed) and after (rotated keys visible), plus the table fill's -- none per rotated element."""
+    v = flashinfer_variant(pos_encoding_mode="ROPE_LLAMA", causal=True)
+    key = AttentionKey("prefill", RaggedKV("NHD"), 32, 8, 128, "float16", "float16", v, TARGET,
+                       choose_prefill_tiles(128).uri())
+    body = _kernel_body(cuda_source(compile_key(key)), key.uri)
+    assert body.count("__syncthreads()") == 3, body.count("__syncthreads()")

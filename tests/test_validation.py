@@ -40,7 +40,9 @@ def plan_decode(**over):
         (dict(indptr=[[0, 1, 3]]), r"kv_indptr: must be 1-D"),
         (dict(pos_encoding_mode="ROPE"), r"pos_encoding_mode: must be one of"),
         (dict(logits_soft_cap=-1.0), r"logits_soft_cap: must be > 0"),
-        (dict(sm_scale=float("nan")), r"sm_scale: must be finite"),
+        (dict(sm_scale=float("nan")), r"sm_scale: must be a positive finite number"),
+        (dict(sm_scale=-0.125), r"sm_scale: must be a positive finite number"),
+        (dict(sm_scale=0.0), r"sm_scale: must be a positive finite number"),
     ],
 )
 def test_decode_plan_errors(over, match):

@@ -98,8 +98,9 @@ def default_sm_scale(sm_scale, head_dim: int) -> float:
     if sm_scale is None:
         return 1.0 / math.sqrt(head_dim)
     sm_scale = float(sm_scale)
-    if not math.isfinite(sm_scale):
-        raise ValueError(f"sm_scale: must be finite, got {sm_scale!r}")
+    if not (math.isfinite(sm_scale) and sm_scale > 0):
+        # the kernels take the row max of unscaled logits (scaling inside the exp2)
+        raise ValueError(f"sm_scale: must be a positive finite number, got {sm_scale!r}")
     return sm_scale
 
 

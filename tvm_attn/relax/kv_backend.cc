@@ -22,6 +22,7 @@
 #include <tvm/runtime/device_api.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <string>
 #include <vector>
@@ -395,6 +396,13 @@ void RunDecodeKernel(const Array<int64_t>& info, const Tensor& float_ws, const T
   }
 }
 
+inline void CheckScale(double sm_scale) {
+  // the kernels take the row max of unscaled logits and scale inside the exp2
+  if (!(std::isfinite(sm_scale) && sm_scale > 0)) {
+    TVM_FFI_THROW(ValueError) << "tvm_attn run: sm_scale must be a positive finite number, got " << sm_scale;
+  }
+}
+
 inline int64_t CausalArg(const Array<int64_t>& info, int64_t mask_mode) {
   if (mask_mode != 0 && mask_mode != 1) {
     TVM_FFI_THROW(ValueError) << "tvm_attn run: mask_mode " << mask_mode << " (0: none, 1: causal; custom "
@@ -411,6 +419,7 @@ void RunPaged(Tensor float_ws, Tensor int_ws, Array<int64_t> plan_info, Tensor q
               Tensor qo_indptr, Tensor page_indptr, Tensor page_indices, Tensor length_info, Tensor o, Tensor lse,
               int64_t mask_mode, int64_t layout, int64_t window_left, bool enable_pdl, double sm_scale,
               double rope_rcp_scale, double rope_rcp_theta) {
+  CheckScale(sm_scale);
   if (layout != 1) TVM_FFI_THROW(ValueError) << "tvm_attn paged run: the cache's pages are HND (layout 1)";
   CheckTensor("q", q, kDType);
   CheckTensor("pages", k_view, kDType);
@@ -436,6 +445,7 @@ void RunRagged(Tensor float_ws, Tensor int_ws, Array<int64_t> plan_info, Tensor 
                Tensor qo_indptr, Tensor kv_indptr, Tensor o, Tensor lse, int64_t mask_mode, int64_t layout,
                int64_t window_left, bool enable_pdl, double sm_scale, double rope_rcp_scale,
                double rope_rcp_theta) {
+  CheckScale(sm_scale);
   if (layout != 0) TVM_FFI_THROW(ValueError) << "tvm_attn ragged run: k/v must be NHD (layout 0)";
   CheckTensor("q", q, kDType);
   CheckTensor("k", k, kDType);
@@ -457,6 +467,7 @@ void RunDecode(Tensor float_ws, Tensor int_ws, Array<int64_t> plan_info, Tensor 
                Tensor page_indptr, Tensor page_indices, Tensor length_info, Tensor o, Tensor lse, int64_t layout,
                int64_t window_left, bool enable_pdl, double sm_scale, double rope_rcp_scale,
                double rope_rcp_theta) {
+  CheckScale(sm_scale);
   if (layout != 1) TVM_FFI_THROW(ValueError) << "tvm_attn decode run: the cache's pages are HND (layout 1)";
   CheckTensor("q", q, kDType);
   CheckTensor("pages", k_view, kDType);

@@ -25,11 +25,10 @@ o[r, h] = sum_j softmax_j(logits(r, h, j)) v_j over the keys row r sees (see the
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 from tvm import relax, tirx
 
+from ..api._common import default_sm_scale
 from ..config import AttentionKey, MergeKey
 from ..kv.formats import BlockSparseKV, PagedKV, RaggedKV
 from ..tir.abi import RelaxDPS
@@ -80,7 +79,7 @@ def _emit_attention(key: AttentionKey, q: relax.Expr, format_args: list, sm_scal
 
         gv = bb.add_func(make_attention(key, RelaxDPS()), name)
     head_dim = key.head_dim
-    scale = 1.0 / math.sqrt(head_dim) if sm_scale is None else sm_scale
+    scale = sm_scale if isinstance(sm_scale, relax.Expr) else default_sm_scale(sm_scale, head_dim)
     args = [q, *format_args, _scalar("sm_scale", scale, "float32"), *_variant_args(key, variant_args)]
     rows = q.ty.shape.values[0]
     out_ty = [relax.TensorType([rows, key.num_qo_heads, head_dim], key.o_dtype),

@@ -18,6 +18,14 @@ request (``tile_q`` GQA-packed rows: packed row ``p`` is token ``p // group`` of
         O = O * scale + P V  P stays in registers as the A operand; V through ldmatrix.trans
     o = O / l, lse = m + log2(l)   (or, for a piece of a cut tile, the partial state)
 
+One block barrier per KV tile, after the tile has landed and before the other stage is refilled;
+none between works: each warp loads only its own rows of the next query tile, and the stage the
+next work's first tile goes to was last read two tiles earlier. Without a logits transform the
+logits stay unscaled (q.k) and the scale goes into the exponent, ``exp2(s * scale_log2 - m)``
+(one FFMA). The online softmax rescales O and l only when some row of the warp raised its max by
+more than RESCALE_SLACK (log2 units); otherwise rows keep their old max, and weights stay below
+``2^RESCALE_SLACK``.
+
 Warp ``w`` owns rows ``16 * m_tiles * w ..`` of the tile. Fragment layouts (PTX ISA, mma.m16n8k16):
 lane ``l`` holds accumulator rows ``l // 4`` and ``l // 4 + 8``, columns ``2 * (l % 4) + {0, 1}`` of
 each 16x8 block.
@@ -29,6 +37,7 @@ sm_scale, *extras``; merge: ``merge_indptr, tmp_o, tmp_lse, o, lse, *extras``.
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 from tvm import tirx
 
@@ -37,10 +46,11 @@ from ..kv.index import declare_layout
 from ..schedule.prefill import PrefillTiles, check_key
 from ..variants.base import HookContext
 from ._builder import IRBuilder, T, buffer_param, let, local, loop, scalar_param, store, when
-from ._cuda import f32, fold_partial, merge_params, neg_inf, shfl_xor, stage_tables, workspace_params, zero
+from ._cuda import FULL_MASK, f32, fold_partial, merge_params, neg_inf, shfl_xor, stage_tables, workspace_params, zero
 from .attention import declare_extra_params
 
 LOG2E = math.log2(math.e)
+RESCALE_SLACK = 8.0  # log2 units: a row's weights stay <= 256 before O and l are rescaled
 _MMA = {"float16": "f16", "bfloat16": "bf16"}  # mma operand types
 
 
@@ -56,8 +66,13 @@ def _sync():
 
 def _ptr(buf, indices, mode: str, extent: int = 8):
     """Address of ``buf[indices]`` for an instruction that touches ``extent`` elements there (the
-    extent keeps TVM from shrinking the buffer to the elements it sees indexed)."""
-    return buf.access_ptr(mode, offset=buf.offset_of(list(indices))[0], extent=extent)
+    extent keeps TVM from shrinking the buffer to the elements it sees indexed).
+
+    Shared-memory operands carry an empty access mask: the kernel places its own barriers (one per
+    KV tile; each warp owns its query rows), and TVM's ThreadSync pass, which cannot prove that a
+    pipeline stage or a warp's rows are disjoint from the others, would add more."""
+    mask = 0 if buf.scope().startswith("shared") else mode
+    return buf.access_ptr(mask, offset=buf.offset_of(list(indices))[0], extent=extent)
 
 
 def _cp_async(dst, dst_ix, src, src_ix):
@@ -85,6 +100,9 @@ def make_prefill_cuda(key: AttentionKey, tiles: PrefillTiles | None = None) -> t
     load_q_through_regs = variant.overrides("query_transform")
     has_mask = variant.overrides("logits_mask")
     softmax = variant.use_softmax
+    # softmax without a logits transform keeps raw q.k in registers and scales inside the exp2
+    # (one FFMA); the row max of raw logits is the max of scaled ones since sm_scale > 0
+    fold_scale = softmax and not variant.overrides("logits_transform")
     with IRBuilder() as ib:
         with T.prim_func():
             T.func_name(key.uri)
@@ -102,7 +120,11 @@ def make_prefill_cuda(key: AttentionKey, tiles: PrefillTiles | None = None) -> t
                 q_s = T.alloc_buffer((TQ, D + 8), dt, scope="shared.dyn")
                 k_s = T.alloc_buffer((2, TK, D + 8), dt, scope="shared.dyn")
                 v_s = T.alloc_buffer((2, TK, D + 8), dt, scope="shared.dyn")
-                kt_s = T.alloc_buffer((TK, D + 8), dt, scope="shared.dyn") if stage_keys else None
+                # static shared memory: TVM treats all dynamic shared buffers as one when it places
+                # barriers, and would then order each transformed key store after the reads of k_s
+                kt_s = T.alloc_buffer((TK, D + 8), dt, scope="shared") if stage_keys else None
+                if stage_keys:
+                    IRBuilder.name("kt_s", kt_s)
                 s_acc = local("s_acc", (MT, NB, 4))
                 o_acc = local("o_acc", (MT, ND, 4))
                 m_i = local("m_i", (MT, 2))
@@ -128,67 +150,94 @@ def make_prefill_cuda(key: AttentionKey, tiles: PrefillTiles | None = None) -> t
                 scale2 = let("scale_log2", sm_scale * LOG2E)
                 tables = stage_tables(variant, D, params, tid, NT)
                 first_work = let("first_work", cta_indptr[cta])
-                with loop("wi", cta_indptr[cta + 1] - first_work) as wi:
-                    w = let("w", first_work + wi)
-                    req = let("req", tirx.max(work_info[0, w], 0))
-                    out_row = let("out_row", work_info[3, w])
-                    row0 = let("row0", work_info[4, w])
-                    stride = let("out_stride", work_info[5, w])
-                    qo_len = let("qo_len", idx.num_rows(req))
-                    kv_len = let("kv_len", idx.kv_len(req))
-                    q_row_begin = let("q_row_begin", idx.row_begin(req))
-                    rows = let("rows", tirx.min(TQ, qo_len * G - row0))
-                    batch = idx.batch_idx(req)
+                n_works = let("n_works", cta_indptr[cta + 1] - first_work)
+                # mask_free: tiles inside the keys (and, for range masks, inside every row's range) need no mask work
+                c0, c1 = tirx.const(0, "int32"), tirx.const(1, "int32")
+                range_skip = idx.steps_are_positions and variant.kv_range(
+                    HookContext(c0, c0, None, None, c0, c1, c1, D, params, tables)) is not None
+                mask_free = None if has_mask and not (variant.mask_is_range() and range_skip) else True
+
+                def setup(w):
+                    """Work ``w``'s request, rows and key range (``kv_begin .. kv_end``, ``n_tiles`` KV tiles)."""
+                    W = SimpleNamespace()
+                    W.req = req = let("req", tirx.max(work_info[0, w], 0))
+                    W.row0 = row0 = let("row0", work_info[4, w])
+                    W.kv_len = kv_len = let("kv_len", idx.kv_len(req))
+                    W.q_row_begin = let("q_row_begin", idx.row_begin(req))
+                    W.rows = rows = let("rows", tirx.min(TQ, idx.num_rows(req) * G - row0))
+                    W.batch = batch = idx.batch_idx(req)
+                    W.hook_qo_len = let("hook_qo_len", idx.qo_len(req))  # read once, not per logit
 
                     def ctx(tok, pos=None, head=None):
                         kv_idx = None if pos is None else idx.kv_pos(req, pos)
-                        return HookContext(batch, idx.qo_idx(req, tok), kv_idx, head, kv_head, idx.qo_len(req),
+                        return HookContext(batch, idx.qo_idx(req, tok), kv_idx, head, kv_head, W.hook_qo_len,
                                            kv_len, D, params, tables)
 
+                    W.ctx = ctx
                     begin, end = work_info[1, w], work_info[2, w]
-                    # keys [full_lo, full_hi) are seen by every row of the tile (bounds are monotone)
-                    range_skip = idx.steps_are_positions and variant.kv_range(ctx(0)) is not None
-                    if range_skip:
+                    if range_skip:  # keys [full_lo, full_hi) are seen by every row of the tile (bounds are monotone)
                         first = variant.kv_range(ctx(row0 // G))
                         last = variant.kv_range(ctx((row0 + rows - 1) // G))
                         begin, end = tirx.max(begin, first[0]), tirx.min(end, last[1])
-                        full_lo, full_hi = let("full_lo", last[0]), let("full_hi", first[1])
-                    begin = let("kv_begin", begin)
-                    end = let("kv_end", tirx.max(end, begin))
-                    n_tiles = let("n_tiles", tirx.ceildiv(end - begin, TK))
-                    # tiles that need no mask work: inside the keys and, for range masks, inside every row's range
-                    mask_free = None if has_mask and not (variant.mask_is_range() and range_skip) else True
+                        W.full_lo, W.full_hi = let("full_lo", last[0]), let("full_hi", first[1])
+                    W.begin = begin = let("kv_begin", begin)
+                    W.end = end = let("kv_end", tirx.max(end, begin))
+                    W.n_tiles = let("n_tiles", tirx.ceildiv(end - begin, TK))
+                    return W
 
-                    # -- the query tile --------------------------------------------------------------
-                    with loop("i", TQ * CH // NT, "unroll") as i:
-                        c = i * NT + tid
-                        r, col = c // CH, (c % CH) * 8
-                        p = row0 + tirx.min(r, rows - 1)
+                def load_q(W):
+                    """This warp's rows of work W's query tile into q_s (each warp reads only its own rows)."""
+                    per_warp = 16 * MT
+                    with loop("i", per_warp * CH // 32, "unroll") as i:
+                        c = i * 32 + lane
+                        r, col = warp * per_warp + c // CH, (c % CH) * 8
+                        p = W.row0 + tirx.min(r, W.rows - 1)
                         tok, head = p // G, kv_head * G + p % G
                         if not load_q_through_regs:
-                            _cp_async(q_s, (r, col), idx.q, (q_row_begin + tok, head, col))
+                            _cp_async(q_s, (r, col), idx.q, (W.q_row_begin + tok, head, col))
                         else:
-                            qrow = let("qrow", q_row_begin + tok)
+                            qrow = let("qrow", W.q_row_begin + tok)
                             qh = let("qh", head)
-                            qctx = ctx(tok, head=qh)
+                            qctx = W.ctx(tok, head=qh)
                             load = lambda dd: f32(idx.q[qrow, qh, dd])  # noqa: E731
                             with loop("v", 8, "unroll") as v:
                                 store(q_s, tirx.Cast(dt, variant.query_transform(qctx, load, col + v)), r, col + v)
 
-                    def issue(tile, stage):
-                        t0 = begin + tile * TK
-                        with loop("i", TK * CH // NT, "unroll") as i:
-                            c = i * NT + tid
-                            kr, col = c // CH, (c % CH) * 8
-                            addr = idx.kv_addr(req, tirx.min(t0 + kr, end - 1))
-                            kb, kix = idx.k_elem(addr, kv_head, col)
-                            _cp_async(k_s, (stage, kr, col), kb, kix)
-                            vb, vix = idx.v_elem(addr, kv_head, col)
-                            _cp_async(v_s, (stage, kr, col), vb, vix)
+                def issue(W, tile, stage):
+                    """cp.async of KV tile ``tile`` of work W into ``stage`` (rows past the keys repeat the last key)."""
+                    t0 = W.begin + tile * TK
+                    with loop("i", TK * CH // NT, "unroll") as i:
+                        c = i * NT + tid
+                        kr, col = c // CH, (c % CH) * 8
+                        addr = idx.kv_addr(W.req, tirx.min(t0 + kr, W.end - 1))
+                        kb, kix = idx.k_elem(addr, kv_head, col)
+                        _cp_async(k_s, (stage, kr, col), kb, kix)
+                        vb, vix = idx.v_elem(addr, kv_head, col)
+                        _cp_async(v_s, (stage, kr, col), vb, vix)
 
-                    with when(n_tiles > 0):
-                        issue(0, 0)
+                def commit():
                     T.evaluate(T.ptx["cp.async.commit_group"]())
+
+                tiles_done = local("tiles_done", 1, "int32")  # KV tiles computed so far: the stage parity
+                store(tiles_done, tirx.const(0, "int32"), 0)
+                with loop("wi", n_works) as wi:
+                    w = let("w", first_work + wi)
+                    W = setup(w)
+                    req, row0, rows, kv_len, q_row_begin = W.req, W.row0, W.rows, W.kv_len, W.q_row_begin
+                    begin, end, n_tiles, ctx, batch = W.begin, W.end, W.n_tiles, W.ctx, W.batch
+                    out_row = let("out_row", work_info[3, w])
+                    stride = let("out_stride", work_info[5, w])
+                    parity = let("parity", tiles_done[0])
+
+                    # Q rows and the first KV tile, with no block barrier: each warp overwrites only
+                    # its own rows of q_s, and the stage tile 0 goes to was last read two tiles ago
+                    # (every warp has passed the barrier of the tile in between)
+                    T.evaluate(T.ptx["cp.async.wait_group"](0))  # a work with no tiles left its Q copies in flight
+                    T.evaluate(tirx.call_extern("void", "__syncwarp", tirx.const(FULL_MASK, "uint32")))
+                    load_q(W)
+                    with when(n_tiles > 0):
+                        issue(W, 0, parity % 2)
+                    commit()
 
                     with loop("mt", MT, "unroll") as mt:
                         for h2 in range(2):
@@ -200,19 +249,20 @@ def make_prefill_cuda(key: AttentionKey, tiles: PrefillTiles | None = None) -> t
 
                     # -- the KV loop ---------------------------------------------------------------
                     with loop("it", n_tiles) as it:
-                        stage = it % 2
-                        with when(it + 1 < n_tiles):
-                            issue(it + 1, (it + 1) % 2)
-                        T.evaluate(T.ptx["cp.async.commit_group"]())
-                        T.evaluate(T.ptx["cp.async.wait_group"](1))
+                        stage = (parity + it) % 2
+                        # tile it has landed, and every warp is done with the other stage (tile it - 1)
+                        T.evaluate(T.ptx["cp.async.wait_group"](0))
                         _sync()
+                        with when(it + 1 < n_tiles):
+                            issue(W, it + 1, 1 - stage)
+                        commit()
                         t0 = let("t0", begin + it * TK)
                         if stage_keys:  # transformed once per key, for every query row of the tile
                             with loop("i", TK * CH // NT, "unroll") as i:
                                 c = i * NT + tid
                                 kr, col = c // CH, (c % CH) * 8
                                 kctx = HookContext(batch, None, idx.kv_pos(req, t0 + kr), None, kv_head,
-                                                   idx.qo_len(req), kv_len, D, params, tables)
+                                                   W.hook_qo_len, kv_len, D, params, tables)
                                 load_k = lambda dd, kr=kr: f32(k_s[stage, kr, dd])  # noqa: E731
                                 with loop("v", 8, "unroll") as v:
                                     store(kt_s, tirx.Cast(dt, variant.key_transform(kctx, load_k, col + v)), kr, col + v)
@@ -242,11 +292,11 @@ def make_prefill_cuda(key: AttentionKey, tiles: PrefillTiles | None = None) -> t
                             p = row0 + r
                             sctx = ctx(p // G, pos, kv_head * G + p % G)
                             x = s_acc[mt, nb, j]
-                            if variant.overrides("logits_transform") or not softmax:
+                            if fold_scale:
+                                val = x  # scaled inside the exp2 (softmax below)
+                            else:
                                 val = variant.logits_transform(sctx, x * sm_scale)
                                 val = val * LOG2E if softmax else val
-                            else:
-                                val = x * scale2
                             if masked:
                                 vis = pos < end
                                 m = variant.logits_mask(sctx)
@@ -265,9 +315,12 @@ def make_prefill_cuda(key: AttentionKey, tiles: PrefillTiles | None = None) -> t
                         if mask_free:
                             full = t0 + TK <= end
                             if range_skip:
-                                full = tirx.all(full, t0 >= full_lo, t0 + TK <= full_hi)
+                                full = tirx.all(full, t0 >= W.full_lo, t0 + TK <= W.full_hi)
                         if full is None:
                             all_logits(True)
+                        elif fold_scale:  # nothing to do to a visible tile's raw logits
+                            with when(tirx.Not(full)):
+                                all_logits(True)
                         else:
                             with T.If(full):
                                 with T.Then():
@@ -276,28 +329,50 @@ def make_prefill_cuda(key: AttentionKey, tiles: PrefillTiles | None = None) -> t
                                     all_logits(True)
 
                         if softmax:
+                            # Online softmax with a lazy rescale: a row keeps its running max m while
+                            # the tile's max stays within RESCALE_SLACK of it (weights <= 2^slack, safe
+                            # in fp16 and fp32), so O and l are rescaled only when some row of the warp
+                            # grows past that -- rarely after the first tiles.
+                            m_new = local("m_new", (MT, 2))
+                            grow = local("grow", 1, "int32")
+                            store(grow, tirx.const(0, "int32"), 0)
                             with loop("mt", MT, "unroll") as mt:
                                 for h2 in range(2):
-                                    mx = m_i[mt, h2]
+                                    mx = s_acc[mt, 0, 2 * h2]
                                     for nb in range(NB):
-                                        mx = tirx.max(mx, tirx.max(s_acc[mt, nb, 2 * h2], s_acc[mt, nb, 2 * h2 + 1]))
+                                        for j in range(2 * h2, 2 * h2 + 2):
+                                            if nb or j > 2 * h2:
+                                                mx = tirx.max(mx, s_acc[mt, nb, j])
                                     mx = let("mx", mx)
                                     mx = let("mx1", tirx.max(mx, shfl_xor(mx, 1)))
                                     mx = let("mx2", tirx.max(mx, shfl_xor(mx, 2)))
-                                    m_safe = let("m_safe", tirx.if_then_else(mx == neg_inf(), zero(), mx))
-                                    scale = let("scale", tirx.exp2(m_i[mt, h2] - m_safe))
-                                    store(m_i, mx, mt, h2)
+                                    store(m_new, mx * scale2 if fold_scale else mx, mt, h2)
+                                    grows = m_new[mt, h2] > m_i[mt, h2] + RESCALE_SLACK
+                                    store(grow, grow[0] | tirx.Cast("int32", grows), 0)
+                            rescale = let("rescale", tirx.call_extern("int32", "__any_sync", tirx.const(FULL_MASK, "uint32"), grow[0]))
+                            with when(rescale != 0):
+                                with loop("mt", MT, "unroll") as mt:
+                                    for h2 in range(2):
+                                        m_up = let("m_up", tirx.max(m_i[mt, h2], m_new[mt, h2]))
+                                        m_up_safe = tirx.if_then_else(m_up == neg_inf(), zero(), m_up)
+                                        scale = let("scale", tirx.exp2(m_i[mt, h2] - m_up_safe))
+                                        store(m_i, m_up, mt, h2)
+                                        store(l_i, l_i[mt, h2] * scale, mt, h2)
+                                        with loop("nd", ND, "unroll") as nd:
+                                            for j in (2 * h2, 2 * h2 + 1):
+                                                store(o_acc, o_acc[mt, nd, j] * scale, mt, nd, j)
+                            with loop("mt", MT, "unroll") as mt:
+                                for h2 in range(2):
+                                    m_safe = let("m_safe", tirx.if_then_else(m_i[mt, h2] == neg_inf(), zero(), m_i[mt, h2]))
                                     rs = local("rs", 1)
                                     store(rs, zero(), 0)
                                     with loop("nb", NB, "unroll") as nb:
                                         for j in (2 * h2, 2 * h2 + 1):
-                                            pv = tirx.exp2(s_acc[mt, nb, j] - m_safe)
+                                            x = s_acc[mt, nb, j]
+                                            pv = tirx.exp2(x * scale2 - m_safe if fold_scale else x - m_safe)
                                             store(s_acc, pv, mt, nb, j)
                                             store(rs, rs[0] + s_acc[mt, nb, j], 0)
-                                    store(l_i, l_i[mt, h2] * scale + rs[0], mt, h2)
-                                    with loop("nd", ND, "unroll") as nd:
-                                        for j in (2 * h2, 2 * h2 + 1):
-                                            store(o_acc, o_acc[mt, nd, j] * scale, mt, nd, j)
+                                    store(l_i, l_i[mt, h2] + rs[0], mt, h2)
 
                         # O += P V
                         with loop("kk", KK, "unroll") as kk:
@@ -310,7 +385,6 @@ def make_prefill_cuda(key: AttentionKey, tiles: PrefillTiles | None = None) -> t
                                 T.evaluate(ldm_t(vf32[0], vf32[1], vf32[2], vf32[3],
                                                  _ptr(v_s, (stage, vr, nd2 * 16 + (lane // 16) * 8), "r")))
                                 mma_pair(o_acc, pf32, vf32, nd2)
-                        _sync()  # the stage is refilled by the next iteration's issue
 
                     # -- epilogue: normalize, write o and lse (or the partial state) -----------------
                     with loop("mt", MT, "unroll") as mt:
@@ -348,9 +422,7 @@ def make_prefill_cuda(key: AttentionKey, tiles: PrefillTiles | None = None) -> t
                                                 store(tmp_o, o_acc[mt, nd, h2 * 2 + j] * inv, slot, kv_head, d)
                                         with when(t4 == 0):
                                             store(tmp_lse, lse_val, slot, kv_head)
-                    # the next work's copies reuse q_s/k_s/v_s: drain and meet
-                    T.evaluate(T.ptx["cp.async.wait_group"](0))
-                    _sync()
+                    store(tiles_done, parity + n_tiles, 0)
     return ib.get()
 
 
