@@ -151,7 +151,9 @@ def make_prefill_cuda(key: AttentionKey, tiles: PrefillTiles | None = None) -> t
                 tables = stage_tables(variant, D, params, tid, NT)
                 first_work = let("first_work", cta_indptr[cta])
                 n_works = let("n_works", cta_indptr[cta + 1] - first_work)
-                # mask_free: tiles inside the keys (and, for range masks, inside every row's range) need no mask work
+                # range_skip: whether the variant bounds each row's keys at all (asked with placeholder
+                # positions; the works' bounds come from their own rows in setup). mask_free: tiles inside
+                # the keys (and, for range masks, inside every row's range) need no mask work
                 c0, c1 = tirx.const(0, "int32"), tirx.const(1, "int32")
                 range_skip = idx.steps_are_positions and variant.kv_range(
                     HookContext(c0, c0, None, None, c0, c1, c1, D, params, tables)) is not None
