@@ -1,4 +1,4 @@
-"""What the CUDA kernel generators share: float helpers, the warp shuffle, the planner's workspace
+"""What the CUDA kernel generators share: float helpers, the warp shuffle and vote, the planner's workspace
 arguments, the variant's tables in shared memory, and the one step that folds a partial attention
 state into a running one (both merge kernels use it)."""
 
@@ -29,6 +29,16 @@ def zero():
 
 def shfl_xor(value, offset: int, width: int = 32):
     return tirx.op.tvm_warp_shuffle_xor(FULL_MASK, value, offset, width, 32)
+
+
+def syncwarp():
+    """``__syncwarp()``: the lanes of the warp meet (and see each other's shared-memory writes)."""
+    T.evaluate(tirx.call_extern("void", "__syncwarp", tirx.const(FULL_MASK, "uint32")))
+
+
+def warp_any(pred):
+    """``__any_sync``: non-zero in every lane when ``pred`` is non-zero in some lane of the warp."""
+    return tirx.call_extern("int32", "__any_sync", tirx.const(FULL_MASK, "uint32"), pred)
 
 
 def workspace_params(part_heads: int, head_dim: int):

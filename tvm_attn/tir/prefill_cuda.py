@@ -36,8 +36,8 @@ sm_scale, *extras``; merge: ``merge_indptr, tmp_o, tmp_lse, o, lse, *extras``.
 
 from __future__ import annotations
 
+import functools
 import math
-from types import SimpleNamespace
 
 from tvm import tirx
 
@@ -46,7 +46,8 @@ from ..kv.index import declare_layout
 from ..schedule.prefill import PrefillTiles, check_key
 from ..variants.base import HookContext
 from ._builder import IRBuilder, T, buffer_param, let, local, loop, scalar_param, store, when
-from ._cuda import FULL_MASK, f32, fold_partial, merge_params, neg_inf, shfl_xor, stage_tables, workspace_params, zero
+from ._cuda import (f32, fold_partial, merge_params, neg_inf, shfl_xor, stage_tables, syncwarp, warp_any,
+                    workspace_params, zero)
 from .attention import declare_extra_params
 
 LOG2E = math.log2(math.e)
@@ -151,95 +152,75 @@ def make_prefill_cuda(key: AttentionKey, tiles: PrefillTiles | None = None) -> t
                 tables = stage_tables(variant, D, params, tid, NT)
                 first_work = let("first_work", cta_indptr[cta])
                 n_works = let("n_works", cta_indptr[cta + 1] - first_work)
-                # range_skip: whether the variant bounds each row's keys at all (asked with placeholder
-                # positions; the works' bounds come from their own rows in setup). mask_free: tiles inside
-                # the keys (and, for range masks, inside every row's range) need no mask work
-                c0, c1 = tirx.const(0, "int32"), tirx.const(1, "int32")
-                range_skip = idx.steps_are_positions and variant.kv_range(
-                    HookContext(c0, c0, None, None, c0, c1, c1, D, params, tables)) is not None
-                mask_free = None if has_mask and not (variant.mask_is_range() and range_skip) else True
-
-                def setup(w):
-                    """Work ``w``'s request, rows and key range (``kv_begin .. kv_end``, ``n_tiles`` KV tiles)."""
-                    W = SimpleNamespace()
-                    W.req = req = let("req", tirx.max(work_info[0, w], 0))
-                    W.row0 = row0 = let("row0", work_info[4, w])
-                    W.kv_len = kv_len = let("kv_len", idx.kv_len(req))
-                    W.q_row_begin = let("q_row_begin", idx.row_begin(req))
-                    W.rows = rows = let("rows", tirx.min(TQ, idx.num_rows(req) * G - row0))
-                    W.batch = batch = idx.batch_idx(req)
-                    W.hook_qo_len = let("hook_qo_len", idx.qo_len(req))  # read once, not per logit
-
-                    def ctx(tok, pos=None, head=None):
-                        kv_idx = None if pos is None else idx.kv_pos(req, pos)
-                        return HookContext(batch, idx.qo_idx(req, tok), kv_idx, head, kv_head, W.hook_qo_len,
-                                           kv_len, D, params, tables)
-
-                    W.ctx = ctx
-                    begin, end = work_info[1, w], work_info[2, w]
-                    if range_skip:  # keys [full_lo, full_hi) are seen by every row of the tile (bounds are monotone)
-                        first = variant.kv_range(ctx(row0 // G))
-                        last = variant.kv_range(ctx((row0 + rows - 1) // G))
-                        begin, end = tirx.max(begin, first[0]), tirx.min(end, last[1])
-                        W.full_lo, W.full_hi = let("full_lo", last[0]), let("full_hi", first[1])
-                    W.begin = begin = let("kv_begin", begin)
-                    W.end = end = let("kv_end", tirx.max(end, begin))
-                    W.n_tiles = let("n_tiles", tirx.ceildiv(end - begin, TK))
-                    return W
-
-                def load_q(W):
-                    """This warp's rows of work W's query tile into q_s (each warp reads only its own rows)."""
-                    per_warp = 16 * MT
-                    with loop("i", per_warp * CH // 32, "unroll") as i:
-                        c = i * 32 + lane
-                        r, col = warp * per_warp + c // CH, (c % CH) * 8
-                        p = W.row0 + tirx.min(r, W.rows - 1)
-                        tok, head = p // G, kv_head * G + p % G
-                        if not load_q_through_regs:
-                            _cp_async(q_s, (r, col), idx.q, (W.q_row_begin + tok, head, col))
-                        else:
-                            qrow = let("qrow", W.q_row_begin + tok)
-                            qh = let("qh", head)
-                            qctx = W.ctx(tok, head=qh)
-                            load = lambda dd: f32(idx.q[qrow, qh, dd])  # noqa: E731
-                            with loop("v", 8, "unroll") as v:
-                                store(q_s, tirx.Cast(dt, variant.query_transform(qctx, load, col + v)), r, col + v)
-
-                def issue(W, tile, stage):
-                    """cp.async of KV tile ``tile`` of work W into ``stage`` (rows past the keys repeat the last key)."""
-                    t0 = W.begin + tile * TK
-                    with loop("i", TK * CH // NT, "unroll") as i:
-                        c = i * NT + tid
-                        kr, col = c // CH, (c % CH) * 8
-                        addr = idx.kv_addr(W.req, tirx.min(t0 + kr, W.end - 1))
-                        kb, kix = idx.k_elem(addr, kv_head, col)
-                        _cp_async(k_s, (stage, kr, col), kb, kix)
-                        vb, vix = idx.v_elem(addr, kv_head, col)
-                        _cp_async(v_s, (stage, kr, col), vb, vix)
-
-                def commit():
-                    T.evaluate(T.ptx["cp.async.commit_group"]())
-
                 tiles_done = local("tiles_done", 1, "int32")  # KV tiles computed so far: the stage parity
                 store(tiles_done, tirx.const(0, "int32"), 0)
                 with loop("wi", n_works) as wi:
                     w = let("w", first_work + wi)
-                    W = setup(w)
-                    req, row0, rows, kv_len, q_row_begin = W.req, W.row0, W.rows, W.kv_len, W.q_row_begin
-                    begin, end, n_tiles, ctx, batch = W.begin, W.end, W.n_tiles, W.ctx, W.batch
+                    req = let("req", tirx.max(work_info[0, w], 0))
+                    row0 = let("row0", work_info[4, w])
+                    kv_len = let("kv_len", idx.kv_len(req))
+                    q_row_begin = let("q_row_begin", idx.row_begin(req))
+                    rows = let("rows", tirx.min(TQ, idx.num_rows(req) * G - row0))
+                    batch = idx.batch_idx(req)
+                    hook_qo_len = let("hook_qo_len", idx.qo_len(req))  # read once, not per logit
+
+                    def ctx(tok, pos=None, head=None):
+                        kv_idx = None if pos is None else idx.kv_pos(req, pos)
+                        return HookContext(batch, idx.qo_idx(req, tok), kv_idx, head, kv_head, hook_qo_len,
+                                           kv_len, D, params, tables)
+
+                    begin, end = work_info[1, w], work_info[2, w]
+                    # keys [full_lo, full_hi) are seen by every row of the tile (bounds are monotone)
+                    range_skip = idx.steps_are_positions and variant.kv_range(ctx(0)) is not None
+                    if range_skip:
+                        first = variant.kv_range(ctx(row0 // G))
+                        last = variant.kv_range(ctx((row0 + rows - 1) // G))
+                        begin, end = tirx.max(begin, first[0]), tirx.min(end, last[1])
+                        full_lo, full_hi = let("full_lo", last[0]), let("full_hi", first[1])
+                    begin = let("kv_begin", begin)
+                    end = let("kv_end", tirx.max(end, begin))
+                    n_tiles = let("n_tiles", tirx.ceildiv(end - begin, TK))
+                    # tiles that need no mask work: inside the keys and, for range masks, inside every row's range
+                    mask_free = None if has_mask and not (variant.mask_is_range() and range_skip) else True
                     out_row = let("out_row", work_info[3, w])
                     stride = let("out_stride", work_info[5, w])
                     parity = let("parity", tiles_done[0])
 
-                    # Q rows and the first KV tile, with no block barrier: each warp overwrites only
-                    # its own rows of q_s, and the stage tile 0 goes to was last read two tiles ago
-                    # (every warp has passed the barrier of the tile in between)
+                    def issue(tile, stage):
+                        """cp.async of KV tile ``tile`` into ``stage`` (rows past the keys repeat the last key)."""
+                        t0 = begin + tile * TK
+                        with loop("i", TK * CH // NT, "unroll") as i:
+                            c = i * NT + tid
+                            kr, col = c // CH, (c % CH) * 8
+                            addr = idx.kv_addr(req, tirx.min(t0 + kr, end - 1))
+                            kb, kix = idx.k_elem(addr, kv_head, col)
+                            _cp_async(k_s, (stage, kr, col), kb, kix)
+                            vb, vix = idx.v_elem(addr, kv_head, col)
+                            _cp_async(v_s, (stage, kr, col), vb, vix)
+
+                    # -- this warp's rows of the query tile and the first KV tile, with no block barrier:
+                    # each warp overwrites only its own rows of q_s, and the stage tile 0 goes to was last
+                    # read two tiles ago (every warp has passed the barrier of the tile in between)
                     T.evaluate(T.ptx["cp.async.wait_group"](0))  # a work with no tiles left its Q copies in flight
-                    T.evaluate(tirx.call_extern("void", "__syncwarp", tirx.const(FULL_MASK, "uint32")))
-                    load_q(W)
+                    syncwarp()
+                    per_warp = 16 * MT
+                    with loop("i", per_warp * CH // 32, "unroll") as i:
+                        c = i * 32 + lane
+                        r, col = warp * per_warp + c // CH, (c % CH) * 8
+                        p = row0 + tirx.min(r, rows - 1)
+                        tok, head = p // G, kv_head * G + p % G
+                        if not load_q_through_regs:
+                            _cp_async(q_s, (r, col), idx.q, (q_row_begin + tok, head, col))
+                        else:
+                            qrow = let("qrow", q_row_begin + tok)
+                            qh = let("qh", head)
+                            qctx = ctx(tok, head=qh)
+                            load = lambda dd: f32(idx.q[qrow, qh, dd])  # noqa: E731
+                            with loop("v", 8, "unroll") as v:
+                                store(q_s, tirx.Cast(dt, variant.query_transform(qctx, load, col + v)), r, col + v)
                     with when(n_tiles > 0):
-                        issue(W, 0, parity % 2)
-                    commit()
+                        issue(0, parity % 2)
+                    T.evaluate(T.ptx["cp.async.commit_group"]())
 
                     with loop("mt", MT, "unroll") as mt:
                         for h2 in range(2):
@@ -256,15 +237,15 @@ def make_prefill_cuda(key: AttentionKey, tiles: PrefillTiles | None = None) -> t
                         T.evaluate(T.ptx["cp.async.wait_group"](0))
                         _sync()
                         with when(it + 1 < n_tiles):
-                            issue(W, it + 1, 1 - stage)
-                        commit()
+                            issue(it + 1, 1 - stage)
+                        T.evaluate(T.ptx["cp.async.commit_group"]())
                         t0 = let("t0", begin + it * TK)
                         if stage_keys:  # transformed once per key, for every query row of the tile
                             with loop("i", TK * CH // NT, "unroll") as i:
                                 c = i * NT + tid
                                 kr, col = c // CH, (c % CH) * 8
                                 kctx = HookContext(batch, None, idx.kv_pos(req, t0 + kr), None, kv_head,
-                                                   W.hook_qo_len, kv_len, D, params, tables)
+                                                   hook_qo_len, kv_len, D, params, tables)
                                 load_k = lambda dd, kr=kr: f32(k_s[stage, kr, dd])  # noqa: E731
                                 with loop("v", 8, "unroll") as v:
                                     store(kt_s, tirx.Cast(dt, variant.key_transform(kctx, load_k, col + v)), kr, col + v)
@@ -317,7 +298,7 @@ def make_prefill_cuda(key: AttentionKey, tiles: PrefillTiles | None = None) -> t
                         if mask_free:
                             full = t0 + TK <= end
                             if range_skip:
-                                full = tirx.all(full, t0 >= W.full_lo, t0 + TK <= W.full_hi)
+                                full = tirx.all(full, t0 >= full_lo, t0 + TK <= full_hi)
                         if full is None:
                             all_logits(True)
                         elif fold_scale:  # nothing to do to a visible tile's raw logits
@@ -340,18 +321,14 @@ def make_prefill_cuda(key: AttentionKey, tiles: PrefillTiles | None = None) -> t
                             store(grow, tirx.const(0, "int32"), 0)
                             with loop("mt", MT, "unroll") as mt:
                                 for h2 in range(2):
-                                    mx = s_acc[mt, 0, 2 * h2]
-                                    for nb in range(NB):
-                                        for j in range(2 * h2, 2 * h2 + 2):
-                                            if nb or j > 2 * h2:
-                                                mx = tirx.max(mx, s_acc[mt, nb, j])
-                                    mx = let("mx", mx)
+                                    row = [s_acc[mt, nb, j] for nb in range(NB) for j in (2 * h2, 2 * h2 + 1)]
+                                    mx = let("mx", functools.reduce(tirx.max, row))
                                     mx = let("mx1", tirx.max(mx, shfl_xor(mx, 1)))
                                     mx = let("mx2", tirx.max(mx, shfl_xor(mx, 2)))
                                     store(m_new, mx * scale2 if fold_scale else mx, mt, h2)
                                     grows = m_new[mt, h2] > m_i[mt, h2] + RESCALE_SLACK
                                     store(grow, grow[0] | tirx.Cast("int32", grows), 0)
-                            rescale = let("rescale", tirx.call_extern("int32", "__any_sync", tirx.const(FULL_MASK, "uint32"), grow[0]))
+                            rescale = let("rescale", warp_any(grow[0]))
                             with when(rescale != 0):
                                 with loop("mt", MT, "unroll") as mt:
                                     for h2 in range(2):
