@@ -62,8 +62,8 @@ def test_prefill_one_barrier_per_tile_and_lazy_rescale():
     """One block barrier per KV tile and none between works (each warp loads its own query rows),
     and the output rescale sits behind one warp vote."""
     tiles = choose_prefill_tiles(128)
-    key = AttentionKey("prefill", RaggedKV("NHD"), 32, 8, 128, "float16", "float16", flashinfer_variant(causal=True),
-                       TARGET, tiles.uri())
+    v = flashinfer_variant(causal=True)
+    key = AttentionKey("prefill", RaggedKV("NHD"), 32, 8, 128, "float16", "float16", v, TARGET, tiles.uri())
     body = _kernel_body(cuda_source(compile_key(key)), key.uri)
     assert body.count("__syncthreads()") == 1, body.count("__syncthreads()")
     # a KV tile's copies are issued at a work's start (its first tile) and in the loop (the next one)

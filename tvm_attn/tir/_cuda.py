@@ -1,6 +1,6 @@
-"""What the CUDA kernel generators share: float helpers, the warp shuffle and vote, the planner's workspace
-arguments, the variant's tables in shared memory, and the one step that folds a partial attention
-state into a running one (both merge kernels use it)."""
+"""What the CUDA kernel generators share: float helpers, the warp shuffle and vote, the planner's
+workspace arguments, the variant's tables in shared memory, and the one step that folds a partial
+attention state into a running one (both merge kernels use it)."""
 
 from __future__ import annotations
 

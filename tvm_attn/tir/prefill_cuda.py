@@ -187,7 +187,7 @@ def make_prefill_cuda(key: AttentionKey, tiles: PrefillTiles | None = None) -> t
                     parity = let("parity", tiles_done[0])
 
                     def issue(tile, stage):
-                        """cp.async of KV tile ``tile`` into ``stage`` (rows past the keys repeat the last key)."""
+                        """cp.async of KV tile ``tile`` into ``stage`` (rows past the keys repeat the last)."""
                         t0 = begin + tile * TK
                         with loop("i", TK * CH // NT, "unroll") as i:
                             c = i * NT + tid
@@ -201,7 +201,8 @@ def make_prefill_cuda(key: AttentionKey, tiles: PrefillTiles | None = None) -> t
                     # -- this warp's rows of the query tile and the first KV tile, with no block barrier:
                     # each warp overwrites only its own rows of q_s, and the stage tile 0 goes to was last
                     # read two tiles ago (every warp has passed the barrier of the tile in between)
-                    T.evaluate(T.ptx["cp.async.wait_group"](0))  # a work with no tiles left its Q copies in flight
+                    # (a work with no tiles left its query copies in flight: let them land first)
+                    T.evaluate(T.ptx["cp.async.wait_group"](0))
                     syncwarp()
                     per_warp = 16 * MT
                     with loop("i", per_warp * CH // 32, "unroll") as i:
@@ -342,7 +343,8 @@ def make_prefill_cuda(key: AttentionKey, tiles: PrefillTiles | None = None) -> t
                                                 store(o_acc, o_acc[mt, nd, j] * scale, mt, nd, j)
                             with loop("mt", MT, "unroll") as mt:
                                 for h2 in range(2):
-                                    m_safe = let("m_safe", tirx.if_then_else(m_i[mt, h2] == neg_inf(), zero(), m_i[mt, h2]))
+                                    m_run = m_i[mt, h2]
+                                    m_safe = let("m_safe", tirx.if_then_else(m_run == neg_inf(), zero(), m_run))
                                     rs = local("rs", 1)
                                     store(rs, zero(), 0)
                                     with loop("nb", NB, "unroll") as nb:
