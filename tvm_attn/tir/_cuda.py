@@ -1,5 +1,5 @@
-"""What the CUDA kernel generators share: float helpers, the warp shuffle and vote, the planner's
-workspace arguments, the variant's tables in shared memory, and the one step that folds a partial
+"""What the CUDA kernel generators share: float helpers, the warp shuffle and vote, the planned
+kernels' and merge kernels' arguments, the variant's tables in shared memory, and the one step that folds a partial
 attention state into a running one (both merge kernels use it)."""
 
 from __future__ import annotations
@@ -8,8 +8,10 @@ import math
 
 from tvm import tirx
 
+from ..kv.index import declare_layout
 from ..variants.base import HookContext
-from ._builder import IRBuilder, T, buffer_param, let, loop, store, sym, when
+from ._builder import IRBuilder, T, buffer_param, let, loop, scalar_param, store, sym, when
+from .attention import declare_extra_params
 from .plan import WORK_FIELDS
 
 FULL_MASK = 0xFFFFFFFF
@@ -41,23 +43,39 @@ def warp_any(pred):
     return tirx.call_extern("int32", "__any_sync", tirx.const(FULL_MASK, "uint32"), pred)
 
 
-def workspace_params(part_heads: int, head_dim: int):
-    """Declare the planner's work list and the partial states (``part_heads`` heads per partial row);
-    returns (num_ctas, work_info, cta_indptr, tmp_o, tmp_lse)."""
+def _name_kernel(name: str) -> None:
+    """Name the PrimFunc being built: a scheduled CUDA kernel whose buffer arguments do not alias."""
+    T.func_name(name)
+    T.func_attr({"global_symbol": name, "tir.noalias": True, "tirx.is_scheduled": True})
+
+
+def kernel_params(key, part_heads: int):
+    """Name a planned kernel ``key.uri`` and declare its arguments in the order the wrappers and the
+    KV-cache backend pass them: the format's query/KV arguments, ``work_info, cta_indptr`` (the
+    planner's work list), ``tmp_o, tmp_lse`` (partial states of ``part_heads`` heads per row),
+    ``o, lse, sm_scale`` and the variant's extras. The index and work arrays are views into the
+    plan's one staging array (tvm_attn.planner.PlanBuffers). Returns
+    (idx, num_ctas, work_info, cta_indptr, tmp_o, tmp_lse, o, lse, sm_scale, params)."""
+    _name_kernel(key.uri)
+    idx = declare_layout(key, offsets=True)
     max_works, num_ctas_plus_one, max_partials = sym("max_works"), sym("num_ctas_plus_1"), sym("max_partials")
-    # views into the plan's one staging array (tvm_attn.planner.PlanBuffers)
     work_info = buffer_param("work_info", (WORK_FIELDS, max_works), "int32", offset=True)
     cta_indptr = buffer_param("cta_indptr", (num_ctas_plus_one,), "int32", offset=True)
-    tmp_o = buffer_param("tmp_o", (max_partials, part_heads, head_dim), "float32")
+    tmp_o = buffer_param("tmp_o", (max_partials, part_heads, key.head_dim), "float32")
     tmp_lse = buffer_param("tmp_lse", (max_partials, part_heads), "float32")
-    return num_ctas_plus_one - 1, work_info, cta_indptr, tmp_o, tmp_lse
+    o = buffer_param("o", (idx.num_q_rows, key.num_qo_heads, key.head_dim), key.o_dtype)
+    lse = buffer_param("lse", (idx.num_q_rows, key.num_qo_heads), "float32")
+    sm_scale = scalar_param("sm_scale", "float32")
+    params = declare_extra_params(key)
+    return idx, num_ctas_plus_one - 1, work_info, cta_indptr, tmp_o, tmp_lse, o, lse, sm_scale, params
 
 
 def merge_params(key, part_heads: int, rows: str, out_rows: str):
-    """Declare a merge kernel's ``merge_indptr, tmp_o, tmp_lse, o, lse`` (partial rows of
-    ``part_heads`` heads; ``merge_indptr`` a view into the plan's staging array, with symbolic size
-    ``<rows>_plus_1``; ``o``/``lse`` with ``out_rows`` rows); returns
-    (rows_plus_one, merge_indptr, tmp_o, tmp_lse, o, lse)."""
+    """Name a merge kernel ``<key.uri>_merge`` and declare its ``merge_indptr, tmp_o, tmp_lse, o,
+    lse, *extras`` (partial rows of ``part_heads`` heads; ``merge_indptr`` a view into the plan's
+    staging array, with symbolic size ``<rows>_plus_1``; ``o``/``lse`` with ``out_rows`` rows);
+    returns (rows_plus_one, merge_indptr, tmp_o, tmp_lse, o, lse, params)."""
+    _name_kernel(key.uri + "_merge")
     D = key.head_dim
     rows_plus_one, max_partials, num_out = sym(f"{rows}_plus_1"), sym("max_partials"), sym(out_rows)
     merge_indptr = buffer_param("merge_indptr", (rows_plus_one,), "int32", offset=True)
@@ -65,7 +83,8 @@ def merge_params(key, part_heads: int, rows: str, out_rows: str):
     tmp_lse = buffer_param("tmp_lse", (max_partials, part_heads), "float32")
     o = buffer_param("o", (num_out, key.num_qo_heads, D), key.o_dtype)
     lse = buffer_param("lse", (num_out, key.num_qo_heads), "float32")
-    return rows_plus_one, merge_indptr, tmp_o, tmp_lse, o, lse
+    params = declare_extra_params(key)  # the kernel's call shape (the prefill merge reads none)
+    return rows_plus_one, merge_indptr, tmp_o, tmp_lse, o, lse, params
 
 
 def stage_tables(variant, head_dim: int, params: dict, tid, threads: int) -> dict:

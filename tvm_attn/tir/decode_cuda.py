@@ -31,12 +31,10 @@ import math
 from tvm import tirx
 
 from ..config import AttentionKey
-from ..kv.index import declare_layout
 from ..schedule.decode import DecodeTiles
 from ..variants.base import HookContext
-from ._builder import IRBuilder, T, buffer_param, let, local, loop, scalar_param, store, when
-from ._cuda import f32, fold_partial, merge_params, neg_inf, shfl_xor, stage_tables, workspace_params
-from .attention import declare_extra_params
+from ._builder import IRBuilder, T, let, local, loop, store, when
+from ._cuda import f32, fold_partial, kernel_params, merge_params, neg_inf, shfl_xor, stage_tables
 
 LOG2E = math.log2(math.e)
 
@@ -63,14 +61,8 @@ def make_batch_decode_cuda(key: AttentionKey, tiles: DecodeTiles | None = None) 
     stage_keys = variant.overrides("key_transform")
     with IRBuilder() as ib:
         with T.prim_func():
-            T.func_name(key.uri)
-            T.func_attr({"global_symbol": key.uri, "tir.noalias": True, "tirx.is_scheduled": True})
-            idx = declare_layout(key, offsets=True)  # views into the plan's staging array
-            num_ctas, work_info, cta_indptr, tmp_o, tmp_lse = workspace_params(key.num_qo_heads, key.head_dim)
-            o = buffer_param("o", (idx.num_q_rows, key.num_qo_heads, D), key.o_dtype)
-            lse = buffer_param("lse", (idx.num_q_rows, key.num_qo_heads), "float32")
-            sm_scale = scalar_param("sm_scale", "float32")
-            params = declare_extra_params(key)
+            idx, num_ctas, work_info, cta_indptr, tmp_o, tmp_lse, o, lse, sm_scale, params = kernel_params(
+                key, key.num_qo_heads)
 
             with _thread(num_ctas, "blockIdx.x") as cta, _thread(key.num_kv_heads * head_splits, "blockIdx.y") as by:
                 with _thread(tiles.threads, "threadIdx.x") as tid:
@@ -306,13 +298,9 @@ def make_decode_merge_cuda(key: AttentionKey, tiles: DecodeTiles | None = None) 
     RG = max(1, 256 // TX)
     with IRBuilder() as ib:
         with T.prim_func():
-            name = key.uri + "_merge"
-            T.func_name(name)
-            T.func_attr({"global_symbol": name, "tir.noalias": True, "tirx.is_scheduled": True})
-            batch_plus_one, merge_indptr, tmp_o, tmp_lse, o, lse = merge_params(key, key.num_qo_heads, "max_batch",
-                                                                                "batch_size")
+            batch_plus_one, merge_indptr, tmp_o, tmp_lse, o, lse, params = merge_params(
+                key, key.num_qo_heads, "max_batch", "batch_size")
             batch = o.shape[0]
-            params = declare_extra_params(key)
             with _thread(batch_plus_one - 1, "blockIdx.x") as b, _thread(key.num_qo_heads, "blockIdx.y") as h:
                 with _thread(TX * RG, "threadIdx.x") as t:
                     tx, rg = t % TX, t // TX

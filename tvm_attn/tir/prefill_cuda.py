@@ -42,13 +42,11 @@ import math
 from tvm import tirx
 
 from ..config import AttentionKey
-from ..kv.index import declare_layout
 from ..schedule.prefill import PrefillTiles, check_key
 from ..variants.base import HookContext
-from ._builder import IRBuilder, T, buffer_param, let, local, loop, scalar_param, store, when
-from ._cuda import (f32, fold_partial, merge_params, neg_inf, shfl_xor, stage_tables, syncwarp, warp_any,
-                    workspace_params, zero)
-from .attention import declare_extra_params
+from ._builder import IRBuilder, T, let, local, loop, store, when
+from ._cuda import (f32, fold_partial, kernel_params, merge_params, neg_inf, shfl_xor, stage_tables, syncwarp,
+                    warp_any, zero)
 
 LOG2E = math.log2(math.e)
 RESCALE_SLACK = 8.0  # log2 units: a row's weights stay <= 256 before O and l are rescaled
@@ -106,14 +104,8 @@ def make_prefill_cuda(key: AttentionKey, tiles: PrefillTiles | None = None) -> t
     fold_scale = softmax and not variant.overrides("logits_transform")
     with IRBuilder() as ib:
         with T.prim_func():
-            T.func_name(key.uri)
-            T.func_attr({"global_symbol": key.uri, "tir.noalias": True, "tirx.is_scheduled": True})
-            idx = declare_layout(key, offsets=True)  # views into the plan's staging array
-            num_ctas, work_info, cta_indptr, tmp_o, tmp_lse = workspace_params(key.num_kv_heads, key.head_dim)
-            o = buffer_param("o", (idx.num_q_rows, key.num_qo_heads, D), key.o_dtype)
-            lse = buffer_param("lse", (idx.num_q_rows, key.num_qo_heads), "float32")
-            sm_scale = scalar_param("sm_scale", "float32")
-            params = declare_extra_params(key)
+            idx, num_ctas, work_info, cta_indptr, tmp_o, tmp_lse, o, lse, sm_scale, params = kernel_params(
+                key, key.num_kv_heads)
 
             with T.thread_binding(0, num_ctas, "blockIdx.x") as cta, \
                     T.thread_binding(0, key.num_kv_heads, "blockIdx.y") as kv_head, \
@@ -418,13 +410,9 @@ def make_prefill_merge_cuda(key: AttentionKey) -> tirx.PrimFunc:
     TX = D // VEC
     with IRBuilder() as ib:
         with T.prim_func():
-            name = key.uri + "_merge"
-            T.func_name(name)
-            T.func_attr({"global_symbol": name, "tir.noalias": True, "tirx.is_scheduled": True})
-            rows_plus_one, merge_indptr, tmp_o, tmp_lse, o, lse = merge_params(key, key.num_kv_heads, "max_rows",
-                                                                               "num_q_rows")
+            rows_plus_one, merge_indptr, tmp_o, tmp_lse, o, lse, _ = merge_params(
+                key, key.num_kv_heads, "max_rows", "num_q_rows")
             num_q = o.shape[0]
-            declare_extra_params(key)  # the same call shape as the decode merge (extras unused here)
             with T.thread_binding(0, rows_plus_one - 1, "blockIdx.x") as p, \
                     T.thread_binding(0, key.num_kv_heads, "blockIdx.y") as kv_head, \
                     T.thread_binding(0, TX, "threadIdx.x") as tx:
