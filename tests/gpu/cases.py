@@ -67,3 +67,19 @@ def key_of(c, target: str = "cuda:sm_90a"):
         "decode", ta.PagedKV(c["page_size"], c["layout"]), hq, hkv, c["head_dim"], c["dtype"], c["dtype"], variant,
         target, decode_schedule(c["head_dim"], c["dtype"], hq // hkv, variant),
     )
+
+
+def capture_graph(run):
+    """A CUDA graph of one ``run()``, captured on a side stream that TVM's calls follow; ``run`` is
+    called once before, outside capture (it loads the module)."""
+    import torch
+    import tvm_ffi
+
+    stream = torch.cuda.Stream()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.stream(stream), tvm_ffi.use_torch_stream():
+        run()
+        torch.cuda.synchronize()
+        with torch.cuda.graph(graph, stream=stream):
+            run()
+    return graph

@@ -13,7 +13,7 @@ import tvm_attn as ta
 from tvm_attn import reference as R
 
 from conftest import assert_attention_close, randn
-from .cases import CASES, case_id, key_of, page_table, variant_of
+from .cases import CASES, capture_graph, case_id, key_of, page_table, variant_of
 
 pytestmark = pytest.mark.gpu
 
@@ -89,7 +89,6 @@ def test_split_kv_off_is_batch_invariant():
 def test_cuda_graph_replay_after_lengths_change():
     torch = pytest.importorskip("torch")
     import tvm
-    import tvm_ffi
 
     rng = np.random.default_rng(9)
     Hq, Hkv, D, S = 32, 8, 128, 16
@@ -112,13 +111,7 @@ def test_cuda_graph_replay_after_lengths_change():
         return indptr, indices, last
 
     plan([100, 2000, 5])
-    stream = torch.cuda.Stream()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.stream(stream), tvm_ffi.use_torch_stream():
-        w.run(q_dev, cache_dev, out=o_dev, lse=lse_dev)  # warm-up (loads the module) outside capture
-        torch.cuda.synchronize()
-        with torch.cuda.graph(graph, stream=stream):
-            w.run(q_dev, cache_dev, out=o_dev, lse=lse_dev)
+    graph = capture_graph(lambda: w.run(q_dev, cache_dev, out=o_dev, lse=lse_dev))
     for lens in ([3000, 1, 700, 64, 9000], [1, 1], [12000]):  # new lengths, same buffers
         indptr, indices, last = plan(lens)
         graph.replay()

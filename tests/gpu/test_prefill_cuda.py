@@ -14,7 +14,7 @@ import tvm_attn as ta
 from tvm_attn import reference as R
 
 from conftest import TOL, assert_attention_close, randn
-from .cases import page_table, variant_of
+from .cases import capture_graph, page_table, variant_of
 from .prefill_cases import BASE, BSR, CASES, LENGTHS, LONG, MEDIUM, SHORT, case_id, key_of
 
 pytestmark = pytest.mark.gpu
@@ -154,7 +154,6 @@ def test_single_calls():
 def test_cuda_graph_replay_after_lengths_change():
     torch = pytest.importorskip("torch")
     import tvm
-    import tvm_ffi
 
     rng = np.random.default_rng(9)
     Hq, Hkv, D, S = 32, 8, 128, 16
@@ -177,13 +176,7 @@ def test_cuda_graph_replay_after_lengths_change():
         return qo_indptr, indptr, indices, last
 
     plan([(100, 300), (7, 2000), (1, 5)])
-    stream = torch.cuda.Stream()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.stream(stream), tvm_ffi.use_torch_stream():
-        w.run(q_dev, cache_dev, out=o_dev, lse=lse_dev)  # warm-up (loads the module) outside capture
-        torch.cuda.synchronize()
-        with torch.cuda.graph(graph, stream=stream):
-            w.run(q_dev, cache_dev, out=o_dev, lse=lse_dev)
+    graph = capture_graph(lambda: w.run(q_dev, cache_dev, out=o_dev, lse=lse_dev))
     for lengths in ([(300, 3000), (1, 1), (500, 700), (64, 64)], [(1, 9000)], [(1000, 1000), (3, 200)]):
         qo_indptr, indptr, indices, last = plan(lengths)
         graph.replay()
