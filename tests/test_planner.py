@@ -217,3 +217,28 @@ def test_device_plan_grows_its_buffers_or_refuses_under_cuda_graphs():
     assert g.workspace(("decode",), (8,), _decode_ws, (9, 100, 8)) is first
     with pytest.raises(ValueError, match="use_cuda_graph"):
         g.workspace(("decode",), (8,), _decode_ws, (9, 101, 8))
+
+
+def test_prefill_packs_by_list_scheduling_so_ctas_share_keys(planner):
+    """Long prefill: whole tiles, no cuts. Each CTA takes the next tile when it has the least cost
+    so far, so at any moment the CTAs work on neighbouring tiles of one request (and read the same
+    keys): the first works of the CTAs are the first tiles in planning order, which with causal
+    are a request's last (longest) tiles."""
+    tile_q, group, num_ctas, overhead = 128, 4, 33, 96
+    for causal, lens in ((1, [16384]), (1, [4096] * 4), (0, [1024] * 16)):
+        items = sum(n * group // tile_q for n in lens)
+        work, cta, merge, stats = run_plan(planner, lens, 1, num_ctas, items + num_ctas, sum(lens) * group,
+                                           2 * num_ctas * tile_q, 1, lens, group, tile_q, causal, overhead, 10)
+        num_works, num_partials, quota, status = stats
+        assert status == 0 and num_works == items and num_partials == 0 and np.all(merge == 0)
+        loads = [sum(work[2, w] - work[1, w] + overhead for w in range(cta[c], cta[c + 1])) for c in range(num_ctas)]
+        tiles_per_req = lens[0] * group // tile_q
+        if causal:
+            assert max(loads) <= 1.01 * np.mean(loads)
+            first = [tuple(work[[0, 4], cta[c]]) for c in range(num_ctas)]
+            assert first == [(0, (tiles_per_req - 1 - c) * tile_q) for c in range(num_ctas)]
+        else:  # equal tiles: round robin, the k-th works of all CTAs are neighbours
+            for c in range(num_ctas):
+                ws = range(cta[c], cta[c + 1])
+                items_taken = [work[0, w] * tiles_per_req + work[4, w] // tile_q for w in ws]
+                assert items_taken == list(range(c, items, num_ctas))
