@@ -228,10 +228,11 @@ def test_prefill_packs_by_list_scheduling_so_ctas_share_keys(planner):
     for causal, lens in ((1, [16384]), (1, [4096] * 4), (0, [1024] * 16)):
         items = sum(n * group // tile_q for n in lens)
         work, cta, merge, stats = run_plan(planner, lens, 1, num_ctas, items + num_ctas, sum(lens) * group,
-                                           2 * num_ctas * tile_q, 1, lens, group, tile_q, causal, overhead, 10)
+                                           2 * num_ctas * tile_q, 1, lens, group, tile_q, causal, overhead)
         num_works, num_partials, quota, status = stats
         assert status == 0 and num_works == items and num_partials == 0 and np.all(merge == 0)
-        loads = [sum(work[2, w] - work[1, w] + overhead for w in range(cta[c], cta[c + 1])) for c in range(num_ctas)]
+        loads = [sum(work[2, w] - work[1, w] + overhead for w in range(cta[c], cta[c + 1]))
+                 for c in range(num_ctas)]
         tiles_per_req = lens[0] * group // tile_q
         if causal:
             assert max(loads) <= 1.01 * np.mean(loads)
@@ -242,3 +243,48 @@ def test_prefill_packs_by_list_scheduling_so_ctas_share_keys(planner):
                 ws = range(cta[c], cta[c + 1])
                 items_taken = [work[0, w] * tiles_per_req + work[4, w] // tile_q for w in ws]
                 assert items_taken == list(range(c, items, num_ctas))
+
+
+@settings(max_examples=150, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@given(st.lists(st.integers(0, 5), min_size=0, max_size=8), st.sampled_from([1, 16]),
+       st.sampled_from(["none", "indptr0", "decrease", "overrun", "last_big", "last_zero", "last_nonzero_empty",
+                        "negative_page"]), st.integers(0, 1000))
+def test_compiled_page_table_check_agrees_with_validate(pages, page_size, fault, seed):
+    """The planner module's one-pass page-table check accepts exactly what PagedKV.validate accepts,
+    and finds the largest page id in use."""
+    from tvm_attn.cache import get_cache
+    from tvm_attn.config import PlannerKey
+    from tvm_attn.kv.formats import PagedKV
+    from tvm_attn.planner import PAGED_CHECK
+
+    check = get_cache().module(PlannerKey())[PAGED_CHECK]
+    rng = np.random.default_rng(seed)
+    indptr = np.cumsum([0] + pages).astype(np.int32)
+    indices = rng.integers(0, 50, int(indptr[-1]) + 2).astype(np.int32)
+    last = np.array([rng.integers(1, page_size + 1) if p else 0 for p in pages], np.int32)
+    b = int(rng.integers(0, max(len(pages), 1)))
+    if fault == "indptr0":
+        indptr = indptr + 1
+    elif fault == "decrease" and len(pages) > 1 and indptr[b + 1] > 0:
+        indptr[b + 1] = indptr[b + 1] - 1 - int(indptr[b + 1] - indptr[b])
+    elif fault == "overrun":
+        indices = indices[: max(int(indptr[-1]) - 1, 0)]
+    elif fault == "last_big" and len(pages):
+        last[b] = page_size + 1
+    elif fault == "last_zero" and len(pages) and pages[b]:
+        last[b] = 0
+    elif fault == "last_nonzero_empty" and len(pages) and not pages[b]:
+        last[b] = 1
+    elif fault == "negative_page" and indptr[-1] > 0:
+        indices[int(rng.integers(0, int(indptr[-1])))] = -3
+    try:
+        PagedKV(page_size, "NHD").validate(indptr, indices, last)
+        valid = True
+    except ValueError:
+        valid = False
+    result = tvm.runtime.tensor(np.zeros(2, np.int32))
+    check(tvm.runtime.tensor(indptr), tvm.runtime.tensor(indices), tvm.runtime.tensor(last), result, page_size)
+    ok, max_page = result.numpy()
+    assert ok == int(valid)
+    if valid:
+        assert max_page == int(indices[: indptr[-1]].max(initial=-1))

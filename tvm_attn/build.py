@@ -25,37 +25,41 @@ def target_of(name: str) -> tvm.target.Target:
 
 
 def generate(key: AttentionKey | MergeKey) -> tvm.IRModule:
-    """The kernel's module: ``key.uri`` and, for CUDA, its merge kernel and the planner."""
+    """The kernel's module: ``key.uri`` and, for CUDA, its merge kernel, the planner and the page-table check."""
     if isinstance(key, MergeKey):
         from .tir.merge import make_merge
 
         return tvm.IRModule({key.uri: make_merge(key)})
     if isinstance(key, PlannerKey):
-        from .tir.plan import make_planner
+        from .planner import PAGED_CHECK
+        from .tir.plan import make_paged_check, make_planner
 
-        return tvm.IRModule({key.uri: make_planner(key.uri)})
+        return tvm.IRModule({key.uri: make_planner(key.uri), PAGED_CHECK: make_paged_check()})
     if not isinstance(key, AttentionKey):
         raise TypeError(f"no generator for {type(key).__name__}")
     if key.target.startswith("llvm"):
         from .tir.attention import make_attention
 
         return tvm.IRModule({key.uri: make_attention(key)})
-    from .planner import PLAN
-    from .tir.plan import make_planner
+    from .planner import PAGED_CHECK, PLAN
+    from .tir.plan import make_paged_check, make_planner
 
-    # the planner runs on the host, on host tensors, inside the same module as the kernels
-    planner = make_planner().with_attr("target", target_of("llvm"))
+    # the planner and the page-table check run on the host, on host tensors, inside the same module
+    # as the kernels
+    host = target_of("llvm")
+    host_fns = {PLAN: make_planner().with_attr("target", host),
+               PAGED_CHECK: make_paged_check().with_attr("target", host)}
     if key.kind == "decode" and isinstance(key.kv, PagedKV):
         from .tir.decode_cuda import make_batch_decode_cuda, make_decode_merge_cuda
 
         return tvm.IRModule({
-            key.uri: make_batch_decode_cuda(key), key.uri + "_merge": make_decode_merge_cuda(key), PLAN: planner,
+            key.uri: make_batch_decode_cuda(key), key.uri + "_merge": make_decode_merge_cuda(key), **host_fns,
         })
     if key.kind in ("prefill", "bsr"):
         from .tir.prefill_cuda import make_prefill_cuda, make_prefill_merge_cuda
 
         return tvm.IRModule({
-            key.uri: make_prefill_cuda(key), key.uri + "_merge": make_prefill_merge_cuda(key), PLAN: planner,
+            key.uri: make_prefill_cuda(key), key.uri + "_merge": make_prefill_merge_cuda(key), **host_fns,
         })
     raise ValueError(
         f"no CUDA kernel for {key.kind} over {type(key.kv).__name__}: CUDA has paged decode, and prefill "

@@ -120,3 +120,43 @@ def test_cuda_graph_replay_after_lengths_change():
         ref_o, ref_lse = R.paged_attention(q_dev.numpy()[:b], None, cache, indptr, indices, last)
         assert_attention_close(o_dev.numpy()[:b], lse_dev.numpy()[:b], ref_o, ref_lse, "float16", str(lens))
         assert np.all(o_dev.numpy()[b:] == 0)
+
+
+@pytest.mark.parametrize("fault, message", [
+    ("indptr0", "kv_indptr: must start at 0"), ("decrease", "kv_indptr: must be non-decreasing"),
+    ("overrun", "exceeds len\\(kv_indices\\)"), ("last_big", "kv_last_page_len\\[1\\] = 17 must be in"),
+    ("last_empty", "must be 0 for a request with no pages"), ("negative", "kv_indices\\[3\\] = -1 is out of range"),
+    ("count", "kv_last_page_len: has 2 entries"), ("cache", "refer to page 40"),
+])
+def test_plan_refuses_a_bad_page_table(fault, message):
+    """The CUDA plan checks the page table in the kernel module's compiled pass, and names the
+    fault as the CPU's checks do; a good table then plans and runs."""
+    indptr = np.array([0, 2, 5, 5], np.int32)
+    indices = np.arange(7, dtype=np.int32)
+    last = np.array([16, 3, 0], np.int32)
+    if fault == "indptr0":
+        indptr = indptr + 1
+    elif fault == "decrease":
+        indptr[2] = 1
+    elif fault == "overrun":
+        indices = indices[:4]
+    elif fault == "last_big":
+        last[1] = 17
+    elif fault == "last_empty":
+        last[2] = 2
+    elif fault == "negative":
+        indices[3] = -1
+    elif fault == "count":
+        last = last[:2]
+    elif fault == "cache":
+        indices[4] = 40
+    w = ta.BatchDecodeWithPagedKVCacheWrapper("NHD", device="cuda")
+    rng = np.random.default_rng(0)
+    cache = randn(rng, (8, 2, 16, 8, 128), "float16")
+    q = randn(rng, (3, 32, 128), "float16")
+    with pytest.raises(ValueError, match=message):
+        w.plan(indptr, indices, last, 32, 8, 128, 16)
+        w.run(q, cache)
+    w.plan(np.array([0, 2, 5, 5], np.int32), np.arange(7, dtype=np.int32), np.array([16, 3, 0], np.int32),
+           32, 8, 128, 16)
+    assert w.run(q, cache).shape == (3, 32, 128)

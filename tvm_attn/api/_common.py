@@ -11,6 +11,7 @@ import tvm
 from .. import dtypes
 from ..cache import KernelCache, get_cache
 from ..config import AttentionKey
+from ..planner import PlanBuffers
 from ..tensor import dtype_of, empty, like_input, shape_of, to_tvm
 from ..variants import ALiBi, AttentionVariant, Causal, LogitsSoftCap, RoPE, SlidingWindow, compose
 from ..variants.base import CONFIG_DIMS, ScalarParam, TensorParam
@@ -222,6 +223,8 @@ class PlanStatics:
     kernel: object
     merge: object
     defaults: dict
+    #: the module's page-table check (:class:`~tvm_attn.planner.PagedCheck`)
+    check: object = None
 
 
 def _out_tensor(name, given, shape, dtype, device):
@@ -296,8 +299,6 @@ class DevicePlan:
         e.g. (tokens, requests)) and index arrays of ``index_sizes`` entries; ``make(*size)`` builds
         the :class:`~tvm_attn.planner.Workspace`. Rebuilt, at the element-wise maximum of the old
         and new needs (index slots at twice the size), only when the kind changes or a need grows."""
-        from ..planner import PlanBuffers
-
         old = self.buffers
         same = old is not None and self._ws_id == ws_id
         if same and all(n <= h for n, h in zip(need, self._size)) and old.fits(index_sizes):

@@ -6,10 +6,12 @@ Lineage: FlashInfer ``decode.py`` (``BatchDecodeWithPagedKVCacheWrapper``, ``sin
 from __future__ import annotations
 
 import numpy as np
-import tvm
 
 from ..config import AttentionKey
 from ..kv.formats import PagedKV
+from ..kv.validate import as_index_array
+from ..planner import PAGED_CHECK, PLAN, PagedCheck, decode_workspace
+from ..schedule.decode import DecodeTiles, decode_schedule
 from ..tensor import shape_of
 from ._common import (
     DevicePlan, KernelCall, Wrapper, PlanStatics, check_tensor, data_dtypes, default_sm_scale, default_tensors,
@@ -80,13 +82,21 @@ class BatchDecodeWithPagedKVCacheWrapper(Wrapper):
         else:
             key = self._key(options, variant)
             self._last_key = (options, variant, key)
-        indptr, indices, last_page_len, _ = key.kv.validate(indptr, indices, last_page_len)
-        self._batch_size = indptr.size - 1
-        self._max_page = int(indices[: indptr[-1]].max(initial=-1))
         if self._target == "llvm":
+            indptr, indices, last_page_len, _ = key.kv.validate(indptr, indices, last_page_len)
+            self._batch_size = indptr.size - 1
+            self._max_page = int(indices[: indptr[-1]].max(initial=-1))
             self._plan_call(key, sm_scale, (), (indptr, indices, last_page_len), self._batch_size)
-        else:
-            self._plan_cuda(key, sm_scale, indptr, indices[: indptr[-1]], last_page_len)
+            return
+        # CUDA: the kernel module's compiled check (one pass; validate names a fault it finds)
+        indptr, indices, last_page_len = (as_index_array(name, a) for name, a in (
+            ("kv_indptr", indptr), ("kv_indices", indices), ("kv_last_page_len", last_page_len)))
+        if last_page_len.size != indptr.size - 1:
+            key.kv.validate(indptr, indices, last_page_len)  # raises: says which length is off
+        st = self._static(key)
+        self._max_page = st.check(key.kv, indptr, indices, last_page_len)
+        self._batch_size = indptr.size - 1
+        self._plan_cuda(key, st, sm_scale, indptr, indices[: indptr[-1]], last_page_len)
 
     def _key(self, options, variant) -> AttentionKey:
         (num_qo_heads, num_kv_heads, head_dim, page_size, pos_encoding_mode, window_left, logits_soft_cap,
@@ -99,15 +109,11 @@ class BatchDecodeWithPagedKVCacheWrapper(Wrapper):
         )
         schedule = "default"
         if self._target != "llvm":
-            from ..schedule.decode import decode_schedule
-
             schedule = decode_schedule(head_dim, kv_dtype, num_qo_heads // max(num_kv_heads, 1), v)
         return AttentionKey("decode", fmt, num_qo_heads, num_kv_heads, head_dim, q_dtype, kv_dtype, v, self._target,
                             schedule)
 
-    def _plan_cuda(self, key, sm_scale, indptr, indices, last_page_len) -> None:
-        from ..planner import decode_workspace
-
+    def _plan_cuda(self, key, st, sm_scale, indptr, indices, last_page_len) -> None:
         batch = indptr.size - 1
         if self._graph:
             if batch > self._max_batch:
@@ -120,7 +126,6 @@ class BatchDecodeWithPagedKVCacheWrapper(Wrapper):
             indices = np.concatenate([indices, np.zeros(self._max_pages - indices.size, np.int32)])
             self._batch_size = self._max_batch
         capacity = self._max_batch if self._graph else max(batch, self._max_batch or 0, 1)
-        st = self._static(key)
         dp = self._dev_plan
         index = (indptr, indices, last_page_len)
         bufs = dp.workspace(
@@ -144,15 +149,12 @@ class BatchDecodeWithPagedKVCacheWrapper(Wrapper):
     def _static(self, key):
         """What a plan of ``key`` needs besides the lengths (the schedule, the kernel functions, the
         variant's default tensors), kept while the key stays the same, as it does step after step."""
-        from ..planner import PLAN
-        from ..schedule.decode import DecodeTiles
-
         st = self._statics
         if st is None or (st.key is not key and st.key != key):
             module = self._cache.module(key)
             st = self._statics = PlanStatics(
                 key, DecodeTiles.parse(key.schedule, key.head_dim, key.kv_dtype), module[PLAN], module[key.uri],
-                module[key.uri + "_merge"], default_tensors(key, self._device))
+                module[key.uri + "_merge"], default_tensors(key, self._device), PagedCheck(module[PAGED_CHECK]))
         return st
 
     def run(self, q, paged_kv_cache, *, out=None, lse=None, return_lse: bool = False, **variant_args):

@@ -9,14 +9,13 @@ from __future__ import annotations
 import numpy as np
 
 from ..dtypes import INDEX_DTYPE
+from ..tensor import to_numpy
 
 SUPPORTED_HEAD_DIMS = (64, 128, 256)
 
 
 def as_index_array(name: str, value) -> np.ndarray:
     """A 1-D int32 numpy copy of ``value`` (any array-like or DLPack tensor)."""
-    from ..tensor import to_numpy
-
     arr = to_numpy(value)
     if arr.dtype == INDEX_DTYPE and arr.ndim == 1 and arr.flags.c_contiguous:
         return arr  # the common case, checked in O(1)

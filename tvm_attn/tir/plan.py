@@ -48,7 +48,7 @@ from __future__ import annotations
 
 from tvm import tirx
 
-from ..planner import MIN_PIECE, PLAN
+from ..planner import MIN_PIECE, PAGED_CHECK, PLAN
 from ._builder import IRBuilder, T, buffer_param, let, local, loop, scalar_param, store, sym, when
 
 #: rows of work_info
@@ -96,8 +96,8 @@ def make_planner(name: str = PLAN) -> tirx.PrimFunc:
                 seen = last_tok + length - (qo_indptr[b + 1] - qo_indptr[b]) + 1
                 return tirx.if_then_else(causal != 0, tirx.max(tirx.min(seen, length), 0), length)
 
-            # s: 0 total cost, 1 quota, 2 cta, 3 used (packed: the most loaded CTA), 4 works, 5 partials, 6 status, 7 pos, 8 first,
-            #    9 first work of the item
+            # s: 0 total cost, 1 quota, 2 cta, 3 used (packed: the most loaded CTA's cost), 4 works,
+            #    5 partials, 6 status, 7 pos, 8 first, 9 first work of the item
             s = local("s", 10, "int32")
             for i in range(10):
                 store(s, 0, i)
@@ -133,8 +133,8 @@ def make_planner(name: str = PLAN) -> tirx.PrimFunc:
                 store(pw, pw[1] + 1, 1)
             leaves, levels = let("leaves", pw[0]), let("levels", pw[1])
             # (sized by num_ctas, known on entry: leaves < 2 * num_ctas)
-            load = T.alloc_buffer((2 * num_ctas_plus_one,), "int32", scope="global")  # cost taken by each CTA
-            tree = T.alloc_buffer((4 * num_ctas_plus_one,), "int32", scope="global")  # node -> least-loaded CTA below
+            load = T.alloc_buffer((2 * num_ctas_plus_one,), "int32", scope="global")  # each CTA's cost
+            tree = T.alloc_buffer((4 * num_ctas_plus_one,), "int32", scope="global")  # least-loaded CTA below
             IRBuilder.name("load", load)
             IRBuilder.name("tree", tree)
 
@@ -243,4 +243,43 @@ def make_planner(name: str = PLAN) -> tirx.PrimFunc:
             store(stats, s[5], 1)
             store(stats, quota, 2)
             store(stats, s[6], 3)
+    return ib.get()
+
+
+def make_paged_check(name: str = PAGED_CHECK) -> tirx.PrimFunc:
+    """The page table's checks in one pass, for ``plan`` on the host (numpy takes a dozen array
+    passes for the same)::
+
+        check(kv_indptr[B+1], kv_indices[N], kv_last_page_len[B], result[2], page_size)
+
+    ``result = (ok, max_page)``: ``ok`` is 1 when ``kv_indptr`` starts at 0, never decreases and
+    ends within ``N``, every ``kv_last_page_len[b]`` lies in ``[1, page_size]`` for a request with
+    pages (0 for one without), and every page id in use is >= 0; ``max_page`` is the largest page
+    id in use (-1 for none). These are the rules of :meth:`tvm_attn.kv.formats.PagedKV.validate`,
+    which says what is wrong when ``ok`` is 0."""
+    with IRBuilder() as ib:
+        with T.prim_func():
+            T.func_name(name)
+            T.func_attr({"global_symbol": name, "tir.noalias": True})
+            batch, num = sym("batch_size"), sym("num_indices")
+            indptr = buffer_param("kv_indptr", (batch + 1,), "int32")
+            indices = buffer_param("kv_indices", (num,), "int32")
+            last = buffer_param("kv_last_page_len", (batch,), "int32")
+            result = buffer_param("result", (2,), "int32")
+            page_size = scalar_param("page_size", "int32")
+            r = local("r", 3, "int32")  # ok, max page, min page
+            store(r, tirx.if_then_else(tirx.all(indptr[0] == 0, indptr[batch] <= num), 1, 0), 0)
+            store(r, -1, 1)
+            store(r, 0, 2)
+            with loop("b", batch) as b:
+                pages = indptr[b + 1] - indptr[b]
+                bad_last = tirx.if_then_else(pages > 0, tirx.any(last[b] < 1, last[b] > page_size), last[b] != 0)
+                with when(tirx.any(pages < 0, bad_last)):
+                    store(r, 0, 0)
+            with when(r[0] == 1):
+                with loop("i", indptr[batch]) as i:
+                    store(r, tirx.max(r[1], indices[i]), 1)
+                    store(r, tirx.min(r[2], indices[i]), 2)
+            store(result, tirx.if_then_else(r[2] < 0, 0, r[0]), 0)
+            store(result, r[1], 1)
     return ib.get()
