@@ -20,8 +20,8 @@ Two plans, the first that balances:
   most keys) down, so the longest go first. The plan packs when no CTA then exceeds the quota
   ``ceil(total cost / num_ctas)`` by more than 1/pack_slack_div. Each CTA runs its items in the
   order it took them, so at any moment the CTAs work on neighbouring tiles of one request and read
-  the same keys: measured on an H100, prefill of 16 x 1024 tokens read 2.9x the DRAM bytes of torch
-  flash when every CTA took a contiguous run of items instead.
+  the same keys. Measured on an H100 (ncu), prefill of 16 x 1024 tokens read 1.18 GB from DRAM
+  when every CTA took a contiguous run of items, 2.9x torch flash; packed this way, 0.22 GB.
 * **Cut**: the items' keys, laid end to end, are cut at each CTA's quota; an item cut into several
   pieces gets partial-state rows that the merge kernel folds together.
 
