@@ -142,10 +142,12 @@ def make_planner(name: str = PLAN) -> tirx.PrimFunc:
                 a, b = tree[2 * node], tree[2 * node + 1]
                 store(tree, tirx.if_then_else(load[b] < load[a], b, a), node)
 
+            taken = local("taken", 1, "int32")  # items given out so far
+
             def list_schedule(take):
                 """Give every item, in planning order, to the least-loaded CTA (the first of equals);
                 ``take(b, t, cta)`` records it. With no more items than CTAs that is item i -> CTA i."""
-                store(pw, 0, 0)  # items so far
+                store(taken, 0, 0)
                 with loop("c", leaves) as c:
                     store(load, tirx.if_then_else(c < num_ctas, 0, INT32_MAX), c)
                     store(tree, c, leaves + c)
@@ -155,8 +157,8 @@ def make_planner(name: str = PLAN) -> tirx.PrimFunc:
                 with loop("b", n_batch) as b:
                     with loop("i", n_tiles(b)) as i:
                         t = let("t", tirx.if_then_else(causal != 0, n_tiles(b) - 1 - i, i))
-                        cta = let("cta", tirx.if_then_else(few, pw[0], tree[1]))
-                        store(pw, pw[0] + 1, 0)
+                        cta = let("cta", tirx.if_then_else(few, taken[0], tree[1]))
+                        store(taken, taken[0] + 1, 0)
                         store(load, load[cta] + extent(b, t) + overhead, cta)
                         with when(tirx.Not(few)):
                             with loop("l", levels) as lv:
