@@ -25,7 +25,7 @@ def target_of(name: str) -> tvm.target.Target:
 
 
 def generate(key: AttentionKey | MergeKey) -> tvm.IRModule:
-    """The kernel's module: ``key.uri`` and, for CUDA, its merge kernel, the planner and the page-table check."""
+    """The kernel's module: ``key.uri`` and, for CUDA, the planner, the page-table check and (prefill) the merge kernel."""
     if isinstance(key, MergeKey):
         from .tir.merge import make_merge
 
@@ -50,11 +50,9 @@ def generate(key: AttentionKey | MergeKey) -> tvm.IRModule:
     host_fns = {PLAN: make_planner().with_attr("target", host),
                PAGED_CHECK: make_paged_check().with_attr("target", host)}
     if key.kind == "decode" and isinstance(key.kv, PagedKV):
-        from .tir.decode_cuda import make_batch_decode_cuda, make_decode_merge_cuda
+        from .tir.decode_cuda import make_batch_decode_cuda
 
-        return tvm.IRModule({
-            key.uri: make_batch_decode_cuda(key), key.uri + "_merge": make_decode_merge_cuda(key), **host_fns,
-        })
+        return tvm.IRModule({key.uri: make_batch_decode_cuda(key), **host_fns})
     if key.kind in ("prefill", "bsr"):
         from .tir.prefill_cuda import make_prefill_cuda, make_prefill_merge_cuda
 

@@ -13,7 +13,10 @@ stay put for CUDA graphs):
   int32 ``[max_rows + 1]`` (decode: a row per request; prefill: a row per GQA-packed query row);
 * ``tmp_o`` float32 ``[max_partials, part_heads, head_dim]`` and ``tmp_lse`` float32
   ``[max_partials, part_heads]``, the partial states of split items (decode: all query heads of a
-  request per row; prefill: one packed row, for each KV head).
+  request per row; prefill: one packed row, for each KV head);
+* decode only: ``merge_count`` int32 ``[max_rows, merge_blocks]``, the finished pieces of each
+  request for each block row of the grid (the decode kernel merges a cut request in the block that
+  finishes its last piece); zero after every upload and every launch.
 
 The grid is ``num_ctas = num_sms * blocks_per_sm / (blocks per work)`` persistent CTAs; every CTA
 boundary cuts at most one item, so ``max_works = max_items + num_ctas``.
@@ -62,10 +65,12 @@ class Workspace:
     max_partials: int
     part_heads: int
     head_dim: int
+    #: blocks of the grid's y dimension that each keep a count per request (decode; 0: none)
+    merge_blocks: int = 0
 
     @property
     def int_bytes(self) -> int:
-        return 4 * (6 * self.max_works + self.num_ctas + 1 + self.max_rows + 1)
+        return 4 * (6 * self.max_works + self.num_ctas + 1 + self.max_rows + 1 + self.max_rows * self.merge_blocks)
 
     @property
     def float_bytes(self) -> int:
@@ -76,9 +81,10 @@ def decode_workspace(max_batch_size: int, num_qo_heads: int, num_kv_heads: int, 
                      tiles: DecodeTiles, num_sms: int) -> Workspace:
     """Decode: one item per request; a partial row holds all query heads of a request."""
     head_splits = (num_qo_heads // num_kv_heads) // tiles.heads_per_block
-    num_ctas = max(1, num_sms * tiles.blocks_per_sm // (num_kv_heads * head_splits))
+    blocks_y = num_kv_heads * head_splits
+    num_ctas = max(1, num_sms * tiles.blocks_per_sm // blocks_y)
     max_works = max_batch_size + num_ctas
-    return Workspace(max_batch_size, num_ctas, max_works, max_works, num_qo_heads, head_dim)
+    return Workspace(max_batch_size, num_ctas, max_works, max_works, num_qo_heads, head_dim, blocks_y)
 
 
 def prefill_workspace(max_num_tokens: int, max_batch_size: int, num_qo_heads: int, num_kv_heads: int,
@@ -176,16 +182,23 @@ class PlanBuffers:
     the step's index arrays, in slots of ``index_capacity`` entries) lives in one host staging array
     and one device array of the same layout, so a plan moves them with one copy; the device arrays
     the kernels get are views into it (the CUDA kernels take index and work arrays with an offset).
-    The planner writes its output straight into the staging array."""
+    The planner writes its output straight into the staging array; the decode kernel's merge counts
+    stay zero there, so each upload also zeroes them on the device."""
+
+    #: the fixed regions (work_info, cta_indptr, merge_indptr, merge_count) before the index slots
+    _FIXED = 4
 
     def __init__(self, ws: Workspace, device, index_capacity: tuple[int, ...] = ()):
         self.ws = ws
-        sizes = [6 * ws.max_works, ws.num_ctas + 1, ws.max_rows + 1, *(max(int(c), 1) for c in index_capacity)]
+        sizes = [6 * ws.max_works, ws.num_ctas + 1, ws.max_rows + 1, ws.max_rows * ws.merge_blocks,
+                 *(max(int(c), 1) for c in index_capacity)]
         starts, end = [], 0
-        for size in sizes:
+        for i, size in enumerate(sizes):
             starts.append(end)
             end += -(-size // _ALIGN) * _ALIGN
-        self._starts, self.index_capacity = starts, tuple(sizes[3:])
+            if i == self._FIXED - 1:
+                self._fixed_end = end  # every upload copies the fixed regions
+        self._starts, self.index_capacity = starts, tuple(sizes[self._FIXED:])
         self.host, self._pinned = _staging(end, device)
         self._dev = tvm.runtime.empty((end,), "int32", device)
         self.host_work = self.host[starts[0]: starts[0] + sizes[0]].reshape(6, ws.max_works)
@@ -198,6 +211,9 @@ class PlanBuffers:
         self.work_info = self._view(starts[0], (6, ws.max_works))
         self.cta_indptr = self._view(starts[1], (ws.num_ctas + 1,))
         self.merge_indptr = self._view(starts[2], (ws.max_rows + 1,))
+        #: the decode kernel's (merge_indptr, merge_count) arguments; () for prefill
+        self.merge_state = ((self.merge_indptr, self._view(starts[3], (ws.max_rows, ws.merge_blocks)))
+                            if ws.merge_blocks else ())
         self.tmp_o = tvm.runtime.empty((ws.max_partials, ws.part_heads, ws.head_dim), "float32", device)
         self.tmp_lse = tvm.runtime.empty((ws.max_partials, ws.part_heads), "float32", device)
         self.num_partials = 0
@@ -244,9 +260,9 @@ class PlanBuffers:
         if not self.fits([a.size for a in index_arrays]):
             raise ValueError(f"plan: index arrays of {[a.size for a in index_arrays]} entries exceed the "
                              f"workspace's slots {self.index_capacity}")
-        views, end = [], self._starts[3]
+        views, end = [], self._fixed_end
         for slot, a in enumerate(index_arrays):
-            start = self._starts[3 + slot]
+            start = self._starts[self._FIXED + slot]
             self.host[start: start + a.size] = a
             end = start + a.size
             views.append(self._last_view(slot, start, a.size))

@@ -67,6 +67,29 @@ def test_single_long_request_is_split():
     check(CASES[0], [5000, 0, 1], rng)
 
 
+def test_every_run_of_a_plan_merges_its_cut_requests():
+    """One plan, several runs (a step's layers): the kernel merges each cut request in the block
+    that finishes its last piece, counting pieces in merge_count, which every run must leave zero
+    for the next."""
+    import tvm
+
+    rng = np.random.default_rng(11)
+    Hq, Hkv, D, S = 32, 8, 128, 16
+    lens = [20000, 3, 4100, 0, 9000]  # long ones cut into many pieces
+    indptr, indices, last, num_pages = page_table(rng, lens, S)
+    w = ta.BatchDecodeWithPagedKVCacheWrapper(device="cuda")
+    w.plan(indptr, indices, last, Hq, Hkv, D, S)
+    assert w._dev_plan.buffers.num_partials > 0, "the plan cut no request: nothing is merged"
+    count = w._dev_plan.buffers.merge_state[1]
+    for layer in range(3):
+        cache = randn(rng, (num_pages, 2, S, Hkv, D), "float16")
+        q = randn(rng, (len(lens), Hq, D), "float16")
+        o, lse = w.run(q, tvm.runtime.tensor(cache, tvm.cuda(0)), return_lse=True)
+        ref_o, ref_lse = R.paged_attention(q, None, cache, indptr, indices, last)
+        assert_attention_close(o, lse, ref_o, ref_lse, "float16", f"layer {layer}")
+        assert not count.numpy().any(), f"layer {layer} left merge counts behind"
+
+
 def test_split_kv_off_is_batch_invariant():
     """With disable_split_kv a request's output does not depend on the rest of the batch."""
     import tvm
@@ -114,12 +137,15 @@ def test_cuda_graph_replay_after_lengths_change():
     graph = capture_graph(lambda: w.run(q_dev, cache_dev, out=o_dev, lse=lse_dev))
     for lens in ([3000, 1, 700, 64, 9000], [1, 1], [12000]):  # new lengths, same buffers
         indptr, indices, last = plan(lens)
-        graph.replay()
-        torch.cuda.synchronize()
         b = len(lens)
         ref_o, ref_lse = R.paged_attention(q_dev.numpy()[:b], None, cache, indptr, indices, last)
-        assert_attention_close(o_dev.numpy()[:b], lse_dev.numpy()[:b], ref_o, ref_lse, "float16", str(lens))
-        assert np.all(o_dev.numpy()[b:] == 0)
+        for replay in range(2):  # a replay must leave the merge counts as it found them
+            o_dev.copyfrom(np.full((max_batch, Hq, D), np.nan, np.float16))
+            graph.replay()
+            torch.cuda.synchronize()
+            assert_attention_close(o_dev.numpy()[:b], lse_dev.numpy()[:b], ref_o, ref_lse, "float16",
+                                   f"{lens} replay {replay}")
+            assert np.all(o_dev.numpy()[b:] == 0)
 
 
 @pytest.mark.parametrize("fault, message", [

@@ -221,10 +221,9 @@ class PlanStatics:
     tiles: object
     planner: object
     kernel: object
-    merge: object
     defaults: dict
     #: the module's page-table check (:class:`~tvm_attn.planner.PagedCheck`)
-    check: object = None
+    check: object
 
 
 def _out_tensor(name, given, shape, dtype, device):

@@ -32,7 +32,7 @@ class BatchDecodeWithPagedKVCacheWrapper(Wrapper):
     Note: the plan depends only on the page table, so one plan serves every layer of a step.
 
     On CUDA, ``plan`` runs the split-KV planner (:mod:`tvm_attn.tir.plan`) and ``run`` launches the
-    decode kernel over a fixed grid, then the merge kernel. With ``use_cuda_graph=True`` every device
+    decode kernel over a fixed grid (which also merges the pieces of the requests it cut). With ``use_cuda_graph=True`` every device
     buffer is allocated once for ``max_batch_size`` requests and ``max_num_pages`` page-table entries;
     ``plan`` refills them in place, so a graph captured around ``run`` (with ``out`` and ``lse`` given)
     replays correctly after the lengths change. ``q`` then has ``max_batch_size`` rows; rows past the
@@ -139,11 +139,9 @@ class BatchDecodeWithPagedKVCacheWrapper(Wrapper):
         bufs.plan(st.planner, self._qo, indptr, last_page_len, key.kv.page_size, self._allow_split)
         self._call = KernelCall(
             key, st.kernel, self._device, (), bufs.upload(index), self._batch_size,
-            default_sm_scale(sm_scale, key.head_dim), workspace_args=(bufs.work_info, bufs.cta_indptr, bufs.tmp_o, bufs.tmp_lse),
-            # no merge launch when no request was cut (it costs 7-13 us at batch 64-128 on an H100);
-            # a captured graph keeps it, since a later plan may cut
-            merge_fn=st.merge if self._graph or bufs.num_partials > 0 else None,
-            merge_args=(bufs.merge_indptr, bufs.tmp_o, bufs.tmp_lse), defaults=st.defaults,
+            default_sm_scale(sm_scale, key.head_dim),
+            workspace_args=(bufs.work_info, bufs.cta_indptr, bufs.tmp_o, bufs.tmp_lse, *bufs.merge_state),
+            defaults=st.defaults,
         )
 
     def _static(self, key):
@@ -154,7 +152,7 @@ class BatchDecodeWithPagedKVCacheWrapper(Wrapper):
             module = self._cache.module(key)
             st = self._statics = PlanStatics(
                 key, DecodeTiles.parse(key.schedule, key.head_dim, key.kv_dtype), module[PLAN], module[key.uri],
-                module[key.uri + "_merge"], default_tensors(key, self._device), PagedCheck(module[PAGED_CHECK]))
+                default_tensors(key, self._device), PagedCheck(module[PAGED_CHECK]))
         return st
 
     def run(self, q, paged_kv_cache, *, out=None, lse=None, return_lse: bool = False, **variant_args):

@@ -5,8 +5,8 @@
 // `plan` runs tvm_attn's planner (the host TIR function `tvm_attn_plan`, compiled into the same
 // library) into the cache's page-locked int workspace, copies the work lists to the device int
 // workspace on the current stream, and returns the sizes `run` needs; `run` calls the CUDA kernels
-// (host TIR functions of the same library) on views of the cache's tensors, then the merge kernel
-// when the plan cut an item. A paged-prefill plan whose requests all have one query token (a decode
+// (host TIR functions of the same library) on views of the cache's tensors, then, for prefill, the
+// merge kernel when the plan cut an item (the decode kernel merges the requests it cut itself). A paged-prefill plan whose requests all have one query token (a decode
 // step: the cache routes decode to the prefill slot when the GQA group is 4 or more) runs the
 // decode kernel.
 //
@@ -45,7 +45,7 @@ struct DecodeKernel {
   int64_t blocks_per_work; // CTAs one work item occupies (KV heads x head splits)
   int64_t work_overhead;
   int64_t pack_slack_div;
-  TVMFFISafeCallType kernel, merge;
+  TVMFFISafeCallType kernel;  // merges the requests it cuts (merge_count: one count per request and block row)
 };
 
 }  // namespace tvm_attn_kv
@@ -157,14 +157,15 @@ inline const int32_t* HostInt32(const char* name, const Tensor& x, int64_t n) {
 }
 
 // The workspace layout of one plan: int32 arrays work_info [6, max_works], cta_indptr [num_ctas + 1],
-// merge_indptr [max_rows + 1] (in the device int workspace, staged in the page-locked one), and
-// float32 tmp_o [max_partials, part_heads, head_dim], tmp_lse [max_partials, part_heads] (float
-// workspace).
+// merge_indptr [max_rows + 1], for decode merge_count [max_rows, merge_blocks] (in the device int
+// workspace, staged in the page-locked one), and float32 tmp_o [max_partials, part_heads, head_dim],
+// tmp_lse [max_partials, part_heads] (float workspace).
 struct Layout {
-  int64_t max_works, num_ctas, max_rows, max_partials, part_heads;
+  int64_t max_works, num_ctas, max_rows, max_partials, part_heads, merge_blocks;
   int64_t cta_offset() const { return kWorkFields * max_works; }
   int64_t merge_offset() const { return cta_offset() + num_ctas + 1; }
-  int64_t int_elems() const { return merge_offset() + max_rows + 1; }
+  int64_t count_offset() const { return merge_offset() + max_rows + 1; }
+  int64_t int_elems() const { return count_offset() + max_rows * merge_blocks; }
   int64_t lse_offset() const { return max_partials * part_heads * kHeadDim; }
   int64_t float_elems() const { return lse_offset() + max_partials * part_heads; }
 };
@@ -174,8 +175,9 @@ inline Layout LayoutOf(const Array<int64_t>& info) {
     TVM_FFI_THROW(ValueError) << "tvm_attn run: plan_info has " << info.size() << " fields, expected "
                               << kNumPlanFields << " (was it made by tvm_attn's plan?)";
   }
-  int64_t part_heads = info[kKind] == kKindDecode ? kNumQoHeads : kNumKvHeads;
-  return Layout{info[kMaxWorks], info[kNumCtas], info[kMaxRows], info[kMaxPartials], part_heads};
+  bool decode = info[kKind] == kKindDecode;
+  return Layout{info[kMaxWorks], info[kNumCtas], info[kMaxRows], info[kMaxPartials],
+                decode ? kNumQoHeads : kNumKvHeads, decode ? kDecode.blocks_per_work : 0};
 }
 
 inline int64_t Bytes(const Tensor& x) {
@@ -208,7 +210,7 @@ Array<int64_t> Plan(int64_t kind, int64_t tile, const Tensor& float_ws, const Te
   }
   Layout lay{max_items + num_ctas, num_ctas, rows,
              kind == kKindDecode ? max_items + num_ctas : 2 * num_ctas * tile_q,
-             kind == kKindDecode ? kNumQoHeads : kNumKvHeads};
+             kind == kKindDecode ? kNumQoHeads : kNumKvHeads, kind == kKindDecode ? kDecode.blocks_per_work : 0};
   int64_t int_bytes = 4 * lay.int_elems(), float_bytes = 4 * lay.float_elems();
   if (int_bytes > Bytes(int_ws) || int_bytes > Bytes(pinned_ws) || float_bytes > Bytes(float_ws)) {
     TVM_FFI_THROW(ValueError) << "tvm_attn plan: the step needs " << int_bytes << " bytes of int workspace and "
@@ -234,6 +236,8 @@ Array<int64_t> Plan(int64_t kind, int64_t tile, const Tensor& float_ws, const Te
     TVM_FFI_THROW(InternalError) << "tvm_attn plan: the planner ran out of " << what[stats[3] & 3]
                                  << " (" << stats[0] << " works, " << stats[1] << " partial rows)";
   }
+  // the decode kernel's merge counts start at zero (each launch leaves them zero)
+  std::fill(pinned + lay.count_offset(), pinned + lay.int_elems(), 0);
   View src(pinned, host, {kDLInt, 32, 1}, {lay.int_elems()});
   View dst(int_ws.GetDLTensorPtr()->data, dev, {kDLInt, 32, 1}, {lay.int_elems()});
   dst.t.byte_offset = int_ws.GetDLTensorPtr()->byte_offset;
@@ -344,13 +348,15 @@ Array<int64_t> PlanDecode(Tensor float_ws, Tensor int_ws, Tensor pinned_ws, Tens
 
 // The workspace views of a plan, on the device.
 struct Workspace {
-  View work, cta, merge, tmp_o, tmp_lse;
+  View work, cta, merge, count, tmp_o, tmp_lse;
   Workspace(const Tensor& float_ws, const Tensor& int_ws, const Layout& lay)
       : work(Base(int_ws), Dev(int_ws), {kDLInt, 32, 1}, {kWorkFields, lay.max_works}),
         cta(static_cast<int32_t*>(Base(int_ws)) + lay.cta_offset(), Dev(int_ws), {kDLInt, 32, 1},
             {lay.num_ctas + 1}),
         merge(static_cast<int32_t*>(Base(int_ws)) + lay.merge_offset(), Dev(int_ws), {kDLInt, 32, 1},
               {lay.max_rows + 1}),
+        count(static_cast<int32_t*>(Base(int_ws)) + lay.count_offset(), Dev(int_ws), {kDLInt, 32, 1},
+              {lay.max_rows, lay.merge_blocks}),
         tmp_o(Base(float_ws), Dev(float_ws), {kDLFloat, 32, 1}, {lay.max_partials, lay.part_heads, kHeadDim}),
         tmp_lse(static_cast<float*>(Base(float_ws)) + lay.lse_offset(), Dev(float_ws), {kDLFloat, 32, 1},
                 {lay.max_partials, lay.part_heads}) {}
@@ -390,10 +396,7 @@ void RunDecodeKernel(const Array<int64_t>& info, const Tensor& float_ws, const T
                               << info[kBatch] << " requests";
   }
   Call(kDecode.kernel, q_r.get(), pages.get(), ip.get(), ix.get(), len.get(), ws.work.get(), ws.cta.get(),
-       ws.tmp_o.get(), ws.tmp_lse.get(), o_r.get(), lse_r.get(), sm_scale);
-  if (info[kNumPartials] > 0) {
-    Call(kDecode.merge, ws.merge.get(), ws.tmp_o.get(), ws.tmp_lse.get(), o_r.get(), lse_r.get());
-  }
+       ws.tmp_o.get(), ws.tmp_lse.get(), ws.merge.get(), ws.count.get(), o_r.get(), lse_r.get(), sm_scale);
 }
 
 inline void CheckScale(double sm_scale) {

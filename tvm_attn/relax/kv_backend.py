@@ -5,8 +5,8 @@ arrays and its ``run`` once per layer (``attn_backend.h``). That is tvm_attn's p
 CUDA slots run the same kernels and the same planner as the wrappers:
 
 * the kernels (:mod:`tvm_attn.tir.prefill_cuda` for ragged and paged prefill at each query tile
-  the schedule may pick, :mod:`tvm_attn.tir.decode_cuda` for decode, their merge kernels) and the
-  planner (:mod:`tvm_attn.tir.plan`) are added to the model's IRModule and compiled with it;
+  the schedule may pick, with their merge kernels, and :mod:`tvm_attn.tir.decode_cuda` for decode,
+  which merges the requests it cuts itself) and the planner (:mod:`tvm_attn.tir.plan`) are added to the model's IRModule and compiled with it;
 * ``kv_backend.cc`` (C++, linked into the model's library) holds the six plan/run functions the
   cache calls: ``plan`` picks the kernel and tile, runs the planner into the cache's page-locked int
   workspace and copies the work lists to the device; ``run`` calls the kernels on the cache's
@@ -106,7 +106,7 @@ class CudaKVBackend:
 
         c, dt = self.config, self.decode_tiles
         sym = lambda name: f"__tvm_ffi_{name}"  # noqa: E731  (the exported symbol of a host function)
-        names = [PLAN, self.decode_key.uri, self.decode_key.uri + "_merge"]
+        names = [PLAN, self.decode_key.uri]
         rows = []
         for (max_rows, tiles), (paged, ragged) in zip(self.tiles, self.prefill_keys):
             names += [paged.uri, paged.uri + "_merge", ragged.uri, ragged.uri + "_merge"]
@@ -125,8 +125,7 @@ class CudaKVBackend:
                   f"constexpr int64_t kPrefillPackSlackDiv = {PREFILL_PACK_SLACK_DIV};",
                   "constexpr PrefillTile kPrefillTiles[] = {", *rows, "};",
                   f"constexpr DecodeKernel kDecode = {{{dt.blocks_per_sm}, {c.num_key_value_heads * head_splits}, "
-                  f"{WORK_OVERHEAD}, {PACK_SLACK_DIV}, {sym(self.decode_key.uri)}, "
-                  f"{sym(self.decode_key.uri + '_merge')}}};",
+                  f"{WORK_OVERHEAD}, {PACK_SLACK_DIV}, {sym(self.decode_key.uri)}}};",
                   f"constexpr TVMFFISafeCallType kPlanner = {sym(PLAN)};",
                   "}  // namespace tvm_attn_kv", ""]
         return "\n".join(lines)

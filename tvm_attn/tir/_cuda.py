@@ -1,6 +1,7 @@
-"""What the CUDA kernel generators share: float helpers, the warp shuffle and vote, the planned
-kernels' and merge kernels' arguments, the variant's tables in shared memory, and the one step that folds a partial
-attention state into a running one (both merge kernels use it)."""
+"""What the CUDA kernel generators share: float helpers, the warp shuffle and vote, the fence and
+atomic add, the planned kernels' and merge kernels' arguments, the variant's tables in shared memory,
+and the one step that folds a partial attention state into a running one (the prefill merge kernel
+and the decode kernel's own merge use it)."""
 
 from __future__ import annotations
 
@@ -38,6 +39,17 @@ def syncwarp():
     T.evaluate(tirx.call_extern("void", "__syncwarp", tirx.const(FULL_MASK, "uint32")))
 
 
+def thread_fence():
+    """``__threadfence()``: this thread's global-memory writes are seen device-wide before its later
+    ones (and, after an atomic that saw other blocks' fenced writes, their writes are seen here)."""
+    T.evaluate(tirx.call_extern("void", "__threadfence"))
+
+
+def atomic_add(buf, value, *indices):
+    """``atomicAdd(&buf[indices], value)``: the value before the add."""
+    return tirx.call_extern(buf.dtype, "atomicAdd", tirx.address_of(tirx.BufferLoad(buf, list(indices))), value)
+
+
 def warp_any(pred):
     """``__any_sync``: non-zero in every lane when ``pred`` is non-zero in some lane of the warp."""
     return tirx.call_extern("int32", "__any_sync", tirx.const(FULL_MASK, "uint32"), pred)
@@ -49,13 +61,15 @@ def _name_kernel(name: str) -> None:
     T.func_attr({"global_symbol": name, "tir.noalias": True, "tirx.is_scheduled": True})
 
 
-def kernel_params(key, part_heads: int):
+def kernel_params(key, part_heads: int, merge_blocks: int = 0):
     """Name a planned kernel ``key.uri`` and declare its arguments in the order the wrappers and the
     KV-cache backend pass them: the format's query/KV arguments, ``work_info, cta_indptr`` (the
     planner's work list), ``tmp_o, tmp_lse`` (partial states of ``part_heads`` heads per row),
-    ``o, lse, sm_scale`` and the variant's extras. The index and work arrays are views into the
-    plan's one staging array (tvm_attn.planner.PlanBuffers). Returns
-    (idx, num_ctas, work_info, cta_indptr, tmp_o, tmp_lse, o, lse, sm_scale, params)."""
+    with ``merge_blocks`` (a kernel that merges its own partial states) ``merge_indptr`` and
+    ``merge_count`` (int32 ``[max_rows, merge_blocks]``, zero between launches), then ``o, lse,
+    sm_scale`` and the variant's extras. The index and work arrays are views into the plan's one
+    staging array (tvm_attn.planner.PlanBuffers). Returns (idx, num_ctas, work_info, cta_indptr,
+    tmp_o, tmp_lse, merge, o, lse, sm_scale, params), ``merge = (merge_indptr, merge_count)`` or None."""
     _name_kernel(key.uri)
     idx = declare_layout(key, offsets=True)
     max_works, num_ctas_plus_one, max_partials = sym("max_works"), sym("num_ctas_plus_1"), sym("max_partials")
@@ -63,11 +77,16 @@ def kernel_params(key, part_heads: int):
     cta_indptr = buffer_param("cta_indptr", (num_ctas_plus_one,), "int32", offset=True)
     tmp_o = buffer_param("tmp_o", (max_partials, part_heads, key.head_dim), "float32")
     tmp_lse = buffer_param("tmp_lse", (max_partials, part_heads), "float32")
+    merge = None
+    if merge_blocks:
+        rows_plus_one = sym("max_rows_plus_1")
+        merge = (buffer_param("merge_indptr", (rows_plus_one,), "int32", offset=True),
+                 buffer_param("merge_count", (rows_plus_one - 1, merge_blocks), "int32", offset=True))
     o = buffer_param("o", (idx.num_q_rows, key.num_qo_heads, key.head_dim), key.o_dtype)
     lse = buffer_param("lse", (idx.num_q_rows, key.num_qo_heads), "float32")
     sm_scale = scalar_param("sm_scale", "float32")
     params = declare_extra_params(key)
-    return idx, num_ctas_plus_one - 1, work_info, cta_indptr, tmp_o, tmp_lse, o, lse, sm_scale, params
+    return idx, num_ctas_plus_one - 1, work_info, cta_indptr, tmp_o, tmp_lse, merge, o, lse, sm_scale, params
 
 
 def merge_params(key, part_heads: int, rows: str, out_rows: str):

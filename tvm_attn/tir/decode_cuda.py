@@ -1,4 +1,5 @@
-"""CUDA batch decode over a paged KV cache, split-KV over a fixed grid, and its merge kernel.
+"""CUDA batch decode over a paged KV cache, split-KV over a fixed grid, with the merge of the split
+requests' partial states in the same kernel.
 
 Lineage: FlashInfer ``decode.cuh`` (``BatchDecodeWithPagedKVCacheKernel``: head-group fusion, a
 work list from the planner, partial states merged afterwards). Same variant hooks and the same KV
@@ -15,13 +16,14 @@ the ``heads_per_block`` query heads of one KV head::
         s = shuffle-reduce(q . k) over the lanes of the row; variant transform and mask;
         online softmax of the `unroll` logits into (m, d, o)
     merge the key groups' (m, d, o) through shared memory
-    out_row < 0: write o and lse; else: write the partial state to tmp_o / tmp_lse
-
-The merge kernel ``<uri>_merge`` folds each split request's partial states (rows
-``merge_indptr[b]:merge_indptr[b+1]``) into o and lse.
+    out_row < 0: write o and lse; else: write the partial state to tmp_o / tmp_lse, count the
+        piece done in merge_count, and, in the block that finishes the request's last piece, fold
+        its partial states (rows merge_indptr[req]:merge_indptr[req+1]) into o and lse
 
 Arguments: ``q, paged_kv_cache, kv_indptr, kv_indices, kv_last_page_len, work_info, cta_indptr,
-tmp_o, tmp_lse, o, lse, sm_scale, *extras``; merge: ``merge_indptr, tmp_o, tmp_lse, o, lse, *extras``.
+tmp_o, tmp_lse, merge_indptr, merge_count, o, lse, sm_scale, *extras``; ``merge_count`` is int32
+``[max_rows, num_kv_heads * head_splits]`` and must be zero at a launch (the plan's upload zeroes
+it, and each launch leaves it zero).
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from ..config import AttentionKey
 from ..schedule.decode import DecodeTiles
 from ..variants.base import HookContext
 from ._builder import IRBuilder, T, let, local, loop, store, when
-from ._cuda import f32, fold_partial, kernel_params, merge_params, neg_inf, shfl_xor, stage_tables
+from ._cuda import atomic_add, f32, fold_partial, kernel_params, neg_inf, shfl_xor, stage_tables, thread_fence
 
 LOG2E = math.log2(math.e)
 
@@ -61,10 +63,11 @@ def make_batch_decode_cuda(key: AttentionKey, tiles: DecodeTiles | None = None) 
     stage_keys = variant.overrides("key_transform")
     with IRBuilder() as ib:
         with T.prim_func():
-            idx, num_ctas, work_info, cta_indptr, tmp_o, tmp_lse, o, lse, sm_scale, params = kernel_params(
-                key, key.num_qo_heads)
+            blocks_y = key.num_kv_heads * head_splits
+            idx, num_ctas, work_info, cta_indptr, tmp_o, tmp_lse, merge, o, lse, sm_scale, params = kernel_params(
+                key, key.num_qo_heads, merge_blocks=blocks_y)
 
-            with _thread(num_ctas, "blockIdx.x") as cta, _thread(key.num_kv_heads * head_splits, "blockIdx.y") as by:
+            with _thread(num_ctas, "blockIdx.x") as cta, _thread(blocks_y, "blockIdx.y") as by:
                 with _thread(tiles.threads, "threadIdx.x") as tid:
                     q_reg = local("q_reg", (G, VEC))
                     o_reg = local("o_reg", (G, VEC))
@@ -74,6 +77,7 @@ def make_batch_decode_cuda(key: AttentionKey, tiles: DecodeTiles | None = None) 
                     s_reg = local("s_reg", (U, G))
                     smem_o = T.alloc_buffer((NKG, G, D), "float32", scope="shared")
                     smem_md = T.alloc_buffer((NKG, G, 2), "float32", scope="shared")
+                    smem_flag = T.alloc_buffer((1,), "int32", scope="shared")  # this block merges the request
                     k_smem = T.alloc_buffer((NKG, U, D), key.kv_dtype, scope="shared") if stage_keys else None
 
                     tables = stage_tables(variant, D, params, tid, tiles.threads)
@@ -214,8 +218,86 @@ def make_batch_decode_cuda(key: AttentionKey, tiles: DecodeTiles | None = None) 
                                             store(tmp_o, res[v], out_row, h, c * VEC + v)
                                         with when(c == 0):
                                             store(tmp_lse, tot[0], out_row, h)
+                        with when(tirx.all(live, out_row >= 0)):  # uniform over the block
+                            _merge_if_last(key, tiles, merge, tmp_o, tmp_lse, o, lse, smem_o, smem_md, smem_flag,
+                                           req, by, head0, kv_head, kv_len, tid, params, tables)
                         T.evaluate(tirx.op.tvm_storage_sync("shared"))  # the next work reuses smem_o / smem_md
     return ib.get()
+
+
+def _merge_if_last(key, tiles, merge, tmp_o, tmp_lse, o, lse, smem_o, smem_md, smem_flag, req, by, head0, kv_head,
+                   kv_len, tid, params, tables):
+    """After a piece of a cut request has written its partial state: the block that finishes the
+    request's last piece (for its heads) folds all the pieces' states into o and lse, so no merge
+    kernel runs after the decode kernel (on an H100 that launch cost 8-9 us at batch 1 and 64).
+
+    ``merge_count[req, by]`` counts the request's finished pieces; the block that brings it to the
+    number of pieces puts it back to 0, so the next launch (the next layer, or a graph replay)
+    starts from 0, as it does after each plan's upload. The partial rows of ``req`` are
+    ``merge_indptr[req]:merge_indptr[req + 1]``. Thread ``(rg, slot)`` folds rows ``rg, rg + RG,
+    ..``, ``UM`` rows' loads issued before any is folded; the row groups then meet in shared memory
+    like the key groups."""
+    merge_indptr, merge_count = merge
+    variant, D, G, VEC, TX = key.variant, key.head_dim, tiles.heads_per_block, tiles.vec, tiles.lanes_per_key
+    threads, slots = tiles.threads, G * TX
+    per_pass = min(slots, threads)
+    RG = threads // per_pass
+    assert RG <= tiles.key_groups, "the row groups' states go through smem_o, sized by the key groups"
+    UM = 4
+    thread_fence()  # every thread's partial-state stores, before the count says the piece is done
+    T.evaluate(tirx.op.tvm_storage_sync("shared"))
+    first = let("m_first", merge_indptr[req])
+    n = let("m_pieces", merge_indptr[req + 1] - first)
+    with when(tid == 0):
+        done = let("m_done", atomic_add(merge_count, tirx.const(1, "int32"), req, by))
+        last = done == n - 1
+        with when(last):
+            store(merge_count, 0, req, by)
+        store(smem_flag, tirx.if_then_else(last, 1, 0), 0)
+    T.evaluate(tirx.op.tvm_storage_sync("shared"))
+    is_last = local("m_is_last", 1, "int32")
+    store(is_last, smem_flag[0], 0)
+    with when(is_last[0] != 0):
+        thread_fence()  # the other pieces' states, which they fenced before counting
+        rg = tid // per_pass
+        with loop("m_pass", slots // per_pass) as ps:
+            slot = ps * per_pass + tid % per_pass
+            g, c = slot // TX, slot % TX
+            h = let("m_h", head0 + g)
+            md, acc = local("m_md", (1, 2)), local("m_acc", (1, VEC))
+            store(md, neg_inf(), 0, 0)
+            store(md, tirx.const(0.0, "float32"), 0, 1)
+            with loop("v", VEC, "unroll") as v:
+                store(acc, tirx.const(0.0, "float32"), 0, v)
+            lse_l, part_l = local("m_lse", UM), local("m_part", (UM, VEC))
+            ok = local("m_ok", UM, "int32")  # the row is one of the request's (else a repeat of its last)
+            with loop("k", tirx.ceildiv(tirx.max(n - rg, 0), RG * UM)) as k:
+                with loop("j", UM, "unroll") as j:  # loads first: UM rows in flight
+                    r = (k * UM + j) * RG + rg
+                    row = let("m_row", first + tirx.min(r, n - 1))
+                    store(ok, tirx.if_then_else(r < n, 1, 0), j)
+                    store(lse_l, tirx.if_then_else(r < n, tmp_lse[row, h], neg_inf()), j)
+                    with loop("v", VEC, "vectorized") as v:
+                        store(part_l, tmp_o[row, h, c * VEC + v], j, v)
+                with loop("j", UM, "unroll") as j:  # a repeated row weighs 0 (softmax: lse -inf) or adds 0
+                    fold_partial(variant.use_softmax, md, acc, (0,), VEC, lse_l[j],
+                                 lambda v, j=j: tirx.if_then_else(ok[j] != 0, part_l[j, v], tirx.const(0.0, "float32")))
+            with loop("v", VEC, "unroll") as v:
+                store(smem_o, acc[0, v], rg, g, c * VEC + v)
+            with when(c == 0):
+                store(smem_md, md[0, 0], rg, g, 0)
+                store(smem_md, md[0, 1], rg, g, 1)
+            T.evaluate(tirx.op.tvm_storage_sync("shared"))
+            with when(rg == 0):
+                res, tot = local("m_res", VEC), local("m_tot", 2)
+                _merge_groups(variant.use_softmax, RG, smem_md, smem_o, g, c, VEC, res, tot)
+                octx = HookContext(req, 0, None, h, kv_head, 1, kv_len, D, params, tables)
+                with loop("v", VEC, "unroll") as v:
+                    store(o, tirx.Cast(key.o_dtype, variant.output_transform(octx, res[v], c * VEC + v)),
+                          req, h, c * VEC + v)
+                with when(c == 0):
+                    store(lse, tot[0], req, h)
+            T.evaluate(tirx.op.tvm_storage_sync("shared"))  # the next pass reuses smem_o / smem_md
 
 
 def _update_state(use_softmax, G, U, VEC, md, o_reg, s_reg, v_reg):
@@ -281,65 +363,3 @@ def _merge_groups(use_softmax, NKG, smem_md, smem_o, g, c, VEC, res, tot):
     with loop("v", VEC, "unroll") as v:
         store(res, tirx.if_then_else(denom > 0, res[v] / denom, tirx.const(0.0, "float32")), v)
     store(tot, tirx.if_then_else(denom > 0, m_safe + tirx.log2(denom), neg_inf()), 0)
-
-
-def make_decode_merge_cuda(key: AttentionKey, tiles: DecodeTiles | None = None) -> tirx.PrimFunc:
-    """``<uri>_merge(merge_indptr, tmp_o, tmp_lse, o, lse, *extras)``: grid (max_batch, num_qo_heads).
-
-    A block of ``TX x RG`` threads (256) merges one (request, head): row group ``rg`` folds the
-    partial rows ``rg, rg + RG, ...`` (so a request cut into 66 pieces is 5 dependent steps at head_dim
-    128, not 66), then the first row group merges the groups' states through shared memory like the
-    key groups of the decode kernel. 256 threads: a single long request is cut into many pieces that
-    only ``num_qo_heads`` blocks merge (more row groups, fewer dependent steps), while a large batch
-    cut into few pieces each wants many small blocks resident at once."""
-    tiles = tiles or tiles_for(key)
-    variant, D, VEC = key.variant, key.head_dim, tiles.vec
-    TX = D // VEC
-    RG = max(1, 256 // TX)
-    with IRBuilder() as ib:
-        with T.prim_func():
-            batch_plus_one, merge_indptr, tmp_o, tmp_lse, o, lse, params = merge_params(
-                key, key.num_qo_heads, "max_batch", "batch_size")
-            batch = o.shape[0]
-            with _thread(batch_plus_one - 1, "blockIdx.x") as b, _thread(key.num_qo_heads, "blockIdx.y") as h:
-                with _thread(TX * RG, "threadIdx.x") as t:
-                    tx, rg = t % TX, t // TX
-                    smem_o = T.alloc_buffer((RG, 1, D), "float32", scope="shared")
-                    smem_md = T.alloc_buffer((RG, 1, 2), "float32", scope="shared")
-                    o_reg, md = local("o_reg", (1, VEC)), local("md", (1, 2))
-                    b_safe = let("b_safe", tirx.min(b, batch_plus_one - 2))
-                    start = let("start", merge_indptr[b_safe])
-                    count = merge_indptr[b_safe + 1] - start
-                    # the condition is uniform over the block (one request, one head), so a block with
-                    # nothing to merge leaves before the barrier and every thread of an active one reaches it
-                    active = tirx.all(b < batch, count >= 2)
-                    with when(active):
-                        n = let("n", count)
-                        with loop("v", VEC, "unroll") as v:
-                            store(o_reg, tirx.const(0.0, "float32"), 0, v)
-                        store(md, neg_inf(), 0, 0)
-                        store(md, tirx.const(0.0, "float32"), 0, 1)
-                        with loop("k", tirx.ceildiv(tirx.max(n - rg, 0), RG)) as k:
-                            row = let("row", start + rg + k * RG)
-                            s_r = let("s_r", tmp_lse[row, h])
-                            part = local("part", VEC)  # loaded whole (16-byte loads), then weighed
-                            with loop("v", VEC, "vectorized") as v:
-                                store(part, tmp_o[row, h, tx * VEC + v], v)
-                            fold_partial(variant.use_softmax, md, o_reg, (0,), VEC, s_r, lambda v: part[v])
-                        with loop("v", VEC, "unroll") as v:
-                            store(smem_o, o_reg[0, v], rg, 0, tx * VEC + v)
-                        with when(tx == 0):
-                            store(smem_md, md[0, 0], rg, 0, 0)
-                            store(smem_md, md[0, 1], rg, 0, 1)
-                        T.evaluate(tirx.op.tvm_storage_sync("shared"))
-                        kv_head = h // key.group_size
-                        octx = HookContext(b, 0, None, h, kv_head, 1, None, D, params)
-                        with when(rg == 0):
-                            res, tot = local("res", VEC), local("tot", 2)
-                            _merge_groups(variant.use_softmax, RG, smem_md, smem_o, 0, tx, VEC, res, tot)
-                            with loop("v", VEC, "unroll") as v:
-                                store(o, tirx.Cast(key.o_dtype, variant.output_transform(octx, res[v], tx * VEC + v)),
-                                      b, h, tx * VEC + v)
-                            with when(tx == 0):
-                                store(lse, tot[0], b, h)
-    return ib.get()

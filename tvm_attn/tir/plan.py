@@ -23,7 +23,8 @@ Two plans, the first that balances:
   the same keys. Measured on an H100 (ncu), prefill of 16 x 1024 tokens read 1.18 GB from DRAM
   when every CTA took a contiguous run of items, 2.9x torch flash; packed this way, 0.22 GB.
 * **Cut**: the items' keys, laid end to end, are cut at each CTA's quota; an item cut into several
-  pieces gets partial-state rows that the merge kernel folds together.
+  pieces gets partial-state rows that are merged afterwards (prefill: the merge kernel; decode:
+  the decode kernel, in the block that finishes the last piece).
 
 Without split-KV (the deterministic, batch-invariant mode) the plan is always packed::
 

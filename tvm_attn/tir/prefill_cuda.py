@@ -104,7 +104,7 @@ def make_prefill_cuda(key: AttentionKey, tiles: PrefillTiles | None = None) -> t
     fold_scale = softmax and not variant.overrides("logits_transform")
     with IRBuilder() as ib:
         with T.prim_func():
-            idx, num_ctas, work_info, cta_indptr, tmp_o, tmp_lse, o, lse, sm_scale, params = kernel_params(
+            idx, num_ctas, work_info, cta_indptr, tmp_o, tmp_lse, _, o, lse, sm_scale, params = kernel_params(
                 key, key.num_kv_heads)
 
             with T.thread_binding(0, num_ctas, "blockIdx.x") as cta, \
