@@ -1,8 +1,8 @@
 """Paged-decode benchmark on a GPU host: our CUDA kernel against the read ceiling and the baselines.
 
 Measures in one run: the streaming-read ceiling (a large read-only torch reduction) and the device
-copy rate; tvm_attn's decode (kernel + merge, with the plan it uses); TVM's built-in
-``_attention_decode`` (built by scripts/build_gpu_kernels.py with the same workflow); torch SDPA over
+copy rate; tvm_attn's decode (one kernel, which also merges the requests it cuts, with the plan it
+uses); TVM's built-in ``_attention_decode`` (built by scripts/build_gpu_kernels.py with the same workflow); torch SDPA over
 contiguous KV where torch is present; and, at 32/8 heads, the tensor-core prefill kernel run on the
 decode step (a query token per request, the group folded into 4 query rows of a 16-row tile), to
 check whether large GQA groups should decode through it. Plan time is measured at batch 1, 64 and 256.
@@ -137,11 +137,9 @@ def main(small: bool = False, out: str | None = None) -> list[dict]:
                 if err > 2e-3:
                     notes.append(f"{workload}: tvm_attn mismatch {err:.3e}, row dropped")
                     continue
-            main_args, merge_args, _, _ = w._call.launch_args(q_d, [("paged_kv_cache", cache_d)], vargs)
+            main_args, _, _, _ = w._call.launch_args(q_d, [("paged_kv_cache", cache_d)], vargs)
             mod = w._cache.module(w.kernel_key)
             ms = time_tvm(mod, w.kernel_key.uri, dev, main_args, number=20, repeat=15)
-            if merge_args is not None:  # the plan cut a request
-                ms += time_tvm(mod, w.kernel_key.uri + "_merge", dev, merge_args, number=20, repeat=15)
             add(workload, "tvm_attn" + suffix, ms, nbytes)
         if hkv == HKV and hq == HQ:  # decode through the prefill kernel (issue: large GQA groups)
             w = ta.BatchPrefillWithPagedKVCacheWrapper("NHD", device="cuda")
