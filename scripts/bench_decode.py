@@ -2,10 +2,11 @@
 
 Measures in one run: the streaming-read ceiling (a large read-only torch reduction) and the device
 copy rate; tvm_attn's decode (one kernel, which also merges the requests it cuts, with the plan it
-uses); TVM's built-in ``_attention_decode`` (built by scripts/build_gpu_kernels.py with the same workflow); torch SDPA over
-contiguous KV where torch is present; and, at 32/8 heads, the tensor-core prefill kernel run on the
-decode step (a query token per request, the group folded into 4 query rows of a 16-row tile), to
-check whether large GQA groups should decode through it. Plan time is measured at batch 1, 64 and 256.
+uses); TVM's built-in ``_attention_decode`` (built by scripts/build_gpu_kernels.py with the same
+workflow); torch SDPA over contiguous KV where torch is present; and, at 32/8 heads, the tensor-core
+prefill kernel run on the decode step (a query token per request, the group folded into 4 query rows
+of a 16-row tile), to check whether large GQA groups should decode through it. Plan time is measured
+at batch 1, 64 and 256.
 Rows are written only for kernels whose output matched the reference in this run.
 
 Usage (GPU host, after `source .gpu/setup.sh`):
