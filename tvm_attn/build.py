@@ -25,7 +25,8 @@ def target_of(name: str) -> tvm.target.Target:
 
 
 def generate(key: AttentionKey | MergeKey) -> tvm.IRModule:
-    """The kernel's module: ``key.uri`` and, for CUDA, the planner, the page-table check and (prefill) the merge kernel."""
+    """The kernel's module: ``key.uri`` and, for CUDA, the planner, the page-table check and
+    (prefill) the merge kernel."""
     if isinstance(key, MergeKey):
         from .tir.merge import make_merge
 

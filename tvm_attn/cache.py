@@ -74,7 +74,8 @@ class KernelCache:
         return self.module(key)[name or key.uri]
 
     def module(self, key: AttentionKey | MergeKey):
-        """``key``'s loaded module (the kernel, and for CUDA its planner, page-table check and, for prefill, merge kernel)."""
+        """``key``'s loaded module (the kernel, and for CUDA its planner, page-table check and, for
+        prefill, merge kernel)."""
         uri = key.uri
         mod = self._functions.get(uri)
         if mod is not None:

@@ -70,7 +70,8 @@ class Workspace:
 
     @property
     def int_bytes(self) -> int:
-        return 4 * (6 * self.max_works + self.num_ctas + 1 + self.max_rows + 1 + self.max_rows * self.merge_blocks)
+        return 4 * (6 * self.max_works + self.num_ctas + 1 + self.max_rows + 1
+                    + self.max_rows * self.merge_blocks)
 
     @property
     def float_bytes(self) -> int:
@@ -192,12 +193,10 @@ class PlanBuffers:
         self.ws = ws
         sizes = [6 * ws.max_works, ws.num_ctas + 1, ws.max_rows + 1, ws.max_rows * ws.merge_blocks,
                  *(max(int(c), 1) for c in index_capacity)]
-        starts, end = [], 0
-        for i, size in enumerate(sizes):
-            starts.append(end)
-            end += -(-size // _ALIGN) * _ALIGN
-            if i == self._FIXED - 1:
-                self._fixed_end = end  # every upload copies the fixed regions
+        starts = np.concatenate([[0], np.cumsum([-(-size // _ALIGN) * _ALIGN for size in sizes])]).tolist()
+        end = starts.pop()
+        # every upload copies the fixed regions
+        self._fixed_end = starts[self._FIXED] if len(sizes) > self._FIXED else end
         self._starts, self.index_capacity = starts, tuple(sizes[self._FIXED:])
         self.host, self._pinned = _staging(end, device)
         self._dev = tvm.runtime.empty((end,), "int32", device)

@@ -32,12 +32,12 @@ class BatchDecodeWithPagedKVCacheWrapper(Wrapper):
     Note: the plan depends only on the page table, so one plan serves every layer of a step.
 
     On CUDA, ``plan`` runs the split-KV planner (:mod:`tvm_attn.tir.plan`) and ``run`` launches the
-    decode kernel over a fixed grid (which also merges the pieces of the requests it cut). With ``use_cuda_graph=True`` every device
-    buffer is allocated once for ``max_batch_size`` requests and ``max_num_pages`` page-table entries;
-    ``plan`` refills them in place, so a graph captured around ``run`` (with ``out`` and ``lse`` given)
-    replays correctly after the lengths change. ``q`` then has ``max_batch_size`` rows; rows past the
-    planned batch read no keys and come out as zeros. ``disable_split_kv`` gives batch-invariant,
-    deterministic results (one work per request).
+    decode kernel over a fixed grid (which also merges the pieces of the requests it cut). With
+    ``use_cuda_graph=True`` every device buffer is allocated once for ``max_batch_size`` requests and
+    ``max_num_pages`` page-table entries; ``plan`` refills them in place, so a graph captured around
+    ``run`` (with ``out`` and ``lse`` given) replays correctly after the lengths change. ``q`` then has
+    ``max_batch_size`` rows; rows past the planned batch read no keys and come out as zeros.
+    ``disable_split_kv`` gives batch-invariant, deterministic results (one work per request).
     """
 
     def __init__(self, kv_layout: str = "NHD", *, device=None, cache=None, use_cuda_graph: bool = False,

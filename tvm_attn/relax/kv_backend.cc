@@ -6,9 +6,9 @@
 // library) into the cache's page-locked int workspace, copies the work lists to the device int
 // workspace on the current stream, and returns the sizes `run` needs; `run` calls the CUDA kernels
 // (host TIR functions of the same library) on views of the cache's tensors, then, for prefill, the
-// merge kernel when the plan cut an item (the decode kernel merges the requests it cut itself). A paged-prefill plan whose requests all have one query token (a decode
-// step: the cache routes decode to the prefill slot when the GQA group is 4 or more) runs the
-// decode kernel.
+// merge kernel when the plan cut an item (the decode kernel merges the requests it cut itself). A
+// paged-prefill plan whose requests all have one query token (a decode step: the cache routes
+// decode to the prefill slot when the GQA group is 4 or more) runs the decode kernel.
 //
 // tvm_attn/relax/kv_backend.py compiles this file with a generated header (TVM_ATTN_KV_CONFIG)
 // that names the model's kernels and the schedule constants; nothing here is model-specific.
@@ -208,9 +208,9 @@ Array<int64_t> Plan(int64_t kind, int64_t tile, const Tensor& float_ws, const Te
     num_ctas = std::max<int64_t>(1, sms * t.blocks_per_sm / kNumKvHeads);
     max_items = (rows + tile_q - 1) / tile_q + batch;
   }
-  Layout lay{max_items + num_ctas, num_ctas, rows,
-             kind == kKindDecode ? max_items + num_ctas : 2 * num_ctas * tile_q,
-             kind == kKindDecode ? kNumQoHeads : kNumKvHeads, kind == kKindDecode ? kDecode.blocks_per_work : 0};
+  bool decode = kind == kKindDecode;
+  Layout lay{max_items + num_ctas, num_ctas, rows, decode ? max_items + num_ctas : 2 * num_ctas * tile_q,
+             decode ? kNumQoHeads : kNumKvHeads, decode ? kDecode.blocks_per_work : 0};
   int64_t int_bytes = 4 * lay.int_elems(), float_bytes = 4 * lay.float_elems();
   if (int_bytes > Bytes(int_ws) || int_bytes > Bytes(pinned_ws) || float_bytes > Bytes(float_ws)) {
     TVM_FFI_THROW(ValueError) << "tvm_attn plan: the step needs " << int_bytes << " bytes of int workspace and "

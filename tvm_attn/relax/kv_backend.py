@@ -6,7 +6,8 @@ CUDA slots run the same kernels and the same planner as the wrappers:
 
 * the kernels (:mod:`tvm_attn.tir.prefill_cuda` for ragged and paged prefill at each query tile
   the schedule may pick, with their merge kernels, and :mod:`tvm_attn.tir.decode_cuda` for decode,
-  which merges the requests it cuts itself) and the planner (:mod:`tvm_attn.tir.plan`) are added to the model's IRModule and compiled with it;
+  which merges the requests it cuts itself) and the planner (:mod:`tvm_attn.tir.plan`) are added
+  to the model's IRModule and compiled with it;
 * ``kv_backend.cc`` (C++, linked into the model's library) holds the six plan/run functions the
   cache calls: ``plan`` picks the kernel and tile, runs the planner into the cache's page-locked int
   workspace and copies the work lists to the device; ``run`` calls the kernels on the cache's

@@ -47,7 +47,8 @@ def thread_fence():
 
 def atomic_add(buf, value, *indices):
     """``atomicAdd(&buf[indices], value)``: the value before the add."""
-    return tirx.call_extern(buf.dtype, "atomicAdd", tirx.address_of(tirx.BufferLoad(buf, list(indices))), value)
+    address = tirx.address_of(tirx.BufferLoad(buf, list(indices)))
+    return tirx.call_extern(buf.dtype, "atomicAdd", address, value)
 
 
 def warp_any(pred):

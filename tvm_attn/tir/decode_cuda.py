@@ -292,8 +292,10 @@ def _merge_if_last(key, tiles, merge, tmp_o, tmp_lse, o, lse, smem_o, smem_md, s
                         with loop("v", LV, "vectorized") as v:
                             store(part_l, tmp_o[row, h, c * VEC + vc * LV + v], j, vc * LV + v)
                 with loop("j", UM, "unroll") as j:  # a repeated row weighs 0 (softmax: lse -inf) or adds 0
-                    fold_partial(variant.use_softmax, md, acc, (0,), VEC, lse_l[j],
-                                 lambda v, j=j: tirx.if_then_else(ok[j] != 0, part_l[j, v], tirx.const(0.0, "float32")))
+                    def part(v, j=j):
+                        return tirx.if_then_else(ok[j] != 0, part_l[j, v], tirx.const(0.0, "float32"))
+
+                    fold_partial(variant.use_softmax, md, acc, (0,), VEC, lse_l[j], part)
             with loop("v", VEC, "unroll") as v:
                 store(smem_o, acc[0, v], rg, g, c * VEC + v)
             with when(c == 0):
