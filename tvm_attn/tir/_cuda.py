@@ -126,21 +126,34 @@ def stage_tables(variant, head_dim: int, params: dict, tid, threads: int) -> dic
     return tables
 
 
-def fold_partial(softmax: bool, md, acc, lead: tuple, vec: int, s_r, part):
-    """Fold one partial state into the running one: ``md[(*lead, 0)]``/``md[(*lead, 1)]`` hold the
-    running max (log2 units) and weight sum, ``acc[(*lead, v)]`` the weighted output; the partial has
-    log2 LSE ``s_r`` and normalized output ``part(v)``. Without softmax the outputs just add."""
+def fold_partial(softmax: bool, md, acc, lead: tuple, vec: int, s_rows, parts):
+    """Fold partial states into the running one: ``md[(*lead, 0)]``/``md[(*lead, 1)]`` hold the
+    running max (log2 units) and weight sum, ``acc[(*lead, v)]`` the weighted output; partial ``j``
+    has log2 LSE ``s_rows[j]`` (-inf: weighs nothing) and normalized output ``parts[j](v)``. The
+    rows are folded together: one max over them and one rescale of the running state, so the
+    exponentials of the rows do not wait on each other. Without softmax the outputs just add."""
     if not softmax:
         with loop("v", vec, "unroll") as v:
-            store(acc, acc[(*lead, v)] + part(v), *lead, v)
+            total = acc[(*lead, v)]
+            for part in parts:
+                total = total + part(v)
+            store(acc, total, *lead, v)
         return
     m_old = md[(*lead, 0)]
-    m_new = let("m_new", tirx.max(m_old, s_r))
+    m_new = m_old
+    for s_r in s_rows:
+        m_new = tirx.max(m_new, s_r)
+    m_new = let("m_new", m_new)
     m_safe = let("m_safe", tirx.if_then_else(m_new == neg_inf(), zero(), m_new))
     scale = let("scale", tirx.exp2(m_old - m_safe))
-    w_r = let("w_r", tirx.exp2(s_r - m_safe))
-    store(md, md[(*lead, 1)] * scale + w_r, *lead, 1)
+    w = [let("w_r", tirx.exp2(s_r - m_safe)) for s_r in s_rows]
+    total = md[(*lead, 1)] * scale
+    for w_r in w:
+        total = total + w_r
+    store(md, total, *lead, 1)
     store(md, m_new, *lead, 0)
     with loop("v", vec, "unroll") as v:
-        weighted = tirx.if_then_else(w_r > 0, w_r * part(v), zero())
-        store(acc, acc[(*lead, v)] * scale + weighted, *lead, v)
+        out = acc[(*lead, v)] * scale
+        for w_r, part in zip(w, parts):  # a row of weight 0 may hold anything: it adds 0
+            out = out + tirx.if_then_else(w_r > 0, w_r * part(v), zero())
+        store(acc, out, *lead, v)

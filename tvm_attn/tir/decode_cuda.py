@@ -39,10 +39,11 @@ from ._builder import IRBuilder, T, let, local, loop, store, when
 from ._cuda import atomic_add, f32, fold_partial, kernel_params, neg_inf, shfl_xor, stage_tables, thread_fence
 
 LOG2E = math.log2(math.e)
-#: the kernel's merge of a cut request: partial rows each thread loads before it folds any. Measured
-#: on an H100 (1 x 32768 and the Zipf batch of scripts/bench_decode.py): 8 and 16 rows, or 16 and 32
-#: head dims a thread instead of the kernel's 8, were no faster or up to 15% slower at 1 x 32768
-MERGE_ROWS = 4
+#: the kernel's merge of a cut request: partial rows each thread loads, and then folds at once (one
+#: rescale). The merge waits on these loads: on an H100, timestamps in the kernel (%globaltimer) put
+#: one round of them at 0.7-0.9 us while other blocks still stream K/V. 8 rows (and the partial rows'
+#: offsets loaded before the key groups merge) took 1 x 32768 from 58.1 to 57.0 us; 16 rows spill
+MERGE_ROWS = 8
 
 
 def tiles_for(key: AttentionKey) -> DecodeTiles:
@@ -190,6 +191,12 @@ def make_batch_decode_cuda(key: AttentionKey, tiles: DecodeTiles | None = None) 
                                         store(s_reg, tirx.if_then_else(visible, s, tirx.const(0.0, "float32")), u, g)
                             _update_state(variant.use_softmax, G, U, VEC, md, o_reg, s_reg, v_reg)
 
+                        # the work's output row, and a cut request's partial rows (merge_indptr), loaded
+                        # here so that the merge does not wait for them
+                        out_row = let("out_row", work_info[3, w])
+                        merge_indptr, merge_count = merge
+                        first_row = let("m_first", merge_indptr[req])
+                        rows = first_row, let("m_pieces", merge_indptr[req + 1] - first_row)
                         # merge the key groups of the block
                         with loop("g", G, "unroll") as g:
                             with loop("v", VEC, "unroll") as v:
@@ -198,7 +205,6 @@ def make_batch_decode_cuda(key: AttentionKey, tiles: DecodeTiles | None = None) 
                                 store(smem_md, md[g, 0], kg, g, 0)
                                 store(smem_md, md[g, 1], kg, g, 1)
                         T.evaluate(tirx.op.tvm_storage_sync("shared"))
-                        out_row = let("out_row", work_info[3, w])
                         with loop("t", tirx.ceildiv(G * TX, tiles.threads)) as t:
                             slot = let("slot", t * tiles.threads + tid)
                             with when(tirx.all(live, slot < G * TX)):
@@ -223,14 +229,14 @@ def make_batch_decode_cuda(key: AttentionKey, tiles: DecodeTiles | None = None) 
                                         with when(c == 0):
                                             store(tmp_lse, tot[0], out_row, h)
                         with when(tirx.all(live, out_row >= 0)):  # uniform over the block
-                            _merge_if_last(key, tiles, merge, tmp_o, tmp_lse, o, lse, smem_o, smem_md, smem_flag,
-                                           req, by, head0, kv_head, kv_len, tid, params, tables)
+                            _merge_if_last(key, tiles, merge_count, rows, tmp_o, tmp_lse, o, lse, smem_o, smem_md,
+                                           smem_flag, req, by, head0, kv_head, kv_len, tid, params, tables)
                         T.evaluate(tirx.op.tvm_storage_sync("shared"))  # the next work reuses smem_o / smem_md
     return ib.get()
 
 
-def _merge_if_last(key, tiles, merge, tmp_o, tmp_lse, o, lse, smem_o, smem_md, smem_flag, req, by, head0, kv_head,
-                   kv_len, tid, params, tables):
+def _merge_if_last(key, tiles, merge_count, rows, tmp_o, tmp_lse, o, lse, smem_o, smem_md, smem_flag, req, by,
+                   head0, kv_head, kv_len, tid, params, tables):
     """After a piece of a cut request has written its partial state: the block that finishes the
     request's last piece (for its heads) folds all the pieces' states into o and lse, so no merge
     kernel runs after the decode kernel (on an H100 that launch cost 8-9 us at batch 1 and 64).
@@ -238,22 +244,20 @@ def _merge_if_last(key, tiles, merge, tmp_o, tmp_lse, o, lse, smem_o, smem_md, s
     ``merge_count[req, by]`` counts the request's finished pieces; the block that brings it to the
     number of pieces puts it back to 0, so the next launch (the next layer, or a graph replay)
     starts from 0, as it does after each plan's upload. The partial rows of ``req`` are
-    ``merge_indptr[req]:merge_indptr[req + 1]``. Thread ``(rg, slot)`` folds rows ``rg, rg + RG,
-    ..``, ``UM`` rows' loads issued before any is folded; the row groups then meet in shared memory
-    like the key groups.
+    ``rows = (merge_indptr[req], pieces)``. Thread ``(rg, slot)`` folds rows ``rg, rg + RG, ..``,
+    ``UM`` at a time (their loads issued together); the row groups then meet in shared memory like
+    the key groups.
 
-    Measured on an H100: the merge adds 6.9 us to 1 x 32768 (52.5 us with the pieces writing o
-    unmerged, a wrong result kept only for timing) and 4.6-5.0 us to 16 x 8192 and the Zipf batch;
-    the merge kernel it replaces took 8-9 us."""
-    merge_indptr, merge_count = merge
+    Measured on an H100 with timestamps in the kernel, for the block that merges: the fence and
+    count take 1.0 us; the merge 0.9 us for up to 16 pieces (16 x 8192, the Zipf batch) and 3.5 us
+    for the 66 pieces of 1 x 32768, a round of loads each 16 rows."""
     variant, D, G, VEC, TX = key.variant, key.head_dim, tiles.heads_per_block, tiles.vec, tiles.lanes_per_key
     threads, slots = tiles.threads, G * TX
     per_pass = min(slots, threads)
     RG = threads // per_pass
     assert RG <= tiles.key_groups, "the row groups' states go through smem_o, sized by the key groups"
     UM = MERGE_ROWS
-    first = let("m_first", merge_indptr[req])
-    n = let("m_pieces", merge_indptr[req + 1] - first)
+    first, n = rows  # merge_indptr[req], and the request's number of pieces
     # the block's partial-state stores happen before the barrier, the barrier before thread 0's
     # fence, the fence before its count (release, cumulative over the block, as CUTLASS's semaphore)
     T.evaluate(tirx.op.tvm_storage_sync("shared"))
@@ -291,11 +295,10 @@ def _merge_if_last(key, tiles, merge, tmp_o, tmp_lse, o, lse, smem_o, smem_md, s
                     with loop("vc", VEC // LV, "unroll") as vc:
                         with loop("v", LV, "vectorized") as v:
                             store(part_l, tmp_o[row, h, c * VEC + vc * LV + v], j, vc * LV + v)
-                with loop("j", UM, "unroll") as j:  # a repeated row weighs 0 (softmax: lse -inf) or adds 0
-                    def part(v, j=j):
-                        return tirx.if_then_else(ok[j] != 0, part_l[j, v], tirx.const(0.0, "float32"))
-
-                    fold_partial(variant.use_softmax, md, acc, (0,), VEC, lse_l[j], part)
+                # the UM rows fold at once; a repeated row weighs 0 (softmax: lse -inf) or adds 0
+                parts = [lambda v, j=j: tirx.if_then_else(ok[j] != 0, part_l[j, v], tirx.const(0.0, "float32"))
+                         for j in range(UM)]
+                fold_partial(variant.use_softmax, md, acc, (0,), VEC, [lse_l[j] for j in range(UM)], parts)
             with loop("v", VEC, "unroll") as v:
                 store(smem_o, acc[0, v], rg, g, c * VEC + v)
             with when(c == 0):
@@ -374,6 +377,8 @@ def _merge_groups(use_softmax, NKG, smem_md, smem_o, g, c, VEC, res, tot):
         with loop("v", VEC, "unroll") as v:
             store(res, res[v] + smem_o[k, g, c * VEC + v] * wk, v)
     denom = tot[1]
+    inv = let("inv_denom", tirx.if_then_else(denom > 0, tirx.const(1.0, "float32") / denom,
+                                             tirx.const(0.0, "float32")))  # one division, not VEC
     with loop("v", VEC, "unroll") as v:
-        store(res, tirx.if_then_else(denom > 0, res[v] / denom, tirx.const(0.0, "float32")), v)
+        store(res, res[v] * inv, v)
     store(tot, tirx.if_then_else(denom > 0, m_safe + tirx.log2(denom), neg_inf()), 0)

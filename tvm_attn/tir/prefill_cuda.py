@@ -428,8 +428,8 @@ def make_prefill_merge_cuda(key: AttentionKey) -> tirx.PrimFunc:
                     store(md, zero(), 1)
                     with loop("k", n) as k:
                         s_r = let("s_r", tmp_lse[start + k, kv_head])
-                        fold_partial(key.variant.use_softmax, md, acc, (), VEC, s_r,
-                                     lambda v, k=k: tmp_o[start + k, kv_head, tx * VEC + v])
+                        fold_partial(key.variant.use_softmax, md, acc, (), VEC, [s_r],
+                                     [lambda v, k=k: tmp_o[start + k, kv_head, tx * VEC + v]])
                     if key.variant.use_softmax:
                         denom = md[1]
                         with loop("v", VEC, "unroll") as v:
