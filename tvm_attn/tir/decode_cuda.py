@@ -41,9 +41,9 @@ from ._cuda import atomic_add, f32, fold_partial, kernel_params, neg_inf, shfl_x
 LOG2E = math.log2(math.e)
 #: the kernel's merge of a cut request: partial rows each thread loads, and then folds at once (one
 #: rescale). The merge waits on these loads: on an H100, timestamps in the kernel (%globaltimer) put
-#: one round of them at 0.7-0.9 us while other blocks still stream K/V. 8 rows (and the partial rows'
-#: offsets loaded before the key groups merge) took 1 x 32768 from 58.1 to 57.0 us; 16 rows spill
-MERGE_ROWS = 8
+#: one round of them at 0.7-0.9 us while other blocks still stream K/V. 8 rows were 0-1 us faster at
+#: 1 x 32768 but changed how nvcc schedules the key loop of the soft-cap kernel (10% slower there)
+MERGE_ROWS = 4
 
 
 def tiles_for(key: AttentionKey) -> DecodeTiles:
