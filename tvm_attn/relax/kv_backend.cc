@@ -40,6 +40,9 @@ struct PrefillTile {
   TVMFFISafeCallType paged, paged_merge, ragged, ragged_merge;
 };
 
+// one of a tile's kernels
+using Kernel = TVMFFISafeCallType PrefillTile::*;
+
 struct DecodeKernel {
   int64_t ctas_per_sm;     // resident CTAs per SM
   int64_t blocks_per_work; // CTAs one work item occupies (KV heads x head splits)
@@ -418,6 +421,23 @@ inline int64_t CausalArg(const Array<int64_t>& info, int64_t mask_mode) {
   return mask_mode;
 }
 
+// The plan's tensor-core prefill kernel (`kernel` of its tile) over the KV arguments `kv` (paged: pages,
+// page indptr, indices, lengths; ragged: k, v, kv indptr), then the tile's merge when the plan cut a tile.
+template <typename... KV>
+void RunPrefillKernel(Kernel kernel, Kernel merge, const Array<int64_t>& plan_info, const Layout& lay,
+                      int64_t mask_mode, const Tensor& float_ws, const Tensor& int_ws, const Tensor& q,
+                      const Tensor& qo_indptr, const Tensor& o, const Tensor& lse, double sm_scale, KV*... kv) {
+  const PrefillTile& t = kPrefillTiles[plan_info[kTile]];
+  int64_t causal = CausalArg(plan_info, mask_mode);
+  Workspace ws(float_ws, int_ws, lay);
+  Rebased q_r(q), qo(qo_indptr), o_r(o), lse_r(lse);
+  Call(t.*kernel, q_r.get(), qo.get(), kv..., ws.work.get(), ws.cta.get(), ws.tmp_o.get(), ws.tmp_lse.get(),
+       o_r.get(), lse_r.get(), sm_scale, causal);
+  if (plan_info[kNumPartials] > 0) {
+    Call(t.*merge, ws.merge.get(), ws.tmp_o.get(), ws.tmp_lse.get(), o_r.get(), lse_r.get(), causal);
+  }
+}
+
 void RunPaged(Tensor float_ws, Tensor int_ws, Array<int64_t> plan_info, Tensor q, Tensor k_view, Tensor v_view,
               Tensor qo_indptr, Tensor page_indptr, Tensor page_indices, Tensor length_info, Tensor o, Tensor lse,
               int64_t mask_mode, int64_t layout, int64_t window_left, bool enable_pdl, double sm_scale,
@@ -433,15 +453,9 @@ void RunPaged(Tensor float_ws, Tensor int_ws, Array<int64_t> plan_info, Tensor q
                     sm_scale);
     return;
   }
-  const PrefillTile& t = kPrefillTiles[plan_info[kTile]];
-  int64_t causal = CausalArg(plan_info, mask_mode);
-  Workspace ws(float_ws, int_ws, lay);
-  Rebased q_r(q), qo(qo_indptr), ip(page_indptr), ix(page_indices), len(length_info), o_r(o), lse_r(lse);
-  Call(t.paged, q_r.get(), qo.get(), pages.get(), ip.get(), ix.get(), len.get(), ws.work.get(), ws.cta.get(),
-       ws.tmp_o.get(), ws.tmp_lse.get(), o_r.get(), lse_r.get(), sm_scale, causal);
-  if (plan_info[kNumPartials] > 0) {
-    Call(t.paged_merge, ws.merge.get(), ws.tmp_o.get(), ws.tmp_lse.get(), o_r.get(), lse_r.get(), causal);
-  }
+  Rebased ip(page_indptr), ix(page_indices), len(length_info);
+  RunPrefillKernel(&PrefillTile::paged, &PrefillTile::paged_merge, plan_info, lay, mask_mode, float_ws, int_ws, q,
+                   qo_indptr, o, lse, sm_scale, pages.get(), ip.get(), ix.get(), len.get());
 }
 
 void RunRagged(Tensor float_ws, Tensor int_ws, Array<int64_t> plan_info, Tensor q, Tensor k, Tensor v,
@@ -455,15 +469,9 @@ void RunRagged(Tensor float_ws, Tensor int_ws, Array<int64_t> plan_info, Tensor 
   CheckTensor("v", v, kDType);
   Layout lay = LayoutOf(plan_info);
   if (plan_info[kKind] != kKindPrefill) TVM_FFI_THROW(ValueError) << "tvm_attn ragged run: not a prefill plan";
-  const PrefillTile& t = kPrefillTiles[plan_info[kTile]];
-  int64_t causal = CausalArg(plan_info, mask_mode);
-  Workspace ws(float_ws, int_ws, lay);
-  Rebased q_r(q), k_r(k), v_r(v), qo(qo_indptr), ip(kv_indptr), o_r(o), lse_r(lse);
-  Call(t.ragged, q_r.get(), qo.get(), k_r.get(), v_r.get(), ip.get(), ws.work.get(), ws.cta.get(), ws.tmp_o.get(),
-       ws.tmp_lse.get(), o_r.get(), lse_r.get(), sm_scale, causal);
-  if (plan_info[kNumPartials] > 0) {
-    Call(t.ragged_merge, ws.merge.get(), ws.tmp_o.get(), ws.tmp_lse.get(), o_r.get(), lse_r.get(), causal);
-  }
+  Rebased k_r(k), v_r(v), ip(kv_indptr);
+  RunPrefillKernel(&PrefillTile::ragged, &PrefillTile::ragged_merge, plan_info, lay, mask_mode, float_ws, int_ws, q,
+                   qo_indptr, o, lse, sm_scale, k_r.get(), v_r.get(), ip.get());
 }
 
 void RunDecode(Tensor float_ws, Tensor int_ws, Array<int64_t> plan_info, Tensor q, Tensor k_view, Tensor v_view,
