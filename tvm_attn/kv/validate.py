@@ -15,7 +15,8 @@ SUPPORTED_HEAD_DIMS = (64, 128, 256)
 
 
 def as_index_array(name: str, value) -> np.ndarray:
-    """A 1-D int32 numpy copy of ``value`` (any array-like or DLPack tensor)."""
+    """``value`` (any array-like or DLPack tensor) as a 1-D contiguous int32 numpy array: the same
+    memory when it already is one, else a checked copy."""
     arr = to_numpy(value)
     if arr.dtype == INDEX_DTYPE and arr.ndim == 1 and arr.flags.c_contiguous:
         return arr  # the common case, checked in O(1)
