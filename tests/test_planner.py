@@ -248,16 +248,18 @@ def test_prefill_packs_by_list_scheduling_so_ctas_share_keys(planner):
 @settings(max_examples=150, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
 @given(st.lists(st.integers(0, 5), min_size=0, max_size=8), st.sampled_from([1, 16]),
        st.sampled_from(["none", "indptr0", "decrease", "overrun", "last_big", "last_zero", "last_nonzero_empty",
-                        "negative_page"]), st.integers(0, 1000))
-def test_compiled_page_table_check_agrees_with_validate(pages, page_size, fault, seed):
-    """The planner module's one-pass page-table check accepts exactly what PagedKV.validate accepts,
-    and finds the largest page id in use."""
+                        "negative_page"]), st.integers(0, 1000), st.booleans())
+def test_decode_plan_checks_stages_and_plans_in_one_call(pages, page_size, fault, seed, graph):
+    """The kernel modules' decode plan (check, staging, planner in one host call) accepts exactly
+    what PagedKV.validate accepts and raises its message otherwise, leaving the staging array as it
+    was; else it finds the largest page id, stages the table (padded under CUDA graphs) and writes
+    the plan that the planner makes for the staged table."""
     from tvm_attn.cache import get_cache
     from tvm_attn.config import PlannerKey
     from tvm_attn.kv.formats import PagedKV
-    from tvm_attn.planner import PAGED_CHECK
+    from tvm_attn.planner import PLAN_DECODE, PlanBuffers
 
-    check = get_cache().module(PlannerKey())[PAGED_CHECK]
+    plan_decode = get_cache().module(PlannerKey())[PLAN_DECODE]
     rng = np.random.default_rng(seed)
     indptr = np.cumsum([0] + pages).astype(np.int32)
     indices = rng.integers(0, 50, int(indptr[-1]) + 2).astype(np.int32)
@@ -277,14 +279,59 @@ def test_compiled_page_table_check_agrees_with_validate(pages, page_size, fault,
         last[b] = 1
     elif fault == "negative_page" and indptr[-1] > 0:
         indices[int(rng.integers(0, int(indptr[-1])))] = -3
+    fmt = PagedKV(page_size, "NHD")
     try:
-        PagedKV(page_size, "NHD").validate(indptr, indices, last)
-        valid = True
-    except ValueError:
-        valid = False
-    result = tvm.runtime.tensor(np.zeros(2, np.int32))
-    check(tvm.runtime.tensor(indptr), tvm.runtime.tensor(indices), tvm.runtime.tensor(last), result, page_size)
-    ok, max_page = result.numpy()
-    assert ok == int(valid)
-    if valid:
-        assert max_page == int(indices[: indptr[-1]].max(initial=-1))
+        fmt.validate(indptr, indices, last)
+        error = None
+    except ValueError as e:
+        error = str(e)
+    num_ctas, max_batch, max_pages = 3, 10, 45
+    bufs = PlanBuffers(_decode_ws(max_batch, num_ctas), tvm.cpu(), (max_batch + 1, max_pages, max_batch))
+    bufs.host[:] = 7
+    pad = (max_batch, max_pages) if graph else None
+    if error is not None:
+        with pytest.raises(ValueError) as info:
+            bufs.plan_decode(plan_decode, fmt, indptr, indices, last, True, pad)
+        assert str(info.value) == error
+        assert np.all(bufs.host == 7)  # nothing staged, nothing planned
+        return
+    max_page, (v_indptr, v_indices, v_last) = bufs.plan_decode(plan_decode, fmt, indptr, indices, last, True, pad)
+    used = int(indptr[-1])
+    assert max_page == int(indices[:used].max(initial=-1))
+    staged = v_indptr.numpy(), v_indices.numpy(), v_last.numpy()  # what the kernel gets
+    if graph:
+        assert [len(a) for a in staged] == [max_batch + 1, max_pages, max_batch]
+        expect = (np.concatenate([indptr, np.full(max_batch - len(pages), used)]),
+                  np.concatenate([indices[:used], np.zeros(max_pages - used, np.int32)]),
+                  np.concatenate([last, np.zeros(max_batch - len(pages), np.int32)]))
+    else:
+        expect = indptr, indices[:used], last
+    for got, want in zip(staged, expect):
+        np.testing.assert_array_equal(got, want)
+    # the same plan as the planner's for the staged table
+    want = PlanBuffers(_decode_ws(max_batch, num_ctas), tvm.cpu())
+    want.plan(register_global_planner(), np.arange(len(staged[2]) + 1, dtype=np.int32), staged[0], staged[2],
+              page_size, True)
+    num_works = int(want.host_cta[-1])
+    np.testing.assert_array_equal(bufs.work_info.numpy()[:, :num_works], want.host_work[:, :num_works])
+    np.testing.assert_array_equal(bufs.cta_indptr.numpy(), want.host_cta)
+    np.testing.assert_array_equal(bufs.merge_indptr.numpy(), want.host_merge)
+
+
+def test_decode_plan_refuses_a_table_beyond_its_slots():
+    """Under CUDA graphs the table is padded to fixed slots: more pages than the slot hold is a
+    ValueError, never a write past the staging array."""
+    from tvm_attn.cache import get_cache
+    from tvm_attn.config import PlannerKey
+    from tvm_attn.kv.formats import PagedKV
+    from tvm_attn.planner import PLAN_DECODE, PlanBuffers
+
+    plan_decode = get_cache().module(PlannerKey())[PLAN_DECODE]
+    bufs = PlanBuffers(_decode_ws(4, 3), tvm.cpu(), (5, 20, 4))
+    indptr, last = page_table([16 * 10, 16 * 11], 16)  # 21 pages
+    with pytest.raises(ValueError, match="exceeds the workspace's slots"):
+        bufs.plan_decode(plan_decode, PagedKV(16, "NHD"), indptr, np.arange(21, dtype=np.int32), last, True,
+                         (4, 20))
+    with pytest.raises(ValueError, match="exceeds the workspace's slots"):  # more requests than the pad
+        bufs.plan_decode(plan_decode, PagedKV(16, "NHD"), indptr, np.arange(21, dtype=np.int32), last, True,
+                         (1, 20))

@@ -25,31 +25,31 @@ def target_of(name: str) -> tvm.target.Target:
 
 
 def generate(key: AttentionKey | MergeKey) -> tvm.IRModule:
-    """The kernel's module: ``key.uri`` and, for CUDA, the planner, the page-table check and
-    (prefill) the merge kernel."""
+    """The kernel's module: ``key.uri`` and, for CUDA, the planner, the decode plan and (prefill)
+    the merge kernel."""
     if isinstance(key, MergeKey):
         from .tir.merge import make_merge
 
         return tvm.IRModule({key.uri: make_merge(key)})
     if isinstance(key, PlannerKey):
-        from .planner import PAGED_CHECK
-        from .tir.plan import make_paged_check, make_planner
+        from .planner import PLAN_DECODE
+        from .tir.plan import make_decode_plan, make_planner
 
-        return tvm.IRModule({key.uri: make_planner(key.uri), PAGED_CHECK: make_paged_check()})
+        return tvm.IRModule({key.uri: make_planner(key.uri), PLAN_DECODE: make_decode_plan()})
     if not isinstance(key, AttentionKey):
         raise TypeError(f"no generator for {type(key).__name__}")
     if key.target.startswith("llvm"):
         from .tir.attention import make_attention
 
         return tvm.IRModule({key.uri: make_attention(key)})
-    from .planner import PAGED_CHECK, PLAN
-    from .tir.plan import make_paged_check, make_planner
+    from .planner import PLAN, PLAN_DECODE
+    from .tir.plan import make_decode_plan, make_planner
 
-    # the planner and the page-table check run on the host, on host tensors, inside the same module
-    # as the kernels
+    # the planner and the decode plan (page-table check, staging, planner) run on the host, on host
+    # tensors, inside the same module as the kernels
     host = target_of("llvm")
     host_fns = {PLAN: make_planner().with_attr("target", host),
-               PAGED_CHECK: make_paged_check().with_attr("target", host)}
+                PLAN_DECODE: make_decode_plan().with_attr("target", host)}
     if key.kind == "decode" and isinstance(key.kv, PagedKV):
         from .tir.decode_cuda import make_batch_decode_cuda
 

@@ -35,10 +35,16 @@ from .schedule.decode import DecodeTiles
 
 #: name of the planner function inside every CUDA kernel module (see tvm_attn.tir.plan)
 PLAN = "tvm_attn_plan"
-#: name of the page-table check beside it (see tvm_attn.tir.plan.make_paged_check)
-PAGED_CHECK = "tvm_attn_check_paged"
+#: name of the decode plan beside it: page-table check, staging and planner in one call
+#: (see tvm_attn.tir.plan.make_decode_plan)
+PLAN_DECODE = "tvm_attn_plan_decode"
 #: the planner's failure codes -> the capacity that was too small
 STATUS = {1: "max_works", 2: "max_partials", 3: "max_rows"}
+#: the decode plan's failure codes beyond those: a page table that breaks a rule, a layout too small
+STATUS_PAGE_TABLE, STATUS_LAYOUT = 4, 5
+#: fields of the decode plan's ``layout`` argument: where the staging array's regions start, and sizes
+DECODE_LAYOUT = ("work_at", "max_works", "cta_at", "merge_at", "max_rows", "indptr_at", "indices_at", "last_at",
+                 "max_partials")
 
 #: decode: cost of a work beyond its keys (loading q, merging key groups, storing), in keys: ~ one unrolled step
 WORK_OVERHEAD = 32
@@ -151,29 +157,12 @@ def _staging(n: int, device):
 
 def _host_arg(a: np.ndarray):
     """A zero-copy TVM view of a host int32 array (a copy where the array cannot be shared)."""
+    if not a.size:  # numpy exports an empty array with strides TVM does not take as compact
+        return tvm.runtime.tensor(np.zeros(0, a.dtype), tvm.cpu())
     try:
         return tvm_ffi.from_dlpack(a)
     except (BufferError, TypeError, ValueError):
         return tvm.runtime.tensor(np.ascontiguousarray(a), tvm.cpu())
-
-
-class PagedCheck:
-    """A kernel module's compiled page-table check (:func:`tvm_attn.tir.plan.make_paged_check`),
-    with its result buffer: ``plan``'s checks of a page table in one pass."""
-
-    def __init__(self, fn):
-        self.fn = fn
-        self.result = np.zeros(2, np.int32)
-        self._out = tvm_ffi.from_dlpack(self.result)
-
-    def __call__(self, fmt, indptr: np.ndarray, indices: np.ndarray, last_page_len: np.ndarray) -> int:
-        """The largest page id in use (-1 for none); a ValueError naming the fault when the table
-        breaks a rule of ``fmt.validate`` (a :class:`~tvm_attn.kv.formats.PagedKV`), which says what."""
-        self.fn(_host_arg(indptr), _host_arg(indices), _host_arg(last_page_len), self._out, fmt.page_size)
-        if not self.result[0]:
-            fmt.validate(indptr, indices, last_page_len)
-            raise ValueError("plan: the page table breaks a rule of PagedKV.validate that it did not name")
-        return int(self.result[1])
 
 
 class PlanBuffers:
@@ -217,6 +206,8 @@ class PlanBuffers:
         self.tmp_lse = tvm.runtime.empty((ws.max_partials, ws.part_heads), "float32", device)
         self.num_partials = 0
         self._views: dict = {}
+        self._decode_args = None  # plan_decode's staging, layout and stats arguments, made on first use
+        self._decode_views = (None, (), 0)  # plan_decode's (table shape, device views, staged entries)
 
     def _view(self, start: int, shape: tuple):
         return self._dev._create_view(shape, relative_byte_offset=4 * start)
@@ -242,16 +233,55 @@ class PlanBuffers:
         )
         num_works, num_partials, quota, status = self.host_stats.tolist()
         if status:
-            what = STATUS[status]
-            raise ValueError(
-                f"plan: the workspace is too small ({what}): the batch has {len(kv_indptr) - 1} requests and "
-                f"needs {num_works} works / {num_partials} partial rows / {int(qo_indptr[-1]) * group_size} "
-                f"rows, but the wrapper was sized for max_rows={self.ws.max_rows}, "
-                f"max_works={self.ws.max_works}, max_partials={self.ws.max_partials}; create the wrapper "
-                "with larger maxima"
-            )
+            raise ValueError(self._capacity_message(status, len(kv_indptr) - 1, num_works, num_partials,
+                                                    int(qo_indptr[-1]) * group_size))
         self.num_partials = num_partials
         return num_works, num_partials, quota
+
+    def plan_decode(self, plan_fn, fmt, indptr: np.ndarray, indices: np.ndarray, last_page_len: np.ndarray,
+                    allow_split: bool, pad: tuple[int, int] | None = None):
+        """A decode plan in one host call (:func:`tvm_attn.tir.plan.make_decode_plan`): check the
+        page table, stage it (padded to ``pad = (batch, pages)`` under CUDA graphs) and plan; then
+        send plan and table to the device in one copy. Returns (largest page id in use, the device
+        views of the staged kv_indptr, kv_indices and kv_last_page_len). A page table that breaks a
+        rule raises ``fmt.validate``'s error; a workspace too small raises a ValueError that says
+        which capacity."""
+        batch, used = indptr.size - 1, int(indptr[-1])
+        pad_batch, pad_pages = pad if pad is not None else (batch, -1)
+        args = self._decode_args
+        if args is None:
+            ws, at = self.ws, self._starts
+            fields = dict(work_at=at[0], max_works=ws.max_works, cta_at=at[1], merge_at=at[2], max_rows=ws.max_rows,
+                          indptr_at=at[4], indices_at=at[5], last_at=at[6], max_partials=ws.max_partials)
+            self._layout = np.array([fields[f] for f in DECODE_LAYOUT], np.int32)
+            self._decode_stats = np.zeros(5, np.int32)
+            args = self._decode_args = (_host_arg(self.host), _host_arg(self._layout), _host_arg(self._decode_stats))
+        plan_fn(_host_arg(indptr), _host_arg(indices), _host_arg(last_page_len), *args, self.ws.num_ctas,
+                fmt.page_size, int(allow_split), pad_batch, pad_pages, WORK_OVERHEAD, PACK_SLACK_DIV)
+        num_works, num_partials, _, status, max_page = self._decode_stats.tolist()
+        if status in (STATUS_PAGE_TABLE, STATUS_LAYOUT):
+            fmt.validate(indptr, indices, last_page_len)  # names the fault
+            if status == STATUS_PAGE_TABLE:
+                raise ValueError("plan: the page table breaks a rule of PagedKV.validate that it did not name")
+            raise ValueError(f"plan: the page table ({batch} requests, {used} pages) exceeds the workspace's "
+                             f"slots {self.index_capacity} (padded to {pad})")
+        if status:
+            raise ValueError(self._capacity_message(status, batch, num_works, num_partials, batch))
+        self.num_partials = num_partials
+        shape = (pad_batch, used if pad_pages < 0 else pad_pages)
+        if self._decode_views[0] != shape:  # kept while the shape repeats, as it does under CUDA graphs
+            at = self._starts[self._FIXED:]
+            self._decode_views = shape, (self._view(at[0], (shape[0] + 1,)), self._view(at[1], (shape[1],)),
+                                         self._view(at[2], (shape[0],))), at[2] + shape[0]
+        _, views, end = self._decode_views
+        self._send(end)
+        return max_page, views
+
+    def _capacity_message(self, status: int, batch: int, num_works: int, num_partials: int, rows: int) -> str:
+        return (f"plan: the workspace is too small ({STATUS[status]}): the batch has {batch} requests and "
+                f"needs {num_works} works / {num_partials} partial rows / {rows} rows, but the wrapper was "
+                f"sized for max_rows={self.ws.max_rows}, max_works={self.ws.max_works}, "
+                f"max_partials={self.ws.max_partials}; create the wrapper with larger maxima")
 
     def upload(self, index_arrays=()) -> tuple:
         """Copy the plan and ``index_arrays`` (int32, one per slot) to the device in one transfer;
@@ -265,6 +295,11 @@ class PlanBuffers:
             self.host[start: start + a.size] = a
             end = start + a.size
             views.append(self._last_view(slot, start, a.size))
+        self._send(end)
+        return tuple(views)
+
+    def _send(self, end: int) -> None:
+        """Copy the staging array's first ``end`` entries to the device."""
         dst = self._last_view("copy", 0, end)
         if self._pinned is None:
             dst.copyfrom(self.host[:end])
@@ -273,7 +308,6 @@ class PlanBuffers:
             if src is None or src.shape[0] != end:
                 src = self._views["pinned"] = self._pinned._create_view((end,))
             src.copyto(dst)
-        return tuple(views)
 
     def _last_view(self, slot, start: int, size: int):
         """The device view of ``size`` entries at ``start``, kept while the size repeats (as it does
@@ -303,4 +337,4 @@ def register_global_planner(cache=None):
 
 
 __all__ = ["register_global_planner", "GLOBAL_NAME", "Workspace", "decode_workspace", "decode_workspace_size",
-           "prefill_workspace", "prefill_workspace_size", "PlanBuffers", "PagedCheck", "PLAN", "PAGED_CHECK"]
+           "prefill_workspace", "prefill_workspace_size", "PlanBuffers", "PLAN", "PLAN_DECODE"]

@@ -219,11 +219,10 @@ class PlanStatics:
 
     key: AttentionKey
     tiles: object
+    #: the module's decode plan (page-table check, staging and planner in one host call)
     planner: object
     kernel: object
     defaults: dict
-    #: the module's page-table check (:class:`~tvm_attn.planner.PagedCheck`)
-    check: object
 
 
 def _out_tensor(name, given, shape, dtype, device):

@@ -10,7 +10,7 @@ import numpy as np
 from ..config import AttentionKey
 from ..kv.formats import PagedKV
 from ..kv.validate import as_index_array
-from ..planner import PAGED_CHECK, PLAN, PagedCheck, decode_workspace
+from ..planner import PLAN_DECODE, decode_workspace
 from ..schedule.decode import DecodeTiles, decode_schedule
 from ..tensor import shape_of
 from ._common import (
@@ -55,7 +55,6 @@ class BatchDecodeWithPagedKVCacheWrapper(Wrapper):
         self._dev_plan = DevicePlan(self._device, self._graph) if self._target != "llvm" else None
         self._statics = None
         self._last_key = None
-        self._qo = np.zeros(0, np.int32)
 
     def plan(
         self, indptr, indices, last_page_len, num_qo_heads: int, num_kv_heads: int, head_dim: int,
@@ -88,15 +87,12 @@ class BatchDecodeWithPagedKVCacheWrapper(Wrapper):
             self._max_page = int(indices[: indptr[-1]].max(initial=-1))
             self._plan_call(key, sm_scale, (), (indptr, indices, last_page_len), self._batch_size)
             return
-        # CUDA: the kernel module's compiled check (one pass; validate names a fault it finds)
+        # CUDA: the kernel module's decode plan checks the table, stages it and plans in one call
         indptr, indices, last_page_len = (as_index_array(name, a) for name, a in (
             ("kv_indptr", indptr), ("kv_indices", indices), ("kv_last_page_len", last_page_len)))
         if last_page_len.size != indptr.size - 1:
             key.kv.validate(indptr, indices, last_page_len)  # raises: says which length is off
-        st = self._static(key)
-        self._max_page = st.check(key.kv, indptr, indices, last_page_len)
-        self._batch_size = indptr.size - 1
-        self._plan_cuda(key, st, sm_scale, indptr, indices[: indptr[-1]], last_page_len)
+        self._plan_cuda(key, self._static(key), sm_scale, indptr, indices, last_page_len)
 
     def _key(self, options, variant) -> AttentionKey:
         (num_qo_heads, num_kv_heads, head_dim, page_size, pos_encoding_mode, window_left, logits_soft_cap,
@@ -114,32 +110,29 @@ class BatchDecodeWithPagedKVCacheWrapper(Wrapper):
                             schedule)
 
     def _plan_cuda(self, key, st, sm_scale, indptr, indices, last_page_len) -> None:
-        batch = indptr.size - 1
-        if self._graph:
+        batch, used = indptr.size - 1, int(indptr[-1])
+        if not 0 <= used <= indices.size:
+            key.kv.validate(indptr, indices, last_page_len)  # raises: says what is wrong
+        pad = None
+        if self._graph:  # every buffer stays put: pad the table to the wrapper's maxima
             if batch > self._max_batch:
                 raise ValueError(f"plan: batch_size {batch} exceeds the wrapper's max_batch_size {self._max_batch}")
-            if indices.size > self._max_pages:
-                raise ValueError(f"plan: {indices.size} page-table entries exceed max_num_pages {self._max_pages}")
-            pad = self._max_batch - batch  # padded requests have no pages
-            indptr = np.concatenate([indptr, np.full(pad, indptr[-1], np.int32)])
-            last_page_len = np.concatenate([last_page_len, np.zeros(pad, np.int32)])
-            indices = np.concatenate([indices, np.zeros(self._max_pages - indices.size, np.int32)])
-            self._batch_size = self._max_batch
-        capacity = self._max_batch if self._graph else max(batch, self._max_batch or 0, 1)
-        dp = self._dev_plan
-        index = (indptr, indices, last_page_len)
-        bufs = dp.workspace(
-            ("decode", key.num_qo_heads, key.num_kv_heads, key.head_dim, key.schedule), (capacity,),
+            if used > self._max_pages:
+                raise ValueError(f"plan: {used} page-table entries exceed max_num_pages {self._max_pages}")
+            pad = (self._max_batch, self._max_pages)
+        rows = self._max_batch if self._graph else max(batch, self._max_batch or 0, 1)
+        slots = (pad[0] + 1, pad[1], pad[0]) if pad else (batch + 1, used, batch)
+        bufs = self._dev_plan.workspace(
+            ("decode", key.num_qo_heads, key.num_kv_heads, key.head_dim, key.schedule), (rows,),
             lambda rows: decode_workspace(rows, key.num_qo_heads, key.num_kv_heads, key.head_dim, st.tiles,
                                           self._device.multi_processor_count),
-            tuple(a.size for a in index),
+            slots,
         )
-        if self._qo.size != indptr.size:
-            self._qo = np.arange(indptr.size, dtype=np.int32)
-        bufs.plan(st.planner, self._qo, indptr, last_page_len, key.kv.page_size, self._allow_split)
+        self._max_page, index = bufs.plan_decode(st.planner, key.kv, indptr, indices, last_page_len,
+                                                 self._allow_split, pad)
+        self._batch_size = pad[0] if pad else batch
         self._call = KernelCall(
-            key, st.kernel, self._device, (), bufs.upload(index), self._batch_size,
-            default_sm_scale(sm_scale, key.head_dim),
+            key, st.kernel, self._device, (), index, self._batch_size, default_sm_scale(sm_scale, key.head_dim),
             workspace_args=(bufs.work_info, bufs.cta_indptr, bufs.tmp_o, bufs.tmp_lse, *bufs.merge_state),
             defaults=st.defaults,
         )
@@ -151,8 +144,8 @@ class BatchDecodeWithPagedKVCacheWrapper(Wrapper):
         if st is None or (st.key is not key and st.key != key):
             module = self._cache.module(key)
             st = self._statics = PlanStatics(
-                key, DecodeTiles.parse(key.schedule, key.head_dim, key.kv_dtype), module[PLAN], module[key.uri],
-                default_tensors(key, self._device), PagedCheck(module[PAGED_CHECK]))
+                key, DecodeTiles.parse(key.schedule, key.head_dim, key.kv_dtype), module[PLAN_DECODE],
+                module[key.uri], default_tensors(key, self._device))
         return st
 
     def run(self, q, paged_kv_cache, *, out=None, lse=None, return_lse: bool = False, **variant_args):

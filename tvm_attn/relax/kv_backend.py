@@ -89,14 +89,14 @@ class CudaKVBackend:
     def functions(self) -> dict:
         """name -> PrimFunc: every kernel, merge kernel and the planner, with the variant's scalars bound."""
         from ..build import generate
-        from ..planner import PAGED_CHECK
+        from ..planner import PLAN_DECODE
         from ..tir.abi import bind_scalars
 
         out = {}
         keys = [k for pair in self.prefill_keys for k in pair] + [self.decode_key]
         for key in keys:
             for gv, func in generate(key).functions.items():
-                if gv.name_hint != PAGED_CHECK:  # the cache builds its page tables itself: no check
+                if gv.name_hint != PLAN_DECODE:  # the cache stages its page tables itself
                     out[gv.name_hint] = bind_scalars(func, self.fixed)
         return out
 
