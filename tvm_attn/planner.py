@@ -156,13 +156,12 @@ def _staging(n: int, device):
 
 
 def _host_arg(a: np.ndarray):
-    """A zero-copy TVM view of a host int32 array (a copy where the array cannot be shared)."""
-    if not a.size:  # numpy exports an empty array with strides TVM does not take as compact
-        return tvm.runtime.tensor(np.zeros(0, a.dtype), tvm.cpu())
-    try:
-        return tvm_ffi.from_dlpack(a)
-    except (BufferError, TypeError, ValueError):
-        return tvm.runtime.tensor(np.ascontiguousarray(a), tvm.cpu())
+    """A host int32 array as a TVM function argument: the array itself, which TVM takes through
+    DLPack without a copy (~0.1 us faster per array than ``tvm_ffi.from_dlpack``), else a copy:
+    numpy shares no read-only array, and gives an empty one strides TVM does not take as compact."""
+    if a.size and a.flags.writeable:
+        return a
+    return tvm.runtime.tensor(np.ascontiguousarray(a), tvm.cpu())
 
 
 class PlanBuffers:
@@ -255,7 +254,8 @@ class PlanBuffers:
                           indptr_at=at[4], indices_at=at[5], last_at=at[6], max_partials=ws.max_partials)
             self._layout = np.array([fields[f] for f in DECODE_LAYOUT], np.int32)
             self._decode_stats = np.zeros(5, np.int32)
-            args = self._decode_args = (_host_arg(self.host), _host_arg(self._layout), _host_arg(self._decode_stats))
+            args = self._decode_args = tuple(tvm_ffi.from_dlpack(a) for a in (self.host, self._layout,
+                                                                              self._decode_stats))
         plan_fn(_host_arg(indptr), _host_arg(indices), _host_arg(last_page_len), *args, self.ws.num_ctas,
                 fmt.page_size, int(allow_split), pad_batch, pad_pages, WORK_OVERHEAD, PACK_SLACK_DIV)
         num_works, num_partials, _, status, max_page = self._decode_stats.tolist()

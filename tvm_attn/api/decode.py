@@ -54,6 +54,7 @@ class BatchDecodeWithPagedKVCacheWrapper(Wrapper):
         self._allow_split = not disable_split_kv
         self._dev_plan = DevicePlan(self._device, self._graph) if self._target != "llvm" else None
         self._statics = None
+        self._bufs = None  # (plan statics, PlanBuffers) of the last CUDA plan
         self._last_key = None
 
     def plan(
@@ -122,20 +123,30 @@ class BatchDecodeWithPagedKVCacheWrapper(Wrapper):
             pad = (self._max_batch, self._max_pages)
         rows = self._max_batch if self._graph else max(batch, self._max_batch or 0, 1)
         slots = (pad[0] + 1, pad[1], pad[0]) if pad else (batch + 1, used, batch)
-        bufs = self._dev_plan.workspace(
-            ("decode", key.num_qo_heads, key.num_kv_heads, key.head_dim, key.schedule), (rows,),
-            lambda rows: decode_workspace(rows, key.num_qo_heads, key.num_kv_heads, key.head_dim, st.tiles,
-                                          self._device.multi_processor_count),
-            slots,
-        )
+        bufs = self._bufs
+        if bufs is None or bufs[0] is not st or rows > bufs[1].ws.max_rows or not bufs[1].fits(slots):
+            # another key, or more room: the device plan's buffers (grown, or refused under CUDA graphs)
+            bufs = self._bufs = st, self._dev_plan.workspace(
+                ("decode", key.num_qo_heads, key.num_kv_heads, key.head_dim, key.schedule), (rows,),
+                lambda rows: decode_workspace(rows, key.num_qo_heads, key.num_kv_heads, key.head_dim, st.tiles,
+                                              self._device.multi_processor_count),
+                slots,
+            )
+        bufs = bufs[1]
         self._max_page, index = bufs.plan_decode(st.planner, key.kv, indptr, indices, last_page_len,
                                                  self._allow_split, pad)
         self._batch_size = pad[0] if pad else batch
-        self._call = KernelCall(
-            key, st.kernel, self._device, (), index, self._batch_size, default_sm_scale(sm_scale, key.head_dim),
-            workspace_args=(bufs.work_info, bufs.cta_indptr, bufs.tmp_o, bufs.tmp_lse, *bufs.merge_state),
-            defaults=st.defaults,
-        )
+        scale = default_sm_scale(sm_scale, key.head_dim)
+        call = self._call
+        # a steady batch plans the same arguments step after step (the index views are kept while
+        # their shapes repeat): the kernel call stays
+        if (call is None or call.fn is not st.kernel or call.kv_args is not index or call.sm_scale != scale
+                or call.num_q_rows != self._batch_size or call.workspace_args[0] is not bufs.work_info):
+            self._call = KernelCall(
+                key, st.kernel, self._device, (), index, self._batch_size, scale,
+                workspace_args=(bufs.work_info, bufs.cta_indptr, bufs.tmp_o, bufs.tmp_lse, *bufs.merge_state),
+                defaults=st.defaults,
+            )
 
     def _static(self, key):
         """What a plan of ``key`` needs besides the lengths (the schedule, the kernel functions, the
