@@ -4,6 +4,7 @@ decode schedule issues the next step's loads before it computes."""
 
 import re
 
+import numpy as np
 import pytest
 
 from tvm_attn.api._common import flashinfer_variant
@@ -11,7 +12,7 @@ from tvm_attn.build import compile_key, cuda_source
 from tvm_attn.config import AttentionKey
 from tvm_attn.kv.formats import PagedKV, RaggedKV
 from tvm_attn.schedule.decode import DecodeTiles, decode_schedule
-from tvm_attn.schedule.prefill import choose_prefill_tiles
+from tvm_attn.schedule.prefill import PrefillTiles, choose_prefill_tiles
 
 TARGET = "cuda:sm_90a"
 
@@ -83,3 +84,29 @@ def test_prefill_key_staging_has_two_barriers_per_tile():
                        choose_prefill_tiles(128).uri())
     body = _kernel_body(cuda_source(compile_key(key)), key.uri)
     assert body.count("__syncthreads()") == 3, body.count("__syncthreads()")
+
+
+def test_prefill_key_stages_shrink_for_register_hungry_logits_hooks():
+    """At head_dim 128 the 128-row tile takes 64-key stages, 32 for a soft-cap, and 16 for logits
+    hooks that read tensors (ALiBi, a custom mask): the stages ptxas compiles without spills. The
+    wrappers and the runtime KV cache's tile table pick the same."""
+    import tvm_attn as ta
+    from tvm_attn.relax.kv_backend import prefill_tile_table
+    from tvm_attn.schedule.prefill import logits_weight
+
+    cases = [(None, 64), (ta.Causal(), 64), (ta.Causal() + ta.SlidingWindow(), 64), (ta.SigmoidAttention(), 64),
+             (ta.RoPE(), 64), (ta.Causal() + ta.LogitsSoftCap(), 32), (ta.ALiBi(), 16),
+             (ta.Causal() + ta.CustomMask(), 16), (ta.LogitsSoftCap() + ta.ALiBi(), 16)]
+    for variant, kv_tile in cases:
+        assert choose_prefill_tiles(128, None, variant).kv_tile == kv_tile, variant
+        assert choose_prefill_tiles(128, 4096, variant).kv_tile == kv_tile, variant
+        assert prefill_tile_table(128, variant)[-1][1].kv_tile == kv_tile, variant
+        # only the 128-row tile at head_dim 128 changes
+        assert choose_prefill_tiles(64, None, variant).kv_tile == 64
+        assert choose_prefill_tiles(128, 16, variant) == choose_prefill_tiles(128, 16)
+    assert [logits_weight(v) for v in (None, ta.LogitsSoftCap(), ta.ALiBi())] == [0, 1, 2]
+    cuda_key = ta.BatchPrefillWithRaggedKVCacheWrapper("NHD", device="cpu")._cuda_key
+    for variant, kv_tile in cases:
+        v = variant if variant is not None else ta.Causal()
+        key = AttentionKey("prefill", RaggedKV("NHD"), 32, 8, 128, "float16", "float16", v, TARGET, "default")
+        assert PrefillTiles.parse(cuda_key(key, np.array([0, 4096], np.int32)).schedule).kv_tile == kv_tile

@@ -64,7 +64,7 @@ def schedule_for(c, lengths) -> str:
     qo = np.array([q for q, _ in lengths])
     qo = qo[qo > 0]
     hq, hkv = c["heads"]
-    return prefill_schedule(c["head_dim"], int(qo.mean() * (hq // hkv)) if qo.size else None)
+    return prefill_schedule(c["head_dim"], int(qo.mean() * (hq // hkv)) if qo.size else None, variant(c))
 
 
 def key_of(c, lengths, target: str = "cuda:sm_90a"):

@@ -66,7 +66,7 @@ class CudaPrefillPlan(Wrapper):
         lens = np.diff(qo_indptr)
         lens = lens[lens > 0]
         packed = None if self._graph or not lens.size else int(lens.mean() * key.group_size)
-        return replace(key, schedule=prefill_schedule(key.head_dim, packed))
+        return replace(key, schedule=prefill_schedule(key.head_dim, packed, key.variant))
 
     def _plan_cuda(self, key, sm_scale, qo_indptr, kv_indptr, last, page_size, order, num_q_rows, indices=None):
         """``order``: the kernel's KV index arguments, by name: ``"kv_indptr"``, ``"last"`` (the

@@ -37,14 +37,14 @@ SYMBOLS = (PLAN_PAGED, PLAN_RAGGED, PLAN_DECODE, RUN_PAGED, RUN_RAGGED, RUN_DECO
 _DLPACK_DTYPE = {"float16": "{kDLFloat, 16, 1}", "bfloat16": "{kDLBfloat, 16, 1}"}
 
 
-def prefill_tile_table(head_dim: int, max_rows: int = 1 << 12) -> list[tuple[int, object]]:
+def prefill_tile_table(head_dim: int, variant=None, max_rows: int = 1 << 12) -> list[tuple[int, object]]:
     """``(max mean packed rows, tiles)`` in increasing order: :func:`choose_prefill_tiles` as a table
     (the C++ plan looks the tile up here; the last entry covers every larger mean)."""
     from ..schedule.prefill import choose_prefill_tiles
 
     table = []
     for rows in range(1, max_rows + 1):
-        tiles = choose_prefill_tiles(head_dim, rows)
+        tiles = choose_prefill_tiles(head_dim, rows, variant)
         if table and table[-1][1] == tiles:
             table[-1] = (rows, tiles)
         else:
@@ -73,7 +73,7 @@ class CudaKVBackend:
         if dt not in _DLPACK_DTYPE:
             raise ValueError(f"dtype: tvm_attn's CUDA KV-cache kernels take float16 or bfloat16, got {dt!r}")
         prefill_variant = compose(RuntimeCausal(), user)
-        self.tiles = prefill_tile_table(d)
+        self.tiles = prefill_tile_table(d, prefill_variant)
         self.prefill_keys = []
         for _, tiles in self.tiles:
             pair = tuple(AttentionKey("prefill", kv, hq, hkv, d, dt, dt, prefill_variant, c.target, tiles.uri())
@@ -89,14 +89,14 @@ class CudaKVBackend:
     def functions(self) -> dict:
         """name -> PrimFunc: every kernel, merge kernel and the planner, with the variant's scalars bound."""
         from ..build import generate
-        from ..planner import PLAN_DECODE
+        from ..planner import PLAN_DECODE as DECODE_PLAN  # (not this module's PLAN_DECODE slot)
         from ..tir.abi import bind_scalars
 
         out = {}
         keys = [k for pair in self.prefill_keys for k in pair] + [self.decode_key]
         for key in keys:
             for gv, func in generate(key).functions.items():
-                if gv.name_hint != PLAN_DECODE:  # the cache stages its page tables itself
+                if gv.name_hint != DECODE_PLAN:  # the cache stages its page tables itself
                     out[gv.name_hint] = bind_scalars(func, self.fixed)
         return out
 
