@@ -74,7 +74,7 @@ class KernelCache:
         return self.module(key)[name or key.uri]
 
     def module(self, key: AttentionKey | MergeKey):
-        """``key``'s loaded module (the kernel, and for CUDA its planner, page-table check and, for
+        """``key``'s loaded module (the kernel, and for CUDA its planner, decode plan and, for
         prefill, merge kernel)."""
         uri = key.uri
         mod = self._functions.get(uri)

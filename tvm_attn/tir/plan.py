@@ -322,7 +322,6 @@ def make_decode_plan(name: str = PLAN_DECODE) -> tirx.PrimFunc:
                 scalar_param(n, "int32") for n in ("num_ctas", "page_size", "allow_split", "pad_batch", "pad_pages",
                                                    "work_overhead", "pack_slack_div"))
             at = {f: let(f, layout[i]) for i, f in enumerate(DECODE_LAYOUT)}
-            at["num_ctas"] = num_ctas
             used = let("used", indptr[batch])
             pad_pages = let("pages", tirx.if_then_else(pad_pages_arg < 0, used, pad_pages_arg))
 
@@ -332,9 +331,9 @@ def make_decode_plan(name: str = PLAN_DECODE) -> tirx.PrimFunc:
                 return buf
 
             fits = tirx.all(
-                at["work_at"] >= 0, at["max_works"] >= 0, at["num_ctas"] >= 1, at["max_rows"] >= 0,
+                at["work_at"] >= 0, at["max_works"] >= 0, num_ctas >= 1, at["max_rows"] >= 0,
                 at["work_at"] + WORK_FIELDS * at["max_works"] <= at["cta_at"],
-                at["cta_at"] + at["num_ctas"] + 1 <= at["merge_at"],
+                at["cta_at"] + num_ctas + 1 <= at["merge_at"],
                 at["merge_at"] + at["max_rows"] + 1 <= at["indptr_at"],
                 pad_batch >= batch, at["indptr_at"] + pad_batch + 1 <= at["indices_at"],
                 used <= pad_pages, at["indices_at"] + pad_pages <= at["last_at"], at["last_at"] + pad_batch <= size)
@@ -361,9 +360,9 @@ def make_decode_plan(name: str = PLAN_DECODE) -> tirx.PrimFunc:
                         store(s_indptr, used, batch + 1 + b)
                         store(s_last, 0, batch + b)
                     work_info = region("s_work_info", at["work_at"], WORK_FIELDS, at["max_works"])
-                    cta_indptr = region("s_cta_indptr", at["cta_at"], at["num_ctas"] + 1)
+                    cta_indptr = region("s_cta_indptr", at["cta_at"], num_ctas + 1)
                     merge_indptr = region("s_merge_indptr", at["merge_at"], at["max_rows"] + 1)
                     _emit_plan(lambda b: b, pad_batch, s_indptr, s_last, work_info, cta_indptr, merge_indptr, stats,
-                               at["num_ctas"] + 1, at["max_rows"] + 1, at["max_partials"], page_size, allow_split,
+                               num_ctas + 1, at["max_rows"] + 1, at["max_partials"], page_size, allow_split,
                                1, 1, 0, overhead, slack_div)
     return ib.get()
