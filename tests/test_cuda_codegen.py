@@ -76,6 +76,28 @@ def test_prefill_one_barrier_per_tile_and_lazy_rescale():
     assert re.search(r"exp2f\(\(\(s_acc_ptr\[\d+\] \* [^;]*\) - m_safe\)\)", body)
 
 
+@pytest.mark.parametrize("causal", [False, True])
+def test_prefill_output_and_copy_placement(causal):
+    """The output leaves in 16-byte stores (staged through shared memory), never element by element,
+    and the next tile's K and V copies are issued at two points of a tile's compute: after the
+    barrier and after S (masked kernels), after S and after the softmax (the others)."""
+    tiles = choose_prefill_tiles(128)
+    v = flashinfer_variant(causal=causal)
+    key = AttentionKey("prefill", RaggedKV("NHD"), 32, 8, 128, "float16", "float16", v, TARGET, tiles.uri())
+    body = _kernel_body(cuda_source(compile_key(key)), key.uri)
+    assert not re.search(r"(?<![\w])o_ptr\[[^;]*\] =", body), "o is stored element by element"
+    per_warp_rows = 16 * tiles.m_tiles
+    assert len(re.findall(r"st_vec_global_v4_b32\(", body)) == per_warp_rows * 16 // 32
+    loop = body[body.index("__syncthreads()"):]
+    first_mma, first_exp = loop.index("mma_sync"), loop.index("exp2f(")
+    k_at = re.search(r"cp_async\w*\([^;]*k_ptr\[", loop).start()
+    v_at = re.search(r"cp_async\w*\([^;]*v_ptr\[", loop).start()
+    if causal:
+        assert k_at < first_mma < v_at < first_exp, (k_at, first_mma, v_at, first_exp)
+    else:
+        assert first_mma < k_at < first_exp < v_at, (first_mma, k_at, first_exp, v_at)
+
+
 def test_prefill_key_staging_has_two_barriers_per_tile():
     """RoPE keys are rotated once per KV tile into their own buffer: a barrier before (the tile has
     landed) and after (rotated keys visible), plus the table fill's -- none per rotated element."""

@@ -18,9 +18,11 @@ request (``tile_q`` GQA-packed rows: packed row ``p`` is token ``p // group`` of
         O = O * scale + P V  P stays in registers as the A operand; V through ldmatrix.trans
     o = O / l, lse = m + log2(l)   (or, for a piece of a cut tile, the partial state)
 
-One block barrier per KV tile, after the tile has landed and before the other stage is refilled;
-none between works: each warp loads only its own rows of the next query tile, and the stage the
-next work's first tile goes to was last read two tiles earlier. Without a logits transform the
+One block barrier per KV tile, after the tile has landed and before the other stage is refilled
+(the next tile's K and V copies are issued at two points of the tile's compute); none between
+works: each warp loads only its own rows of the next query tile, and the stage the next work's
+first tile goes to was last read two tiles earlier. The output leaves through the warp's own rows
+of the query tile in shared memory, in 16-byte stores. Without a logits transform the
 logits stay unscaled (q.k) and the scale goes into the exponent, ``exp2(s * scale_log2 - m)``
 (one FFMA). The online softmax rescales O and l only when some row of the warp raised its max by
 more than RESCALE_SLACK (log2 units); otherwise rows keep their old max, and weights stay below
@@ -102,6 +104,12 @@ def make_prefill_cuda(key: AttentionKey, tiles: PrefillTiles | None = None) -> t
     # softmax without a logits transform keeps raw q.k in registers and scales inside the exp2
     # (one FFMA); the row max of raw logits is the max of scaled ones since sm_scale > 0
     fold_scale = softmax and not variant.overrides("logits_transform")
+    # where a tile's compute issues the next tile's K and V copies ("top": after the barrier, "s": after
+    # S = Q K^T, "softmax": before P V). Spread over the tile: one burst of all of them stalls the warp
+    # on registers that the queued copies still hold (ncu on the H100, 16k keys: 8% of the stall
+    # samples; H200, 1 x 16384 non-causal: all at the top 12.76 ms, top / s 12.47, s / softmax 12.15).
+    # Masked kernels keep top / s: their mask work takes registers, and s / softmax spills there.
+    copy_at = {"k": "top", "v": "s"} if has_mask else {"k": "s", "v": "softmax"}
     with IRBuilder() as ib:
         with T.prim_func():
             idx, num_ctas, work_info, cta_indptr, tmp_o, tmp_lse, _, o, lse, sm_scale, params = kernel_params(
@@ -178,17 +186,20 @@ def make_prefill_cuda(key: AttentionKey, tiles: PrefillTiles | None = None) -> t
                     stride = let("out_stride", work_info[5, w])
                     parity = let("parity", tiles_done[0])
 
-                    def issue(tile, stage):
-                        """cp.async of KV tile ``tile`` into ``stage`` (rows past the keys repeat the last)."""
+                    def issue(tile, stage, parts=("k", "v")):
+                        """cp.async of KV tile ``tile`` (its K and/or V rows) into ``stage`` (rows past
+                        the keys repeat the last)."""
                         t0 = begin + tile * TK
                         with loop("i", TK * CH // NT, "unroll") as i:
                             c = i * NT + tid
                             kr, col = c // CH, (c % CH) * 8
                             addr = idx.kv_addr(req, tirx.min(t0 + kr, end - 1))
-                            kb, kix = idx.k_elem(addr, kv_head, col)
-                            _cp_async(k_s, (stage, kr, col), kb, kix)
-                            vb, vix = idx.v_elem(addr, kv_head, col)
-                            _cp_async(v_s, (stage, kr, col), vb, vix)
+                            if "k" in parts:
+                                kb, kix = idx.k_elem(addr, kv_head, col)
+                                _cp_async(k_s, (stage, kr, col), kb, kix)
+                            if "v" in parts:
+                                vb, vix = idx.v_elem(addr, kv_head, col)
+                                _cp_async(v_s, (stage, kr, col), vb, vix)
 
                     # -- this warp's rows of the query tile and the first KV tile, with no block barrier:
                     # each warp overwrites only its own rows of q_s, and the stage tile 0 goes to was last
@@ -229,9 +240,14 @@ def make_prefill_cuda(key: AttentionKey, tiles: PrefillTiles | None = None) -> t
                         # tile it has landed, and every warp is done with the other stage (tile it - 1)
                         T.evaluate(T.ptx["cp.async.wait_group"](0))
                         _sync()
-                        with when(it + 1 < n_tiles):
-                            issue(it + 1, 1 - stage)
-                        T.evaluate(T.ptx["cp.async.commit_group"]())
+
+                        def copies_at(point):
+                            parts = tuple(p for p in ("k", "v") if copy_at[p] == point)
+                            if parts:
+                                with when(it + 1 < n_tiles):
+                                    issue(it + 1, 1 - stage, parts)
+
+                        copies_at("top")
                         t0 = let("t0", begin + it * TK)
                         if stage_keys:  # transformed once per key, for every query row of the tile
                             with loop("i", TK * CH // NT, "unroll") as i:
@@ -260,6 +276,8 @@ def make_prefill_cuda(key: AttentionKey, tiles: PrefillTiles | None = None) -> t
                                 src = (kr, kcol) if stage_keys else (stage, kr, kcol)
                                 T.evaluate(ldm(kf32[0], kf32[1], kf32[2], kf32[3], _ptr(kt_s if stage_keys else k_s, src, "r")))
                                 mma_pair(s_acc, qf32, kf32, nb2)
+
+                        copies_at("s")
 
                         # logits, mask, online softmax
                         def logits(mt, nb, j, masked: bool):
@@ -347,6 +365,9 @@ def make_prefill_cuda(key: AttentionKey, tiles: PrefillTiles | None = None) -> t
                                             store(rs, rs[0] + s_acc[mt, nb, j], 0)
                                     store(l_i, l_i[mt, h2] + rs[0], mt, h2)
 
+                        copies_at("softmax")
+                        T.evaluate(T.ptx["cp.async.commit_group"]())
+
                         # O += P V
                         with loop("kk", KK, "unroll") as kk:
                             with loop("mt", MT, "unroll") as mt:
@@ -360,6 +381,29 @@ def make_prefill_cuda(key: AttentionKey, tiles: PrefillTiles | None = None) -> t
                                 mma_pair(o_acc, pf32, vf32, nd2)
 
                     # -- epilogue: normalize, write o and lse (or the partial state) -----------------
+                    # o goes out through this warp's own rows of q_s (free once its last Q fragments are
+                    # read): each lane writes its fragment there, then the warp stores whole 16-byte row
+                    # pieces, instead of scattered 2-byte stores
+                    stage_out = key.o_dtype == dt
+                    if stage_out:
+                        o_pair = local("o_pair", (2,), dt)
+                        o_pair32 = _alias32(o_pair, 1)
+                        o_row = local("o_row", (4,), "uint32")
+                        syncwarp()
+
+                    def write_o(r, tok, head, mt, h2, inv):
+                        octx = ctx(tok, head=head)
+                        with loop("nd", ND, "unroll") as nd:
+                            for j in range(2):
+                                d = nd * 8 + t4 * 2 + j
+                                val = tirx.Cast(key.o_dtype, variant.output_transform(octx, o_acc[mt, nd, h2 * 2 + j] * inv, d))
+                                if stage_out:
+                                    store(o_pair, val, j)
+                                else:
+                                    store(o, val, q_row_begin + tok, head, d)
+                            if stage_out:
+                                T.evaluate(T.ptx["st.shared.b32"](_ptr(q_s, (r, nd * 8 + t4 * 2), "w", 2), o_pair32[0]))
+
                     with loop("mt", MT, "unroll") as mt:
                         for h2 in range(2):
                             r = let("r", warp * (16 * MT) + mt * 16 + g + h2 * 8)
@@ -376,18 +420,20 @@ def make_prefill_cuda(key: AttentionKey, tiles: PrefillTiles | None = None) -> t
                             else:
                                 inv = tirx.const(1.0, "float32")
                                 lse_val = neg_inf()
-                            with when(r < rows):
-                                with T.If(out_row < 0):
-                                    with T.Then():
-                                        octx = ctx(tok, head=head)
-                                        with loop("nd", ND, "unroll") as nd:
-                                            for j in range(2):
-                                                d = nd * 8 + t4 * 2 + j
-                                                val = variant.output_transform(octx, o_acc[mt, nd, h2 * 2 + j] * inv, d)
-                                                store(o, tirx.Cast(key.o_dtype, val), q_row_begin + tok, head, d)
-                                        with when(t4 == 0):
-                                            store(lse, lse_val, q_row_begin + tok, head)
-                                    with T.Else():
+                            with T.If(out_row < 0):
+                                with T.Then():
+                                    if stage_out:
+                                        # rows past the tile's end are staged (as copies of its last row,
+                                        # so the hooks see a real token) but never stored
+                                        pc = let("p_in", row0 + tirx.max(tirx.min(r, rows - 1), 0))
+                                        write_o(r, pc // G, kv_head * G + pc % G, mt, h2, inv)
+                                    else:
+                                        with when(r < rows):
+                                            write_o(r, tok, head, mt, h2, inv)
+                                    with when(tirx.all(r < rows, t4 == 0)):
+                                        store(lse, lse_val, q_row_begin + tok, head)
+                                with T.Else():
+                                    with when(r < rows):
                                         slot = out_row + r * stride
                                         with loop("nd", ND, "unroll") as nd:
                                             for j in range(2):
@@ -395,6 +441,18 @@ def make_prefill_cuda(key: AttentionKey, tiles: PrefillTiles | None = None) -> t
                                                 store(tmp_o, o_acc[mt, nd, h2 * 2 + j] * inv, slot, kv_head, d)
                                         with when(t4 == 0):
                                             store(tmp_lse, lse_val, slot, kv_head)
+                    if stage_out:
+                        with when(out_row < 0):
+                            syncwarp()
+                            with loop("i", per_warp * CH // 32, "unroll") as i:
+                                c = i * 32 + lane
+                                r = let("r_out", warp * per_warp + c // CH)
+                                col = (c % CH) * 8
+                                with when(r < rows):
+                                    p = row0 + r
+                                    out_ix = (q_row_begin + p // G, kv_head * G + p % G, col)
+                                    T.evaluate(T.ptx["ld.shared.v4.b32"](*[o_row[k] for k in range(4)], _ptr(q_s, (r, col), "r")))
+                                    T.evaluate(T.ptx["st.global.v4.b32"](_ptr(o, out_ix, "w"), *[o_row[k] for k in range(4)]))
                     store(tiles_done, parity + n_tiles, 0)
     return ib.get()
 
