@@ -389,6 +389,9 @@ def make_prefill_cuda(key: AttentionKey, tiles: PrefillTiles | None = None) -> t
                         o_pair = local("o_pair", (2,), dt)
                         o_pair32 = _alias32(o_pair, 1)
                         o_row = local("o_row", (4,), "uint32")
+                        # a work with no KV tiles never waited for its query copies: they must land
+                        # before their rows are overwritten (nothing else is in flight here)
+                        T.evaluate(T.ptx["cp.async.wait_group"](0))
                         syncwarp()
 
                     def write_o(r, tok, head, mt, h2, inv):
