@@ -381,32 +381,16 @@ def make_prefill_cuda(key: AttentionKey, tiles: PrefillTiles | None = None) -> t
                                 mma_pair(o_acc, pf32, vf32, nd2)
 
                     # -- epilogue: normalize, write o and lse (or the partial state) -----------------
-                    # o goes out through this warp's own rows of q_s (free once its last Q fragments are
-                    # read): each lane writes its fragment there, then the warp stores whole 16-byte row
-                    # pieces, instead of scattered 2-byte stores
-                    stage_out = key.o_dtype == dt
-                    if stage_out:
-                        o_pair = local("o_pair", (2,), dt)
-                        o_pair32 = _alias32(o_pair, 1)
-                        o_row = local("o_row", (4,), "uint32")
-                        # a work with no KV tiles never waited for its query copies: they must land
-                        # before their rows are overwritten (nothing else is in flight here)
-                        T.evaluate(T.ptx["cp.async.wait_group"](0))
-                        syncwarp()
-
-                    def write_o(r, tok, head, mt, h2, inv):
-                        octx = ctx(tok, head=head)
-                        with loop("nd", ND, "unroll") as nd:
-                            for j in range(2):
-                                d = nd * 8 + t4 * 2 + j
-                                val = tirx.Cast(key.o_dtype, variant.output_transform(octx, o_acc[mt, nd, h2 * 2 + j] * inv, d))
-                                if stage_out:
-                                    store(o_pair, val, j)
-                                else:
-                                    store(o, val, q_row_begin + tok, head, d)
-                            if stage_out:
-                                T.evaluate(T.ptx["st.shared.b32"](_ptr(q_s, (r, nd * 8 + t4 * 2), "w", 2), o_pair32[0]))
-
+                    # o (of the tile's dtype: check_key) goes out through this warp's own rows of q_s,
+                    # free once its last Q fragments are read: each lane writes its fragment there, then
+                    # the warp stores whole 16-byte row pieces, instead of scattered 2-byte stores
+                    o_pair = local("o_pair", (2,), dt)
+                    o_pair32 = _alias32(o_pair, 1)
+                    o_row = local("o_row", (4,), "uint32")
+                    # a work with no KV tiles never waited for its query copies: they must land before
+                    # their rows are overwritten (nothing else is in flight here)
+                    T.evaluate(T.ptx["cp.async.wait_group"](0))
+                    syncwarp()
                     with loop("mt", MT, "unroll") as mt:
                         for h2 in range(2):
                             r = let("r", warp * (16 * MT) + mt * 16 + g + h2 * 8)
@@ -425,14 +409,18 @@ def make_prefill_cuda(key: AttentionKey, tiles: PrefillTiles | None = None) -> t
                                 lse_val = neg_inf()
                             with T.If(out_row < 0):
                                 with T.Then():
-                                    if stage_out:
-                                        # rows past the tile's end are staged (as copies of its last row,
-                                        # so the hooks see a real token) but never stored
-                                        pc = let("p_in", row0 + tirx.max(tirx.min(r, rows - 1), 0))
-                                        write_o(r, pc // G, kv_head * G + pc % G, mt, h2, inv)
-                                    else:
-                                        with when(r < rows):
-                                            write_o(r, tok, head, mt, h2, inv)
+                                    # rows past the tile's end are staged (as copies of its last row, so
+                                    # the hooks see a real token) but never stored
+                                    pc = let("p_in", row0 + tirx.max(tirx.min(r, rows - 1), 0))
+                                    octx = ctx(pc // G, head=kv_head * G + pc % G)
+                                    with loop("nd", ND, "unroll") as nd:
+                                        d0 = nd * 8 + t4 * 2
+                                        for j in range(2):
+                                            out = o_acc[mt, nd, h2 * 2 + j] * inv
+                                            val = variant.output_transform(octx, out, d0 + j)
+                                            store(o_pair, tirx.Cast(key.o_dtype, val), j)
+                                        dst = _ptr(q_s, (r, d0), "w", 2)
+                                        T.evaluate(T.ptx["st.shared.b32"](dst, o_pair32[0]))
                                     with when(tirx.all(r < rows, t4 == 0)):
                                         store(lse, lse_val, q_row_begin + tok, head)
                                 with T.Else():
@@ -444,18 +432,18 @@ def make_prefill_cuda(key: AttentionKey, tiles: PrefillTiles | None = None) -> t
                                                 store(tmp_o, o_acc[mt, nd, h2 * 2 + j] * inv, slot, kv_head, d)
                                         with when(t4 == 0):
                                             store(tmp_lse, lse_val, slot, kv_head)
-                    if stage_out:
-                        with when(out_row < 0):
-                            syncwarp()
-                            with loop("i", per_warp * CH // 32, "unroll") as i:
-                                c = i * 32 + lane
-                                r = let("r_out", warp * per_warp + c // CH)
-                                col = (c % CH) * 8
-                                with when(r < rows):
-                                    p = row0 + r
-                                    out_ix = (q_row_begin + p // G, kv_head * G + p % G, col)
-                                    T.evaluate(T.ptx["ld.shared.v4.b32"](*[o_row[k] for k in range(4)], _ptr(q_s, (r, col), "r")))
-                                    T.evaluate(T.ptx["st.global.v4.b32"](_ptr(o, out_ix, "w"), *[o_row[k] for k in range(4)]))
+                    with when(out_row < 0):
+                        syncwarp()
+                        with loop("i", per_warp * CH // 32, "unroll") as i:
+                            c = i * 32 + lane
+                            r = let("r_out", warp * per_warp + c // CH)
+                            col = (c % CH) * 8
+                            with when(r < rows):
+                                p = row0 + r
+                                out_ix = (q_row_begin + p // G, kv_head * G + p % G, col)
+                                regs = [o_row[k] for k in range(4)]
+                                T.evaluate(T.ptx["ld.shared.v4.b32"](*regs, _ptr(q_s, (r, col), "r")))
+                                T.evaluate(T.ptx["st.global.v4.b32"](_ptr(o, out_ix, "w"), *regs))
                     store(tiles_done, parity + n_tiles, 0)
     return ib.get()
 
