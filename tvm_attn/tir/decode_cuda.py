@@ -25,12 +25,12 @@ tmp_o, tmp_lse, merge_indptr, merge_count, o, lse, sm_scale, *extras``; ``merge_
 ``[max_rows, num_kv_heads * head_splits]`` and must be zero at a launch (the plan's upload zeroes
 it, and each launch leaves it zero).
 
-Tried and not kept (H100, same-run pairs against this kernel): a dynamic tail. The pieces
-of a cut request ran 3/4 of their planned keys, and warps that got free claimed the request's last
-keys in chunks of 8-16 through an atomic counter. At 1 x 32768 it took 61-67 us against 58.8;
-where only some pieces could claim, much longer (16 x 8192: 245 against 191 us; Zipf: 284 against
-191); with each warp walking its own key range, batches with no cut request lost 3% (the
-soft-cap and ALiBi schedules gained 2-3%, the window lost 3%). Found on the way: ptxas turns one lane's integer atomic
+Tried and not kept (H100, same-run pairs against this kernel): a dynamic tail. The pieces of a cut
+request ran 3/4 of their planned keys, and warps that got free claimed the request's last keys in
+chunks of 8-16 through an atomic counter. At 1 x 32768 it took 61-67 us against 58.8; where only
+some pieces could claim, much longer (16 x 8192: 245 against 191 us; Zipf: 284 against 191); with
+each warp walking its own key range, batches with no cut request lost 3% (the soft-cap and ALiBi
+schedules gained 2-3%, the window lost 3%). Found on the way: ptxas turns one lane's integer atomic
 add (or increment) into a warp-aggregated add whose result a SHFL reads at once, so the lane waits
 the whole round trip where it issues the add (a float32 add it leaves alone); even so, an empty
 pool, one failed claim per warp, cost 10% at 1 x 32768 (64.6 us), for reasons not yet known.
