@@ -101,10 +101,7 @@ def choose_decode_tiles(head_dim: int, kv_dtype: str, group_size: int, heavy_var
 
 def is_heavy(variant) -> bool:
     """Variants whose hooks need registers beyond the 128 of 4 resident blocks."""
-    from ..variants.base import TensorParam
-
-    reads_tensors = any(isinstance(p, TensorParam) for p in variant.extra_params())
-    return variant.overrides("key_transform") or (variant.overrides("logits_mask") and reads_tensors)
+    return variant.overrides("key_transform") or (variant.overrides("logits_mask") and variant.reads_tensors())
 
 
 def decode_schedule(head_dim: int, kv_dtype: str, group_size: int, variant) -> str:

@@ -83,12 +83,10 @@ def logits_weight(variant) -> int:
     thread holds ``m_tiles * kv_tile / 2`` logits: 0 for none, an index-only mask (causal, sliding
     window) or weights without softmax (sigmoid); 1 for a logits transform under softmax (soft-cap);
     2 for logits hooks that read a tensor (ALiBi's slopes, a custom mask)."""
-    from ..variants.base import TensorParam
-
     if variant is None:
         return 0
     logits = variant.overrides("logits_transform") or variant.overrides("logits_mask")
-    if logits and any(isinstance(p, TensorParam) for p in variant.extra_params()):
+    if logits and variant.reads_tensors():
         return 2
     return int(variant.overrides("logits_transform") and variant.use_softmax)
 

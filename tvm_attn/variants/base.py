@@ -200,6 +200,11 @@ class AttentionVariant:
         """Whether this variant changes ``hook`` (kernels skip the work of hooks left at default)."""
         return getattr(type(self), hook) is not getattr(AttentionVariant, hook)
 
+    def reads_tensors(self) -> bool:
+        """Whether the variant takes run-time tensors (its hooks load from them, which the CUDA
+        schedules count as registers)."""
+        return any(isinstance(p, TensorParam) for p in self.extra_params())
+
     def __add__(self, other: "AttentionVariant") -> "AttentionVariant":
         return compose(self, other)
 
