@@ -1,12 +1,13 @@
 """Paged-decode benchmark on a GPU host: our CUDA kernel against the read ceiling and the baselines.
 
-Measures in one run: the streaming-read ceiling (a large read-only torch reduction) and the device
-copy rate; tvm_attn's decode (one kernel, which also merges the requests it cuts, with the plan it
-uses); TVM's built-in ``_attention_decode`` (built by scripts/build_gpu_kernels.py with the same
-workflow); torch SDPA over contiguous KV where torch is present; and, at 32/8 heads, the tensor-core
-prefill kernel run on the decode step (a query token per request, the group folded into 4 query rows
-of a 16-row tile), to check whether large GQA groups should decode through it. Plan time is measured
-at batch 1, 64 and 256.
+Measures in one run: the streaming-read ceiling (the fastest of a large read-only torch reduction
+and the TIR streaming reads of tvm_attn.tir.stream, over 4 GB) and the device copy rate; tvm_attn's
+decode (one kernel, which also merges the requests it cuts, with the plan it uses); TVM's built-in
+``_attention_decode`` (built by scripts/build_gpu_kernels.py with the same workflow); torch SDPA
+over contiguous KV where torch is present; and, at 32/8 heads, the tensor-core prefill kernel run
+on the decode step (a query token per request, the group folded into 4 query rows of a 16-row
+tile), to check whether large GQA groups should decode through it. Plan time is measured at batch
+1, 64 and 256.
 Rows are written only for kernels whose output matched the reference in this run.
 
 Usage (GPU host, after `source .gpu/setup.sh`):
@@ -27,7 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 REQUIRES = "gpu"
 
-from tvm_attn.benchmark import bar_plot, result_header, time_torch, time_tvm, write_result  # noqa: E402
+from tvm_attn.benchmark import READ_CONFIGS, bar_plot, read_sum_name, result_header, time_torch, time_tvm, write_result  # noqa: E402
 
 HQ, HKV, D, PAGE = 32, 8, 128, 16
 
@@ -72,6 +73,41 @@ def page_table(lens, rng):
     return indptr, indices, last
 
 
+def read_ceilings(tvm, dev, torch, cache_dir: Path, small: bool) -> dict:
+    """The streaming-read ceiling: the fastest of torch's sum and the TIR reads of
+    ``read_ceiling.so`` (tvm_attn.tir.stream) over the same 4 GB, each checked against torch's sum;
+    ``read_TBps`` is the fastest, and each one's rate is kept beside it. Also the device copy rate."""
+    ceilings, reads = {}, {}
+    n = 2 * 1024**3 if not small else 2**26
+    if torch is not None:
+        x = torch.empty(n, dtype=torch.float16, device="cuda").uniform_()
+        y = torch.empty_like(x)
+        reads["torch_sum"] = n * 2 / (time_torch(torch, lambda: x.sum(), 10) * 1e-3) / 1e12
+        ceilings["copy_TBps_rw"] = n * 4 / (time_torch(torch, lambda: y.copy_(x), 10) * 1e-3) / 1e12
+        del y
+        x_d = tvm.runtime.from_dlpack(x.view(-1, 8))
+        want = float(x.sum(dtype=torch.float64))
+    else:
+        x_d = tvm.runtime.tensor(np.random.default_rng(0).random((n // 8, 8), dtype=np.float32).astype(np.float16), dev)
+        want = float(x_d.numpy().astype(np.float64).sum())
+    path = cache_dir / "read_ceiling.so"
+    if path.exists():
+        mod = tvm.runtime.load_module(str(path))
+        for threads, unroll in READ_CONFIGS:
+            name = read_sum_name(threads, unroll)
+            out = tvm.runtime.empty((dev.multi_processor_count * (2048 // threads), threads), "float32", dev)
+            mod[name](x_d, out)
+            got = float(out.numpy().astype(np.float64).sum())
+            if abs(got - want) > 1e-3 * abs(want):
+                print(f"note: {name} summed {got}, expected {want}; not a ceiling")
+                continue
+            reads[name] = n * 2 / (time_tvm(mod, name, dev, [x_d, out], number=5, repeat=10) * 1e-3) / 1e12
+    if reads:
+        ceilings["read_TBps"] = max(reads.values())
+        ceilings.update({f"read_TBps_{k}": v for k, v in reads.items()})
+    return ceilings
+
+
 def main(small: bool = False, out: str | None = None) -> list[dict]:
     import tvm
 
@@ -90,14 +126,7 @@ def main(small: bool = False, out: str | None = None) -> list[dict]:
     except ImportError:
         torch = None
     device_name = torch.cuda.get_device_name(0) if torch else dev.device_name
-    ceilings = {}
-    if torch:
-        x = torch.empty(2 * 1024**3 if not small else 2**26, dtype=torch.float16, device="cuda").uniform_()
-        y = torch.empty_like(x)
-        for name, fn, nbytes in [("read_TBps", lambda: x.sum(), x.numel() * 2),
-                                 ("copy_TBps_rw", lambda: y.copy_(x), x.numel() * 4)]:
-            ceilings[name] = nbytes / (time_torch(torch, fn, 10) * 1e-3) / 1e12
-        del x, y
+    ceilings = read_ceilings(tvm, dev, torch, cache_dir, small)
     read_ceiling = ceilings.get("read_TBps")
     builtin = tvm.runtime.load_module(str(cache_dir / "tvm_builtin_decode.so")) if (cache_dir / "tvm_builtin_decode.so").exists() else None
 

@@ -4,8 +4,8 @@ kernel's ptxas report (spills) and SASS (LDG.E.128 / LDGSTS, LDSM, HMMA, local m
 nvcc/cuobjdump are here.
 
 Usage: python scripts/build_gpu_kernels.py [--out .kernels] [--arch sm_90a] [--small]
-Writes: <out>/*.so + cubin/ (precompiled), <out>/tvm_builtin_{decode,prefill}.so, <out>/models/ (the GPU
-tier's tiny models), <out>/kernel_report.json
+Writes: <out>/*.so + cubin/ (precompiled), <out>/tvm_builtin_{decode,prefill}.so, <out>/read_ceiling.so
+(the decode benchmark's streaming read), <out>/models/ (the GPU tier's tiny models), <out>/kernel_report.json
 """
 
 from __future__ import annotations
@@ -79,6 +79,21 @@ def build_builtin(out: Path, arch: str) -> None:
     precompile(cuda_source(ex), arch, out / "cubin")
 
 
+def build_read_ceiling(out: Path, arch: str) -> None:
+    """The decode benchmark's streaming read (tvm_attn.tir.stream), one function per build."""
+    import tvm
+
+    from tvm_attn.build import cuda_source
+    from tvm_attn.cuda_runtime import precompile
+    from tvm_attn.benchmark import READ_CONFIGS, read_sum_name
+    from tvm_attn.tir.stream import make_read_sum
+
+    target = tvm.target.Target({"kind": "cuda", "arch": arch}, host={"kind": "llvm"})
+    ex = tvm.compile(tvm.IRModule({read_sum_name(t, u): make_read_sum(t, u) for t, u in READ_CONFIGS}), target=target)
+    ex.export_library(str(out / "read_ceiling.so"))
+    precompile(cuda_source(ex), arch, out / "cubin")
+
+
 #: tests/gpu/test_kv_cache_cuda.py's models: the cache sends decode to the decode slot at GQA group 2
 #: and to the paged-prefill slot at group 4
 GPU_TEST_MODELS = {"tiny_g2": {}, "tiny_g4": {"hidden_size": 512, "num_attention_heads": 8, "num_key_value_heads": 2}}
@@ -143,6 +158,7 @@ def main(small: bool = False, out: str | None = None, arch: str = "sm_90a") -> l
         print(f"{row['case']:<40} build {row['build_s']:6.2f}s  regs {regs}  spills {spills}  sass {row.get('sass')}")
     if not small:
         build_builtin(out_dir, arch)
+        build_read_ceiling(out_dir, arch)
         build_models(out_dir, arch)
         (out_dir / "kernel_report.json").write_text(json.dumps(rows, indent=1))
     return rows

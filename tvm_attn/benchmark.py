@@ -1,4 +1,4 @@
-"""What the benchmark scripts share: CUDA-event and TVM timers, the result file's header (device,
+"""What the benchmark scripts share: CUDA-event and TVM timers, the names of the read-ceiling kernels, the result file's header (device,
 date, commit) and writing it, and the grouped bar plot of a result (shape:
 ``bench/results/*.json``, one row per workload and kernel). Needs no compiler; matplotlib and torch
 are used only where the caller has them."""
@@ -12,6 +12,15 @@ import subprocess
 from pathlib import Path
 
 import numpy as np
+
+
+#: (threads, unroll) of the streaming reads (tvm_attn.tir.stream) the decode benchmark's ceiling times
+READ_CONFIGS = ((256, 4), (256, 8), (512, 4), (1024, 4))
+
+
+def read_sum_name(threads: int, unroll: int) -> str:
+    """The function name of the streaming read of ``threads`` threads and ``unroll`` loads in flight."""
+    return f"read_sum_t{threads}u{unroll}"
 
 
 def time_torch(torch, fn, repeat: int = 10) -> float:
