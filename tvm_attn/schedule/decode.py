@@ -34,6 +34,16 @@ class DecodeTiles:
     #: register double buffer: each key group issues the next step's loads before it computes on the
     #: current ones, so a block keeps its loads in flight while it computes (2x the K/V registers)
     prefetch: bool = False
+    #: cp.async pipeline (0: none): each thread copies its K/V pieces of a step into a ring of
+    #: ``stages`` steps in shared memory, ``stages - 1`` steps ahead of the one it computes on, and
+    #: reads back only what it copied itself (no barrier)
+    stages: int = 0
+
+    def __post_init__(self):
+        if self.prefetch and self.stages:
+            raise ValueError("decode tiles: the register prefetch and the cp.async stages exclude each other")
+        if self.stages == 1 or self.stages < 0:
+            raise ValueError(f"decode tiles: a cp.async pipeline needs >= 2 stages, got {self.stages}")
 
     @property
     def keys_per_warp(self) -> int:
@@ -50,18 +60,23 @@ class DecodeTiles:
 
     def uri(self) -> str:
         """The schedule part of the kernel name, e.g. ``w4u4g4b4``; :meth:`parse` reads it back."""
-        return f"w{self.num_warps}u{self.unroll}g{self.heads_per_block}b{self.blocks_per_sm}" + "p" * self.prefetch
+        return (f"w{self.num_warps}u{self.unroll}g{self.heads_per_block}b{self.blocks_per_sm}" + "p" * self.prefetch
+                + (f"s{self.stages}" if self.stages else ""))
 
     @staticmethod
     def parse(schedule: str, head_dim: int, kv_dtype: str) -> "DecodeTiles":
-        m = re.fullmatch(r"w(\d+)u(\d+)g(\d+)b(\d+)(p?)", schedule)
+        m = re.fullmatch(r"w(\d+)u(\d+)g(\d+)b(\d+)(p?)(?:s(\d+))?", schedule)
         if m is None:
-            raise ValueError(f"schedule: {schedule!r} is not a decode schedule like 'w4u4g4b4' or 'w4u4g4b3p'")
+            raise ValueError(f"schedule: {schedule!r} is not a decode schedule like 'w4u4g4b4', 'w4u4g4b3p' "
+                             "or 'w4u2g4b4s3'")
         vec = _vec(head_dim, kv_dtype)
         w, u, g, b = (int(x) for x in m.groups()[:4])
         if min(w, u, g, b) < 1:
             raise ValueError(f"schedule: {schedule!r}: warps, unroll, heads and blocks must be >= 1")
-        return DecodeTiles(vec, head_dim // vec, w, u, g, b, bool(m.group(5)))
+        try:
+            return DecodeTiles(vec, head_dim // vec, w, u, g, b, bool(m.group(5)), int(m.group(6) or 0))
+        except ValueError as e:
+            raise ValueError(f"schedule: {schedule!r}: {e}") from None
 
 
 def _vec(head_dim: int, kv_dtype: str) -> int:

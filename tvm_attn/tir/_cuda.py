@@ -1,5 +1,5 @@
 """What the CUDA kernel generators share: float helpers, the warp shuffle and vote, the fence and
-atomic add, the planned kernels' and merge kernels' arguments, the variant's tables in shared memory,
+atomic add, the 16-byte cp.async copy, the planned kernels' and merge kernels' arguments, the variant's tables in shared memory,
 and the one step that folds a partial attention state into a running one (the prefill merge kernel
 and the decode kernel's own merge use it)."""
 
@@ -49,6 +49,22 @@ def atomic_add(buf, value, *indices):
     """``atomicAdd(&buf[indices], value)``: the value before the add."""
     address = tirx.address_of(tirx.BufferLoad(buf, list(indices)))
     return tirx.call_extern(buf.dtype, "atomicAdd", address, value)
+
+
+def smem_ptr(buf, indices, mode: str, extent: int = 8):
+    """Address of ``buf[indices]`` for an instruction that touches ``extent`` elements there (the
+    extent keeps TVM from shrinking the buffer to the elements it sees indexed).
+
+    Shared-memory operands carry an empty access mask: the kernels place their own barriers (or
+    need none, where each thread reads back only what it copied), and TVM's ThreadSync pass, which
+    cannot prove that a pipeline stage or a warp's rows are disjoint from the others, would add more."""
+    mask = 0 if buf.scope().startswith("shared") else mode
+    return buf.access_ptr(mask, offset=buf.offset_of(list(indices))[0], extent=extent)
+
+
+def cp_async(dst, dst_ix, src, src_ix):
+    """16-byte global -> shared copy that bypasses L1 (``cp.async.cg``)."""
+    T.evaluate(T.ptx["cp.async.cg.shared.global"](smem_ptr(dst, dst_ix, "w"), smem_ptr(src, src_ix, "r"), 16))
 
 
 def warp_any(pred):

@@ -48,7 +48,8 @@ from ..config import AttentionKey
 from ..schedule.decode import DecodeTiles
 from ..variants.base import HookContext
 from ._builder import IRBuilder, T, let, local, loop, store, when
-from ._cuda import atomic_add, f32, fold_partial, kernel_params, neg_inf, shfl_xor, stage_tables, thread_fence
+from ._cuda import (atomic_add, cp_async, f32, fold_partial, kernel_params, neg_inf, shfl_xor, stage_tables,
+                    thread_fence)
 
 LOG2E = math.log2(math.e)
 #: the kernel's merge of a cut request: partial rows each thread loads, and then folds at once (one
@@ -75,7 +76,8 @@ def _thread(extent, tag):
 def make_batch_decode_cuda(key: AttentionKey, tiles: DecodeTiles | None = None) -> tirx.PrimFunc:
     tiles = tiles or tiles_for(key)
     variant, D, G = key.variant, key.head_dim, tiles.heads_per_block
-    VEC, TX, U, NKG = tiles.vec, tiles.lanes_per_key, tiles.unroll, tiles.key_groups
+    VEC, TX, U, NKG, S = tiles.vec, tiles.lanes_per_key, tiles.unroll, tiles.key_groups, tiles.stages
+    CE = 16 // (4 if key.kv_dtype == "float32" else 2)  # elements of a 16-byte copy
     head_splits = key.group_size // G
     stage_keys = variant.overrides("key_transform")
     with IRBuilder() as ib:
@@ -96,6 +98,11 @@ def make_batch_decode_cuda(key: AttentionKey, tiles: DecodeTiles | None = None) 
                     smem_md = T.alloc_buffer((NKG, G, 2), "float32", scope="shared")
                     smem_flag = T.alloc_buffer((1,), "int32", scope="shared")  # this block merges the request
                     k_smem = T.alloc_buffer((NKG, U, D), key.kv_dtype, scope="shared") if stage_keys else None
+                    # the cp.async ring: [stage, key group, key of the step, K or V, dim]
+                    kv_ring = None
+                    if S:
+                        kv_ring = T.alloc_buffer((S, NKG, U, 2, D), key.kv_dtype, scope="shared")
+                        IRBuilder.name("kv_ring", kv_ring)
 
                     tables = stage_tables(variant, D, params, tid, tiles.threads)
 
@@ -150,7 +157,22 @@ def make_batch_decode_cuda(key: AttentionKey, tiles: DecodeTiles | None = None) 
                                 with loop("v", VEC, "vectorized") as v:
                                     store(v_dst, idx.load_v(addr, kv_head, tx * VEC + v), u, v)
 
+                        def copy_step(step, stage):  # cp.async of a step's K and V pieces into the ring
+                            first = begin + step * (NKG * U) + kg
+                            with loop("u", U, "unroll") as u:
+                                addr = idx.kv_addr(req, tirx.min(first + u * NKG, end - 1))
+                                with loop("c", VEC // CE, "unroll") as c:
+                                    d = tx * VEC + c * CE
+                                    for part, elem in ((0, idx.k_elem), (1, idx.v_elem)):
+                                        buf, ix = elem(addr, kv_head, d)
+                                        cp_async(kv_ring, (stage, kg, u, part, d), buf, ix)
+
                         n_steps = let("n_steps", tirx.ceildiv(end - begin, NKG * U))
+                        if S:  # the first S - 1 steps in flight (a group per step, empty past the work)
+                            for st in range(S - 1):
+                                with when(st < n_steps):
+                                    copy_step(st, st)
+                                T.evaluate(T.ptx["cp.async.commit_group"]())
                         if tiles.prefetch:
                             k_next = local("k_next", (U, VEC), key.kv_dtype)
                             v_next = local("v_next", (U, VEC), key.kv_dtype)
@@ -158,7 +180,20 @@ def make_batch_decode_cuda(key: AttentionKey, tiles: DecodeTiles | None = None) 
                                 load_step(0, k_next, v_next)
                         with loop("it", n_steps) as it:
                             base = let("base", begin + it * (NKG * U) + kg)
-                            if tiles.prefetch:  # take the step's rows, then issue the next step's loads
+                            if S:
+                                # step it has landed; its ring slot's previous step (it - 1) was used up
+                                # by this thread's own compute, so step it + S - 1 can take that slot
+                                T.evaluate(T.ptx["cp.async.wait_group"](S - 2))
+                                with when(it + S - 1 < n_steps):
+                                    copy_step(it + S - 1, (it + S - 1) % S)
+                                T.evaluate(T.ptx["cp.async.commit_group"]())
+                                stage = let("stage", it % S)
+                                with loop("u", U, "unroll") as u:
+                                    with loop("v", VEC, "vectorized") as v:
+                                        store(k_reg, kv_ring[stage, kg, u, 0, tx * VEC + v], u, v)
+                                    with loop("v", VEC, "vectorized") as v:
+                                        store(v_reg, kv_ring[stage, kg, u, 1, tx * VEC + v], u, v)
+                            elif tiles.prefetch:  # take the step's rows, then issue the next step's loads
                                 with loop("u", U, "unroll") as u:
                                     with loop("v", VEC, "unroll") as v:
                                         store(k_reg, k_next[u, v], u, v)

@@ -47,8 +47,8 @@ from ..config import AttentionKey
 from ..schedule.prefill import PrefillTiles, check_key
 from ..variants.base import HookContext
 from ._builder import IRBuilder, T, let, local, loop, store, when
-from ._cuda import (f32, fold_partial, kernel_params, merge_params, neg_inf, shfl_xor, stage_tables, syncwarp,
-                    warp_any, zero)
+from ._cuda import (cp_async, f32, fold_partial, kernel_params, merge_params, neg_inf, shfl_xor, smem_ptr,
+                    stage_tables, syncwarp, warp_any, zero)
 
 LOG2E = math.log2(math.e)
 RESCALE_SLACK = 8.0  # log2 units: a row's weights stay <= 256 before O and l are rescaled
@@ -63,22 +63,6 @@ def tiles_for(key: AttentionKey) -> PrefillTiles:
 
 def _sync():
     T.evaluate(tirx.op.tvm_storage_sync("shared"))
-
-
-def _ptr(buf, indices, mode: str, extent: int = 8):
-    """Address of ``buf[indices]`` for an instruction that touches ``extent`` elements there (the
-    extent keeps TVM from shrinking the buffer to the elements it sees indexed).
-
-    Shared-memory operands carry an empty access mask: the kernel places its own barriers (one per
-    KV tile; each warp owns its query rows), and TVM's ThreadSync pass, which cannot prove that a
-    pipeline stage or a warp's rows are disjoint from the others, would add more."""
-    mask = 0 if buf.scope().startswith("shared") else mode
-    return buf.access_ptr(mask, offset=buf.offset_of(list(indices))[0], extent=extent)
-
-
-def _cp_async(dst, dst_ix, src, src_ix):
-    """16-byte global -> shared copy that bypasses L1 (``cp.async.cg``)."""
-    T.evaluate(T.ptx["cp.async.cg.shared.global"](_ptr(dst, dst_ix, "w"), _ptr(src, src_ix, "r"), 16))
 
 
 def _alias32(buf, n):
@@ -196,10 +180,10 @@ def make_prefill_cuda(key: AttentionKey, tiles: PrefillTiles | None = None) -> t
                             addr = idx.kv_addr(req, tirx.min(t0 + kr, end - 1))
                             if "k" in parts:
                                 kb, kix = idx.k_elem(addr, kv_head, col)
-                                _cp_async(k_s, (stage, kr, col), kb, kix)
+                                cp_async(k_s, (stage, kr, col), kb, kix)
                             if "v" in parts:
                                 vb, vix = idx.v_elem(addr, kv_head, col)
-                                _cp_async(v_s, (stage, kr, col), vb, vix)
+                                cp_async(v_s, (stage, kr, col), vb, vix)
 
                     # -- this warp's rows of the query tile and the first KV tile, with no block barrier:
                     # each warp overwrites only its own rows of q_s, and the stage tile 0 goes to was last
@@ -214,7 +198,7 @@ def make_prefill_cuda(key: AttentionKey, tiles: PrefillTiles | None = None) -> t
                         p = row0 + tirx.min(r, rows - 1)
                         tok, head = p // G, kv_head * G + p % G
                         if not load_q_through_regs:
-                            _cp_async(q_s, (r, col), idx.q, (q_row_begin + tok, head, col))
+                            cp_async(q_s, (r, col), idx.q, (q_row_begin + tok, head, col))
                         else:
                             qrow = let("qrow", q_row_begin + tok)
                             qh = let("qh", head)
@@ -269,12 +253,12 @@ def make_prefill_cuda(key: AttentionKey, tiles: PrefillTiles | None = None) -> t
                             with loop("mt", MT, "unroll") as mt:
                                 qr = warp * (16 * MT) + mt * 16 + lane % 16
                                 T.evaluate(ldm(qf32[mt * 4], qf32[mt * 4 + 1], qf32[mt * 4 + 2], qf32[mt * 4 + 3],
-                                               _ptr(q_s, (qr, kd * 16 + (lane // 16) * 8), "r")))
+                                               smem_ptr(q_s, (qr, kd * 16 + (lane // 16) * 8), "r")))
                             with loop("nb2", NB // 2, "unroll") as nb2:
                                 kr = nb2 * 16 + (lane // 16) * 8 + lane % 8
                                 kcol = kd * 16 + ((lane // 8) % 2) * 8
                                 src = (kr, kcol) if stage_keys else (stage, kr, kcol)
-                                T.evaluate(ldm(kf32[0], kf32[1], kf32[2], kf32[3], _ptr(kt_s if stage_keys else k_s, src, "r")))
+                                T.evaluate(ldm(kf32[0], kf32[1], kf32[2], kf32[3], smem_ptr(kt_s if stage_keys else k_s, src, "r")))
                                 mma_pair(s_acc, qf32, kf32, nb2)
 
                         copies_at("s")
@@ -377,7 +361,7 @@ def make_prefill_cuda(key: AttentionKey, tiles: PrefillTiles | None = None) -> t
                             with loop("nd2", ND // 2, "unroll") as nd2:
                                 vr = kk * 16 + ((lane // 8) % 2) * 8 + lane % 8
                                 T.evaluate(ldm_t(vf32[0], vf32[1], vf32[2], vf32[3],
-                                                 _ptr(v_s, (stage, vr, nd2 * 16 + (lane // 16) * 8), "r")))
+                                                 smem_ptr(v_s, (stage, vr, nd2 * 16 + (lane // 16) * 8), "r")))
                                 mma_pair(o_acc, pf32, vf32, nd2)
 
                     # -- epilogue: normalize, write o and lse (or the partial state) -----------------
@@ -419,7 +403,7 @@ def make_prefill_cuda(key: AttentionKey, tiles: PrefillTiles | None = None) -> t
                                             out = o_acc[mt, nd, h2 * 2 + j] * inv
                                             val = variant.output_transform(octx, out, d0 + j)
                                             store(o_pair, tirx.Cast(key.o_dtype, val), j)
-                                        dst = _ptr(q_s, (r, d0), "w", 2)
+                                        dst = smem_ptr(q_s, (r, d0), "w", 2)
                                         T.evaluate(T.ptx["st.shared.b32"](dst, o_pair32[0]))
                                     with when(tirx.all(r < rows, t4 == 0)):
                                         store(lse, lse_val, q_row_begin + tok, head)
@@ -442,8 +426,8 @@ def make_prefill_cuda(key: AttentionKey, tiles: PrefillTiles | None = None) -> t
                                 p = row0 + r
                                 out_ix = (q_row_begin + p // G, kv_head * G + p % G, col)
                                 regs = [o_row[k] for k in range(4)]
-                                T.evaluate(T.ptx["ld.shared.v4.b32"](*regs, _ptr(q_s, (r, col), "r")))
-                                T.evaluate(T.ptx["st.global.v4.b32"](_ptr(o, out_ix, "w"), *regs))
+                                T.evaluate(T.ptx["ld.shared.v4.b32"](*regs, smem_ptr(q_s, (r, col), "r")))
+                                T.evaluate(T.ptx["st.global.v4.b32"](smem_ptr(o, out_ix, "w"), *regs))
                     store(tiles_done, parity + n_tiles, 0)
     return ib.get()
 
