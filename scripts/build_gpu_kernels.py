@@ -110,7 +110,7 @@ def build_models(out: Path, arch: str) -> None:
 
 def main(small: bool = False, out: str | None = None, arch: str = "sm_90a") -> list[dict]:
     from tests.gpu import prefill_cases
-    from tests.gpu.cases import CASES, case_id, key_of
+    from tests.gpu.cases import CASES, RING_SCHEDULES, case_id, key_of
     from tvm_attn.build import compile_key, cuda_source
     from tvm_attn.cache import KernelCache
     from tvm_attn.cuda_runtime import find_nvcc, nvcc_compile
@@ -121,6 +121,8 @@ def main(small: bool = False, out: str | None = None, arch: str = "sm_90a") -> l
     keys = [key_of(c, target) for c in cases]
     # bench_decode's MHA row; bench_e2e's decode-attention split (TVM's KV cache pages are HND)
     bench = [key_of({**CASES[0], "heads": (32, 32)}, target), key_of({**CASES[0], "layout": "HND"}, target)]
+    # the cp.async ring schedules the GPU tier checks (no default picks them)
+    bench += [key_of({**CASES[0], "heads": h, "schedule": s}, target) for h, s in RING_SCHEDULES.items()]
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("bench_prefill", ROOT / "scripts" / "bench_prefill.py")

@@ -335,3 +335,38 @@ def test_decode_plan_refuses_a_table_beyond_its_slots():
     with pytest.raises(ValueError, match="exceeds the workspace's slots"):  # more requests than the pad
         bufs.plan_decode(plan_decode, PagedKV(16, "NHD"), indptr, np.arange(21, dtype=np.int32), last, True,
                          (1, 20))
+
+
+@settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@given(st.lists(st.integers(0, 3000), min_size=1, max_size=20), st.sampled_from([1, 16]),
+       st.sampled_from([-1, 0, 1, 15, 100, 700, 5000]), st.integers(1, 12), st.booleans())
+def test_decode_plan_with_a_window_covers_exactly_the_keys_it_shows(kv_lens, page_size, window, num_ctas, split):
+    """With ``window_left = w >= 0`` the decode plan splits only each request's last ``w + 1`` keys
+    (all of a shorter request's): they are covered once, in order, and balanced like any plan."""
+    from tvm_attn.cache import get_cache
+    from tvm_attn.config import PlannerKey
+    from tvm_attn.kv.formats import PagedKV
+    from tvm_attn.planner import PLAN_DECODE, PlanBuffers
+
+    plan_decode = get_cache().module(PlannerKey())[PLAN_DECODE]
+    indptr, last = page_table(kv_lens, page_size)
+    indices = np.arange(int(indptr[-1]), dtype=np.int32)
+    batch = len(kv_lens)
+    bufs = PlanBuffers(_decode_ws(batch, num_ctas), tvm.cpu(), (batch + 1, int(indptr[-1]), batch))
+    bufs.plan_decode(plan_decode, PagedKV(page_size, "NHD"), indptr, indices, last, split, None, window)
+    work, cta = bufs.work_info.numpy(), bufs.cta_indptr.numpy()
+    merge = bufs.merge_indptr.numpy()
+    seen = [[] for _ in kv_lens]
+    for w in range(cta[-1]):
+        req, begin, end, out_row = work[:4, w]
+        seen[req].append((begin, end, out_row))
+    for b, n in enumerate(kv_lens):
+        first = 0 if window < 0 else max(n - 1 - window, 0)
+        ranges = sorted(seen[b])
+        assert ranges[0][0] == first and ranges[-1][1] == n
+        assert all(r[1] == s_[0] for r, s_ in zip(ranges, ranges[1:]))
+        if len(ranges) > 1:
+            assert sorted(r[2] for r in ranges) == list(range(merge[b], merge[b + 1]))
+    if window >= 0 and split:  # the quota is the windows' keys, not the requests'
+        shown = sum(min(n, window + 1) for n in kv_lens)
+        assert bufs._decode_stats[2] <= -(-(shown + WORK_OVERHEAD * (batch + num_ctas - 1)) // num_ctas)

@@ -238,13 +238,14 @@ class PlanBuffers:
         return num_works, num_partials, quota
 
     def plan_decode(self, plan_fn, fmt, indptr: np.ndarray, indices: np.ndarray, last_page_len: np.ndarray,
-                    allow_split: bool, pad: tuple[int, int] | None = None):
+                    allow_split: bool, pad: tuple[int, int] | None = None, window_left: int = -1):
         """A decode plan in one host call (:func:`tvm_attn.tir.plan.make_decode_plan`): check the
-        page table, stage it (padded to ``pad = (batch, pages)`` under CUDA graphs) and plan; then
-        send plan and table to the device in one copy. Returns (largest page id in use, the device
-        views of the staged kv_indptr, kv_indices and kv_last_page_len). A page table that breaks a
-        rule raises ``fmt.validate``'s error; a workspace too small raises a ValueError that says
-        which capacity."""
+        page table, stage it (padded to ``pad = (batch, pages)`` under CUDA graphs) and plan (only
+        the last ``window_left + 1`` keys of each request when ``window_left >= 0``); then send plan
+        and table to the device in one copy. Returns (largest page id in use, the device views of
+        the staged kv_indptr, kv_indices and kv_last_page_len). A page table that breaks a rule
+        raises ``fmt.validate``'s error; a workspace too small raises a ValueError that says which
+        capacity."""
         batch, used = indptr.size - 1, int(indptr[-1])
         pad_batch, pad_pages = pad if pad is not None else (batch, -1)
         args = self._decode_args
@@ -257,7 +258,7 @@ class PlanBuffers:
             args = self._decode_args = tuple(tvm_ffi.from_dlpack(a) for a in (self.host, self._layout,
                                                                               self._decode_stats))
         plan_fn(_host_arg(indptr), _host_arg(indices), _host_arg(last_page_len), *args, self.ws.num_ctas,
-                fmt.page_size, int(allow_split), pad_batch, pad_pages, WORK_OVERHEAD, PACK_SLACK_DIV)
+                fmt.page_size, int(allow_split), pad_batch, pad_pages, WORK_OVERHEAD, PACK_SLACK_DIV, window_left)
         num_works, num_partials, _, status, max_page = self._decode_stats.tolist()
         if status in (STATUS_PAGE_TABLE, STATUS_LAYOUT):
             fmt.validate(indptr, indices, last_page_len)  # names the fault

@@ -65,8 +65,12 @@ def key_of(c, target: str = "cuda:sm_90a"):
     (hq, hkv), variant = c["heads"], variant_of(c["variant"]) or AttentionVariant()
     return AttentionKey(
         "decode", ta.PagedKV(c["page_size"], c["layout"]), hq, hkv, c["head_dim"], c["dtype"], c["dtype"], variant,
-        target, decode_schedule(c["head_dim"], c["dtype"], hq // hkv, variant),
+        target, c.get("schedule") or decode_schedule(c["head_dim"], c["dtype"], hq // hkv, variant),
     )
+
+
+#: cp.async ring schedules that no default picks, kept correct by the GPU tier (key_of's "schedule")
+RING_SCHEDULES = {(32, 8): "w4u2g4b4s3", (32, 32): "w4u2g1b4s3"}
 
 
 def capture_graph(run):

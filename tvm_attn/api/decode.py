@@ -32,7 +32,10 @@ class BatchDecodeWithPagedKVCacheWrapper(Wrapper):
     Note: the plan depends only on the page table, so one plan serves every layer of a step.
 
     On CUDA, ``plan`` runs the split-KV planner (:mod:`tvm_attn.tir.plan`) and ``run`` launches the
-    decode kernel over a fixed grid (which also merges the pieces of the requests it cut). With
+    decode kernel over a fixed grid (which also merges the pieces of the requests it cut). A sliding
+    window given to ``plan`` (``window_left``, or the variant's own) is planned for: only the keys
+    inside it are split among the CTAs, so a long request costs what its window costs; ``run`` may
+    then narrow the window but not widen it. With
     ``use_cuda_graph=True`` every device buffer is allocated once for ``max_batch_size`` requests and
     ``max_num_pages`` page-table entries; ``plan`` refills them in place, so a graph captured around
     ``run`` (with ``out`` and ``lse`` given) replays correctly after the lengths change. ``q`` then has
@@ -55,6 +58,7 @@ class BatchDecodeWithPagedKVCacheWrapper(Wrapper):
         self._dev_plan = DevicePlan(self._device, self._graph) if self._target != "llvm" else None
         self._statics = None
         self._bufs = None  # (plan statics, PlanBuffers) of the last CUDA plan
+        self._plan_window = None  # the sliding window the last CUDA plan was cut for (None: all keys)
         self._last_key = None
 
     def plan(
@@ -133,8 +137,10 @@ class BatchDecodeWithPagedKVCacheWrapper(Wrapper):
                 slots,
             )
         bufs = bufs[1]
+        # a sliding window known at plan time: the plan reads only the keys inside it
+        window = self._plan_window = key.variant.key_window({})
         self._max_page, index = bufs.plan_decode(st.planner, key.kv, indptr, indices, last_page_len,
-                                                 self._allow_split, pad)
+                                                 self._allow_split, pad, -1 if window is None else window)
         self._batch_size = pad[0] if pad else batch
         scale = default_sm_scale(sm_scale, key.head_dim)
         call = self._call
@@ -166,6 +172,12 @@ class BatchDecodeWithPagedKVCacheWrapper(Wrapper):
         key = call.key
         check_tensor("q", q, (self._batch_size, key.num_qo_heads, key.head_dim), key.q_dtype)
         check_paged_cache(paged_kv_cache, key, self._max_page)
+        if self._plan_window is not None:
+            window = key.variant.key_window(variant_args)
+            if window is None or window > self._plan_window:
+                raise ValueError(
+                    f"run: a window of {'all keys' if window is None else window} needs keys that the plan, cut "
+                    f"for window_left={self._plan_window}, does not read; plan with the widest window you run with")
         return call(q, [("paged_kv_cache", paged_kv_cache)], variant_args, out, lse, return_lse)
 
 

@@ -34,8 +34,18 @@ schedules gained 2-3%, the window lost 3%). Found on the way: ptxas turns one la
 add (or increment) into a warp-aggregated add whose result a SHFL reads at once, so the lane waits
 the whole round trip where it issues the add (a float32 add it leaves alone); even so, an empty
 pool, one failed claim per warp, cost 10% at 1 x 32768 (64.6 us), for reasons not yet known.
-The sliding window at 1 x 32768 (4096 keys) went from 38.4 to 21.3 us: the plan cuts the whole
-length, and only the few pieces inside the window read keys.
+The sliding window at 1 x 32768 (4096 keys) went from 38.4 to 21.3 us: the plan cut the whole
+length, and only the few pieces inside the window read keys; the decode plan now cuts only the
+window when ``plan`` knows it (tvm_attn.tir.plan.make_decode_plan).
+
+The cp.async ring (schedule suffix ``s<stages>``; no default picks it, the GPU tier checks it):
+each thread copies its K/V pieces of a step ``stages - 1`` steps ahead into shared memory and reads
+back only what it copied, so it needs no barrier. Same-run pairs on the H100 (32/8 heads): 2 stages
+matched the register prefetch within 0.5% (186.1 against 187.0 us at 64 x 2048, 1 x 32768 equal);
+3 or more were slower, by 0.5-5% (Zipf: 201-204 against 191 us), although a plain streaming read
+gets 3.05 TB/s with 48-64 KB in flight per SM against 2.97-3.00 with the 32 KB this kernel keeps.
+The shuffled page order of the benchmark costs 3%: 181.7 us over sequential page ids against 187.2
+at 64 x 2048, NHD and HND alike (bench/logs/decode-ceiling-ring-h100.json).
 """
 
 from __future__ import annotations

@@ -8,7 +8,8 @@ graph captured once stays valid.
 
 Work items: request ``b`` has ``qo_len(b) * group_size`` GQA-packed query rows (token x head of the
 group), cut into query tiles of ``tile_q`` rows; item ``(b, t)`` reads keys ``[0, extent)``, where
-the extent is ``kv_len(b)``, or with ``causal`` the keys its last row sees. Decode is the case
+the extent is ``kv_len(b)``, or with ``causal`` the keys its last row sees (the decode plan with a
+sliding window starts at the first key the window shows). Decode is the case
 ``qo_indptr = arange(B + 1)``, ``group_size = tile_q = 1``: one item per request. The cost of a piece
 is ``keys + work_overhead`` (the paper's ``alpha * l_q + beta * l_kv`` with the query side folded
 into the per-work overhead, since a tile's rows are fixed).
@@ -84,8 +85,10 @@ _PLAN_SCALARS = ("max_partials", "page_size", "allow_split", "group_size", "tile
 
 def _emit_plan(qo_begin, batch, kv_indptr, last_page_len, work_info, cta_indptr, merge_indptr, stats,
                num_ctas_plus_one, max_rows_plus_one, max_partials, page_size, allow_split, group, tile_q, causal,
-               overhead, slack_div) -> None:
-    """The planner's body (see the module docstring); ``qo_begin(b)`` is ``qo_indptr[b]``."""
+               overhead, slack_div, window=None) -> None:
+    """The planner's body (see the module docstring); ``qo_begin(b)`` is ``qo_indptr[b]``; ``window``
+    (an int32 expression, < 0 for none) plans only the keys a sliding window of that many keys left
+    of the query lets an item's first row see."""
     max_works = work_info.shape[1]
     num_ctas = num_ctas_plus_one - 1
     max_rows = max_rows_plus_one - 1
@@ -105,6 +108,17 @@ def _emit_plan(qo_begin, batch, kv_indptr, last_page_len, work_info, cta_indptr,
         seen = last_tok + length - (qo_begin(b + 1) - qo_begin(b)) + 1
         return tirx.if_then_else(causal != 0, tirx.max(tirx.min(seen, length), 0), length)
 
+    def first_key(b, t):
+        """The item's first key: 0, or with a window the first its first row sees (its other rows,
+        later positions, see no earlier key)."""
+        if window is None:
+            return 0
+        pos = (t * tile_q) // group + kv_len(b) - (qo_begin(b + 1) - qo_begin(b))
+        return tirx.if_then_else(window < 0, 0, tirx.max(tirx.min(pos - window, extent(b, t)), 0))
+
+    def span(b, t):
+        return extent(b, t) - first_key(b, t)
+
     # s: 0 total cost, 1 quota, 2 cta, 3 used (packed: the most loaded CTA's cost), 4 works,
     #    5 partials, 6 status, 7 pos, 8 first, 9 first work of the item
     s = local("s", 10, "int32")
@@ -116,7 +130,7 @@ def _emit_plan(qo_begin, batch, kv_indptr, last_page_len, work_info, cta_indptr,
     with loop("b", n_batch) as b:
         store(s, s[4] + n_tiles(b), 4)
         with loop("t", n_tiles(b)) as t:
-            store(s, s[0] + extent(b, t) + overhead, 0)
+            store(s, s[0] + span(b, t) + overhead, 0)
     few = let("few", s[4] <= num_ctas)  # every item gets a CTA of its own
     store(s, 0, 4)
     # each CTA boundary may cut an item, adding one more piece (and its overhead)
@@ -168,7 +182,7 @@ def _emit_plan(qo_begin, batch, kv_indptr, last_page_len, work_info, cta_indptr,
                 t = let("t", tirx.if_then_else(causal != 0, n_tiles(b) - 1 - i, i))
                 cta = let("cta", tirx.if_then_else(few, taken[0], tree[1]))
                 store(taken, taken[0] + 1, 0)
-                store(load, load[cta] + extent(b, t) + overhead, cta)
+                store(load, load[cta] + span(b, t) + overhead, cta)
                 with when(tirx.Not(few)):
                     with loop("l", levels) as lv:
                         pick(tirx.shift_right(leaves + cta, lv + 1))
@@ -189,7 +203,7 @@ def _emit_plan(qo_begin, batch, kv_indptr, last_page_len, work_info, cta_indptr,
             store(s, cta_indptr[num_ctas], 4)
 
             def place(b, t, cta):
-                emit(cta_indptr[cta], b, 0, extent(b, t), t * tile_q)
+                emit(cta_indptr[cta], b, first_key(b, t), extent(b, t), t * tile_q)
                 store(cta_indptr, cta_indptr[cta] + 1, cta)
 
             list_schedule(place)
@@ -203,7 +217,8 @@ def _emit_plan(qo_begin, batch, kv_indptr, last_page_len, work_info, cta_indptr,
             store(s, 0, 3)
             with loop("b", n_batch) as b:
                 with loop("t", n_tiles(b)) as t:
-                    length = let("len", extent(b, t))
+                    key0 = let("key0", first_key(b, t))
+                    length = let("len", extent(b, t) - key0)
                     rows = let("rows", rows_of(b, t))
                     row0 = t * tile_q
                     store(s, 0, 7)
@@ -214,7 +229,7 @@ def _emit_plan(qo_begin, batch, kv_indptr, last_page_len, work_info, cta_indptr,
                         take = let("take", tirx.if_then_else(
                             s[2] >= num_ctas - 1, length - s[7],
                             tirx.min(length - s[7], tirx.max(quota - s[3] - overhead, MIN_PIECE))))
-                        emit(s[4], b, s[7], s[7] + take, row0)
+                        emit(s[4], b, key0 + s[7], key0 + s[7] + take, row0)
                         store(s, s[4] + 1, 4)
                         store(s, s[3] + take + overhead, 3)
                         store(s, s[7] + take, 7)
@@ -291,7 +306,7 @@ def make_decode_plan(name: str = PLAN_DECODE) -> tirx.PrimFunc:
 
         plan_decode(kv_indptr[B+1], kv_indices[N], kv_last_page_len[B], staging[S], layout[9],
                     stats[5], num_ctas, page_size, allow_split, pad_batch, pad_pages, work_overhead,
-                    pack_slack_div)
+                    pack_slack_div, window_left)
 
     * ``layout`` (:data:`DECODE_LAYOUT`): the starts of the regions ``work_info [6, max_works]``,
       ``cta_indptr [num_ctas + 1]``, ``merge_indptr [max_rows + 1]``, and of the staged
@@ -304,6 +319,10 @@ def make_decode_plan(name: str = PLAN_DECODE) -> tirx.PrimFunc:
       :meth:`~tvm_attn.kv.formats.PagedKV.validate`, 5 a layout too small for the padded table.
       Nothing is written outside the staging array whatever the status, and with status 4 or 5
       nothing at all.
+
+    * ``window_left >= 0``: plan only each request's last ``window_left + 1`` keys, the ones a
+      sliding window of that size lets the query see (-1: all keys). A kernel run with a wider
+      window than the plan's would miss keys: the wrapper refuses that run.
 
     Decode: one query row per request (``qo_indptr = arange(B + 1)``, group and tile 1, no causal)."""
     with IRBuilder() as ib:
@@ -318,9 +337,9 @@ def make_decode_plan(name: str = PLAN_DECODE) -> tirx.PrimFunc:
             layout = buffer_param("layout", (len(DECODE_LAYOUT),), "int32")
             stats = buffer_param("stats", (5,), "int32")
             # (num_ctas sizes the planner's host scratch, whose shape must come from the arguments)
-            num_ctas, page_size, allow_split, pad_batch, pad_pages_arg, overhead, slack_div = (
+            num_ctas, page_size, allow_split, pad_batch, pad_pages_arg, overhead, slack_div, window = (
                 scalar_param(n, "int32") for n in ("num_ctas", "page_size", "allow_split", "pad_batch", "pad_pages",
-                                                   "work_overhead", "pack_slack_div"))
+                                                   "work_overhead", "pack_slack_div", "window_left"))
             at = {f: let(f, layout[i]) for i, f in enumerate(DECODE_LAYOUT)}
             used = let("used", indptr[batch])
             pad_pages = let("pages", tirx.if_then_else(pad_pages_arg < 0, used, pad_pages_arg))
@@ -364,5 +383,5 @@ def make_decode_plan(name: str = PLAN_DECODE) -> tirx.PrimFunc:
                     merge_indptr = region("s_merge_indptr", at["merge_at"], at["max_rows"] + 1)
                     _emit_plan(lambda b: b, pad_batch, s_indptr, s_last, work_info, cta_indptr, merge_indptr, stats,
                                num_ctas + 1, at["max_rows"] + 1, at["max_partials"], page_size, allow_split,
-                               1, 1, 0, overhead, slack_div)
+                               1, 1, 0, overhead, slack_div, window)
     return ib.get()

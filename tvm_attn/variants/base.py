@@ -249,6 +249,14 @@ class AttentionVariant:
         """
         return None
 
+    def key_window(self, args: dict[str, Any]) -> int | None:
+        """At most how many keys left of its own position a query sees, for the run-time scalars
+        ``args`` (name -> value; a name not given takes its default); None: no bound. It must agree
+        with :meth:`logits_mask` (the keys further left are hidden). The CUDA decode plan reads only
+        the keys inside the window the variant's defaults give, so a run may narrow the window, and
+        the wrapper refuses one that widens it."""
+        return None
+
     def tables(self, head_dim: int) -> tuple[DimTable, ...]:
         """The :class:`DimTable` s the hooks read through ``ctx.table`` (names unique in a variant)."""
         return ()
@@ -337,6 +345,10 @@ class ComposedVariant(AttentionVariant):
 
     def mask_is_range(self) -> bool:
         return all(p.mask_is_range() for p in self.parts)
+
+    def key_window(self, args):
+        windows = [w for w in (p.key_window(args) for p in self.parts) if w is not None]
+        return min(windows) if windows else None
 
     def tables(self, head_dim: int):
         tables: dict[str, DimTable] = {}

@@ -59,7 +59,9 @@ class SlidingWindow(AttentionVariant):
     """A query sees at most ``window_left`` keys before its own position (FlashInfer's ``window_left``).
 
     ``window_left`` is a run-time int32 scalar (default from the constructor); a negative value
-    disables the window. The window bounds the left side only: compose with :class:`Causal` (or plan
+    disables the window. The CUDA decode plan reads only the keys inside the constructor's window
+    (:meth:`key_window`), so a run with that plan may pass a smaller ``window_left`` but not a
+    larger one (nor a negative one). The window bounds the left side only: compose with :class:`Causal` (or plan
     with ``causal=True``) to also hide future keys.
     """
 
@@ -83,6 +85,10 @@ class SlidingWindow(AttentionVariant):
 
     def mask_is_range(self) -> bool:
         return True
+
+    def key_window(self, args):
+        w = int(args.get("window_left", self._window_left))
+        return w if w >= 0 else None
 
     def ref_logits_mask(self, ctx):
         w = int(ctx["window_left"])
