@@ -29,7 +29,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 REQUIRES = "gpu"
 
-from tvm_attn.benchmark import READ_CONFIGS, bar_plot, read_sum_name, result_header, time_torch, time_tvm, write_result  # noqa: E402
+from tvm_attn.benchmark import (  # noqa: E402
+    READ_CONFIGS, bar_plot, read_sum_name, result_header, time_torch, time_tvm, write_result,
+)
 
 HQ, HKV, D, PAGE = 32, 8, 128, 16
 #: the sliding window of the window rows (planned for: the kernel reads only the keys it shows)
@@ -91,7 +93,8 @@ def read_ceilings(tvm, dev, torch, cache_dir: Path, small: bool) -> dict:
         x_d = tvm.runtime.from_dlpack(x.view(-1, 8))
         want = float(x.sum(dtype=torch.float64))
     else:
-        x_d = tvm.runtime.tensor(np.random.default_rng(0).random((n // 8, 8), dtype=np.float32).astype(np.float16), dev)
+        x_np = np.random.default_rng(0).random((n // 8, 8), dtype=np.float32).astype(np.float16)
+        x_d = tvm.runtime.tensor(x_np, dev)
         want = float(x_d.numpy().astype(np.float64).sum())
     path = cache_dir / "read_ceiling.so"
     if path.exists():
@@ -170,8 +173,8 @@ def main(small: bool = False, out: str | None = None) -> list[dict]:
             o = w.run(q_d, cache_d, **vargs).numpy()
             if variant is None or suffix == "/window":
                 want = ref_o if variant is None else R.paged_attention(
-                    q[:check_rows], None, sub_cache, indptr[: check_rows + 1], np.arange(sub.size, dtype=np.int32),
-                    last[:check_rows], variant=variant)[0]
+                    q[:check_rows], None, sub_cache, indptr[: check_rows + 1],
+                    np.arange(sub.size, dtype=np.int32), last[:check_rows], variant=variant)[0]
                 err = float(np.abs(o[:check_rows].astype(np.float32) - want).max())
                 if err > 2e-3:
                     notes.append(f"{workload}: tvm_attn{suffix} mismatch {err:.3e}, row dropped")

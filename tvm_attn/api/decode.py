@@ -35,10 +35,10 @@ class BatchDecodeWithPagedKVCacheWrapper(Wrapper):
     decode kernel over a fixed grid (which also merges the pieces of the requests it cut). A sliding
     window given to ``plan`` (``window_left``, or the variant's own) is planned for: only the keys
     inside it are split among the CTAs, so a long request costs what its window costs; ``run`` may
-    then narrow the window but not widen it. With
-    ``use_cuda_graph=True`` every device buffer is allocated once for ``max_batch_size`` requests and
-    ``max_num_pages`` page-table entries; ``plan`` refills them in place, so a graph captured around
-    ``run`` (with ``out`` and ``lse`` given) replays correctly after the lengths change. ``q`` then has
+    then narrow the window but not widen it. With ``use_cuda_graph=True`` every device buffer is
+    allocated once for ``max_batch_size`` requests and ``max_num_pages`` page-table entries;
+    ``plan`` refills them in place, so a graph captured around ``run`` (with ``out`` and ``lse``
+    given) replays correctly after the lengths change. ``q`` then has
     ``max_batch_size`` rows; rows past the planned batch read no keys and come out as zeros.
     ``disable_split_kv`` gives batch-invariant, deterministic results (one work per request).
     """

@@ -1,7 +1,7 @@
 """What the CUDA kernel generators share: float helpers, the warp shuffle and vote, the fence and
-atomic add, the 16-byte cp.async copy, the planned kernels' and merge kernels' arguments, the variant's tables in shared memory,
-and the one step that folds a partial attention state into a running one (the prefill merge kernel
-and the decode kernel's own merge use it)."""
+atomic add, the 16-byte cp.async copy, the planned kernels' and merge kernels' arguments, the
+variant's tables in shared memory, and the one step that folds a partial attention state into a
+running one (the prefill merge kernel and the decode kernel's own merge use it)."""
 
 from __future__ import annotations
 

@@ -4,7 +4,8 @@ The decode kernel's floor is the time to read K and V once, so its benchmark nee
 this GPU manages, measured in the same run. A torch reduction is one such read; this kernel is the
 other, written the way the decode kernel reads: each thread issues ``unroll`` 16-byte loads before
 it adds any of them (bytes in flight), the grid is persistent (``num_blocks`` from the shape of
-``out``) and strides over the array. The benchmark times each build (:data:`tvm_attn.benchmark.READ_CONFIGS`) and keeps the fastest.
+``out``) and strides over the array. The benchmark times each build
+(:data:`tvm_attn.benchmark.READ_CONFIGS`) and keeps the fastest.
 
 ``read_sum_t{threads}u{unroll}(x [n, 8] fp16, out [num_blocks, threads] fp32)``: ``out`` gets each
 thread's sum of its rows, so nothing is optimized away and the write is ~1/1000 of the read.
