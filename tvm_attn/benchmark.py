@@ -1,7 +1,7 @@
-"""What the benchmark scripts share: CUDA-event and TVM timers, the names of the read-ceiling kernels, the result file's header (device,
-date, commit) and writing it, and the grouped bar plot of a result (shape:
-``bench/results/*.json``, one row per workload and kernel). Needs no compiler; matplotlib and torch
-are used only where the caller has them."""
+"""What the benchmark scripts share: CUDA-event and TVM timers, the names of the read-ceiling
+kernels, the result file's header (device, date, commit) and writing it, and the grouped bar plot
+of a result (shape: ``bench/results/*.json``, one row per workload and kernel). Needs no compiler;
+matplotlib and torch are used only where the caller has them."""
 
 from __future__ import annotations
 

@@ -38,9 +38,9 @@ class BatchDecodeWithPagedKVCacheWrapper(Wrapper):
     then narrow the window but not widen it. With ``use_cuda_graph=True`` every device buffer is
     allocated once for ``max_batch_size`` requests and ``max_num_pages`` page-table entries;
     ``plan`` refills them in place, so a graph captured around ``run`` (with ``out`` and ``lse``
-    given) replays correctly after the lengths change. ``q`` then has
-    ``max_batch_size`` rows; rows past the planned batch read no keys and come out as zeros.
-    ``disable_split_kv`` gives batch-invariant, deterministic results (one work per request).
+    given) replays correctly after the lengths change. ``q`` then has ``max_batch_size`` rows; rows
+    past the planned batch read no keys and come out as zeros. ``disable_split_kv`` gives
+    batch-invariant, deterministic results (one work per request).
     """
 
     def __init__(self, kv_layout: str = "NHD", *, device=None, cache=None, use_cuda_graph: bool = False,

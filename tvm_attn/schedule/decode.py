@@ -20,6 +20,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from ..dtypes import to_numpy_dtype
+
 
 @dataclass(frozen=True)
 class DecodeTiles:
@@ -79,9 +81,13 @@ class DecodeTiles:
             raise ValueError(f"schedule: {schedule!r}: {e}") from None
 
 
+def per_16_bytes(kv_dtype: str) -> int:
+    """Elements of ``kv_dtype`` in one 16-byte load or cp.async copy."""
+    return 16 // to_numpy_dtype(kv_dtype).itemsize
+
+
 def _vec(head_dim: int, kv_dtype: str) -> int:
-    elem = 4 if kv_dtype == "float32" else 2
-    return max(16 // elem, head_dim // 32)  # 16-byte loads, at most one warp per row
+    return max(per_16_bytes(kv_dtype), head_dim // 32)  # 16-byte loads, at most one warp per row
 
 
 def choose_decode_tiles(head_dim: int, kv_dtype: str, group_size: int, heavy_variant: bool = False,
@@ -94,7 +100,7 @@ def choose_decode_tiles(head_dim: int, kv_dtype: str, group_size: int, heavy_var
     registers with 4 unbuffered keys: ptxas spills 40-192 bytes at 4 blocks per SM, none at 3 (170
     registers). ``logits_hooks`` (a logits transform or mask): the double buffer spills 2-4 bytes at
     128 registers (sliding window, soft-cap), so those keep 4 unbuffered keys."""
-    elem = 4 if kv_dtype == "float32" else 2
+    elem = 16 // per_16_bytes(kv_dtype)
     vec = _vec(head_dim, kv_dtype)
     lanes = head_dim // vec
     # registers: q and o take 2 * heads * vec floats per thread; heads * vec <= 32 keeps the kernel

@@ -55,7 +55,7 @@ import math
 from tvm import tirx
 
 from ..config import AttentionKey
-from ..schedule.decode import DecodeTiles
+from ..schedule.decode import DecodeTiles, per_16_bytes
 from ..variants.base import HookContext
 from ._builder import IRBuilder, T, let, local, loop, store, when
 from ._cuda import (atomic_add, cp_async, f32, fold_partial, kernel_params, neg_inf, shfl_xor, stage_tables,
@@ -87,7 +87,7 @@ def make_batch_decode_cuda(key: AttentionKey, tiles: DecodeTiles | None = None) 
     tiles = tiles or tiles_for(key)
     variant, D, G = key.variant, key.head_dim, tiles.heads_per_block
     VEC, TX, U, NKG, S = tiles.vec, tiles.lanes_per_key, tiles.unroll, tiles.key_groups, tiles.stages
-    CE = 16 // (4 if key.kv_dtype == "float32" else 2)  # elements of a 16-byte copy
+    CE = per_16_bytes(key.kv_dtype)  # elements of a 16-byte copy
     head_splits = key.group_size // G
     stage_keys = variant.overrides("key_transform")
     with IRBuilder() as ib:

@@ -258,7 +258,8 @@ def make_prefill_cuda(key: AttentionKey, tiles: PrefillTiles | None = None) -> t
                                 kr = nb2 * 16 + (lane // 16) * 8 + lane % 8
                                 kcol = kd * 16 + ((lane // 8) % 2) * 8
                                 src = (kr, kcol) if stage_keys else (stage, kr, kcol)
-                                T.evaluate(ldm(kf32[0], kf32[1], kf32[2], kf32[3], smem_ptr(kt_s if stage_keys else k_s, src, "r")))
+                                k_src = smem_ptr(kt_s if stage_keys else k_s, src, "r")
+                                T.evaluate(ldm(kf32[0], kf32[1], kf32[2], kf32[3], k_src))
                                 mma_pair(s_acc, qf32, kf32, nb2)
 
                         copies_at("s")
