@@ -108,15 +108,13 @@ def build_models(out: Path, arch: str) -> None:
                     progress=False, **overrides)
 
 
-def main(small: bool = False, out: str | None = None, arch: str = "sm_90a") -> list[dict]:
+def gpu_keys(target: str, small: bool = False) -> tuple[list, list]:
+    """The kernel keys the GPU tier and the benchmarks need, and the decode case of each (None for
+    the others): every decode case, the benchmarks' decode keys, the ring schedules, and every
+    prefill key of the tier and the benchmarks."""
     from tests.gpu import prefill_cases
-    from tests.gpu.cases import CASES, RING_SCHEDULES, case_id, key_of
-    from tvm_attn.build import compile_key, cuda_source
-    from tvm_attn.cache import KernelCache
-    from tvm_attn.cuda_runtime import find_nvcc, nvcc_compile
+    from tests.gpu.cases import CASES, RING_SCHEDULES, key_of
 
-    target = f"cuda:{arch}"
-    out_dir = Path(out) if out else ROOT / ".kernels"
     cases = CASES[:2] if small else CASES
     keys = [key_of(c, target) for c in cases]
     # bench_decode's MHA row; bench_e2e's decode-attention split (TVM's KV cache pages are HND)
@@ -136,8 +134,18 @@ def main(small: bool = False, out: str | None = None, arch: str = "sm_90a") -> l
     prefill = list(prefill.values())
     if small:
         prefill = prefill[:1]
-    cases = cases + [None] * len(bench) + [None] * len(prefill)
-    keys = keys + bench + prefill
+    return keys + bench + prefill, cases + [None] * (len(bench) + len(prefill))
+
+
+def main(small: bool = False, out: str | None = None, arch: str = "sm_90a") -> list[dict]:
+    from tests.gpu.cases import case_id
+    from tvm_attn.build import compile_key, cuda_source
+    from tvm_attn.cache import KernelCache
+    from tvm_attn.cuda_runtime import find_nvcc, nvcc_compile
+
+    target = f"cuda:{arch}"
+    out_dir = Path(out) if out else ROOT / ".kernels"
+    keys, cases = gpu_keys(target, small)
     cache = KernelCache(out_dir) if not small else None
     rows = []
     for c, key in zip(cases, keys):
