@@ -25,6 +25,7 @@ boundary cuts at most one item, so ``max_works = max_items + num_ctas``.
 from __future__ import annotations
 
 import ctypes
+import enum
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,6 +33,22 @@ import tvm
 import tvm_ffi
 
 from .schedule.decode import DecodeTiles
+
+class Work(enum.IntEnum):
+    """The fields of a work record: ``work_info[Work.KV_END, w]`` is work ``w``'s end key. One
+    record per work, in CTA order; the planner writes them, the kernels and the KV-cache backend
+    read them (see :mod:`tvm_attn.tir.plan` for what each field means)."""
+
+    REQUEST = 0  # the request (-1: padding, no work)
+    KV_BEGIN = 1  # first key of the piece
+    KV_END = 2  # one past its last key
+    OUT_ROW = 3  # -1: write o directly; else the first partial-state row of the piece
+    ROW_BEGIN = 4  # the item's first GQA-packed query row
+    OUT_STRIDE = 5  # partial rows between packed rows of the piece
+
+
+#: rows of work_info
+WORK_FIELDS = len(Work)
 
 #: name of the planner function inside every CUDA kernel module (see tvm_attn.tir.plan)
 PLAN = "tvm_attn_plan"

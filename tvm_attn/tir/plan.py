@@ -50,11 +50,9 @@ from __future__ import annotations
 
 from tvm import tirx
 
-from ..planner import DECODE_LAYOUT, MIN_PIECE, PLAN, PLAN_DECODE, STATUS_LAYOUT, STATUS_PAGE_TABLE
+from ..planner import DECODE_LAYOUT, MIN_PIECE, PLAN, PLAN_DECODE, STATUS_LAYOUT, STATUS_PAGE_TABLE, WORK_FIELDS
 from ._builder import IRBuilder, T, buffer_param, let, local, loop, scalar_param, store, sym, when
 
-#: rows of work_info
-WORK_FIELDS = 6
 INT32_MAX = 2**31 - 1
 
 
