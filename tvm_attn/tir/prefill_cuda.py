@@ -25,8 +25,8 @@ first tile goes to was last read two tiles earlier. The output leaves through th
 of the query tile in shared memory, in 16-byte stores. Without a logits transform the
 logits stay unscaled (q.k) and the scale goes into the exponent, ``exp2(s * scale_log2 - m)``
 (one FFMA). The online softmax rescales O and l only when some row of the warp raised its max by
-more than ``prefill_stages.RESCALE_SLACK`` (log2 units); otherwise rows keep their old max, and weights stay below
-``2^RESCALE_SLACK``.
+more than ``prefill_stages.RESCALE_SLACK`` (log2 units); otherwise rows keep their old max, and
+weights stay below ``2^RESCALE_SLACK``.
 
 Warp ``w`` owns rows ``16 * m_tiles * w ..`` of the tile. :func:`make_prefill_cuda` is the outline
 above, one call per step: the stages (:mod:`tvm_attn.tir.prefill_stages`: ``load_q``, ``issue_kv``,
@@ -191,9 +191,9 @@ class Block:
 
 @dataclass
 class WorkTile:
-    """The work in hand: packed query rows ``row0 .. row0 + rows`` of request ``req`` against keys
-    ``[begin, end)`` in ``n_tiles`` KV tiles, the first into stage ``parity % 2``; its output goes
-    to o (``out_row < 0``) or to partial rows ``out_row + r * stride``."""
+    """The work in hand (:func:`open_work` fills it): packed query rows ``row0 .. row0 + rows`` of
+    request ``req`` against keys ``[begin, end)`` in ``n_tiles`` KV tiles, the first into stage
+    ``parity % 2``; its output goes to o (``out_row < 0``) or to partial rows ``out_row + r * stride``."""
 
     req: tirx.Var
     row0: tirx.Var
