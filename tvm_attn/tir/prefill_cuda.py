@@ -202,16 +202,16 @@ class WorkTile:
     rows: tirx.Var
     batch: object
     hook_qo_len: tirx.Var
-    begin: tirx.Var = None
-    end: tirx.Var = None
-    n_tiles: tirx.Var = None
+    begin: tirx.Var | None = None
+    end: tirx.Var | None = None
+    n_tiles: tirx.Var | None = None
     range_skip: bool = False  # the variant bounds each row's keys (kv_range): keys outside are skipped
-    full_lo: tirx.Var = None  # keys [full_lo, full_hi) are seen by every row of the tile
-    full_hi: tirx.Var = None
+    full_lo: tirx.Var | None = None  # keys [full_lo, full_hi) are seen by every row of the tile
+    full_hi: tirx.Var | None = None
     mask_free: bool = True  # some tiles need no mask work (which: prefill_stages.logits_and_mask)
-    out_row: tirx.Var = None
-    stride: tirx.Var = None
-    parity: tirx.Var = None
+    out_row: tirx.Var | None = None
+    stride: tirx.Var | None = None
+    parity: tirx.Var | None = None
 
     def ctx(self, b: Block, tok, pos=None, head=None) -> HookContext:
         kv_idx = None if pos is None else b.idx.kv_pos(self.req, pos)
