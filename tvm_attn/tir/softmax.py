@@ -31,3 +31,11 @@ def safe_max(m):
     """The running max to subtract inside ``exp2``: 0 for a state that has seen no visible key
     (max ``-inf``), so that ``exp2(-inf - 0) = 0`` rather than ``exp2(-inf + inf) = NaN``."""
     return tirx.if_then_else(m == neg_inf(), zero(), m)
+
+
+# -- added for the CUDA prefill kernel and its merge (tvm_attn.tir.prefill_stages, prefill_cuda) --------
+
+def lse_of(m, total):
+    """The log2 LSE of a state with running max ``m`` (log2 units) and weight sum ``total``:
+    ``m + log2(total)``, or -inf for a state that has seen no visible key (``total`` 0)."""
+    return tirx.if_then_else(total > 0, m + tirx.log2(total), neg_inf())
