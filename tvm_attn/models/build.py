@@ -176,16 +176,12 @@ def save_params(library, weights: dict | None = None) -> Path:
     ``weights``: default the ones ``<name>.json`` records (random from its seed, or its safetensors)."""
     import tvm
 
-    from .runtime import config_from_json
+    from .runtime import ModelSession
 
     library = Path(library)
     meta = json.loads(library.with_suffix(".json").read_text())
     if weights is None:
-        from .llama import load_safetensors, random_weights
-
-        cfg, source = config_from_json(meta["config"]), meta["weights"]
-        weights = (random_weights(cfg, source["seed"]) if source["kind"] == "random"
-                   else load_safetensors(cfg, source["paths"]))
+        weights = ModelSession.default_weights_of(meta)
     names = meta["param_names"]
     if names[0] != "model.embed_tokens.weight":
         raise AssertionError(f"the C++ example reads the vocabulary from the first weight; it is {names[0]}")

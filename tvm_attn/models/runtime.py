@@ -59,10 +59,15 @@ class ModelSession:
 
     def default_weights(self) -> dict:
         """The weights ``build-model`` recorded: random from a seed, or a local safetensors file."""
-        from .llama import LlamaConfig, load_safetensors, random_weights
+        return self.default_weights_of(self.meta)
 
-        cfg = config_from_json(self.meta["config"])
-        source = self.meta["weights"]
+    @staticmethod
+    def default_weights_of(meta: dict) -> dict:
+        """:meth:`default_weights` of a model's metadata, without loading the library."""
+        from .llama import load_safetensors, random_weights
+
+        cfg = config_from_json(meta["config"])
+        source = meta["weights"]
         if source["kind"] == "random":
             return random_weights(cfg, source["seed"])
         return load_safetensors(cfg, source["paths"])
