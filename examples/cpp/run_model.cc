@@ -101,7 +101,10 @@ int main(int argc, char** argv) {
     }
   }
   // The Relax VM executable inside the library, initialised for the CPU (pooled allocator).
-  ffi::Module exec = ffi::Module::LoadFromFile(argv[1]);
+  // dlopen reads a name without a slash as a library to search for, not as a file here
+  std::string library = argv[1];
+  if (library.find('/') == std::string::npos) library = "./" + library;
+  ffi::Module exec = ffi::Module::LoadFromFile(library);
   ffi::Module vm = exec->GetFunction("vm_load_executable").value()().cast<ffi::Module>();
   vm->GetFunction("vm_initialization").value()(static_cast<int>(kDLCPU), 0, 2, static_cast<int>(kDLCPU), 0, 2);
   ffi::Function prefill = vm->GetFunction("prefill").value();
