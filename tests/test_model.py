@@ -219,3 +219,12 @@ def test_safetensors_roundtrip(tmp_path):
     llama.write_safetensors(tmp_path / "bad.safetensors", hf)
     with pytest.raises(ValueError, match="model.norm.weight"):
         llama.load_safetensors(cfg, tmp_path / "bad.safetensors")
+
+
+def test_builtin_cache_refuses_a_variant(tmp_path):
+    """TVM's own cache has no variant slot: building it with one would run plain attention."""
+    from tvm_attn.models.build import build_model
+
+    with pytest.raises(ValueError, match="runs no variant, got 'soft_cap'"):
+        build_model("tiny", "llvm", tmp_path / "m.so", variant="logits_soft_cap", kv_cache="tvm_builtin",
+                    progress=False)

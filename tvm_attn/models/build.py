@@ -46,6 +46,9 @@ def build_model(config_name: str, target: str, output, *, safetensors=None, seed
         from ..tir.abi import fixed_scalars
 
         fixed_scalars(compose(config.variant))
+    elif compose(config.variant).uri() != "default":
+        raise ValueError(f"variant: TVM's TIRPagedKVCache (kv_cache={kv_cache!r}) runs no variant, got "
+                         f"{compose(config.variant).uri()!r}")
     tvm_target = _schedule_target(target_of(target))
     if safetensors:
         paths = [str(Path(p).resolve()) for p in ([safetensors] if isinstance(safetensors, (str, os.PathLike))
