@@ -35,7 +35,13 @@ def run(model: Path, device: str, prompt_lens, steps: int, check: bool, seed: in
     ``max_abs_err`` against the numpy forward pass and ``bound``, its limit (``tol``, default by dtype,
     times ``1 + max |numpy|``). ``params``: a ``.params`` file to run instead of the recorded weights."""
     from tvm_attn.models.llama import numpy_forward
-    from tvm_attn.models.runtime import ModelSession, config_from_json, load_params, read_metadata, reference_config
+    from tvm_attn.models.runtime import (
+        ModelSession,
+        config_from_json,
+        load_params,
+        read_metadata,
+        reference_config,
+    )
 
     meta = read_metadata(model)
     # The reference comes from the metadata alone (config, variant, weight source), never from the
