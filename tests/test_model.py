@@ -67,33 +67,133 @@ def test_prefill_fork_decode_matches_numpy(tiny):
         s.forward([0], [[1]])          # a removed sequence is gone
 
 
-def test_variant_runs_in_the_cache_slots(tmp_path):
-    """A soft cap of 0.5 changes every logit: matching numpy with the cap (and not without) shows our
-    kernels fill the attention slots."""
-    path = tmp_path / "capped.so"
-    llama_cfg = llama.get_config("tiny", num_hidden_layers=1)
+@pytest.fixture(scope="module")
+def capped(tmp_path_factory):
+    """One layer of the tiny model with a soft cap of 0.5, which changes every logit."""
     from tvm_attn.models.build import build_model
 
+    path = tmp_path_factory.mktemp("capped") / "capped.so"
     build_model("tiny", "llvm", path, variant={"name": "logits_soft_cap", "cap": 0.5}, progress=False,
                 num_hidden_layers=1)
+    return path
+
+
+def test_variant_runs_in_the_cache_slots(capped):
+    """Matching numpy with the cap (and not without) shows our kernels fill the attention slots."""
     import tvm_attn as ta
 
-    capped = llama.get_config("tiny", num_hidden_layers=1, variant=ta.LogitsSoftCap(0.5))
+    llama_cfg = llama.get_config("tiny", num_hidden_layers=1)
+    capped_cfg = llama.get_config("tiny", num_hidden_layers=1, variant=ta.LogitsSoftCap(0.5))
     weights = llama.random_weights(llama_cfg, 0)
-    s = ModelSession(path)
+    s = ModelSession(capped)
     s.add_sequence(0)
     tokens = list(range(3, 40))
     logits = s.forward([0], [tokens])[0]
-    _check(capped, weights, tokens, logits, "soft-capped prefill")
+    _check(capped_cfg, weights, tokens, logits, "soft-capped prefill")
     plain = llama.numpy_forward(llama_cfg, weights, tokens)
     assert np.abs(logits - plain).max() > 100 * TOL
     out = s.forward([0], [[5]])[0]
-    _check(capped, weights, tokens + [5], out, "soft-capped decode")
+    _check(capped_cfg, weights, tokens + [5], out, "soft-capped decode")
     s.add_sequence(1)                  # batch_prefill: the last token's logits of each sequence only
     last = s.forward([0, 1], [[6, 7], tokens[:9]], last_only=True)
     assert [x.shape for x in last] == [(1, 256), (1, 256)]
-    _check(capped, weights, tokens + [5, 6, 7], last[0], "batch_prefill seq 0")
-    _check(capped, weights, tokens[:9], last[1], "batch_prefill seq 1")
+    _check(capped_cfg, weights, tokens + [5, 6, 7], last[0], "batch_prefill seq 0")
+    _check(capped_cfg, weights, tokens[:9], last[1], "batch_prefill seq 1")
+
+
+def _run_model():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "scripts" / "run_model.py"
+    spec = importlib.util.spec_from_file_location("run_model", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_soft_cap_model_matches_numpy_like_the_default(tmp_path):
+    """LogitsSoftCap(30) on the 2-layer tiny model: prefill, fork and decode through run_model.py's
+    check match numpy as closely as the default model does (~3e-6; the reference once dropped the
+    variant, and the check then saw 2e-3..1e-2)."""
+    from tvm_attn.models.build import build_model
+    from tvm_attn.models.runtime import read_metadata, reference_config
+
+    path = tmp_path / "cap30.so"
+    meta = build_model("tiny", "llvm", path, variant={"name": "logits_soft_cap", "cap": 30}, progress=False)
+    assert meta["variant_spec"] == {"name": "logits_soft_cap", "cap": 30.0}
+    assert reference_config(read_metadata(path)).variant.extra_params()[0].default == 30.0
+    rows = _run_model().run(path, "cpu", [7, 30, 45], 3, check=True)
+    assert max(r["max_abs_err"] for r in rows) <= 2e-5, rows
+
+
+def _tamper(src, dst_dir, **changes):
+    """A copy of the model ``src`` whose metadata says something else (``changes``; None deletes)."""
+    import shutil
+
+    dst = dst_dir / src.name
+    shutil.copy(src, dst)
+    meta = json.loads(src.with_suffix(".json").read_text())
+    for k, v in changes.items():
+        meta.pop(k) if v is None else meta.__setitem__(k, v)
+    dst.with_suffix(".json").write_text(json.dumps(meta))
+    return dst
+
+
+def test_check_fails_on_a_wrong_variant_claim(capped, tmp_path):
+    run_model = _run_model()
+    assert run_model.main(argv=["--model", str(capped), "--check", "--steps", "1"])   # the truth passes
+    lying = _tamper(capped, tmp_path, variant="default", variant_spec="default")
+    with pytest.raises(SystemExit, match="logits differ from numpy"):
+        run_model.main(argv=["--model", str(lying), "--check", "--steps", "1"])
+    (tmp_path / "unknown").mkdir()
+    unknown = _tamper(capped, tmp_path / "unknown", variant_spec=None)
+    with pytest.raises(SystemExit) as e:
+        run_model.main(argv=["--model", str(unknown), "--check", "--steps", "1"])
+    assert e.value.code == 2
+
+
+def test_check_fails_on_corrupted_params(capped, tmp_path):
+    import shutil
+
+    import tvm
+
+    from tvm_attn.models.build import save_params
+
+    model = tmp_path / capped.name
+    shutil.copy(capped, model)
+    shutil.copy(capped.with_suffix(".json"), model.with_suffix(".json"))
+    params = save_params(model)
+    run_model = _run_model()
+    assert run_model.main(argv=["--model", str(model), "--params", str(params), "--check", "--steps", "1"])
+    saved = {k: v.numpy() for k, v in tvm.runtime.load_param_dict_from_file(str(params)).items()}
+    saved["param_0001"] = saved["param_0001"] * np.float32(1.01)     # layer 0's input norm, 1% off
+    tvm.runtime.save_param_dict_to_file({k: tvm.runtime.tensor(v) for k, v in saved.items()}, str(params))
+    with pytest.raises(SystemExit, match="logits differ from numpy"):
+        run_model.main(argv=["--model", str(model), "--params", str(params), "--check", "--steps", "1"])
+
+
+@pytest.mark.parametrize("spec, hook", [({"name": "sliding_window", "window_left": 4}, "logits_mask"),
+                                        ("rope", "query_transform"), ("causal", "logits_mask")])
+def test_position_dependent_variants_are_refused_at_build_time(spec, hook, tmp_path):
+    """The cache's slots see positions within one shared-prefix depth or the new tokens only, so a
+    variant that reads positions would run with wrong ones (sliding window: 3.2, RoPE: 1.5 off)."""
+    import tvm_attn as ta
+    from tvm_attn.models.build import build_model
+    from tvm_attn.relax.kv_backend import CudaKVBackend
+    from tvm_attn.relax.kv_cache import KVCacheConfig
+    from tvm_attn.tir.abi import kv_cache_kernel
+    from tvm_attn.variants import variant_from_spec
+
+    name = variant_from_spec(spec).uri()
+    with pytest.raises(ValueError, match=f"variant '{name}'.*its {hook} reads .*position-free"):
+        build_model("tiny", "llvm", tmp_path / "m.so", variant=spec, progress=False)
+    assert not (tmp_path / "m.so").exists()
+    with pytest.raises(ValueError, match="position-free"):
+        kv_cache_kernel("decode", 4, 2, 64, "float32", 16, variant_from_spec(spec))
+    with pytest.raises(ValueError, match="position-free"):
+        CudaKVBackend(KVCacheConfig(1, 4, 2, 64, "float16", target="cuda:sm_90a"), variant_from_spec(spec))
+    kv_cache_kernel("decode", 4, 2, 64, "float32", 16, ta.LogitsSoftCap(30.0))      # position-free: taken
 
 
 def test_safetensors_roundtrip(tmp_path):
@@ -119,3 +219,12 @@ def test_safetensors_roundtrip(tmp_path):
     llama.write_safetensors(tmp_path / "bad.safetensors", hf)
     with pytest.raises(ValueError, match="model.norm.weight"):
         llama.load_safetensors(cfg, tmp_path / "bad.safetensors")
+
+
+def test_builtin_cache_refuses_a_variant(tmp_path):
+    """TVM's own cache has no variant slot: building it with one would run plain attention."""
+    from tvm_attn.models.build import build_model
+
+    with pytest.raises(ValueError, match="runs no variant, got 'soft_cap'"):
+        build_model("tiny", "llvm", tmp_path / "m.so", variant="logits_soft_cap", kv_cache="tvm_builtin",
+                    progress=False)

@@ -3,14 +3,16 @@
 // three sequences in one batch, forks one of them (shared prefix) and decodes, all through packed
 // functions.
 //
-//   run_model <model.so> <model.params> <prompt_len>... [--steps N] [--out logits.txt]
+//   run_model <model.so> <model.params> <prompt_len>... [--steps N] [--expect logits.bin [--tol T]]
 //
 // model.params: the weights in call order under the keys param_0000, param_0001, ...
 // (tvm.runtime.save_param_dict_to_file, as `tvm-attn build-model --save-params` writes them).
-// Tokens are deterministic so a test can replay them: prompt token j of sequence i is
+// Tokens are deterministic so the reference can replay them: prompt token j of sequence i is
 // (31 i + 7 j + 1) % vocab, the decode token of step k for sequence i is (17 k + 5 i + 3) % vocab.
-// Each step appends one line per sequence to --out: "<step> <seq> <logit_0> ... <logit_{vocab-1}>"
-// (the logits of the sequence's last new token).
+// --expect: the logits this run must produce (examples/cpp/expected_logits.py writes them from the
+// numpy forward pass): float32, one row of vocab values per report below (the last new token of each
+// sequence after the prefill, then of every sequence at every decode step), in that order. The run
+// fails (exit 1) if any logit is off by more than T * (1 + max |expected|) (T default 1e-4).
 #include <tvm/ffi/container/array.h>
 #include <tvm/ffi/container/map.h>
 #include <tvm/ffi/container/shape.h>
@@ -18,6 +20,8 @@
 #include <tvm/ffi/extra/module.h>
 #include <tvm/ffi/function.h>
 
+#include <algorithm>
+#include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -82,19 +86,25 @@ int main(int argc, char** argv) {
   }
   std::vector<int64_t> prompt_lens;
   int steps = 8;
-  std::string out_path;
+  std::string expect_path;
+  double tol = 1e-4;
   for (int i = 3; i < argc; ++i) {
     std::string a = argv[i];
     if (a == "--steps" && i + 1 < argc) {
       steps = std::atoi(argv[++i]);
-    } else if (a == "--out" && i + 1 < argc) {
-      out_path = argv[++i];
+    } else if (a == "--expect" && i + 1 < argc) {
+      expect_path = argv[++i];
+    } else if (a == "--tol" && i + 1 < argc) {
+      tol = std::atof(argv[++i]);
     } else {
       prompt_lens.push_back(std::atoll(a.c_str()));
     }
   }
   // The Relax VM executable inside the library, initialised for the CPU (pooled allocator).
-  ffi::Module exec = ffi::Module::LoadFromFile(argv[1]);
+  // dlopen reads a name without a slash as a library to search for, not as a file here
+  std::string library = argv[1];
+  if (library.find('/') == std::string::npos) library = "./" + library;
+  ffi::Module exec = ffi::Module::LoadFromFile(library);
   ffi::Module vm = exec->GetFunction("vm_load_executable").value()().cast<ffi::Module>();
   vm->GetFunction("vm_initialization").value()(static_cast<int>(kDLCPU), 0, 2, static_cast<int>(kDLCPU), 0, 2);
   ffi::Function prefill = vm->GetFunction("prefill").value();
@@ -108,19 +118,38 @@ int main(int argc, char** argv) {
   ffi::Function begin = Global("vm.builtin.kv_state_begin_forward");
   ffi::Function end = Global("vm.builtin.kv_state_end_forward");
 
-  std::ofstream out;
-  if (!out_path.empty()) out.open(out_path);
+  std::ifstream expect;
+  if (!expect_path.empty()) {
+    expect.open(expect_path, std::ios::binary);
+    if (!expect) {
+      std::cerr << expect_path << ": cannot be read\n";
+      return 2;
+    }
+  }
+  double worst = 0, worst_bound = 0;  // the largest error, and the limit of the row it is in
+  int bad_rows = 0;
   auto report = [&](int step, int64_t seq, const Tensor& logits, int64_t row) -> void {
     int64_t vocab = logits.size(-1);
     const float* r = static_cast<const float*>(logits.data_ptr()) + row * vocab;  // float32, on the CPU
     int64_t best = 0;
     for (int64_t v = 1; v < vocab; ++v) best = r[v] > r[best] ? v : best;
     std::cout << "step " << step << " seq " << seq << " argmax " << best << " logit " << r[best] << "\n";
-    if (out.is_open()) {
-      out << step << " " << seq;
-      out.precision(9);
-      for (int64_t v = 0; v < vocab; ++v) out << " " << r[v];
-      out << "\n";
+    if (!expect.is_open()) return;
+    std::vector<float> ref(vocab);
+    if (!expect.read(reinterpret_cast<char*>(ref.data()), vocab * sizeof(float))) {
+      std::cerr << expect_path << ": too short for step " << step << " seq " << seq << "\n";
+      std::exit(2);
+    }
+    double err = 0, scale = 0;
+    for (int64_t v = 0; v < vocab; ++v) {
+      err = std::max(err, static_cast<double>(std::fabs(r[v] - ref[v])));
+      scale = std::max(scale, static_cast<double>(std::fabs(ref[v])));
+    }
+    double bound = tol * (1 + scale);
+    if (!(err <= bound)) ++bad_rows;  // (a NaN counts as bad)
+    if (!(err <= worst)) {
+      worst = err;
+      worst_bound = bound;
     }
   };
 
@@ -156,6 +185,18 @@ int main(int argc, char** argv) {
     end(cache);
     for (size_t i = 0; i < seq_ids.size(); ++i) report(step, seq_ids[i], logits, static_cast<int64_t>(i));
   }
-  std::cout << "ok: " << prompt_lens.size() << " sequences + 1 fork, " << steps << " decode steps\n";
+  if (expect.is_open()) {
+    if (expect.peek() != std::ifstream::traits_type::eof()) {
+      std::cerr << expect_path << ": holds more rows than this run reports (other prompt lengths or steps?)\n";
+      return 2;
+    }
+    std::cout << "max |logits - expected| " << worst << " (limit " << worst_bound << ")\n";
+    if (bad_rows) {
+      std::cerr << "logits differ from " << expect_path << " in " << bad_rows << " rows\n";
+      return 1;
+    }
+  }
+  std::cout << "ok: " << prompt_lens.size() << " sequences + 1 fork, " << steps << " decode steps"
+            << (expect.is_open() ? ", logits match the expected ones" : "") << "\n";
   return 0;
 }

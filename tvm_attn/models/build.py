@@ -35,13 +35,20 @@ def build_model(config_name: str, target: str, output, *, safetensors=None, seed
 
     from ..build import target_of
     from ..relax.kv_cache import slot_sources
-    from ..variants import variant_from_spec
+    from ..variants import compose, variant_from_spec
     from .llama import get_config
 
     output = Path(output)
     if output.suffix != ".so":
         raise ValueError(f"output: the library path must end in .so, got {output}")
     config = get_config(config_name, variant=variant_from_spec(variant), **overrides)
+    if kv_cache == "tvm_attn":  # refuse a variant the cache cannot run before anything is generated
+        from ..tir.abi import fixed_scalars
+
+        fixed_scalars(compose(config.variant))
+    elif compose(config.variant).uri() != "default":
+        raise ValueError(f"variant: TVM's TIRPagedKVCache (kv_cache={kv_cache!r}) runs no variant, got "
+                         f"{compose(config.variant).uri()!r}")
     tvm_target = _schedule_target(target_of(target))
     if safetensors:
         paths = [str(Path(p).resolve()) for p in ([safetensors] if isinstance(safetensors, (str, os.PathLike))
@@ -84,7 +91,8 @@ def build_model(config_name: str, target: str, output, *, safetensors=None, seed
             cubin = str(path) if path else None
     cfg = {k: v for k, v in dataclasses.asdict(config).items() if k != "variant"}
     meta = {
-        "config_name": config_name, "config": cfg, "variant": config.variant.uri() if config.variant else "default",
+        "config_name": config_name, "config": cfg, "variant": compose(config.variant).uri(),
+        "variant_spec": variant_spec(config.variant),
         "target": target, "param_names": names, "weights": weights, "kv_cache": kv_cache,
         "kv_cache_slots": slot_sources(target) if kv_cache == "tvm_attn" else slot_sources("tvm_builtin"),
         "cubin": cubin, "build_seconds": {k: round(v, 3) for k, v in bar.seconds.items()},
@@ -93,6 +101,47 @@ def build_model(config_name: str, target: str, output, *, safetensors=None, seed
     if stream is not None:
         stream.close()
     return meta
+
+
+def variant_spec(variant):
+    """The JSON spec :func:`tvm_attn.variants.variant_from_spec` rebuilds ``variant`` from (the numpy
+    reference of ``run_model.py --check`` needs it), or None where it cannot be written down: a class
+    that is not importable by name, or constructor arguments the instance does not keep."""
+    import inspect
+
+    from ..variants import BUILTIN, AttentionVariant, ComposedVariant, compose, variant_from_spec
+
+    variant = compose(variant)
+    if isinstance(variant, ComposedVariant):
+        parts = [variant_spec(p) for p in variant.parts]
+        return None if None in parts else parts
+    cls = type(variant)
+    if cls is AttentionVariant:
+        return "default"
+    names = [n for n, c in BUILTIN.items() if c is cls]
+    name = names[0] if names else f"{cls.__module__}:{cls.__qualname__}"
+    if not names and (cls.__module__ == "__main__" or "." in cls.__qualname__):
+        return None
+    spec = {"name": name}
+    for arg in list(inspect.signature(cls.__init__).parameters.values())[1:]:
+        if arg.kind in (arg.VAR_POSITIONAL, arg.VAR_KEYWORD):
+            return None
+        for attr in (arg.name, "_" + arg.name):
+            if hasattr(variant, attr):
+                spec[arg.name] = getattr(variant, attr)
+                break
+        else:
+            return None
+    try:
+        json.dumps(spec)
+        rebuilt = variant_from_spec(spec)
+    except (TypeError, ValueError, ImportError, AttributeError):
+        return None
+    return spec if _scalars(rebuilt) == _scalars(variant) and rebuilt.uri() == variant.uri() else None
+
+
+def _scalars(variant) -> list:
+    return [(p.name, getattr(p, "default", None)) for p in variant.extra_params()]
 
 
 def _schedule_target(target):
@@ -130,16 +179,12 @@ def save_params(library, weights: dict | None = None) -> Path:
     ``weights``: default the ones ``<name>.json`` records (random from its seed, or its safetensors)."""
     import tvm
 
-    from .runtime import config_from_json
+    from .runtime import ModelSession
 
     library = Path(library)
     meta = json.loads(library.with_suffix(".json").read_text())
     if weights is None:
-        from .llama import load_safetensors, random_weights
-
-        cfg, source = config_from_json(meta["config"]), meta["weights"]
-        weights = (random_weights(cfg, source["seed"]) if source["kind"] == "random"
-                   else load_safetensors(cfg, source["paths"]))
+        weights = ModelSession.default_weights_of(meta)
     names = meta["param_names"]
     if names[0] != "model.embed_tokens.weight":
         raise AssertionError(f"the C++ example reads the vocabulary from the first weight; it is {names[0]}")

@@ -34,10 +34,7 @@ class ModelSession:
         from tvm.runtime.vm import VirtualMachine
 
         library = Path(library)
-        meta_path = library.with_suffix(".json")
-        if not meta_path.exists():
-            raise FileNotFoundError(f"{meta_path}: the model's metadata (written by tvm-attn build-model) is missing")
-        self.meta = json.loads(meta_path.read_text())
+        self.meta = read_metadata(library)
         self.device = tvm.cpu() if device == "cpu" else tvm.cuda(0)
         if device != "cpu":
             from ..cuda_runtime import ensure_cuda
@@ -62,10 +59,15 @@ class ModelSession:
 
     def default_weights(self) -> dict:
         """The weights ``build-model`` recorded: random from a seed, or a local safetensors file."""
-        from .llama import LlamaConfig, load_safetensors, random_weights
+        return self.default_weights_of(self.meta)
 
-        cfg = config_from_json(self.meta["config"])
-        source = self.meta["weights"]
+    @staticmethod
+    def default_weights_of(meta: dict) -> dict:
+        """:meth:`default_weights` of a model's metadata, without loading the library."""
+        from .llama import load_safetensors, random_weights
+
+        cfg = config_from_json(meta["config"])
+        source = meta["weights"]
         if source["kind"] == "random":
             return random_weights(cfg, source["seed"])
         return load_safetensors(cfg, source["paths"])
@@ -122,6 +124,46 @@ class ModelSession:
         if last_only:
             return [rows[i : i + 1] for i in range(len(lengths))]
         return [rows[bounds[i] : bounds[i + 1]] for i in range(len(lengths))]
+
+
+def read_metadata(library) -> dict:
+    """``<library>.json``, the metadata ``tvm-attn build-model`` writes beside the library."""
+    meta_path = Path(library).with_suffix(".json")
+    if not meta_path.exists():
+        raise FileNotFoundError(f"{meta_path}: the model's metadata (written by tvm-attn build-model) is missing")
+    return json.loads(meta_path.read_text())
+
+
+def reference_config(meta: dict):
+    """The :class:`~tvm_attn.models.llama.LlamaConfig` of a built model's metadata, with its attention
+    variant, for the numpy forward pass (:func:`tvm_attn.models.llama.numpy_forward`). Raises
+    ``ValueError`` where the metadata cannot say which variant the library runs."""
+    from dataclasses import replace
+
+    from ..variants import compose, variant_from_spec
+
+    if "variant_spec" not in meta or meta["variant_spec"] is None:
+        raise ValueError(f"model metadata: variant {meta.get('variant')!r} has no variant_spec to rebuild it from "
+                         "(a variant class that is not importable by name, or built by an older tvm-attn)")
+    variant = compose(variant_from_spec(meta["variant_spec"]))
+    if variant.uri() != meta.get("variant"):
+        raise ValueError(f"model metadata: variant_spec {meta['variant_spec']!r} is {variant.uri()!r}, "
+                         f"but the metadata's variant is {meta.get('variant')!r}")
+    return replace(config_from_json(meta["config"]), variant=variant)
+
+
+def load_params(path, param_names, device=None) -> list:
+    """The weights of a ``.params`` file (``tvm-attn build-model --save-params``: keys ``param_0000``, ...
+    in call order) as a list of tensors on ``device``, for :class:`ModelSession`'s ``weights``."""
+    import tvm
+
+    params = tvm.runtime.load_param_dict_from_file(str(path))
+    keys = [f"param_{i:04d}" for i in range(len(param_names))]
+    if sorted(params) != keys:
+        raise ValueError(f"params: {path} holds {len(params)} tensors, the model takes {len(keys)} "
+                         f"({keys[0]} .. {keys[-1]})")
+    device = device or tvm.cpu()
+    return [tvm.runtime.tensor(params[k].numpy(), device) for k in keys]
 
 
 def config_from_json(d: dict):

@@ -26,11 +26,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import tvm
 from tvm import tirx
 
 from ..config import AttentionKey
 from ..kv.formats import PagedKV, RaggedKV
-from ..variants.base import _fmt
+from ..variants.base import HookContext, _fmt
 from ..variants.masks import RuntimeCausal
 from ._builder import T, buffer_param, scalar_param
 
@@ -154,7 +155,52 @@ def fixed_scalars(variant) -> tuple:
                 "variants whose run-time arguments are scalars with defaults (bound into the kernel)"
             )
         fixed.append((p.name, p.default))
+    check_position_free(variant)
     return tuple(fixed)
+
+
+#: The positions a hook sees (:class:`~tvm_attn.variants.base.HookContext`). In a slot of TVM's KV cache
+#: they are the slot's own, not the sequence's: the paged prefill runs once per shared-prefix depth
+#: (``kv_len`` is the depth's length and the queries are not aligned to its end), the ragged prefill
+#: sees the new tokens only, and ``batch_idx`` counts the slot's requests, not sequence ids.
+_POSITIONS = ("batch_idx", "qo_idx", "kv_idx", "qo_len", "kv_len")
+
+
+def check_position_free(variant) -> None:
+    """Raise ``ValueError`` naming ``variant`` if a hook of it depends on positions (masks, RoPE,
+    ALiBi, ...), which TVM's KV cache cannot give its slots (see :data:`_POSITIONS`); RoPE is applied
+    by the cache itself, before attention. Each TIR hook is probed with fresh variables for the
+    positions and the result searched for them."""
+    from ..variants.base import TensorParam
+
+    pos = {n: tirx.Var(n, "int32") for n in _POSITIONS}
+    params = {p.name: (tirx.decl_buffer([tirx.Var(f"{p.name}_n{i}", "int32") for i, _ in enumerate(p.shape)],
+                                        p.dtype, p.name) if isinstance(p, TensorParam) else tirx.Var(p.name, p.dtype))
+              for p in variant.extra_params()}
+    ctx = HookContext(pos["batch_idx"], pos["qo_idx"], pos["kv_idx"], tirx.Var("qo_head_idx", "int32"),
+                      tirx.Var("kv_head_idx", "int32"), pos["qo_len"], pos["kv_len"], 64, params)
+    data = tirx.decl_buffer((64,), "float32", "x")
+    d = tirx.Var("d", "int32")
+    probes = {
+        "query_transform": lambda: variant.query_transform(ctx, lambda i: data[i], d),
+        "key_transform": lambda: variant.key_transform(ctx, lambda i: data[i], d),
+        "logits_transform": lambda: variant.logits_transform(ctx, tirx.Var("logits", "float32")),
+        "logits_mask": lambda: variant.logits_mask(ctx),
+        "kv_range": lambda: variant.kv_range(ctx),
+        "output_transform": lambda: variant.output_transform(ctx, tirx.Var("out", "float32"), d),
+    }
+    for hook, probe in probes.items():
+        exprs = probe()
+        exprs = [] if exprs is None else list(exprs) if isinstance(exprs, (tuple, list)) else [exprs]
+        used = sorted({v.name for e in exprs if isinstance(e, tvm.ir.expr.Expr) for v in tirx.analysis.undefined_vars(e)}
+                      & set(_POSITIONS))
+        if used:
+            scalars = ", ".join(f"{p.name}={p.default!r}" for p in variant.extra_params())
+            raise ValueError(
+                f"variant {variant.uri()!r}{f' ({scalars})' if scalars else ''}: its {hook} reads "
+                f"{', '.join(used)}, but TVM's KV cache runs each attention slot over a shared-prefix depth or "
+                "the new tokens alone, so positions there are not the sequence's; the cache takes "
+                "position-free variants only (it applies the causal mask and RoPE itself)")
 
 
 def bind_scalars(func: tirx.PrimFunc, fixed) -> tirx.PrimFunc:
