@@ -221,6 +221,18 @@ def test_cuda_merge_is_refused_with_what_cuda_has():
         registry.family_of(key)
 
 
+def test_a_new_family_is_one_entry(monkeypatch):
+    """What adding the CUDA merge family takes: its entry (here with the CPU generator standing in
+    for tvm_attn/tir/merge_cuda.py, which another change adds)."""
+    entry = registry.KernelFamily("cuda_merge", MergeKey, MERGE_OPS, "cuda", min_sm=80,
+                                  kernels=(("{uri}", "tvm_attn.tir.merge:make_merge"),))
+    monkeypatch.setattr(registry, "FAMILIES", registry.FAMILIES + (entry,))
+    key = MergeKey("merge_states", "float16", "cuda:sm_90a")
+    assert registry.family_of(key) is entry
+    assert list(entry.generate(key)) == [key.uri]
+    assert registry.launch_bounds(key.uri) is None
+
+
 def test_cuda_key_without_schedule_is_refused_at_generation():
     key = AttentionKey("decode", ta.PagedKV(16), 32, 8, 128, target="cuda:sm_90a")
     with pytest.raises(ValueError, match="cuda_decode kernels name their schedule; this key's default is 'w4u2g4b4p'"):
