@@ -41,11 +41,11 @@ ANY_VARIANT = st.lists(st.sampled_from(sorted(VARIANTS)), unique=True, max_size=
     lambda names: st.tuples(*(VARIANTS[n] for n in names))).map(lambda parts: ta.compose(*parts))
 
 #: (kind, KV format) pairs a key may have
+LAYOUTS, NOT_BSR = st.sampled_from(["NHD", "HND"]), st.sampled_from(["decode", "prefill"])
 FORMATS = st.one_of(
-    st.tuples(st.sampled_from(["decode", "prefill"]), st.builds(ta.PagedKV, st.sampled_from([1, 16, 32]),
-                                                                   st.sampled_from(["NHD", "HND"]))),
-    st.tuples(st.sampled_from(["decode", "prefill"]), st.builds(ta.RaggedKV, st.sampled_from(["NHD", "HND"]))),
-    st.tuples(st.just("bsr"), st.builds(ta.BlockSparseKV, st.sampled_from([1, 16]), st.sampled_from([1, 16]))),
+    st.tuples(NOT_BSR, st.builds(ta.PagedKV, st.sampled_from([1, 16, 32]), LAYOUTS)),
+    st.tuples(NOT_BSR, st.builds(ta.RaggedKV, LAYOUTS)),
+    st.tuples(st.just("bsr"), st.builds(ta.BlockSparseKV, *[st.sampled_from([1, 16])] * 2)),
 )
 
 
@@ -62,7 +62,10 @@ def test_every_builtin_variant_has_a_strategy():
 def test_variant_spec_roundtrip(variant):
     back = variant_from_spec(_roundtrip(variant.spec()))
     assert back.spec() == variant.spec() and back.uri() == variant.uri()
-    assert [type(p) for p in getattr(back, "parts", [back])] == [type(p) for p in getattr(variant, "parts", [variant])]
+    def parts(v):
+        return [type(p) for p in getattr(v, "parts", [v])]
+
+    assert parts(back) == parts(variant)
     # the run-time defaults (window, cap, RoPE scale and theta, bias) come back too, not only the kernel
     assert [(p.name, getattr(p, "default", None)) for p in back.extra_params()] == [
         (p.name, getattr(p, "default", None)) for p in variant.extra_params()]
@@ -72,7 +75,8 @@ def test_composed_variant_spec_is_a_list():
     v = ta.Causal() + ta.SlidingWindow(128) + ta.LogitsSoftCap(30)
     assert v.spec() == ["causal", {"name": "sliding_window", "window_left": 128},
                         {"name": "logits_soft_cap", "cap": 30.0}]
-    rope = ta.RoPE("llama3.1", rope_scale=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position=8192)
+    rope = ta.RoPE("llama3.1", rope_scale=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                   original_max_position=8192)
     assert variant_from_spec(rope.spec()).spec() == rope.spec()
     assert rope.spec()["rope_theta"] == 500000.0 and rope.spec()["original_max_position"] == 8192
 
@@ -137,7 +141,8 @@ def test_merge_and_planner_spec_roundtrip(target):
 def test_format_names():
     """``to_json`` writes paged / ragged / bsr; specs may also name the classes."""
     spec = {"kind": "prefill", "num_qo_heads": 4, "num_kv_heads": 4, "head_dim": 64}
-    cases = [({"page_size": 16}, ta.PagedKV(16), ("paged", "PagedKV")), ({}, ta.RaggedKV(), ("ragged", "RaggedKV")),
+    cases = [({"page_size": 16}, ta.PagedKV(16), ("paged", "PagedKV")),
+             ({}, ta.RaggedKV(), ("ragged", "RaggedKV")),
              ({"R": 16, "C": 1}, ta.BlockSparseKV(16, 1), ("bsr", "BlockSparseKV"))]
     for args, kv, names in cases:
         for fmt in names:
@@ -170,7 +175,8 @@ def test_cuda_spec_without_schedule_gets_the_default(arch):
     target = f"cuda:{arch}"
     decode = key_from_spec({**DECODE_SPEC, "target": target})
     assert decode.schedule == "w4u2g4b4p"  # today's choice, on both archs
-    window = key_from_spec({**DECODE_SPEC, "target": target, "variant": {"name": "sliding_window", "window_left": 64}})
+    window = key_from_spec({**DECODE_SPEC, "target": target,
+                            "variant": {"name": "sliding_window", "window_left": 64}})
     assert window.schedule == "w4u4g4b4"
     prefill = key_from_spec({**DECODE_SPEC, "kind": "prefill", "variant": "causal", "target": target})
     assert prefill.schedule == "fa2q128k64w4s2b2"
@@ -196,8 +202,9 @@ def test_family_of():
 
 def test_unsupported_keys_say_why():
     ragged = AttentionKey("decode", ta.RaggedKV(), 4, 4, 64, target="cuda:sm_90a")
-    with pytest.raises(ValueError, match=rf"no kernel family builds {ragged.uri}: .*cuda_decode reads paged KV, "
-                                         r"not ragged.*On cuda: cuda_decode \(decode over paged KV\)"):
+    with pytest.raises(ValueError, match=rf"no kernel family builds {ragged.uri}: "
+                                         r".*cuda_decode reads paged KV, not ragged"
+                                         r".*On cuda: cuda_decode \(decode over paged KV\)"):
         registry.family_of(ragged)
     fp32 = AttentionKey("prefill", ta.RaggedKV(), 4, 4, 64, "float32", "float32", target="cuda:sm_90a")
     with pytest.raises(ValueError, match="cuda_prefill_fa2 CUDA prefill: q and kv must both be float16"):
@@ -216,7 +223,8 @@ def test_unsupported_keys_say_why():
 
 def test_cuda_merge_is_refused_with_what_cuda_has():
     key = MergeKey("merge_state", "float16", "cuda:sm_90a")
-    with pytest.raises(ValueError, match=rf"no kernel family builds {key.uri}: cpu_merge runs on llvm, not cuda\. "
+    with pytest.raises(ValueError, match=rf"no kernel family builds {key.uri}: "
+                                         r"cpu_merge runs on llvm, not cuda\. "
                                          r"On cuda: cuda_decode .*cuda_prefill_fa2"):
         registry.family_of(key)
 
@@ -235,7 +243,8 @@ def test_a_new_family_is_one_entry(monkeypatch):
 
 def test_cuda_key_without_schedule_is_refused_at_generation():
     key = AttentionKey("decode", ta.PagedKV(16), 32, 8, 128, target="cuda:sm_90a")
-    with pytest.raises(ValueError, match="cuda_decode kernels name their schedule; this key's default is 'w4u2g4b4p'"):
+    with pytest.raises(ValueError, match="cuda_decode kernels name their schedule; "
+                                         "this key's default is 'w4u2g4b4p'"):
         registry.family_of(key).generate(key)
 
 
@@ -281,8 +290,8 @@ RUNTIME_ONLY = textwrap.dedent(
 
 def test_registry_needs_only_the_runtime():
     env = dict(os.environ, TVM_USE_RUNTIME_LIB="1")
-    run = subprocess.run([sys.executable, "-c", RUNTIME_ONLY], capture_output=True, text=True, env=env, timeout=300,
-                         check=False)
+    run = subprocess.run([sys.executable, "-c", RUNTIME_ONLY], capture_output=True, text=True, env=env,
+                         timeout=300, check=False)
     assert run.returncode == 0, run.stdout + run.stderr
     assert "REGISTRY_OK fa2q128k64w4s2b2" in run.stdout
 
@@ -313,8 +322,9 @@ def test_cli_build_cuda_spec_without_schedule(tmp_path, capsys, no_nvcc):
             "num_kv_heads": 4, "head_dim": 64, "variant": ["causal", {"name": "logits_soft_cap", "cap": 30}]}
     kernels = tmp_path / "kernels.json"
     kernels.write_text(json.dumps([spec]))
-    assert main(["build", "--kernels", str(kernels), "--target", "cuda:sm_90a", "-o", str(tmp_path / "out")]) == 0
-    (key,) = _built_keys(tmp_path / "out").values()
+    out = tmp_path / "out"
+    assert main(["build", "--kernels", str(kernels), "--target", "cuda:sm_90a", "-o", str(out)]) == 0
+    (key,) = _built_keys(out).values()
     assert key == key_from_spec({**spec, "target": "cuda:sm_90a"}) and key.schedule == "w4u4g1b4"
     assert key.variant.spec()[1] == {"name": "logits_soft_cap", "cap": 30.0}
 

@@ -94,7 +94,8 @@ class AttentionKey:
         return {
             "kind": self.kind, "kv": {"format": fmt, **asdict(self.kv)}, "num_qo_heads": self.num_qo_heads,
             "num_kv_heads": self.num_kv_heads, "head_dim": self.head_dim, "q_dtype": self.q_dtype,
-            "kv_dtype": self.kv_dtype, "variant": self.variant.spec(), "target": self.target, "schedule": self.schedule,
+            "kv_dtype": self.kv_dtype, "variant": self.variant.spec(), "target": self.target,
+            "schedule": self.schedule,
         }
 
 
@@ -190,7 +191,7 @@ def _attention_key(spec: dict, target: str) -> tuple[AttentionKey, str | None]:
                          f"(it takes {sorted(names)})")
     q_dtype = spec.pop("q_dtype", "float16")
     schedule = spec.pop("schedule", None)
-    key = AttentionKey(spec.pop("kind"), formats[fmt](**kv), spec.pop("num_qo_heads"), spec.pop("num_kv_heads"),
-                       spec.pop("head_dim"), q_dtype, spec.pop("kv_dtype", q_dtype),
+    key = AttentionKey(spec.pop("kind"), formats[fmt](**kv), spec.pop("num_qo_heads"),
+                       spec.pop("num_kv_heads"), spec.pop("head_dim"), q_dtype, spec.pop("kv_dtype", q_dtype),
                        variant_from_spec(spec.pop("variant", None)), target, schedule or "default")
     return key, schedule

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import tvm
 
+from .registry import launch_bounds
+
 #: the flags TVM's own nvcc path uses (tvm/support/nvcc.py), so cubins match what TVM would build
 NVCC_FLAGS = (
     "-O3", "--use_fast_math", "--expt-relaxed-constexpr",
@@ -41,7 +43,6 @@ def prepare_source(code: str) -> str:
     per SM of the kernel's schedule (``b<N>`` in its name, :func:`tvm_attn.registry.launch_bounds`),
     so each such kernel gets that as its minimum (capping its registers at 65536 / (threads x N)).
     The cubin key stays that of TVM's own source."""
-    from .registry import launch_bounds
 
     def bound(m: re.Match) -> str:
         bounds = launch_bounds(m.group(2))

@@ -20,14 +20,19 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import tvm
+
 from .config import KINDS, KV_FORMATS, MERGE_OPS, AttentionKey, MergeKey, PlannerKey
 from .kv.formats import BlockSparseKV, PagedKV, RaggedKV
 from .planner import PLAN, PLAN_DECODE
-from .schedule import decode, prefill
+from .schedule import decode as decode_tiles
+from .schedule import prefill as prefill_tiles
 
 
 @dataclass(frozen=True)
 class KernelFamily:
+    """One family of kernels: the keys it builds, its schedules, and its module's generators."""
+
     name: str
     #: the key type it serves, and the kinds of that key (attention kinds, merge ops, "split_kv")
     key_type: type
@@ -61,7 +66,8 @@ class KernelFamily:
         if _kind(key) not in self.kinds:
             return f"builds {'/'.join(self.kinds)}, not {_kind(key)}"
         if self.formats and not isinstance(key.kv, self.formats):
-            return f"reads {'/'.join(_format_names(self.formats))} KV, not {_format_names((type(key.kv),))[0]}"
+            (given,) = _format_names((type(key.kv),))
+            return f"reads {'/'.join(_format_names(self.formats))} KV, not {given}"
         if self.min_sm:
             arch = arch or arch_of(key.target)
             if sm_number(arch) < self.min_sm:
@@ -91,11 +97,7 @@ class KernelFamily:
                 f"{self.choose(key)!r} (tvm_attn.registry.scheduled(key) gives the key with it)"
             )
         funcs = {name.format(uri=key.uri): _load(fn)(key) for name, fn in self.kernels}
-        host = None
-        if self.target != "llvm":
-            import tvm
-
-            host = tvm.target.Target({"kind": "llvm"})
+        host = tvm.target.Target({"kind": "llvm"}) if self.target != "llvm" else None
         for name, fn in self.host:
             name = name.format(uri=key.uri)
             func = _load(fn)(name)
@@ -108,7 +110,9 @@ class KernelFamily:
         if self.tiles is None or self.key_type is not AttentionKey:
             return None
         parts = kernel.split("_")
-        if len(parts) < 4 or parts[0] != "attn" or parts[1] not in self.kinds or not parts[-2].startswith(self.target):
+        if len(parts) < 4 or parts[:1] != ["attn"] or parts[1] not in self.kinds:
+            return None
+        if not parts[-2].startswith(self.target):
             return None
         return self.tiles.launch_bounds(parts[-1])
 
@@ -125,16 +129,20 @@ _HOST_PLAN = ((PLAN, "tvm_attn.tir.plan:make_planner"), (PLAN_DECODE, "tvm_attn.
 FAMILIES: tuple[KernelFamily, ...] = (
     KernelFamily("cpu_generic", AttentionKey, KINDS, "llvm",
                  kernels=(("{uri}", "tvm_attn.tir.attention:make_attention"),)),
-    KernelFamily("cuda_decode", AttentionKey, ("decode",), "cuda", formats=(PagedKV,), tiles=decode.DecodeTiles,
-                 min_sm=80, chooser=decode.default_schedule, host=_HOST_PLAN,
-                 kernels=(("{uri}", "tvm_attn.tir.decode_cuda:make_batch_decode_cuda"),)),
-    KernelFamily("cuda_prefill_fa2", AttentionKey, ("prefill", "bsr"), "cuda", formats=(PagedKV, RaggedKV, BlockSparseKV),
-                 tiles=prefill.PrefillTiles, min_sm=80, limits=prefill.unsupported, chooser=prefill.default_schedule,
-                 host=_HOST_PLAN, kernels=(("{uri}", "tvm_attn.tir.prefill_cuda:make_prefill_cuda"),
-                                           ("{uri}_merge", "tvm_attn.tir.prefill_cuda:make_prefill_merge_cuda"))),
-    KernelFamily("cpu_merge", MergeKey, MERGE_OPS, "llvm", kernels=(("{uri}", "tvm_attn.tir.merge:make_merge"),)),
+    KernelFamily("cuda_decode", AttentionKey, ("decode",), "cuda", formats=(PagedKV,), min_sm=80,
+                 tiles=decode_tiles.DecodeTiles, chooser=decode_tiles.default_schedule,
+                 kernels=(("{uri}", "tvm_attn.tir.decode_cuda:make_batch_decode_cuda"),), host=_HOST_PLAN),
+    KernelFamily("cuda_prefill_fa2", AttentionKey, ("prefill", "bsr"), "cuda",
+                 formats=(PagedKV, RaggedKV, BlockSparseKV), min_sm=80, limits=prefill_tiles.unsupported,
+                 tiles=prefill_tiles.PrefillTiles, chooser=prefill_tiles.default_schedule,
+                 kernels=(("{uri}", "tvm_attn.tir.prefill_cuda:make_prefill_cuda"),
+                          ("{uri}_merge", "tvm_attn.tir.prefill_cuda:make_prefill_merge_cuda")),
+                 host=_HOST_PLAN),
+    KernelFamily("cpu_merge", MergeKey, MERGE_OPS, "llvm",
+                 kernels=(("{uri}", "tvm_attn.tir.merge:make_merge"),)),
     KernelFamily("planner", PlannerKey, ("split_kv",), "llvm",
-                 host=(("{uri}", "tvm_attn.tir.plan:make_planner"), (PLAN_DECODE, "tvm_attn.tir.plan:make_decode_plan"))),
+                 host=(("{uri}", "tvm_attn.tir.plan:make_planner"),
+                       (PLAN_DECODE, "tvm_attn.tir.plan:make_decode_plan"))),
 )
 
 
@@ -152,7 +160,8 @@ def family_of(key, arch: str | None = None) -> KernelFamily:
             refusals.append(f"{family.name} {reason}")
     target = key.target.partition(":")[0]
     here = [f.describe() for f in FAMILIES if f.target == target]
-    raise ValueError(f"no kernel family builds {key.uri}: {'; '.join(refusals)}. On {target}: {', '.join(here)}")
+    raise ValueError(f"no kernel family builds {key.uri}: {'; '.join(refusals)}. "
+                     f"On {target}: {', '.join(here)}")
 
 
 def scheduled(key, shape=None):
