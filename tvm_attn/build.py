@@ -9,7 +9,7 @@ from __future__ import annotations
 import tvm
 
 from .config import AttentionKey, MergeKey, PlannerKey
-from .kv.formats import PagedKV
+from .registry import family_of
 
 
 def target_of(name: str) -> tvm.target.Target:
@@ -24,49 +24,13 @@ def target_of(name: str) -> tvm.target.Target:
     raise ValueError(f"unknown target {name!r}; use 'llvm' or 'cuda:<arch>'")
 
 
-def generate(key: AttentionKey | MergeKey) -> tvm.IRModule:
-    """The kernel's module: ``key.uri`` and, for CUDA, the planner, the decode plan and (prefill)
-    the merge kernel."""
-    if isinstance(key, MergeKey):
-        from .tir.merge import make_merge
-
-        return tvm.IRModule({key.uri: make_merge(key)})
-    if isinstance(key, PlannerKey):
-        from .planner import PLAN_DECODE
-        from .tir.plan import make_decode_plan, make_planner
-
-        return tvm.IRModule({key.uri: make_planner(key.uri), PLAN_DECODE: make_decode_plan()})
-    if not isinstance(key, AttentionKey):
-        raise TypeError(f"no generator for {type(key).__name__}")
-    if key.target.startswith("llvm"):
-        from .tir.attention import make_attention
-
-        return tvm.IRModule({key.uri: make_attention(key)})
-    from .planner import PLAN, PLAN_DECODE
-    from .tir.plan import make_decode_plan, make_planner
-
-    # the planner and the decode plan (page-table check, staging, planner) run on the host, on host
-    # tensors, inside the same module as the kernels
-    host = target_of("llvm")
-    host_fns = {PLAN: make_planner().with_attr("target", host),
-                PLAN_DECODE: make_decode_plan().with_attr("target", host)}
-    if key.kind == "decode" and isinstance(key.kv, PagedKV):
-        from .tir.decode_cuda import make_batch_decode_cuda
-
-        return tvm.IRModule({key.uri: make_batch_decode_cuda(key), **host_fns})
-    if key.kind in ("prefill", "bsr"):
-        from .tir.prefill_cuda import make_prefill_cuda, make_prefill_merge_cuda
-
-        return tvm.IRModule({
-            key.uri: make_prefill_cuda(key), key.uri + "_merge": make_prefill_merge_cuda(key), **host_fns,
-        })
-    raise ValueError(
-        f"no CUDA kernel for {key.kind} over {type(key.kv).__name__}: CUDA has paged decode, and prefill "
-        "(paged, ragged) and block-sparse attention; decode over ragged KV runs through prefill"
-    )
+def generate(key: AttentionKey | MergeKey | PlannerKey) -> tvm.IRModule:
+    """The key's module, as its kernel family (:mod:`tvm_attn.registry`) generates it: ``key.uri``
+    and, for CUDA, the planner, the decode plan and (prefill) the merge kernel."""
+    return tvm.IRModule(family_of(key).generate(key))
 
 
-def compile_key(key: AttentionKey | MergeKey) -> tvm.runtime.Executable:
+def compile_key(key: AttentionKey | MergeKey | PlannerKey) -> tvm.runtime.Executable:
     return tvm.compile(generate(key), target=target_of(key.target))
 
 

@@ -43,6 +43,7 @@ def demo_kernel_specs(dtype: str = "float16", kv_layout: str = "NHD") -> list[di
 def cmd_build(args) -> int:
     from .cache import KernelCache, compiler_available
     from .config import key_from_spec
+    from .registry import family_of
 
     if not compiler_available():
         print("tvm-attn build: TVM's compiler is not available in this process", file=sys.stderr)
@@ -55,16 +56,18 @@ def cmd_build(args) -> int:
             return 2
     else:
         specs = demo_kernel_specs()
+    keys = []
+    for spec in specs:  # every spec checked before the first build
+        key = key_from_spec({"target": args.target, **spec} if isinstance(spec, dict) else spec)
+        family_of(key)  # raises if no family builds it
+        keys.append(key)
     cache = KernelCache(args.output) if args.output else KernelCache()
-    print(f"building {len(specs)} kernels for {args.target} into {cache.directory}")
+    print(f"building {len(keys)} kernels for {args.target} into {cache.directory}")
     total = time.perf_counter()
-    for i, spec in enumerate(specs):
-        spec = dict(spec)
-        spec.setdefault("target", args.target)
-        key = key_from_spec(spec)
+    for i, key in enumerate(keys):
         seconds = cache.build(key, force=args.force)
         status = f"{seconds:6.2f} s" if seconds else "  cached"
-        print(f"[{i + 1:>3}/{len(specs)}] {status}  {key.uri}")
+        print(f"[{i + 1:>3}/{len(keys)}] {status}  {key.uri}")
     print(f"done in {time.perf_counter() - total:.2f} s")
     return 0
 
@@ -103,7 +106,7 @@ def main(argv=None) -> int:
     d.set_defaults(func=cmd_demo)
     b = sub.add_parser("build", help="precompile kernels into a cache directory for runtime-only processes")
     b.add_argument("--kernels", help="JSON list of kernel specs (default: the demo's kernels)")
-    b.add_argument("--target", default="llvm", help="llvm (CUDA targets come with the CUDA kernels)")
+    b.add_argument("--target", default="llvm", help="llvm or cuda:<arch>, e.g. cuda:sm_90a (for specs without one)")
     b.add_argument("-o", "--output", help="cache directory (default: the user cache)")
     b.add_argument("--force", action="store_true", help="rebuild kernels already in the directory")
     b.set_defaults(func=cmd_build)

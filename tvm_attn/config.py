@@ -6,7 +6,7 @@ The name (``uri``) is the kernel's global symbol and the key of the kernel cache
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 from . import dtypes
 from .kv.formats import BlockSparseKV, PagedKV, RaggedKV
@@ -16,6 +16,9 @@ from .variants.base import AttentionVariant, ScalarParam, TensorParam
 #: Attention kinds: decode has one query row per request and no ``qo_indptr``; prefill has ragged
 #: query rows described by ``qo_indptr`` (append and single prefill are prefill); bsr is block-sparse.
 KINDS = ("decode", "prefill", "bsr")
+#: KV formats by the name specs use (``to_json`` writes these; the class names are read too)
+KV_FORMATS = {"paged": PagedKV, "ragged": RaggedKV, "bsr": BlockSparseKV}
+MERGE_OPS = ("merge_state", "merge_state_in_place", "merge_states")
 
 
 def target_uri(target: str) -> str:
@@ -86,11 +89,13 @@ class AttentionKey:
         )
 
     def to_json(self) -> dict:
-        kv = {"format": type(self.kv).__name__, **vars(self.kv)}
+        """The spec :func:`key_from_spec` reads back into this key."""
+        fmt = next(name for name, cls in KV_FORMATS.items() if isinstance(self.kv, cls))
         return {
-            "kind": self.kind, "kv": kv, "num_qo_heads": self.num_qo_heads, "num_kv_heads": self.num_kv_heads,
-            "head_dim": self.head_dim, "q_dtype": self.q_dtype, "kv_dtype": self.kv_dtype,
-            "variant": self.variant.uri(), "target": self.target, "schedule": self.schedule,
+            "kind": self.kind, "kv": {"format": fmt, **asdict(self.kv)}, "num_qo_heads": self.num_qo_heads,
+            "num_kv_heads": self.num_kv_heads, "head_dim": self.head_dim, "q_dtype": self.q_dtype,
+            "kv_dtype": self.kv_dtype, "variant": self.variant.spec(), "target": self.target,
+            "schedule": self.schedule,
         }
 
 
@@ -103,7 +108,7 @@ class MergeKey:
     target: str = "llvm"
 
     def __post_init__(self):
-        if self.op not in ("merge_state", "merge_state_in_place", "merge_states"):
+        if self.op not in MERGE_OPS:
             raise ValueError(f"op: unknown merge op {self.op!r}")
         object.__setattr__(self, "dtype", dtypes.check_data_dtype("v.dtype", self.dtype))
 
@@ -112,7 +117,7 @@ class MergeKey:
         return f"{self.op}_{dtypes.short(self.dtype)}_{target_uri(self.target)}"
 
     def to_json(self) -> dict:
-        return {"op": self.op, "dtype": self.dtype, "target": self.target}
+        return {"merge": self.op, "dtype": self.dtype, "target": self.target}
 
 
 @dataclass(frozen=True)
@@ -129,32 +134,64 @@ class PlannerKey:
         return {"planner": "split_kv", "target": self.target}
 
 
-def key_from_spec(spec: dict) -> AttentionKey | MergeKey:
-    """A kernel key from a JSON-able spec (the format of ``tvm-attn build --kernels``)::
+def key_from_spec(spec: dict) -> AttentionKey | MergeKey | PlannerKey:
+    """A kernel key from a JSON-able spec (the format of ``tvm-attn build --kernels``, and what
+    ``to_json`` writes)::
 
         {"kind": "decode", "kv": {"format": "paged", "page_size": 16, "layout": "NHD"},
          "num_qo_heads": 32, "num_kv_heads": 8, "head_dim": 128, "q_dtype": "float16",
          "variant": ["causal", {"name": "sliding_window", "window_left": 128}]}
         {"merge": "merge_states", "dtype": "float16"}
-    """
-    from .variants import variant_from_spec
+        {"planner": "split_kv"}
 
+    ``target`` defaults to ``"llvm"``, ``kv_dtype`` to ``q_dtype``, and ``schedule`` to the one the
+    kernel's family chooses (:mod:`tvm_attn.registry`).
+    """
+    if not isinstance(spec, dict):
+        raise TypeError(f"kernel spec: expected a JSON object, got {spec!r}")
     spec = dict(spec)
     target = spec.pop("target", "llvm")
     if "merge" in spec:
-        return MergeKey(spec.pop("merge"), spec.pop("dtype", "float16"), target)
-    kv = dict(spec.pop("kv"))
-    fmt = kv.pop("format")
-    formats = {"paged": PagedKV, "ragged": RaggedKV, "bsr": BlockSparseKV}
-    if fmt not in formats:
-        raise ValueError(f"kv.format: must be one of {list(formats)}, got {fmt!r}")
-    variant = variant_from_spec(spec.pop("variant", None))
-    kind, hq, hkv, d = spec.pop("kind"), spec.pop("num_qo_heads"), spec.pop("num_kv_heads"), spec.pop("head_dim")
-    q_dtype = spec.pop("q_dtype", "float16")
-    kv_dtype = spec.pop("kv_dtype", q_dtype)
-    schedule = spec.pop("schedule", None)
-    if schedule is None and target.startswith("cuda") and kind == "decode":
-        from .schedule.decode import decode_schedule
+        key = MergeKey(spec.pop("merge"), spec.pop("dtype", "float16"), target)
+    elif "planner" in spec:
+        if spec.pop("planner") != "split_kv":
+            raise ValueError("kernel spec: planner: the one planner is 'split_kv'")
+        key = PlannerKey(target)
+    else:
+        key, schedule = _attention_key(spec, target)
+    if spec:
+        raise ValueError(f"kernel spec: unknown keys {sorted(spec)} in a {type(key).__name__} spec")
+    if isinstance(key, AttentionKey) and schedule is None:
+        from .registry import scheduled
 
-        schedule = decode_schedule(d, kv_dtype, hq // max(hkv, 1), variant)
-    return AttentionKey(kind, formats[fmt](**kv), hq, hkv, d, q_dtype, kv_dtype, variant, target, schedule or "default")
+        key = scheduled(key)
+    return key
+
+
+def _attention_key(spec: dict, target: str) -> tuple[AttentionKey, str | None]:
+    """Pops an attention spec's entries off ``spec``: the key (schedule "default" when not given)
+    and the schedule given."""
+    from .variants import variant_from_spec
+
+    for name in ("kind", "kv", "num_qo_heads", "num_kv_heads", "head_dim"):
+        if name not in spec:
+            raise ValueError(f"kernel spec: missing {name!r} (an attention kernel spec needs kind, kv, "
+                             "num_qo_heads, num_kv_heads and head_dim; a merge spec has 'merge')")
+    kv = spec.pop("kv")
+    if not isinstance(kv, dict) or "format" not in kv:
+        raise ValueError(f"kernel spec: kv: expected an object with a 'format', got {kv!r}")
+    kv = dict(kv)
+    fmt = kv.pop("format")
+    formats = {**KV_FORMATS, **{cls.__name__: cls for cls in KV_FORMATS.values()}}
+    if fmt not in formats:
+        raise ValueError(f"kernel spec: kv.format: must be one of {list(KV_FORMATS)}, got {fmt!r}")
+    names = {f.name for f in fields(formats[fmt])}
+    if set(kv) - names:
+        raise ValueError(f"kernel spec: kv: unknown keys {sorted(set(kv) - names)} for format {fmt!r} "
+                         f"(it takes {sorted(names)})")
+    q_dtype = spec.pop("q_dtype", "float16")
+    schedule = spec.pop("schedule", None)
+    key = AttentionKey(spec.pop("kind"), formats[fmt](**kv), spec.pop("num_qo_heads"),
+                       spec.pop("num_kv_heads"), spec.pop("head_dim"), q_dtype, spec.pop("kv_dtype", q_dtype),
+                       variant_from_spec(spec.pop("variant", None)), target, schedule or "default")
+    return key, schedule

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import tvm
 
+from .registry import launch_bounds
+
 #: the flags TVM's own nvcc path uses (tvm/support/nvcc.py), so cubins match what TVM would build
 NVCC_FLAGS = (
     "-O3", "--use_fast_math", "--expt-relaxed-constexpr",
@@ -33,17 +35,25 @@ NVCC_FLAGS = (
 _STATE: dict = {"cubin_dirs": [], "arch": None, "registered": False}
 
 
-_DECODE_BOUNDS = re.compile(
-    r"__launch_bounds__\((\d+)\) (attn_(?:decode_\w+_w\d+u\d+g\d+|(?:prefill|bsr)_\w+_fa2q\d+k\d+w\d+s\d+)b(\d+)p?)_kernel\("
-)
+_LAUNCH_BOUNDS = re.compile(r"__launch_bounds__\((\d+)\) (\w+)_kernel\(")
 
 
 def prepare_source(code: str) -> str:
-    """TVM emits ``__launch_bounds__(threads)`` only; the persistent grids assume the ``b<N>``
-    resident blocks per SM of the kernel's schedule name, so each decode and prefill kernel gets that as
-    its minimum (capping its registers at 65536 / (threads x N)). The cubin key stays that of TVM's
-    own source."""
-    return _DECODE_BOUNDS.sub(lambda m: f"__launch_bounds__({m.group(1)}, {m.group(3)}) {m.group(2)}_kernel(", code)
+    """TVM emits ``__launch_bounds__(threads)`` only; the persistent grids assume the resident blocks
+    per SM of the kernel's schedule (``b<N>`` in its name, :func:`tvm_attn.registry.launch_bounds`),
+    so each such kernel gets that as its minimum (capping its registers at 65536 / (threads x N)).
+    The cubin key stays that of TVM's own source."""
+
+    def bound(m: re.Match) -> str:
+        bounds = launch_bounds(m.group(2))
+        if bounds is None:
+            return m.group(0)
+        threads, blocks = bounds
+        if threads != int(m.group(1)):
+            raise ValueError(f"kernel {m.group(2)}: TVM launches {m.group(1)} threads, its schedule names {threads}")
+        return f"__launch_bounds__({threads}, {blocks}) {m.group(2)}_kernel("
+
+    return _LAUNCH_BOUNDS.sub(bound, code)
 
 
 def cubin_name(code: str, arch: str) -> str:

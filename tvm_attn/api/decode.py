@@ -11,7 +11,8 @@ from ..config import AttentionKey
 from ..kv.formats import PagedKV
 from ..kv.validate import as_index_array
 from ..planner import PLAN_DECODE, decode_workspace
-from ..schedule.decode import DecodeTiles, decode_schedule
+from ..registry import scheduled
+from ..schedule.decode import DecodeTiles
 from ..tensor import shape_of
 from ._common import (
     DevicePlan, KernelCall, Wrapper, PlanStatics, check_tensor, data_dtypes, default_sm_scale, default_tensors,
@@ -108,11 +109,8 @@ class BatchDecodeWithPagedKVCacheWrapper(Wrapper):
             variant, pos_encoding_mode=pos_encoding_mode, window_left=window_left,
             logits_soft_cap=logits_soft_cap, rope_scale=rope_scale, rope_theta=rope_theta,
         )
-        schedule = "default"
-        if self._target != "llvm":
-            schedule = decode_schedule(head_dim, kv_dtype, num_qo_heads // max(num_kv_heads, 1), v)
-        return AttentionKey("decode", fmt, num_qo_heads, num_kv_heads, head_dim, q_dtype, kv_dtype, v, self._target,
-                            schedule)
+        return scheduled(AttentionKey("decode", fmt, num_qo_heads, num_kv_heads, head_dim, q_dtype, kv_dtype, v,
+                                      self._target))
 
     def _plan_cuda(self, key, st, sm_scale, indptr, indices, last_page_len) -> None:
         batch, used = indptr.size - 1, int(indptr[-1])

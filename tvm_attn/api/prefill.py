@@ -58,15 +58,12 @@ class CudaPrefillPlan(Wrapper):
         self._dev_plan = DevicePlan(self._device, self._graph) if self._target != "llvm" else None
 
     def _cuda_key(self, key: AttentionKey, qo_indptr: np.ndarray) -> AttentionKey:
-        from dataclasses import replace
+        from ..registry import scheduled
 
-        from ..schedule.prefill import check_key, prefill_schedule
-
-        check_key(key)
         lens = np.diff(qo_indptr)
         lens = lens[lens > 0]
         packed = None if self._graph or not lens.size else int(lens.mean() * key.group_size)
-        return replace(key, schedule=prefill_schedule(key.head_dim, packed, key.variant))
+        return scheduled(key, packed)
 
     def _plan_cuda(self, key, sm_scale, qo_indptr, kv_indptr, last, page_size, order, num_q_rows, indices=None):
         """``order``: the kernel's KV index arguments, by name: ``"kv_indptr"``, ``"last"`` (the

@@ -22,6 +22,10 @@ from dataclasses import dataclass
 
 from ..dtypes import to_numpy_dtype
 
+#: a decode schedule name: warps, unroll, heads per block, blocks per SM, then ``p`` (register
+#: prefetch) or ``s<stages>`` (cp.async ring)
+_NAME = re.compile(r"w(\d+)u(\d+)g(\d+)b(\d+)(p?)(?:s(\d+))?")
+
 
 @dataclass(frozen=True)
 class DecodeTiles:
@@ -67,7 +71,7 @@ class DecodeTiles:
 
     @staticmethod
     def parse(schedule: str, head_dim: int, kv_dtype: str) -> "DecodeTiles":
-        m = re.fullmatch(r"w(\d+)u(\d+)g(\d+)b(\d+)(p?)(?:s(\d+))?", schedule)
+        m = _NAME.fullmatch(schedule)
         if m is None:
             raise ValueError(f"schedule: {schedule!r} is not a decode schedule like 'w4u4g4b4', 'w4u4g4b3p' "
                              "or 'w4u2g4b4s3'")
@@ -79,6 +83,18 @@ class DecodeTiles:
             return DecodeTiles(vec, head_dim // vec, w, u, g, b, bool(m.group(5)), int(m.group(6) or 0))
         except ValueError as e:
             raise ValueError(f"schedule: {schedule!r}: {e}") from None
+
+    @staticmethod
+    def of(key) -> DecodeTiles:
+        """The tiles named by ``key.schedule``."""
+        return DecodeTiles.parse(key.schedule, key.head_dim, key.kv_dtype)
+
+    @staticmethod
+    def launch_bounds(schedule: str) -> tuple[int, int] | None:
+        """(threads, minimum resident blocks per SM) of a kernel of this schedule; None if
+        ``schedule`` is not a decode schedule name."""
+        m = _NAME.fullmatch(schedule)
+        return None if m is None else (32 * int(m.group(1)), int(m.group(4)))
 
 
 def per_16_bytes(kv_dtype: str) -> int:
@@ -130,3 +146,9 @@ def decode_schedule(head_dim: int, kv_dtype: str, group_size: int, variant) -> s
     logits_hooks = variant.overrides("logits_transform") or variant.overrides("logits_mask")
     return choose_decode_tiles(head_dim, kv_dtype, group_size, is_heavy(variant), logits_hooks).uri()
 
+
+def default_schedule(key, arch: str, shape=None) -> str:
+    """The schedule of ``key``'s CUDA decode kernel on ``arch`` (``shape`` is not used: decode has one
+    query row per request). The same on sm_80 and sm_90a: the choice is about registers (128 per
+    thread at 4 blocks of 128 threads) and bytes in flight, and both have 64K registers per SM."""
+    return decode_schedule(key.head_dim, key.kv_dtype, key.group_size, key.variant)

@@ -61,21 +61,41 @@ class PrefillTiles:
             raise ValueError(f"schedule {schedule!r}: the query tile must be 16 x warps x m_tiles")
         return PrefillTiles(m_tiles=tq // (16 * w), kv_tile=kv, warps=w, stages=s, blocks_per_sm=b)
 
+    @staticmethod
+    def of(key) -> PrefillTiles:
+        """The tiles named by ``key.schedule``."""
+        return PrefillTiles.parse(key.schedule)
+
+    @staticmethod
+    def launch_bounds(schedule: str) -> tuple[int, int] | None:
+        """(threads, minimum resident blocks per SM) of a kernel of this schedule; None if
+        ``schedule`` is not a prefill schedule name."""
+        if _NAME.fullmatch(schedule) is None:
+            return None
+        tiles = PrefillTiles.parse(schedule)
+        return tiles.threads, tiles.blocks_per_sm
+
     def smem_bytes(self, head_dim: int, stage_keys: bool) -> int:
         row = (head_dim + 8) * 2  # rows padded by 16 bytes: ldmatrix reads 8 rows without bank conflicts
         kv_tiles = 2 * self.stages + (1 if stage_keys else 0)
         return row * (self.tile_q + kv_tiles * self.kv_tile)
 
 
+def unsupported(key) -> str | None:
+    """Why the tensor-core kernel cannot build ``key`` (None: it can)."""
+    if key.q_dtype != key.kv_dtype or key.kv_dtype not in ("float16", "bfloat16"):
+        return (f"CUDA prefill: q and kv must both be float16 or both bfloat16 (tensor cores), got "
+                f"{key.q_dtype} / {key.kv_dtype}")
+    if key.head_dim not in (64, 128, 256):
+        return f"CUDA prefill: head_dim must be 64, 128 or 256, got {key.head_dim}"
+    return None
+
+
 def check_key(key) -> None:
     """What the tensor-core kernel supports (checked in plan, before any kernel is looked up)."""
-    if key.q_dtype != key.kv_dtype or key.kv_dtype not in ("float16", "bfloat16"):
-        raise ValueError(
-            f"CUDA prefill: q and kv must both be float16 or both bfloat16 (tensor cores), got "
-            f"{key.q_dtype} / {key.kv_dtype}"
-        )
-    if key.head_dim not in (64, 128, 256):
-        raise ValueError(f"CUDA prefill: head_dim must be 64, 128 or 256, got {key.head_dim}")
+    reason = unsupported(key)
+    if reason is not None:
+        raise ValueError(reason)
 
 
 def logits_weight(variant) -> int:
@@ -125,3 +145,10 @@ def choose_prefill_tiles(head_dim: int, packed_rows: int | None = None, variant=
 
 def prefill_schedule(head_dim: int, packed_rows: int | None = None, variant=None) -> str:
     return choose_prefill_tiles(head_dim, packed_rows, variant).uri()
+
+
+def default_schedule(key, arch: str, shape: int | None = None) -> str:
+    """The schedule of ``key``'s tensor-core kernel on ``arch``; ``shape``: the typical number of
+    GQA-packed query rows per request (None: long queries). The same on sm_80 and sm_90a: every
+    choice fits sm_80's 163 KiB of shared memory per block (see :func:`choose_prefill_tiles`)."""
+    return prefill_schedule(key.head_dim, shape, key.variant)

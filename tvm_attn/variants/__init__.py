@@ -34,8 +34,9 @@ BUILTIN = {
 
 
 def variant_from_spec(spec) -> AttentionVariant:
-    """A variant from a JSON-able spec: a name, ``{"name": ..., **kwargs}``, a list of those (composed),
-    or ``"package.module:ClassName"`` for a user variant."""
+    """A variant from a JSON-able spec, as :meth:`AttentionVariant.spec` writes it: a name,
+    ``{"name": ..., **kwargs}``, a list of those (composed), or ``"package.module:ClassName"`` for a
+    user variant."""
     if spec is None:
         return AttentionVariant()
     if isinstance(spec, AttentionVariant):
@@ -52,11 +53,15 @@ def variant_from_spec(spec) -> AttentionVariant:
         import importlib
 
         module, _, attr = name.partition(":")
-        cls = getattr(importlib.import_module(module), attr)
+        cls = importlib.import_module(module)
+        for part in attr.split("."):
+            cls = getattr(cls, part)
     elif name in BUILTIN:
         cls = BUILTIN[name]
     else:
         raise ValueError(f"unknown variant {name!r}; built-ins: {', '.join(BUILTIN)}")
+    if not (isinstance(cls, type) and issubclass(cls, AttentionVariant)):
+        raise TypeError(f"variant {name!r} is not an AttentionVariant class")
     return cls(**kwargs)
 
 

@@ -190,6 +190,25 @@ class AttentionVariant:
         parts = [self.name] + [f"{k}{_fmt(v)}" for k, v in self.config().items()]
         return "_".join(parts)
 
+    def spec(self) -> str | dict | list:
+        """The JSON-able spec :func:`~tvm_attn.variants.variant_from_spec` reads back into this variant:
+        the built-in name or ``"module:Class"``, with the constructor arguments the variant keeps as
+        public attributes (its :meth:`config`). A variant that keeps other constructor state overrides
+        this, returning ``self.named_spec(**arguments)``."""
+        other = sorted(set(vars(self)) - set(self.config()))
+        if other:
+            raise TypeError(f"{type(self).__name__}.spec: the variant keeps {other} beyond its config(); "
+                            "define spec() returning self.named_spec(**constructor_arguments)")
+        return self.named_spec(**self.config())
+
+    def named_spec(self, **arguments) -> str | dict:
+        """``{"name": <built-in name or "module:Class">, **arguments}``, or the name alone."""
+        from . import BUILTIN
+
+        cls = type(self)
+        name = next((n for n, c in BUILTIN.items() if c is cls), f"{cls.__module__}:{cls.__qualname__}")
+        return {"name": name, **arguments} if arguments else name
+
     def extra_params(self) -> tuple[TensorParam | ScalarParam, ...]:
         return tuple(self.tensors) + tuple(self.scalars)
 
@@ -332,6 +351,9 @@ class ComposedVariant(AttentionVariant):
 
     def config(self):
         return {}
+
+    def spec(self) -> list:
+        return [p.spec() for p in self.parts]
 
     def extra_params(self):
         return self._params

@@ -17,6 +17,9 @@ class LogitsSoftCap(AttentionVariant):
     def __init__(self, cap: float = 30.0):
         self._cap = float(cap)
 
+    def spec(self):
+        return self.named_spec(cap=self._cap)
+
     def extra_params(self):
         return (ScalarParam("logits_soft_cap", "float32", self._cap, "cap > 0"),)
 
@@ -88,6 +91,9 @@ class SigmoidAttention(AttentionVariant):
 
     def __init__(self, bias: float = 0.0):
         self._bias = float(bias)
+
+    def spec(self):
+        return self.named_spec(bias=self._bias)
 
     def extra_params(self):
         return (ScalarParam("sigmoid_bias", "float32", self._bias, "added before the sigmoid"),)

@@ -68,6 +68,9 @@ class SlidingWindow(AttentionVariant):
     def __init__(self, window_left: int = -1):
         self._window_left = int(window_left)
 
+    def spec(self):
+        return self.named_spec(window_left=self._window_left)
+
     def extra_params(self):
         return (ScalarParam("window_left", "int32", self._window_left, "keys visible left of the query"),)
 

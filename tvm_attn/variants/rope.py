@@ -50,6 +50,10 @@ class RoPE(AttentionVariant):
         self._theta = float(default_theta if rope_theta is None else rope_theta)
 
 
+    def spec(self):
+        # the band constants are compile-time (public, in config()); scale and theta are the run-time defaults
+        return self.named_spec(**self.config(), rope_scale=self._scale, rope_theta=self._theta)
+
     def extra_params(self):
         return (
             ScalarParam("rope_scale", "float32", self._scale, "position scale (llama) or factor (llama3.1)"),
