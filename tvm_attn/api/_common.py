@@ -116,7 +116,10 @@ def default_sm_scale(sm_scale, head_dim: int) -> float:
         return 1.0 / math.sqrt(head_dim)
     if isinstance(sm_scale, (str, bytes, bool)) or not hasattr(sm_scale, "__float__"):
         raise TypeError(f"sm_scale: expected a positive finite number, got {sm_scale!r}")
-    sm_scale = float(sm_scale)
+    try:
+        sm_scale = float(sm_scale)
+    except (TypeError, ValueError):  # e.g. an array of more than one element
+        raise TypeError(f"sm_scale: expected a positive finite number, got {sm_scale!r:.60}") from None
     if not (math.isfinite(sm_scale) and sm_scale > 0):
         # the kernels take the row max of unscaled logits (scaling inside the exp2)
         raise ValueError(f"sm_scale: must be a positive finite number, got {sm_scale!r}")
@@ -164,7 +167,11 @@ def pack_variant_args(key: AttentionKey, given: dict, device, defaults: dict | N
             args.append(value)
             continue
         shape = tuple(dims[d] if d in CONFIG_DIMS else (d if isinstance(d, int) else None) for d in p.shape)
-        value = value if hasattr(value, "shape") else np.asarray(value, dtype=dtypes.to_numpy_dtype(p.dtype))
+        if not hasattr(value, "shape"):
+            try:
+                value = np.asarray(value, dtype=dtypes.to_numpy_dtype(p.dtype))
+            except (TypeError, ValueError) as err:
+                raise TypeError(f"{p.name}: expected a {p.dtype} tensor, got {value!r:.60} ({err})") from None
         check_tensor(p.name, value, shape, p.dtype)
         values[p.name] = value
         args.append(to_tvm(value, device, p.name))

@@ -12,6 +12,8 @@ from ..dtypes import INDEX_DTYPE
 from ..tensor import to_numpy
 
 SUPPORTED_HEAD_DIMS = (64, 128, 256)
+#: at most this many heads: the kernels' int32 offsets (row * heads * head_dim) must not overflow
+MAX_HEADS = 2**15
 
 
 def as_index_array(name: str, value) -> np.ndarray:
@@ -64,7 +66,8 @@ def check_range(name: str, arr: np.ndarray, low: int, high: int, what: str) -> N
 
 def check_heads(num_qo_heads: int, num_kv_heads: int) -> None:
     for name, value in (("num_qo_heads", num_qo_heads), ("num_kv_heads", num_kv_heads)):
-        check_positive(name, value)
+        if check_positive(name, value) > MAX_HEADS:
+            raise ValueError(f"{name}: {value} heads is more than the kernels support ({MAX_HEADS})")
     if num_qo_heads % num_kv_heads:
         raise ValueError(
             f"num_qo_heads: {num_qo_heads} is not a multiple of num_kv_heads = {num_kv_heads} (GQA needs whole groups)"

@@ -31,6 +31,8 @@ import re
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
+import numpy as np
+
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 #: Names the kernels already use; an extra parameter may not take them.
 RESERVED_NAMES = frozenset(
@@ -84,10 +86,12 @@ FLOAT32_MAX = 3.4028234663852886e38
 
 def check_scalar(name: str, dtype: str, value) -> int | float:
     """``value`` as a run-time scalar of ``dtype`` (``"int32"`` or ``"float32"``), never coerced:
-    an int32 takes an integer (not 2.5, not "3"), a float32 a real number (not a string); NaN, inf
-    and values outside the dtype's range are refused. TypeError or ValueError naming ``name``."""
+    an int32 takes an integer (not 2.5, not "3", not True), a float32 a real number (not a string);
+    NaN, inf and values outside the dtype's range are refused. TypeError or ValueError naming ``name``."""
     if dtype == "int32":
         try:
+            if isinstance(value, (bool, np.bool_)):
+                raise TypeError
             value = operator.index(value)
         except TypeError:
             raise TypeError(f"{name}: expected an int32 scalar (an integer), got {value!r}") from None

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .base import INT32_MAX, AttentionVariant, ScalarParam, TensorParam
+from .base import AttentionVariant, ScalarParam, TensorParam
 
 #: The widest window the masks' int32 arithmetic supports: ``kv_idx + qo_len + window_left`` must
 #: not overflow, which holds for every request with ``qo_len + kv_len <= 2**30`` (2**31 - 1 wraps
