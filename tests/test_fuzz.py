@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import functools
 import io
 import json
 import os
@@ -347,13 +348,25 @@ def t_run_before_plan(rng, device):
     return Case(f"{cls.__name__} run before plan", call, ("plan",))
 
 
+@functools.lru_cache(maxsize=None)
+def _cuda_here() -> bool:
+    from tvm_attn.api._common import resolve_device
+
+    try:
+        resolve_device("cuda")
+        return True
+    except ValueError:  # no driver or no device: "cuda" must then be a ValueError naming device
+        return False
+
+
 def t_wrapper_args(rng, device):
     import tvm_attn as ta
 
     cls = [ta.BatchDecodeWithPagedKVCacheWrapper, ta.BatchPrefillWithPagedKVCacheWrapper,
            ta.BatchPrefillWithRaggedKVCacheWrapper][rng.integers(3)]
     name = ["device", "kv_layout"][rng.integers(2)]
-    value = {"device": ["tpu", "cuda:one", "gpu", 0, "cpu:0"], "kv_layout": ["NDH", "nhd", None, 0, "HDN"]}[name]
+    devices = ["tpu", "cuda:one", "gpu", 0, "cpu:0"] + ([] if _cuda_here() else ["cuda", "cuda:0"])
+    value = {"device": devices, "kv_layout": ["NDH", "nhd", None, 0, "HDN"]}[name]
     value = value[rng.integers(len(value))]
 
     def call():
