@@ -432,3 +432,19 @@ def test_nan_propagates(rng, what, change, causal):
     assert np.isnan(o).any(), what  # the bad value reached a visible key
     if what == "nan in the last key" and causal:  # only the last query row sees key 7: the others are clean
         assert not np.isnan(o[:2]).any() and np.isnan(o[2, :2]).all()  # kv head 0: query heads 0, 1
+
+
+@pytest.mark.parametrize("first", [True, False])
+def test_minus_inf_logit_weighs_zero(rng, first):
+    """A key whose logit is -inf (q > 0, k = -inf) weighs 0, wherever it comes in the row, as in
+    torch's softmax; the row stays finite and equals attention over the other keys."""
+    q, k, v = _qkv(rng)
+    q = np.abs(q) + 0.1
+    j = 0 if first else 5
+    k[j] = -np.inf
+    o, lse = ta.single_prefill_with_kv_cache(q, k, v, return_lse=True)
+    keep = np.arange(8) != j
+    ref_o, ref_lse = ta.single_prefill_with_kv_cache(q, k[keep], v[keep], return_lse=True)
+    assert np.isfinite(o).all() and np.isfinite(lse).all()
+    np.testing.assert_allclose(o, ref_o, atol=1e-5)
+    np.testing.assert_allclose(lse, ref_lse, atol=1e-5)

@@ -19,6 +19,8 @@ Semantics, shared by every kernel and the reference:
   the transformed logits (sigmoid attention).
 * The LSE is ``log2(sum(exp(logits)))`` over visible entries (log2 units, as FlashInfer and TVM),
   ``-inf`` for a row that sees nothing; such a row's output is 0.
+* Non-finite data propagates as in torch's softmax: a visible logit that is NaN or ``+inf`` makes
+  its row's output and LSE NaN (never the 0 / ``-inf`` of an empty row); a ``-inf`` logit weighs 0.
 """
 
 from __future__ import annotations
