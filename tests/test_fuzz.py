@@ -579,19 +579,20 @@ def t_single(rng, device):
 
     decode = bool(rng.integers(2))
     kv_len = int(rng.integers(1, 7))
-    q = _randn(rng, (Hq, D) if decode else (int(rng.integers(1, 4)), Hq, D), "float32")
-    k, v = _randn(rng, (kv_len, Hkv, D), "float32"), _randn(rng, (kv_len, Hkv, D), "float32")
+    dt = "float32" if device == "cpu" else DTYPE  # the CUDA kernels are float16 / bfloat16
+    q = _randn(rng, (Hq, D) if decode else (int(rng.integers(1, 4)), Hq, D), dt)
+    k, v = _randn(rng, (kv_len, Hkv, D), dt), _randn(rng, (kv_len, Hkv, D), dt)
     kw = {}
     kind = rng.integers(12)
     names = None
     if kind == 0:
-        q, names = _randn(rng, (1,) + q.shape if rng.random() < 0.5 else q.shape[1:], "float32"), ("q",)
+        q, names = _randn(rng, (1,) + q.shape if rng.random() < 0.5 else q.shape[1:], dt), ("q",)
     elif kind == 1:
-        k, names = _randn(rng, (kv_len, 3, D), "float32"), ("k", "num_qo_heads", "num_kv_heads")
+        k, names = _randn(rng, (kv_len, 3, D), dt), ("k", "num_qo_heads", "num_kv_heads")
     elif kind == 2:
-        v, names = _randn(rng, (kv_len + 1, Hkv, D), "float32"), ("v",)
+        v, names = _randn(rng, (kv_len + 1, Hkv, D), dt), ("v",)
     elif kind == 3:
-        v, names = v.astype(np.float16), ("v",)
+        v, names = v.astype(np.float16 if dt == "float32" else np.float32), ("v",)
     elif kind == 4:
         which = rng.integers(3)
         bad = NOT_TENSORS[rng.integers(len(NOT_TENSORS))]
@@ -620,7 +621,7 @@ def t_single(rng, device):
     def check(o):
         qq = q[None] if decode else q
         want = reference.dense_attention(qq, k, v, variant=ta.Causal() if kw.get("causal") else None)[0]
-        _close(o, want[0] if decode else want, "float32")
+        _close(o, want[0] if decode else want, dt)
 
     return Case(f"{fn.__name__} case {kind}", call, names, check if names is None else None)
 
