@@ -48,3 +48,66 @@ def test_torch_dlpack_roundtrip(rng):
     assert isinstance(o, torch.Tensor) and o.shape == (3, 4, 64)
     ref = ta.single_prefill_with_kv_cache(q.numpy(), k.numpy(), v.numpy())
     np.testing.assert_allclose(o.numpy(), ref, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "argv, match",
+    [
+        (["demo", "--prompt-lens", "0"], r"--prompt-lens: every prompt length must be >= 1, got '0'"),
+        (["demo", "--prompt-lens", "3,x"], r"--prompt-lens: expected comma-separated positive integers, got '3,x'"),
+        (["demo", "--layers", "0"], r"--layers: must be a positive integer, got 0"),
+        (["demo", "--decode-steps", "-1"], r"--decode-steps: must be >= 0, got -1"),
+        (["build", "--kernels", '[{"kind": "decode", "num_qo_heads": 4, "num_kv_heads": 4, "head_dim": 64}]'],
+         r"spec 0: missing key\(s\) \['kv'\]"),
+        (["build", "--kernels", "[{"], r"--kernels: not valid JSON"),
+        (["build", "--kernels", "/nonexistent/kernels.json"], r"--kernels: cannot read '/nonexistent/kernels.json'"),
+        (["build", "--kernels", '{"kind": "decode", "kv": {"format": "paged", "page_size": 4}, "num_qo_heads": 4, '
+                                '"num_kv_heads": 4, "head_dim": 64, "heads": 4}'],
+         r"spec 0: unknown key\(s\) \['heads'\]"),
+        (["build", "--kernels", '{"kind": "decode", "kv": {"format": "paged", "pagesize": 4}, "num_qo_heads": 4, '
+                                '"num_kv_heads": 4, "head_dim": 64}'], r"unknown kv key\(s\) \['pagesize'\]"),
+        (["build", "--kernels", '{"kind": "decode", "kv": {"format": "paged", "page_size": 4}, "num_qo_heads": 4, '
+                                '"num_kv_heads": 4, "head_dim": 96}'], r"head_dim: 96 is not supported"),
+        (["build", "--kernels", '["causal"]'], r"--kernels: spec 0: must be a JSON object, got 'causal'"),
+        (["build-model", "-o", "/tmp/x.so", "--variant", "{bad"], r"--variant: not valid JSON"),
+    ],
+)
+def test_cli_errors_are_one_line(capsys, argv, match):
+    import re
+
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert re.search(match, err), err
+
+
+def test_cli_error_exit_code_in_a_process(tmp_path):
+    import subprocess
+    import sys
+
+    path = tmp_path / "k.json"
+    path.write_text("[{]")
+    run = subprocess.run([sys.executable, "-m", "tvm_attn", "build", "--kernels", str(path)], capture_output=True,
+                         text=True, timeout=120)
+    assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr
+    assert f"--kernels {path}: not valid JSON" in run.stderr
+
+
+def test_kernel_not_built_hint_builds_that_kernel(tmp_path, monkeypatch, capsys):
+    import shlex
+
+    from tvm_attn.cache import KernelCache, KernelNotBuiltError
+    from tvm_attn.config import AttentionKey
+
+    key = AttentionKey("decode", ta.PagedKV(2, "HND"), 4, 2, 64, "float32", "float32",
+                       ta.SlidingWindow(3) + ta.LogitsSoftCap(20.0))
+    monkeypatch.setenv("TVM_ATTN_NO_COMPILE", "1")
+    with pytest.raises(KernelNotBuiltError) as info:
+        KernelCache(tmp_path).get(key)
+    command = str(info.value).split("`")[1]
+    argv = shlex.split(command)
+    assert argv[:3] == ["tvm-attn", "build", "--kernels"] and argv[-2:] == ["-o", str(tmp_path)], command
+    monkeypatch.delenv("TVM_ATTN_NO_COMPILE")
+    assert main(argv[1:]) == 0
+    assert key.uri in capsys.readouterr().out
+    assert KernelCache(tmp_path).path(key).exists()

@@ -31,6 +31,70 @@ class KernelNotBuiltError(RuntimeError):
     """A kernel is missing from the cache and this process cannot compile it."""
 
 
+def build_command(key, directory) -> str:
+    """The ``tvm-attn build`` command that builds exactly ``key`` into ``directory``."""
+    spec = key_spec(key)
+    if spec is None:
+        return (f"tvm-attn build --kernels <a JSON spec of {key.uri}, with your variant as "
+                f"\"package.module:ClassName\"> -o {directory}")
+    text = json.dumps(spec, separators=(",", ":"))
+    return f"tvm-attn build --kernels '{text}' -o {directory}"
+
+
+def key_spec(key) -> dict | None:
+    """The ``--kernels`` spec of ``key`` (checked to give back the same kernel), or None when its
+    variant has no spec (a user variant)."""
+    from .config import PlannerKey, key_from_spec
+    from .kv.formats import BlockSparseKV, PagedKV
+
+    if isinstance(key, PlannerKey):
+        return None
+    if isinstance(key, MergeKey):
+        spec = {"merge": key.op, "dtype": key.dtype, "target": key.target}
+    else:
+        variant = _variant_spec(key.variant)
+        if variant is None:
+            return None
+        fmt = "paged" if isinstance(key.kv, PagedKV) else "bsr" if isinstance(key.kv, BlockSparseKV) else "ragged"
+        spec = {"kind": key.kind, "kv": {"format": fmt, **vars(key.kv)}, "num_qo_heads": key.num_qo_heads,
+                "num_kv_heads": key.num_kv_heads, "head_dim": key.head_dim, "q_dtype": key.q_dtype,
+                "kv_dtype": key.kv_dtype, "target": key.target}
+        if variant != "default":
+            spec["variant"] = variant
+        if key.schedule != "default":
+            spec["schedule"] = key.schedule
+    try:
+        same = key_from_spec(dict(spec)).uri == key.uri
+    except Exception:  # noqa: BLE001 - a spec that does not rebuild the key is no hint
+        same = False
+    return spec if same else None
+
+
+#: the constructor arguments of the built-in variants, from the attributes that keep them
+_VARIANT_ARGS = {"sliding_window": {"window_left": "_window_left"}, "logits_soft_cap": {"cap": "_cap"},
+                 "sigmoid": {"bias": "_bias"}}
+
+
+def _variant_spec(variant):
+    from .variants import BUILTIN
+
+    if hasattr(variant, "spec"):
+        return variant.spec()
+    parts = getattr(variant, "parts", None)
+    if parts is not None:
+        specs = [_variant_spec(p) for p in parts]
+        return None if any(s is None for s in specs) else specs
+    names = [n for n, cls in BUILTIN.items() if type(variant) is cls]
+    if not names:
+        return None
+    name = names[0]
+    if name == "rope":
+        return {"name": "rope", "style": variant.style, "rope_scale": variant._scale, "rope_theta": variant._theta,
+                **{k: v for k, v in variant.config().items() if k != "style"}}
+    args = {arg: getattr(variant, attr) for arg, attr in _VARIANT_ARGS.get(name, {}).items()}
+    return {"name": name, **args} if args else name
+
+
 @functools.lru_cache(maxsize=None)
 def source_digest() -> str:
     """sha256 (12 hex digits) of the package's Python sources."""
@@ -88,8 +152,8 @@ class KernelCache:
                     if not compiler_available():
                         raise KernelNotBuiltError(
                             f"kernel {uri} is not in the cache {self.directory} and TVM's compiler is not "
-                            f"available here; build it first with `tvm-attn build --target {key.target}` "
-                            f"into that directory"
+                            f"available here; build it first, where TVM's compiler is, with "
+                            f"`{build_command(key, self.directory)}`"
                         )
                     self._build(key)
                 if key.target.startswith("cuda"):

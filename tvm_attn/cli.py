@@ -11,6 +11,81 @@ import time
 import numpy as np
 
 
+class UsageError(ValueError):
+    """A mistake in the command line: ``main`` prints it as one line and exits with status 2."""
+
+
+def _positive(name: str, value: int, allow_zero: bool = False) -> int:
+    if value < (0 if allow_zero else 1):
+        raise UsageError(f"{name}: must be {'>= 0' if allow_zero else 'a positive integer'}, got {value}")
+    return value
+
+
+def parse_prompt_lens(text: str) -> tuple[int, ...]:
+    """``"1,37,128"`` -> (1, 37, 128): positive integers."""
+    try:
+        lens = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise UsageError(f"--prompt-lens: expected comma-separated positive integers, got {text!r}") from None
+    if any(n < 1 for n in lens):
+        raise UsageError(f"--prompt-lens: every prompt length must be >= 1, got {text!r}")
+    return lens
+
+
+#: the keys of a kernel spec (:func:`tvm_attn.config.key_from_spec`), and of its ``kv``
+SPEC_KEYS = {"kind", "kv", "num_qo_heads", "num_kv_heads", "head_dim", "q_dtype", "kv_dtype", "variant", "target",
+             "schedule"}
+SPEC_REQUIRED = ("kind", "kv", "num_qo_heads", "num_kv_heads", "head_dim")
+MERGE_SPEC_KEYS = {"merge", "dtype", "target"}
+KV_SPEC_KEYS = {"paged": {"format", "page_size", "layout"}, "ragged": {"format", "layout"},
+                "bsr": {"format", "R", "C"}}
+
+
+def load_kernel_specs(arg: str) -> list[dict]:
+    """``--kernels``: a JSON list of kernel specs (or one spec) inline, or the path of a file that
+    holds one; every spec checked for missing and unknown keys (UsageError naming them)."""
+    inline = arg.lstrip().startswith(("[", "{"))
+    where = "--kernels" if inline else f"--kernels {arg}"
+    if inline:
+        text = arg
+    else:
+        try:
+            with open(arg) as f:
+                text = f.read()
+        except OSError as err:
+            raise UsageError(f"--kernels: cannot read {arg!r} ({err.strerror or err}); give a JSON file or inline JSON")
+    try:
+        specs = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise UsageError(f"{where}: not valid JSON ({err})") from None
+    specs = [specs] if isinstance(specs, dict) else specs
+    if not isinstance(specs, list):
+        raise UsageError(f"{where}: must hold a JSON list of kernel specs, got {type(specs).__name__}")
+    for i, spec in enumerate(specs):
+        _check_spec(f"{where}: spec {i}", spec)
+    return specs
+
+
+def _check_spec(where: str, spec) -> None:
+    if not isinstance(spec, dict):
+        raise UsageError(f"{where}: must be a JSON object, got {spec!r}")
+    known, required = (MERGE_SPEC_KEYS, ("merge",)) if "merge" in spec else (SPEC_KEYS, SPEC_REQUIRED)
+    unknown = sorted(set(spec) - known)
+    if unknown:
+        raise UsageError(f"{where}: unknown key(s) {unknown}; a spec takes {sorted(known)}")
+    missing = [k for k in required if k not in spec]
+    if missing:
+        raise UsageError(f"{where}: missing key(s) {missing}")
+    if "kv" in spec:
+        kv = spec["kv"]
+        if not isinstance(kv, dict) or kv.get("format") not in KV_SPEC_KEYS:
+            raise UsageError(f"{where}: kv must be an object with format one of {list(KV_SPEC_KEYS)}, got {kv!r}")
+        unknown = sorted(set(kv) - KV_SPEC_KEYS[kv["format"]])
+        if unknown:
+            raise UsageError(f"{where}: unknown kv key(s) {unknown}; a {kv['format']} kv takes "
+                             f"{sorted(KV_SPEC_KEYS[kv['format']])}")
+
+
 def _best_device() -> str:
     """The best device this build has kernels for. The CUDA kernels are not in this build, so: the CPU."""
     return "cpu"
@@ -21,7 +96,7 @@ def cmd_demo(args) -> int:
 
     cfg = DemoConfig(decode_steps=args.decode_steps, num_layers=args.layers, dtype=args.dtype, kv_layout=args.kv_layout)
     if args.prompt_lens:
-        cfg.prompt_lens = tuple(int(x) for x in args.prompt_lens.split(","))
+        cfg.prompt_lens = parse_prompt_lens(args.prompt_lens)
     device = _best_device() if args.device == "auto" else args.device
     rows = run_demo(cfg, device=device)
     tol = {"float16": 2e-3, "bfloat16": 2e-2, "float32": 1e-4}[cfg.dtype]
@@ -49,11 +124,7 @@ def cmd_build(args) -> int:
         print("tvm-attn build: TVM's compiler is not available in this process", file=sys.stderr)
         return 2
     if args.kernels:
-        with open(args.kernels) as f:
-            specs = json.load(f)
-        if not isinstance(specs, list):
-            print(f"tvm-attn build: {args.kernels} must hold a JSON list of kernel specs", file=sys.stderr)
-            return 2
+        specs = load_kernel_specs(args.kernels)
     else:
         specs = demo_kernel_specs()
     keys = []
@@ -80,7 +151,12 @@ def cmd_build_model(args) -> int:
         print("tvm-attn build-model: TVM's compiler is not available in this process", file=sys.stderr)
         return 2
     overrides = {"num_hidden_layers": args.layers} if args.layers else {}
-    variant = json.loads(args.variant) if args.variant and args.variant.lstrip().startswith(("[", "{")) else args.variant
+    variant = args.variant
+    if variant and variant.lstrip().startswith(("[", "{")):
+        try:
+            variant = json.loads(variant)
+        except json.JSONDecodeError as err:
+            raise UsageError(f"--variant: not valid JSON ({err})") from None
     meta = build_model(args.config, args.target, args.output, safetensors=args.safetensors or None, seed=args.seed,
                        variant=variant, progress=not args.quiet, **overrides)
     if args.save_params:
@@ -105,7 +181,8 @@ def main(argv=None) -> int:
     d.add_argument("--prompt-lens", default="", help="comma-separated prompt lengths, e.g. 1,37,128,260")
     d.set_defaults(func=cmd_demo)
     b = sub.add_parser("build", help="precompile kernels into a cache directory for runtime-only processes")
-    b.add_argument("--kernels", help="JSON list of kernel specs (default: the demo's kernels)")
+    b.add_argument("--kernels", help="kernel specs: a JSON file, or inline JSON (a spec or a list of them); "
+                                     "default: the demo's kernels")
     b.add_argument("--target", default="llvm", help="llvm or cuda:<arch>, e.g. cuda:sm_90a (for specs without one)")
     b.add_argument("-o", "--output", help="cache directory (default: the user cache)")
     b.add_argument("--force", action="store_true", help="rebuild kernels already in the directory")
@@ -123,7 +200,23 @@ def main(argv=None) -> int:
     m.set_defaults(func=cmd_build_model)
     args = parser.parse_args(argv)
     np.set_printoptions(precision=4)
-    return args.func(args)
+    try:
+        _check_args(args)
+        return args.func(args)
+    except (ValueError, TypeError, KeyError) as err:
+        # a bad argument or spec (the library's errors name the argument): one line, no traceback
+        text = str(err) if not isinstance(err, KeyError) else f"missing key {err}"
+        print(f"tvm-attn {args.command}: error: {text}", file=sys.stderr)
+        return 2
+
+
+def _check_args(args) -> None:
+    """Range checks argparse's types do not do."""
+    if args.command == "demo":
+        _positive("--layers", args.layers)
+        _positive("--decode-steps", args.decode_steps, allow_zero=True)
+    if args.command == "build-model" and args.layers is not None:
+        _positive("--layers", args.layers)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,11 @@ Written independently of the kernels: it gathers each request's K/V into dense a
 full logits matrix with einsum, and applies the variants' numpy twins (``ref_*``). The LSE is in log2
 units (FlashInfer and TVM); a row that sees no key has output 0 and LSE ``-inf``. Accumulation is in
 float64 by default (``accum="float32"`` for a low-precision path).
+
+Non-finite data, as the kernels do (and torch's softmax): a visible logit that is NaN or ``+inf``
+makes its row's output and LSE NaN; a ``-inf`` logit weighs 0 (a row whose visible logits are all
+``-inf`` is a row that sees nothing); NaN or inf in a value row reaches the output through its
+weight (``0 * inf`` is NaN); keys that are masked out are never read.
 """
 
 from __future__ import annotations
@@ -59,35 +64,54 @@ def dense_attention(
     group = Hq // Hkv
     o = np.zeros((Lq, Hq, D), np.float32)
     lse = np.full((Lq, Hq), -np.inf, np.float32)
-    for h in range(Hq):
-        hk = h // group
-        ctx = RefContext(batch_idx, qo_idx[:, None], kv_idx[None, :], h, hk, qo_len, kv_len, D, params)
-        kctx = RefContext(batch_idx, None, kv_idx[None, :], None, hk, qo_len, kv_len, D, params)
-        qh = variant.ref_query_transform(ctx, _f(q[:, h], accum))
-        kh = variant.ref_key_transform(kctx, _f(k[:, hk], accum))
-        logits = variant.ref_logits_transform(ctx, (qh @ kh.T) * sm_scale).astype(accum)
-        mask = np.ones((Lq, Lk), bool)
-        m = variant.ref_logits_mask(ctx)
-        if m is not None:
-            mask &= np.broadcast_to(m, (Lq, Lk))
-        if visible is not None:
-            mask &= visible
-        vh = _f(v[:, hk], accum)
-        if not variant.use_softmax:
-            out = np.where(mask, logits, 0).astype(accum) @ vh
-            o[:, h] = variant.ref_output_transform(ctx, out)
-            continue
-        masked = np.where(mask, logits, -np.inf)
-        row_max = masked.max(axis=1, initial=-np.inf)
-        seen = np.isfinite(row_max)
-        safe_max = np.where(seen, row_max, 0)
-        p = np.where(mask, np.exp(masked - safe_max[:, None]), 0).astype(accum)
-        denom = p.sum(axis=1)
-        out = (p @ vh) / np.where(seen, denom, 1)[:, None]
-        out = variant.ref_output_transform(ctx, out)
-        o[:, h] = np.where(seen[:, None], out, 0)
-        lse[:, h] = np.where(seen, (safe_max + np.log(np.where(seen, denom, 1))) / math.log(2), -np.inf)
+    with np.errstate(invalid="ignore", over="ignore"):  # non-finite data: see the module docstring
+        for h in range(Hq):
+            _head(variant, q, k, v, h, group, sm_scale, params, batch_idx, qo_idx, kv_idx, qo_len, kv_len, visible,
+                  accum, o, lse)
     return o, lse
+
+
+def _head(variant, q, k, v, h, group, sm_scale, params, batch_idx, qo_idx, kv_idx, qo_len, kv_len, visible, accum,
+          o, lse):
+    """Query head ``h`` of :func:`dense_attention`, into ``o[:, h]`` and ``lse[:, h]``."""
+    Lq, Lk, D = q.shape[0], k.shape[0], q.shape[2]
+    hk = h // group
+    ctx = RefContext(batch_idx, qo_idx[:, None], kv_idx[None, :], h, hk, qo_len, kv_len, D, params)
+    kctx = RefContext(batch_idx, None, kv_idx[None, :], None, hk, qo_len, kv_len, D, params)
+    qh = variant.ref_query_transform(ctx, _f(q[:, h], accum))
+    kh = variant.ref_key_transform(kctx, _f(k[:, hk], accum))
+    logits = variant.ref_logits_transform(ctx, (qh @ kh.T) * sm_scale).astype(accum)
+    mask = np.ones((Lq, Lk), bool)
+    m = variant.ref_logits_mask(ctx)
+    if m is not None:
+        mask &= np.broadcast_to(m, (Lq, Lk))
+    if visible is not None:
+        mask &= visible
+    vh = _f(v[:, hk], accum)
+    if not variant.use_softmax:
+        out = _weighted_sum(np.where(mask, logits, 0).astype(accum), mask, vh)
+        o[:, h] = variant.ref_output_transform(ctx, out)
+        return
+    bad = (mask & (np.isnan(logits) | (logits == np.inf))).any(axis=1)  # NaN rows
+    masked = np.where(mask & ~bad[:, None], logits, -np.inf)
+    row_max = masked.max(axis=1, initial=-np.inf)
+    seen = row_max > -np.inf
+    safe_max = np.where(seen, row_max, 0)
+    p = np.where(seen[:, None], np.exp(masked - safe_max[:, None]), 0).astype(accum)
+    denom = p.sum(axis=1)
+    out = _weighted_sum(p, mask, vh) / np.where(seen, denom, 1)[:, None]
+    out = variant.ref_output_transform(ctx, out)
+    o[:, h] = np.where(bad[:, None], np.nan, np.where(seen[:, None], out, 0))
+    lse_h = np.where(seen, (safe_max + np.log(np.where(seen, denom, 1))) / math.log(2), -np.inf)
+    lse[:, h] = np.where(bad, np.nan, lse_h)
+
+
+def _weighted_sum(w, mask, vh):
+    """``w @ vh`` over the visible keys only: a NaN or inf in a masked-out value row stays out (as
+    in the kernels, which never read it), while a visible one reaches the output even with weight 0."""
+    if np.isfinite(vh).all():
+        return w @ vh
+    return np.einsum("qk,qkd->qd", w, np.where(mask[:, :, None], vh[None], 0))
 
 
 def gather_paged(paged_kv_cache, kv_indptr, kv_indices, kv_last_page_len, kv_layout: str = "NHD"):

@@ -1,7 +1,9 @@
 """Tensor interop: numpy arrays, ``tvm.runtime.Tensor`` and any DLPack tensor (torch, ...) in and out.
 
 Inputs become TVM tensors on the kernel's device, zero-copy through DLPack where the producer
-allows it (numpy arrays that are not 64-byte aligned, and bfloat16 numpy arrays, are copied).
+allows it; the others are copied: numpy arrays that are read-only, not 64-byte aligned or bfloat16,
+and DLPack tensors whose data is not 64-byte aligned (TVM's kernels assume that alignment; a torch
+slice often breaks it). Outputs (``out=``) must be writable and, for DLPack tensors, aligned.
 Outputs come back in the kind of the reference input (usually ``q``): a numpy array, a TVM tensor,
 or, for other DLPack producers such as torch, a tensor of that library, zero-copy.
 """
@@ -14,6 +16,26 @@ import tvm
 from .dtypes import dtype_name, to_numpy_dtype
 
 
+def is_tensor(x) -> bool:
+    """Whether ``x`` is a tensor this package takes: a numpy array, a TVM tensor, or a DLPack tensor."""
+    return isinstance(x, (np.ndarray, tvm.runtime.Tensor)) or (
+        hasattr(x, "__dlpack__") and hasattr(x, "shape") and hasattr(x, "dtype")
+    )
+
+
+def require_tensor(x, name: str) -> None:
+    """TypeError naming ``name`` unless ``x`` is a tensor (lists, strings and None are not)."""
+    if not is_tensor(x):
+        raise TypeError(
+            f"{name}: expected a numpy array, a tvm.runtime.Tensor or a DLPack tensor, got {_describe(x)}"
+        )
+
+
+def _describe(x) -> str:
+    text = repr(x)
+    return f"{type(x).__name__} {text[:40] + '...' if len(text) > 40 else text}"
+
+
 def device_of(x) -> tvm.runtime.Device | None:
     """The TVM device holding ``x``, or None for host numpy data."""
     if isinstance(x, tvm.runtime.Tensor):
@@ -24,16 +46,21 @@ def device_of(x) -> tvm.runtime.Device | None:
     return None
 
 
-def dtype_of(x) -> str:
+def dtype_of(x, name: str = "tensor") -> str:
+    require_tensor(x, name)
     return dtype_name(x.dtype)
 
 
-def shape_of(x) -> tuple[int, ...]:
+def shape_of(x, name: str = "tensor") -> tuple[int, ...]:
+    require_tensor(x, name)
     return tuple(int(s) for s in x.shape)
 
 
-def to_tvm(x, device: tvm.runtime.Device, name: str = "tensor") -> tvm.runtime.Tensor:
-    """``x`` as a TVM tensor on ``device`` (zero-copy when it is already there and DLPack allows)."""
+def to_tvm(x, device: tvm.runtime.Device, name: str = "tensor", copy: bool = True) -> tvm.runtime.Tensor:
+    """``x`` as a TVM tensor on ``device`` (zero-copy when it is already there and DLPack allows).
+
+    ``copy=False``, for tensors the kernel writes into: a DLPack tensor that TVM cannot take
+    zero-copy is refused instead of copied (the result would land in the copy)."""
     if isinstance(x, tvm.runtime.Tensor):
         if x.device.dlpack_device_type() != device.dlpack_device_type() or x.device.index != device.index:
             raise ValueError(f"{name}: is on {x.device}, but the kernel runs on {device}")
@@ -41,19 +68,46 @@ def to_tvm(x, device: tvm.runtime.Device, name: str = "tensor") -> tvm.runtime.T
     if isinstance(x, np.ndarray) or np.isscalar(x) or isinstance(x, (list, tuple)):
         arr = np.ascontiguousarray(x)
         if arr.dtype.kind in "fiub" or arr.dtype.name == "bfloat16":
-            if arr.dtype.name != "bfloat16" and device.dlpack_device_type() == 1 and _compact(arr):
-                try:
-                    return tvm.runtime.from_dlpack(arr)
-                except RuntimeError:
-                    pass  # not 64-byte aligned: copy below
+            if (arr.dtype.name != "bfloat16" and device.dlpack_device_type() == 1 and _compact(arr)
+                    and arr.flags.writeable and arr.ctypes.data % ALIGNMENT == 0):
+                return tvm.runtime.from_dlpack(arr)
             return tvm.runtime.tensor(arr, device)
         raise ValueError(f"{name}: unsupported numpy dtype {arr.dtype}")
     if hasattr(x, "__dlpack__"):
-        t = tvm.runtime.from_dlpack(x)
-        if t.device.dlpack_device_type() != device.dlpack_device_type():
-            raise ValueError(f"{name}: is on {t.device}, but the kernel runs on {device}")
-        return t
-    raise TypeError(f"{name}: expected a numpy array, a tvm.runtime.Tensor or a DLPack tensor, got {type(x).__name__}")
+        dev = device_of(x)
+        if dev.dlpack_device_type() != device.dlpack_device_type():
+            raise ValueError(f"{name}: is on {dev}, but the kernel runs on {device}")
+        try:
+            return tvm.runtime.from_dlpack(x)
+        except (RuntimeError, BufferError) as err:
+            if not copy:
+                raise ValueError(
+                    f"{name}: cannot be written in place ({err}); pass a contiguous, 64-byte aligned tensor"
+                ) from None
+            return _copied(x, device, name, err)
+    raise TypeError(f"{name}: expected a numpy array, a tvm.runtime.Tensor or a DLPack tensor, got {_describe(x)}")
+
+
+#: the data alignment TVM's ``from_dlpack`` requires (its kernels assume it)
+ALIGNMENT = 64
+
+
+def _copied(x, device, name: str, err: Exception) -> tvm.runtime.Tensor:
+    """An aligned copy of a DLPack tensor that TVM cannot take zero-copy (unaligned data)."""
+    if hasattr(x, "clone"):  # torch and friends: a fresh allocation on the same device is aligned
+        try:
+            return tvm.runtime.from_dlpack(x.clone())
+        except (RuntimeError, BufferError):
+            pass
+    if device.dlpack_device_type() == 1:
+        return tvm.runtime.tensor(np.ascontiguousarray(np.from_dlpack(x)), device)
+    raise ValueError(f"{name}: TVM cannot take this tensor ({err}); pass a contiguous, 64-byte aligned one")
+
+
+def check_writable(x, name: str) -> None:
+    """A numpy array that is to take a result in place is writable (checked before any kernel runs)."""
+    if isinstance(x, np.ndarray) and not x.flags.writeable:
+        raise ValueError(f"{name}: the numpy array is read-only, so it cannot take the result")
 
 
 def _compact(arr: np.ndarray) -> bool:
@@ -77,6 +131,12 @@ def to_numpy(x) -> np.ndarray:
     if hasattr(x, "__dlpack__"):
         if hasattr(x, "cpu") and hasattr(x, "numpy"):  # torch and friends
             return x.detach().cpu().numpy() if hasattr(x, "detach") else x.cpu().numpy()
+        dev = device_of(x)
+        if dev is not None and dev.dlpack_device_type() == 1:
+            try:
+                return np.from_dlpack(x)
+            except (TypeError, RuntimeError, BufferError):
+                pass
         return np.asarray(tvm.runtime.from_dlpack(x).numpy())
     return np.asarray(x)
 

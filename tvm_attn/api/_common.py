@@ -12,9 +12,10 @@ from .. import dtypes
 from ..cache import KernelCache, get_cache
 from ..config import AttentionKey
 from ..planner import PlanBuffers
-from ..tensor import dtype_of, empty, like_input, shape_of, to_tvm
+from ..tensor import check_writable, dtype_of, empty, like_input, shape_of, to_tvm
 from ..variants import ALiBi, AttentionVariant, Causal, LogitsSoftCap, RoPE, SlidingWindow, compose
-from ..variants.base import CONFIG_DIMS, ScalarParam, TensorParam
+from ..variants.base import CONFIG_DIMS, ScalarParam, TensorParam, check_scalar
+from ..variants.masks import check_window_left
 
 _POS_ENCODING = ("NONE", "ROPE_LLAMA", "ALIBI")
 
@@ -39,11 +40,25 @@ def resolve_device(device) -> tuple[tvm.runtime.Device, str]:
 def _cuda_device(index: int) -> tuple[tvm.runtime.Device, str]:
     from ..cuda_runtime import device_arch, ensure_cuda
 
-    ensure_cuda()
-    dev = tvm.cuda(index)
-    if not dev.exist:
+    try:
+        ensure_cuda()
+        dev = tvm.cuda(index)
+        exists = dev.exist
+    except (RuntimeError, OSError) as err:  # no CUDA driver or runtime on this host
+        raise ValueError(f"device: 'cuda:{index}' is not available here ({str(err).splitlines()[0][:200]})") from None
+    if not exists:
         raise ValueError(f"device: no CUDA device {index} here")
     return dev, f"cuda:{device_arch(index)}"
+
+
+def check_variant(variant) -> None:
+    """``variant`` is None or an AttentionVariant instance (TypeError naming it otherwise)."""
+    if variant is None or isinstance(variant, AttentionVariant):
+        return
+    if isinstance(variant, type) and issubclass(variant, AttentionVariant):
+        raise TypeError(f"variant: expected an AttentionVariant instance, got the class {variant.__name__} "
+                        f"(write {variant.__name__}())")
+    raise TypeError(f"variant: expected an AttentionVariant, got {type(variant).__name__} {variant!r:.60}")
 
 
 def flashinfer_variant(
@@ -53,11 +68,15 @@ def flashinfer_variant(
 ) -> AttentionVariant:
     """Compose FlashInfer's plan options (``causal``, ``pos_encoding_mode``, ``window_left``,
     ``logits_soft_cap``, ``rope_*``) with a user variant into one variant."""
-    if pos_encoding_mode not in _POS_ENCODING:
+    check_variant(variant)
+    if not isinstance(pos_encoding_mode, str) or pos_encoding_mode not in _POS_ENCODING:
         raise ValueError(f"pos_encoding_mode: must be one of {_POS_ENCODING}, got {pos_encoding_mode!r}")
-    window_left = -1 if window_left is None else window_left
-    if not isinstance(window_left, (int, np.integer)):
-        raise ValueError(f"window_left: must be an int, got {window_left!r}")
+    window_left = check_window_left(-1 if window_left is None else window_left)
+    cap = None
+    if logits_soft_cap is not None:  # 0 or None: no cap (FlashInfer's default 0.0)
+        cap = check_scalar("logits_soft_cap", "float32", logits_soft_cap)
+        if cap < 0:
+            raise ValueError(f"logits_soft_cap: must be > 0 (or 0/None for none), got {logits_soft_cap!r}")
     parts = []
     if causal:
         parts.append(Causal())
@@ -69,12 +88,8 @@ def flashinfer_variant(
         parts.append(ALiBi())
     if window_left >= 0:
         parts.append(SlidingWindow(int(window_left)))
-    if logits_soft_cap is not None and logits_soft_cap > 0:
-        parts.append(LogitsSoftCap(float(logits_soft_cap)))
-    elif logits_soft_cap is not None and logits_soft_cap < 0:
-        raise ValueError(f"logits_soft_cap: must be > 0 (or 0/None for none), got {logits_soft_cap!r}")
-    if variant is not None and not isinstance(variant, AttentionVariant):
-        raise TypeError(f"variant: expected an AttentionVariant, got {type(variant).__name__}")
+    if cap:
+        parts.append(LogitsSoftCap(cap))
     return compose(*parts, variant) if variant is not None else compose(*parts)
 
 
@@ -82,6 +97,7 @@ def single_call_variant(variant, causal: bool, pos_encoding_mode: str, fi_option
     """For the single-request calls, which take FlashInfer's options and the variant's run-time
     arguments in one keyword list: an option the user's variant declares is its argument; the rest
     build the FlashInfer-style variant. Returns (variant, variant_args)."""
+    check_variant(variant)
     declared = {p.name for p in variant.extra_params()} if variant is not None else set()
     options = {}
     for name, value in fi_options.items():
@@ -98,7 +114,12 @@ def single_call_variant(variant, causal: bool, pos_encoding_mode: str, fi_option
 def default_sm_scale(sm_scale, head_dim: int) -> float:
     if sm_scale is None:
         return 1.0 / math.sqrt(head_dim)
-    sm_scale = float(sm_scale)
+    if isinstance(sm_scale, (str, bytes, bool)) or not hasattr(sm_scale, "__float__"):
+        raise TypeError(f"sm_scale: expected a positive finite number, got {sm_scale!r}")
+    try:
+        sm_scale = float(sm_scale)
+    except (TypeError, ValueError):  # e.g. an array of more than one element
+        raise TypeError(f"sm_scale: expected a positive finite number, got {sm_scale!r:.60}") from None
     if not (math.isfinite(sm_scale) and sm_scale > 0):
         # the kernels take the row max of unscaled logits (scaling inside the exp2)
         raise ValueError(f"sm_scale: must be a positive finite number, got {sm_scale!r}")
@@ -107,7 +128,7 @@ def default_sm_scale(sm_scale, head_dim: int) -> float:
 
 def check_tensor(name: str, x, shape: tuple, dtype: str) -> None:
     """Shape and dtype check (``None`` in ``shape`` matches any size)."""
-    got = shape_of(x)
+    got = shape_of(x, name)
     if len(got) != len(shape) or any(e is not None and e != g for e, g in zip(shape, got)):
         want = "(" + ", ".join("*" if e is None else str(e) for e in shape) + ")"
         raise ValueError(f"{name}: expected shape {want}, got {got}")
@@ -124,9 +145,9 @@ def default_tensors(key: AttentionKey, device) -> dict:
     }
 
 
-def pack_variant_args(key: AttentionKey, given: dict, device, defaults: dict | None = None) -> list:
+def pack_variant_args(key: AttentionKey, given: dict, device, defaults: dict | None = None, lengths=None) -> list:
     """The variant's extra arguments in kernel order, from ``run``'s keywords and the defaults
-    (``defaults``: the :func:`default_tensors` of the plan)."""
+    (``defaults``: the :func:`default_tensors` of the plan; ``lengths``: :func:`planned_lengths`)."""
     given = dict(given)
     dims = {"num_qo_heads": key.num_qo_heads, "num_kv_heads": key.num_kv_heads, "head_dim": key.head_dim}
     defaults = defaults if defaults is not None else default_tensors(key, device)
@@ -141,15 +162,16 @@ def pack_variant_args(key: AttentionKey, given: dict, device, defaults: dict | N
         else:
             raise TypeError(f"run: missing argument {p.name!r}, which the variant {key.variant!r} needs")
         if isinstance(p, ScalarParam):
-            try:
-                value = int(value) if p.dtype == "int32" else float(value)
-            except (TypeError, ValueError):
-                raise ValueError(f"{p.name}: expected a {p.dtype} scalar, got {value!r}") from None
+            value = check_scalar(p.name, p.dtype, value)
             values[p.name] = value
             args.append(value)
             continue
         shape = tuple(dims[d] if d in CONFIG_DIMS else (d if isinstance(d, int) else None) for d in p.shape)
-        value = value if hasattr(value, "shape") else np.asarray(value, dtype=dtypes.to_numpy_dtype(p.dtype))
+        if not hasattr(value, "shape"):
+            try:
+                value = np.asarray(value, dtype=dtypes.to_numpy_dtype(p.dtype))
+            except (TypeError, ValueError) as err:
+                raise TypeError(f"{p.name}: expected a {p.dtype} tensor, got {value!r:.60} ({err})") from None
         check_tensor(p.name, value, shape, p.dtype)
         values[p.name] = value
         args.append(to_tvm(value, device, p.name))
@@ -157,7 +179,25 @@ def pack_variant_args(key: AttentionKey, given: dict, device, defaults: dict | N
         names = [p.name for p in key.extra_params()]
         raise TypeError(f"run: unexpected arguments {sorted(given)}; the variant takes {names}")
     key.variant.validate_args(values)
+    if lengths is not None:
+        key.variant.validate_lengths(values, *lengths)
     return args
+
+
+def planned_lengths(key: AttentionKey, qo_indptr, kv_indptr, last_page_len=None, page_size: int = 1, shape=None):
+    """Each planned request's ``(qo_lens, kv_lens)`` (int64) when the variant checks its tensors
+    against them (:meth:`~tvm_attn.variants.AttentionVariant.validate_lengths`), else None.
+    ``qo_indptr`` None: decode (one row each); ``shape``: block-sparse ``(M, N)``, one request."""
+    if not key.variant.checks_lengths():
+        return None
+    if shape is not None:
+        return np.asarray([shape[0]], np.int64), np.asarray([shape[1]], np.int64)
+    kv_indptr = np.asarray(kv_indptr, np.int64)
+    kv = np.diff(kv_indptr)
+    if last_page_len is not None:
+        kv = np.where(kv > 0, (kv - 1) * page_size + np.asarray(last_page_len, np.int64), 0)
+    qo = np.ones(kv.size, np.int64) if qo_indptr is None else np.diff(np.asarray(qo_indptr, np.int64))
+    return qo, kv
 
 
 @dataclass
@@ -182,6 +222,9 @@ class KernelCall:
     merge_args: tuple = ()
     #: the variant's default tensors (:func:`default_tensors`), made here unless given
     defaults: dict | None = None
+    #: the planned requests' lengths, for variants that check their tensors against them
+    #: (:func:`planned_lengths`)
+    lengths: tuple | None = None
 
     def __post_init__(self):
         if self.defaults is None:
@@ -190,7 +233,7 @@ class KernelCall:
     def launch_args(self, q, data_args, variant_args, out=None, lse=None):
         """The kernel's and the merge kernel's argument lists (for timing them in isolation)."""
         key = self.key
-        extra = pack_variant_args(key, variant_args, self.device, self.defaults)
+        extra = pack_variant_args(key, variant_args, self.device, self.defaults, self.lengths)
         o_shape = (self.num_q_rows, key.num_qo_heads, key.head_dim)
         o_t = _out_tensor("out", out, o_shape, key.o_dtype, self.device)
         lse_t = _out_tensor("lse", lse, o_shape[:2], "float32", self.device)
@@ -230,8 +273,9 @@ def _out_tensor(name, given, shape, dtype, device):
         return empty(shape, dtype, device)
     check_tensor(name, given, shape, dtype)
     if isinstance(given, np.ndarray):
+        check_writable(given, name)
         return empty(shape, dtype, device)  # filled, then copied back by _finish
-    return to_tvm(given, device, name)
+    return to_tvm(given, device, name, copy=False)
 
 
 def _finish(t, given, like):
@@ -273,12 +317,23 @@ class Wrapper:
         return self._call
 
     def _plan_call(self, key: AttentionKey, sm_scale, qo_args, kv_args, num_q_rows: int) -> None:
+        scale = default_sm_scale(sm_scale, key.head_dim)
         fn = self._cache.get(key)
         upload = lambda arrs: tuple(tvm.runtime.tensor(a, self._device) for a in arrs)  # noqa: E731
         self._call = KernelCall(
-            key, fn, self._device, upload(qo_args), upload(kv_args), int(num_q_rows),
-            default_sm_scale(sm_scale, key.head_dim),
+            key, fn, self._device, upload(qo_args), upload(kv_args), int(num_q_rows), scale,
+            lengths=self._lengths(key, qo_args, kv_args, num_q_rows),
         )
+
+    def _lengths(self, key, qo_args, kv_args, num_q_rows):
+        """:func:`planned_lengths` from the CPU plan's index arrays."""
+        if key.kind == "bsr":
+            return planned_lengths(key, None, None, shape=(num_q_rows, getattr(self, "_N", 0)))
+        from ..kv.formats import PagedKV
+
+        paged = isinstance(key.kv, PagedKV)
+        return planned_lengths(key, qo_args[0] if qo_args else None, kv_args[0], kv_args[2] if paged else None,
+                               key.kv.page_size if paged else 1)
 
 
 class DevicePlan:
@@ -339,12 +394,14 @@ def run_single(
 
     dev, target = resolve_device(device)
     fmt = RaggedKV(kv_layout)
-    qo_len, num_qo_heads, head_dim = shape_of(q)
-    k_shape = shape_of(k)
+    qo_len, num_qo_heads, head_dim = shape_of(q, "q")
+    k_shape = shape_of(k, "k")
+    shape_of(v, "v")
     if len(k_shape) != 3:
         raise ValueError(f"k: expected a 3-D tensor, got shape {k_shape}")
     kv_len, num_kv_heads = (k_shape[0], k_shape[1]) if kv_layout == "NHD" else (k_shape[1], k_shape[0])
-    q_dtype, kv_dtype = data_dtypes(dtype_of(q), dtype_of(k))
+    q_dtype = dtypes.check_data_dtype("q.dtype", dtype_of(q, "q"))
+    kv_dtype = dtypes.check_data_dtype("k.dtype", dtype_of(k, "k"))
     var, variant_args = single_call_variant(variant, causal, pos_encoding_mode, fi_options, variant_args)
     key = AttentionKey(kind, fmt, num_qo_heads, num_kv_heads, head_dim, q_dtype, kv_dtype, var, target)
     check_tensor("k", k, k_shape[:2] + (head_dim,), kv_dtype)
@@ -358,7 +415,7 @@ def run_single(
         return w.run(q, k, v, return_lse=return_lse, **variant_args)
     indptr = lambda n: tvm.runtime.tensor(np.asarray([0, n], np.int32), dev)  # noqa: E731
     qo_args = (indptr(qo_len),) if kind == "prefill" else ()
-    call = KernelCall(
-        key, kernel_cache(cache).get(key), dev, qo_args, (indptr(kv_len),), qo_len, default_sm_scale(sm_scale, head_dim)
-    )
+    scale = default_sm_scale(sm_scale, head_dim)
+    call = KernelCall(key, kernel_cache(cache).get(key), dev, qo_args, (indptr(kv_len),), qo_len, scale,
+                      lengths=planned_lengths(key, [0, qo_len], [0, kv_len]))
     return call(q, [("k", k), ("v", v)], variant_args, return_lse=return_lse)

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from ..config import MergeKey
-from ..tensor import dtype_of, empty, like_input, shape_of, to_tvm
+from ..tensor import check_writable, dtype_of, empty, like_input, shape_of, to_tvm
 from ._common import check_tensor, kernel_cache, resolve_device
 
 
@@ -32,7 +32,9 @@ def merge_state_in_place(v, s, v_other, s_other, *, device=None, cache=None) -> 
     check_tensor("v_other", v_other, (n, H, D), dtype_of(v))
     check_tensor("s_other", s_other, (n, H), "float32")
     dev, fn = _setup(v, device, cache, "merge_state_in_place")
-    v_t, s_t = to_tvm(v, dev, "v"), to_tvm(s, dev, "s")
+    for given, name in ((v, "v"), (s, "s")):
+        check_writable(given, name)
+    v_t, s_t = to_tvm(v, dev, "v", copy=False), to_tvm(s, dev, "s", copy=False)
     fn(v_t, s_t, to_tvm(v_other, dev, "v_other"), to_tvm(s_other, dev, "s_other"))
     for given, t in ((v, v_t), (s, s_t)):
         if hasattr(given, "__array_interface__") and not _shares(given, t):
@@ -41,7 +43,7 @@ def merge_state_in_place(v, s, v_other, s_other, *, device=None, cache=None) -> 
 
 def merge_states(v, s, *, device=None, cache=None):
     """``v`` ``[n, num_states, H, D]``, ``s`` float32 ``[n, num_states, H]`` -> merged ``(v, s)``."""
-    vs = shape_of(v)
+    vs = shape_of(v, "v")
     if len(vs) != 4:
         raise ValueError(f"v: expected shape (n, num_states, num_heads, head_dim), got {vs}")
     check_tensor("s", s, vs[:3], "float32")
@@ -52,7 +54,7 @@ def merge_states(v, s, *, device=None, cache=None):
 
 
 def _check_pair(v, s, vn, sn):
-    shape = shape_of(v)
+    shape = shape_of(v, vn)
     if len(shape) != 3:
         raise ValueError(f"{vn}: expected shape (n, num_heads, head_dim), got {shape}")
     check_tensor(sn, s, shape[:2], "float32")

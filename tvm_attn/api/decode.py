@@ -16,7 +16,7 @@ from ..schedule.decode import DecodeTiles
 from ..tensor import shape_of
 from ._common import (
     DevicePlan, KernelCall, Wrapper, PlanStatics, check_tensor, data_dtypes, default_sm_scale, default_tensors,
-    flashinfer_variant, reshape, run_single,
+    flashinfer_variant, planned_lengths, reshape, run_single,
 )
 
 
@@ -151,6 +151,7 @@ class BatchDecodeWithPagedKVCacheWrapper(Wrapper):
                 workspace_args=(bufs.work_info, bufs.cta_indptr, bufs.tmp_o, bufs.tmp_lse, *bufs.merge_state),
                 defaults=st.defaults,
             )
+        self._call.lengths = planned_lengths(key, None, indptr, last_page_len, key.kv.page_size)
 
     def _static(self, key):
         """What a plan of ``key`` needs besides the lengths (the schedule, the kernel functions, the
@@ -197,7 +198,7 @@ def single_decode_with_kv_cache(
 ):
     """Decode one request: ``q`` ``[num_qo_heads, head_dim]``, ``k``/``v`` ``[kv_len, num_kv_heads, head_dim]``
     (``"NHD"``) or ``[num_kv_heads, kv_len, head_dim]`` (``"HND"``) -> ``o`` ``[num_qo_heads, head_dim]``."""
-    q_shape = shape_of(q)
+    q_shape = shape_of(q, "q")
     if len(q_shape) != 2:
         raise ValueError(f"q: expected shape (num_qo_heads, head_dim), got {q_shape}")
     num_qo_heads, head_dim = q_shape

@@ -13,7 +13,8 @@ from ..kv.formats import PagedKV, RaggedKV
 from ..kv.validate import as_index_array, check_indptr
 from ..tensor import shape_of
 from ._common import (
-    DevicePlan, KernelCall, Wrapper, check_tensor, data_dtypes, default_sm_scale, flashinfer_variant, run_single,
+    DevicePlan, KernelCall, Wrapper, check_tensor, data_dtypes, default_sm_scale, flashinfer_variant, planned_lengths,
+    run_single,
 )
 from .decode import check_paged_cache
 
@@ -73,6 +74,8 @@ class CudaPrefillPlan(Wrapper):
         from ..schedule.prefill import PrefillTiles
 
         key = self._cuda_key(key, qo_indptr)
+        lengths = planned_lengths(key, qo_indptr, kv_indptr, last, page_size,
+                                  (self._M, self._N) if key.kind == "bsr" else None)
         tiles = PrefillTiles.parse(key.schedule)
         batch = qo_indptr.size - 1
         if self._graph:
@@ -114,7 +117,7 @@ class CudaPrefillPlan(Wrapper):
             key, module[key.uri], self._device, qo_dev, index, num_q_rows, default_sm_scale(sm_scale, key.head_dim),
             workspace_args=(bufs.work_info, bufs.cta_indptr, bufs.tmp_o, bufs.tmp_lse),
             merge_fn=module[key.uri + "_merge"] if merge else None,
-            merge_args=(bufs.merge_indptr, bufs.tmp_o, bufs.tmp_lse),
+            merge_args=(bufs.merge_indptr, bufs.tmp_o, bufs.tmp_lse), lengths=lengths,
         )
 
 
@@ -219,7 +222,7 @@ def single_prefill_with_kv_cache(
 ):
     """Prefill / append for one request: ``q`` ``[qo_len, Hq, D]``, ``k``/``v`` ``[kv_len, Hkv, D]`` (``"NHD"``)
     or ``[Hkv, kv_len, D]`` (``"HND"``) -> ``o`` ``[qo_len, Hq, D]``."""
-    if len(shape_of(q)) != 3:
+    if len(shape_of(q, "q")) != 3:
         raise ValueError(f"q: expected shape (qo_len, num_qo_heads, head_dim), got {shape_of(q)}")
     fi = dict(window_left=window_left, logits_soft_cap=logits_soft_cap, rope_scale=rope_scale, rope_theta=rope_theta)
     return run_single(

@@ -12,12 +12,19 @@ from ..dtypes import INDEX_DTYPE
 from ..tensor import to_numpy
 
 SUPPORTED_HEAD_DIMS = (64, 128, 256)
+#: at most this many heads: the kernels' int32 offsets (row * heads * head_dim) must not overflow
+MAX_HEADS = 2**15
 
 
 def as_index_array(name: str, value) -> np.ndarray:
     """``value`` (any array-like or DLPack tensor) as a 1-D contiguous int32 numpy array: the same
     memory when it already is one, else a checked copy."""
-    arr = to_numpy(value)
+    if value is None or isinstance(value, (str, bytes)):
+        raise TypeError(f"{name}: expected a 1-D int32 array (or list of ints), got {value!r}")
+    try:
+        arr = to_numpy(value)
+    except (TypeError, ValueError) as err:  # e.g. a ragged nested list
+        raise ValueError(f"{name}: is not an array of integers ({err})") from None
     if arr.dtype == INDEX_DTYPE and arr.ndim == 1 and arr.flags.c_contiguous:
         return arr  # the common case, checked in O(1)
     if arr.ndim != 1:
@@ -59,8 +66,8 @@ def check_range(name: str, arr: np.ndarray, low: int, high: int, what: str) -> N
 
 def check_heads(num_qo_heads: int, num_kv_heads: int) -> None:
     for name, value in (("num_qo_heads", num_qo_heads), ("num_kv_heads", num_kv_heads)):
-        if not isinstance(value, (int, np.integer)) or value <= 0:
-            raise ValueError(f"{name}: must be a positive int, got {value!r}")
+        if check_positive(name, value) > MAX_HEADS:
+            raise ValueError(f"{name}: {value} heads is more than the kernels support ({MAX_HEADS})")
     if num_qo_heads % num_kv_heads:
         raise ValueError(
             f"num_qo_heads: {num_qo_heads} is not a multiple of num_kv_heads = {num_kv_heads} (GQA needs whole groups)"
@@ -68,7 +75,8 @@ def check_heads(num_qo_heads: int, num_kv_heads: int) -> None:
 
 
 def check_head_dim(head_dim: int) -> None:
-    if head_dim not in SUPPORTED_HEAD_DIMS:
+    integer = isinstance(head_dim, (int, np.integer)) and not isinstance(head_dim, bool)
+    if not integer or head_dim not in SUPPORTED_HEAD_DIMS:
         raise ValueError(f"head_dim: {head_dim!r} is not supported; use one of {SUPPORTED_HEAD_DIMS}")
 
 

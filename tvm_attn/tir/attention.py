@@ -35,6 +35,7 @@ from ..kv.index import declare_layout
 from ..schedule.cpu import CPU_LOOP_ORDER
 from ..variants.base import CONFIG_DIMS, HookContext, ScalarParam
 from ._builder import IRBuilder, T, buffer_param, let, local, loop, scalar_param, store, sym, when
+from .softmax import safe_max
 
 LOG2E = math.log2(math.e)
 NEG_INF = -math.inf
@@ -137,8 +138,9 @@ def _accumulate(use_softmax: bool, state, o_local, s, load_v, D: int) -> None:
             store(o_local, o_local[d] + s * load_v(d), d)
         return
     m_new = let("m_new", tirx.max(state[0], s))
-    rescale = let("rescale", tirx.exp2((state[0] - m_new) * LOG2E))
-    p = let("p", tirx.exp2((s - m_new) * LOG2E))
+    m_sub = safe_max(m_new)  # a -inf logit weighs 0 (exp2(-inf + inf) would be NaN)
+    rescale = let("rescale", tirx.exp2((state[0] - m_sub) * LOG2E))
+    p = let("p", tirx.exp2((s - m_sub) * LOG2E))
     store(state, state[1] * rescale + p, 1)
     store(state, m_new, 0)
     with loop("d", D) as d:
@@ -152,7 +154,9 @@ def _write_output(key: AttentionKey, ctx: HookContext, state, o_local, o, lse, r
             store(o, tirx.Cast(key.o_dtype, variant.output_transform(ctx, o_local[d], d)), row, h, d)
         store(lse, tirx.const(NEG_INF, "float32"), row, h)  # no softmax, no LSE: wrappers refuse return_lse
         return
-    seen = state[1] > 0
+    # d is 0 for a row that saw no key (o = 0, LSE = -inf) and NaN once a NaN or +inf logit came in,
+    # which must come out as NaN, not as an empty row
+    seen = tirx.any(state[1] > 0, tirx.isnan(state[1]))
     with loop("d", D) as d:
         out = variant.output_transform(ctx, o_local[d] / state[1], d)
         store(o, tirx.Cast(key.o_dtype, tirx.if_then_else(seen, out, tirx.const(0.0, "float32"))), row, h, d)

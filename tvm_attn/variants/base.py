@@ -19,14 +19,21 @@ Semantics, shared by every kernel and the reference:
   the transformed logits (sigmoid attention).
 * The LSE is ``log2(sum(exp(logits)))`` over visible entries (log2 units, as FlashInfer and TVM),
   ``-inf`` for a row that sees nothing; such a row's output is 0.
+* Non-finite data propagates as in torch's softmax: a visible logit that is NaN or ``+inf`` makes
+  its row's output and LSE NaN (never the 0 / ``-inf`` of an empty row); a ``-inf`` logit weighs 0.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
+import operator
 import re
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
+
+import numpy as np
 
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 #: Names the kernels already use; an extra parameter may not take them.
@@ -72,6 +79,36 @@ class ScalarParam:
         _check_name(self.name)
         if self.dtype not in ("int32", "float32"):
             raise ValueError(f"ScalarParam {self.name!r}: dtype must be int32 or float32, got {self.dtype!r}")
+
+
+#: the range of an int32 run-time scalar, and the largest finite float32
+INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
+FLOAT32_MAX = 3.4028234663852886e38
+
+
+def check_scalar(name: str, dtype: str, value) -> int | float:
+    """``value`` as a run-time scalar of ``dtype`` (``"int32"`` or ``"float32"``), never coerced:
+    an int32 takes an integer (not 2.5, not "3", not True), a float32 a real number (not a string);
+    NaN, inf and values outside the dtype's range are refused. TypeError or ValueError naming ``name``."""
+    if dtype == "int32":
+        try:
+            if isinstance(value, (bool, np.bool_)):
+                raise TypeError
+            value = operator.index(value)
+        except TypeError:
+            raise TypeError(f"{name}: expected an int32 scalar (an integer), got {value!r}") from None
+        if not INT32_MIN <= value <= INT32_MAX:
+            raise ValueError(f"{name}: {value} does not fit in int32")
+        return int(value)
+    if isinstance(value, (str, bytes, bool)) or not (isinstance(value, numbers.Real) or hasattr(value, "__float__")):
+        raise TypeError(f"{name}: expected a float32 scalar (a real number), got {value!r}")
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name}: expected a float32 scalar (a real number), got {value!r}") from None
+    if not math.isfinite(value) or abs(value) > FLOAT32_MAX:
+        raise ValueError(f"{name}: must be a finite float32 number, got {value!r}")
+    return value
 
 
 def _check_name(name: str) -> None:
@@ -214,6 +251,16 @@ class AttentionVariant:
 
     def validate_args(self, args: dict[str, Any]) -> None:
         """Check the values of the run-time scalars (host-side, O(1)); raise ValueError naming the bad one."""
+
+    def checks_lengths(self) -> bool:
+        """Whether :meth:`validate_lengths` checks anything (the wrappers then keep each planned
+        request's lengths)."""
+        return type(self).validate_lengths is not AttentionVariant.validate_lengths
+
+    def validate_lengths(self, args: dict[str, Any], qo_lens, kv_lens) -> None:
+        """Check the run-time tensors ``args`` against the planned requests' lengths (int64 arrays
+        ``qo_lens``, ``kv_lens``, one entry per request or block-sparse matrix); raise ValueError
+        naming the bad one."""
 
     def overrides(self, hook: str) -> bool:
         """Whether this variant changes ``hook`` (kernels skip the work of hooks left at default)."""
@@ -361,6 +408,13 @@ class ComposedVariant(AttentionVariant):
     def validate_args(self, args):
         for p in self.parts:
             p.validate_args(args)
+
+    def checks_lengths(self) -> bool:
+        return any(p.checks_lengths() for p in self.parts)
+
+    def validate_lengths(self, args, qo_lens, kv_lens):
+        for p in self.parts:
+            p.validate_lengths(args, qo_lens, kv_lens)
 
     def overrides(self, hook: str) -> bool:
         return any(p.overrides(hook) for p in self.parts)

@@ -6,7 +6,15 @@ import math
 
 import numpy as np
 
-from .base import AttentionVariant, ScalarParam, TensorParam
+from .base import AttentionVariant, ScalarParam, TensorParam, check_scalar
+
+
+def check_positive_float(name: str, value) -> float:
+    """``value`` as a positive finite float32 (TypeError/ValueError naming ``name``)."""
+    value = check_scalar(name, "float32", value)
+    if not value > 0:
+        raise ValueError(f"{name}: must be > 0, got {value!r}")
+    return value
 
 
 class LogitsSoftCap(AttentionVariant):
@@ -15,7 +23,7 @@ class LogitsSoftCap(AttentionVariant):
     uri_name = "soft_cap"
 
     def __init__(self, cap: float = 30.0):
-        self._cap = float(cap)
+        self._cap = check_positive_float("logits_soft_cap", cap)
 
     def spec(self):
         return self.named_spec(cap=self._cap)
@@ -24,9 +32,7 @@ class LogitsSoftCap(AttentionVariant):
         return (ScalarParam("logits_soft_cap", "float32", self._cap, "cap > 0"),)
 
     def validate_args(self, args):
-        cap = args["logits_soft_cap"]
-        if not cap > 0:
-            raise ValueError(f"logits_soft_cap: must be > 0, got {cap!r}")
+        check_positive_float("logits_soft_cap", args["logits_soft_cap"])
 
     def logits_transform(self, ctx, logits):
         from tvm import tirx
@@ -90,7 +96,7 @@ class SigmoidAttention(AttentionVariant):
     use_softmax = False
 
     def __init__(self, bias: float = 0.0):
-        self._bias = float(bias)
+        self._bias = check_scalar("sigmoid_bias", "float32", bias)
 
     def spec(self):
         return self.named_spec(bias=self._bias)

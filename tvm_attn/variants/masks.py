@@ -10,6 +10,28 @@ import numpy as np
 
 from .base import AttentionVariant, ScalarParam, TensorParam
 
+#: The widest window the masks' int32 arithmetic supports: ``kv_idx + qo_len + window_left`` must
+#: not overflow, which holds for every request with ``qo_len + kv_len <= 2**30`` (2**31 - 1 wraps
+#: to a negative sum and hides every key). A window as wide as the request is the same as none.
+MAX_WINDOW_LEFT = 2**30 - 1
+
+
+def check_window_left(value, name: str = "window_left") -> int:
+    """``value`` as a window: -1 (no window, FlashInfer's convention) or ``0..MAX_WINDOW_LEFT``."""
+    import operator
+
+    if isinstance(value, bool):
+        raise TypeError(f"{name}: expected an int (-1 for no window), got {value!r}")
+    try:
+        value = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name}: expected an int (-1 for no window), got {value!r}") from None
+    if value < -1 or value > MAX_WINDOW_LEFT:
+        raise ValueError(
+            f"{name}: must be -1 (no window) or in [0, {MAX_WINDOW_LEFT}] (the int32 mask arithmetic), got {value}"
+        )
+    return int(value)
+
 
 class Causal(AttentionVariant):
     """A query sees the keys at or before its own position (bottom-right aligned, as FlashInfer)."""
@@ -58,15 +80,18 @@ class RuntimeCausal(Causal):
 class SlidingWindow(AttentionVariant):
     """A query sees at most ``window_left`` keys before its own position (FlashInfer's ``window_left``).
 
-    ``window_left`` is a run-time int32 scalar (default from the constructor); a negative value
-    disables the window. The CUDA decode plan reads only the keys inside the constructor's window
+    ``window_left`` is a run-time int32 scalar (default from the constructor); -1 disables the
+    window, other negatives are an error, and so is one wider than :data:`MAX_WINDOW_LEFT`. The CUDA decode plan reads only the keys inside the constructor's window
     (:meth:`key_window`), so a run with that plan may pass a smaller ``window_left`` but not a
     larger one (nor a negative one). The window bounds the left side only: compose with :class:`Causal` (or plan
     with ``causal=True``) to also hide future keys.
     """
 
     def __init__(self, window_left: int = -1):
-        self._window_left = int(window_left)
+        self._window_left = check_window_left(window_left)
+
+    def validate_args(self, args):
+        check_window_left(args["window_left"])
 
     def spec(self):
         return self.named_spec(window_left=self._window_left)
@@ -130,6 +155,30 @@ class CustomMask(AttentionVariant):
         safe = tirx.if_then_else(in_range, byte, tirx.const(0, "int64"))
         value = tirx.Cast("int32", bits[safe])
         return tirx.all(in_range, tirx.bitwise_and(tirx.shift_right(value, tirx.Cast("int32", bit % 8)), 1) == 1)
+
+    def validate_lengths(self, args, qo_lens, kv_lens):
+        """``mask_indptr`` has one segment per request, of exactly ``ceil(qo_len * kv_len / 8)``
+        bytes (as :func:`pack_custom_mask` makes it), all inside ``custom_mask``."""
+        from ..kv.validate import as_index_array, check_indptr
+        from ..tensor import shape_of
+
+        num_bytes = shape_of(args["custom_mask"], "custom_mask")[0]
+        indptr = as_index_array("mask_indptr", args["mask_indptr"])
+        need = (np.asarray(qo_lens, np.int64) * np.asarray(kv_lens, np.int64) + 7) // 8
+        if indptr.size != need.size + 1:
+            raise ValueError(
+                f"mask_indptr: has {indptr.size} entries, but the plan has {need.size} requests "
+                f"(expected {need.size + 1}; see pack_custom_mask)"
+            )
+        check_indptr("mask_indptr", indptr, num_bytes, "len(custom_mask)")
+        sizes = np.diff(indptr)
+        bad = np.nonzero(sizes != need)[0]
+        if bad.size:
+            b = int(bad[0])
+            raise ValueError(
+                f"mask_indptr: request {b}'s segment has {int(sizes[b])} bytes, but its qo_len x kv_len = "
+                f"{int(qo_lens[b])} x {int(kv_lens[b])} mask packs into {int(need[b])} (see pack_custom_mask)"
+            )
 
     def ref_logits_mask(self, ctx):
         packed = np.asarray(ctx["custom_mask"], dtype=np.uint8)

@@ -19,6 +19,7 @@ import math
 import numpy as np
 
 from .base import AttentionVariant, DimTable, ScalarParam
+from .logits import check_positive_float
 
 _STYLES = ("llama", "llama3.1")
 
@@ -36,6 +37,8 @@ class RoPE(AttentionVariant):
     ):
         if style not in _STYLES:
             raise ValueError(f"RoPE: style must be one of {_STYLES}, got {style!r}")
+        low_freq_factor = check_positive_float("low_freq_factor", low_freq_factor)
+        high_freq_factor = check_positive_float("high_freq_factor", high_freq_factor)
         if not high_freq_factor > low_freq_factor > 0:
             raise ValueError(
                 f"RoPE: need high_freq_factor > low_freq_factor > 0, got {high_freq_factor}, {low_freq_factor}"
@@ -44,10 +47,17 @@ class RoPE(AttentionVariant):
         if style == "llama3.1":
             self.low_freq_factor = float(low_freq_factor)
             self.high_freq_factor = float(high_freq_factor)
-            self.original_max_position = int(original_max_position)
+            from ..kv.validate import check_positive
+
+            self.original_max_position = check_positive("original_max_position", original_max_position)
         default_scale, default_theta = (8.0, 500000.0) if style == "llama3.1" else (1.0, 10000.0)
-        self._scale = float(default_scale if rope_scale is None else rope_scale)
-        self._theta = float(default_theta if rope_theta is None else rope_theta)
+        self._scale = check_positive_float("rope_scale", default_scale if rope_scale is None else rope_scale)
+        self._theta = check_positive_float("rope_theta", default_theta if rope_theta is None else rope_theta)
+
+    def validate_args(self, args):
+        # theta <= 0 or scale 0 make the frequencies NaN or inf (o = 0, LSE = -inf)
+        check_positive_float("rope_scale", args["rope_scale"])
+        check_positive_float("rope_theta", args["rope_theta"])
 
 
     def spec(self):
