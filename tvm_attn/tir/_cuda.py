@@ -1,11 +1,8 @@
-"""What the CUDA kernel generators share: float helpers, the warp shuffle and vote, the fence and
-atomic add, the 16-byte cp.async copy, the planned kernels' and merge kernels' arguments, the
-variant's tables in shared memory, and the one step that folds a partial attention state into a
-running one (the prefill merge kernel and the decode kernel's own merge use it)."""
+"""What the CUDA kernel generators share: the warp shuffle and vote, the fence and atomic add, the
+16-byte cp.async copy, the planned kernels' and merge kernels' arguments, and the variant's tables
+in shared memory. The softmax math lives in :mod:`tvm_attn.tir.softmax`."""
 
 from __future__ import annotations
-
-import math
 
 from tvm import tirx
 
@@ -13,21 +10,11 @@ from ..kv.index import declare_layout
 from ..variants.base import HookContext
 from ._builder import IRBuilder, T, buffer_param, let, loop, scalar_param, store, sym, when
 from .attention import declare_extra_params
-from .plan import WORK_FIELDS
+from ..planner import WORK_FIELDS
+# re-exported for prefill_cuda, until it imports them from softmax
+from .softmax import f32, fold_partial, neg_inf, zero  # noqa: F401
 
 FULL_MASK = 0xFFFFFFFF
-
-
-def f32(x):
-    return tirx.Cast("float32", x)
-
-
-def neg_inf():
-    return tirx.const(-math.inf, "float32")
-
-
-def zero():
-    return tirx.const(0.0, "float32")
 
 
 def shfl_xor(value, offset: int, width: int = 32):
@@ -135,41 +122,8 @@ def stage_tables(variant, head_dim: int, params: dict, tid, threads: int) -> dic
         with loop("ti", -(-table.size // threads)) as ti:
             i = ti * threads + tid
             with when(i < table.size):
-                store(buf, tirx.Cast("float32", table.value(ctx, i)), i)
+                store(buf, f32(table.value(ctx, i)), i)
         tables[table.name] = buf
     if tables:
         T.evaluate(tirx.op.tvm_storage_sync("shared"))
     return tables
-
-
-def fold_partial(softmax: bool, md, acc, lead: tuple, vec: int, s_rows, parts):
-    """Fold partial states into the running one: ``md[(*lead, 0)]``/``md[(*lead, 1)]`` hold the
-    running max (log2 units) and weight sum, ``acc[(*lead, v)]`` the weighted output; partial ``j``
-    has log2 LSE ``s_rows[j]`` (-inf: weighs nothing) and normalized output ``parts[j](v)``. The
-    rows are folded together: one max over them and one rescale of the running state, so the
-    exponentials of the rows do not wait on each other. Without softmax the outputs just add."""
-    if not softmax:
-        with loop("v", vec, "unroll") as v:
-            total = acc[(*lead, v)]
-            for part in parts:
-                total = total + part(v)
-            store(acc, total, *lead, v)
-        return
-    m_old = md[(*lead, 0)]
-    m_new = m_old
-    for s_r in s_rows:
-        m_new = tirx.max(m_new, s_r)
-    m_new = let("m_new", m_new)
-    m_safe = let("m_safe", tirx.if_then_else(m_new == neg_inf(), zero(), m_new))
-    scale = let("scale", tirx.exp2(m_old - m_safe))
-    w = [let("w_r", tirx.exp2(s_r - m_safe)) for s_r in s_rows]
-    total = md[(*lead, 1)] * scale
-    for w_r in w:
-        total = total + w_r
-    store(md, total, *lead, 1)
-    store(md, m_new, *lead, 0)
-    with loop("v", vec, "unroll") as v:
-        out = acc[(*lead, v)] * scale
-        for w_r, part in zip(w, parts):  # a row of weight 0 may hold anything: it adds 0
-            out = out + tirx.if_then_else(w_r > 0, w_r * part(v), zero())
-        store(acc, out, *lead, v)

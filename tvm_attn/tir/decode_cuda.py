@@ -50,18 +50,14 @@ at 64 x 2048, NHD and HND alike (bench/logs/decode-ceiling-ring-h100.json).
 
 from __future__ import annotations
 
-import math
-
 from tvm import tirx
 
 from ..config import AttentionKey
 from ..schedule.decode import DecodeTiles, per_16_bytes
 from ..variants.base import HookContext
 from ._builder import IRBuilder, T, let, local, loop, store, when
-from ._cuda import (atomic_add, cp_async, f32, fold_partial, kernel_params, neg_inf, shfl_xor, stage_tables,
-                    thread_fence)
-
-LOG2E = math.log2(math.e)
+from ._cuda import atomic_add, cp_async, kernel_params, shfl_xor, stage_tables, thread_fence
+from .softmax import LOG2E, Ref, f32, fold_partial, fold_states, neg_inf, online_update, rescaled
 #: the kernel's merge of a cut request: partial rows each thread loads, and then folds at once (one
 #: rescale). The merge waits on these loads: on an H100, timestamps in the kernel (%globaltimer) put
 #: one round of them at 0.7-0.9 us while other blocks still stream K/V. 8 rows were 0-1 us faster at
@@ -378,65 +374,16 @@ def _merge_if_last(key, tiles, merge_count, rows, tmp_o, tmp_lse, o, lse, smem_o
 def _update_state(use_softmax, G, U, VEC, md, o_reg, s_reg, v_reg):
     """Fold ``U`` logits per head (``s_reg``, log2 units, -inf when hidden) and their V rows in."""
     with loop("g", G, "unroll") as g:
-        if not use_softmax:
-            with loop("v", VEC, "unroll") as v:
-                total = o_reg[g, v]
-                for u in range(U):
-                    total = total + s_reg[u, g] * f32(v_reg[u, v])
-                store(o_reg, total, g, v)
-        else:
-            _softmax_step(g, U, VEC, md, o_reg, s_reg, v_reg)
-
-
-def _softmax_step(g, U, VEC, md, o_reg, s_reg, v_reg):
-    m_new = md[g, 0]
-    for u in range(U):
-        m_new = tirx.max(m_new, s_reg[u, g])
-    m_new = let("m_new", m_new)
-    m_safe = let("m_safe", tirx.if_then_else(m_new == neg_inf(), tirx.const(0.0, "float32"), m_new))
-    scale = let("scale", tirx.exp2(md[g, 0] - m_safe))
-    p = local("p", U)
-    with loop("u", U, "unroll") as u:
-        store(p, tirx.exp2(s_reg[u, g] - m_safe), u)
-    total = md[g, 1] * scale
-    for u in range(U):
-        total = total + p[u]
-    store(md, total, g, 1)
-    store(md, m_new, g, 0)
-    with loop("v", VEC, "unroll") as v:
-        acc = o_reg[g, v] * scale
-        for u in range(U):
-            acc = acc + p[u] * f32(v_reg[u, v])
-        store(o_reg, acc, g, v)
+        step = None
+        if use_softmax:
+            step = online_update(Ref(md, (g, 0)), Ref(md, (g, 1)), U, lambda u: s_reg[u, g], p_local=True)
+        with loop("v", VEC, "unroll") as v:
+            if step is None:
+                store(o_reg, rescaled(o_reg[g, v], None, [s_reg[u, g] * f32(v_reg[u, v]) for u in range(U)]), g, v)
+            else:
+                store(o_reg, step.output(o_reg[g, v], [f32(v_reg[u, v]) for u in range(U)]), g, v)
 
 
 def _merge_groups(use_softmax, NKG, smem_md, smem_o, g, c, VEC, res, tot):
-    """Merge the ``NKG`` key groups' states of head ``g`` for elements ``c*VEC ..``: ``res`` gets the
-    normalized output, ``tot`` = (lse in log2 units, sum of weights)."""
-    if not use_softmax:
-        with loop("v", VEC, "unroll") as v:
-            store(res, tirx.const(0.0, "float32"), v)
-            with loop("k", NKG) as k:
-                store(res, res[v] + smem_o[k, g, c * VEC + v], v)
-        store(tot, neg_inf(), 0)
-        store(tot, tirx.const(1.0, "float32"), 1)
-        return
-    store(tot, neg_inf(), 0)
-    with loop("k", NKG) as k:
-        store(tot, tirx.max(tot[0], smem_md[k, g, 0]), 0)
-    m = let("m_all", tot[0])
-    m_safe = let("m_all_safe", tirx.if_then_else(m == neg_inf(), tirx.const(0.0, "float32"), m))
-    store(tot, tirx.const(0.0, "float32"), 1)
-    with loop("v", VEC, "unroll") as v:
-        store(res, tirx.const(0.0, "float32"), v)
-    with loop("k", NKG) as k:
-        wk = let("wk", tirx.exp2(smem_md[k, g, 0] - m_safe))
-        store(tot, tot[1] + smem_md[k, g, 1] * wk, 1)
-        with loop("v", VEC, "unroll") as v:
-            store(res, res[v] + smem_o[k, g, c * VEC + v] * wk, v)
-    denom = tot[1]
-    inv = let("inv_denom", tirx.if_then_else(denom > 0, tirx.const(1.0, "float32") / denom,
-                                             tirx.const(0.0, "float32")))  # one division, not VEC
-    with loop("v", VEC, "unroll") as v:
-        store(res, res[v] * inv, v)
-    store(tot, tirx.if_then_else(denom > 0, m_safe + tirx.log2(denom), neg_inf()), 0)
+    fold_states(use_softmax, NKG, lambda k: smem_md[k, g, 0], lambda k: smem_md[k, g, 1],
+                lambda k, v: smem_o[k, g, c * VEC + v], VEC, res, tot)
