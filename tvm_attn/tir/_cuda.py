@@ -4,13 +4,16 @@ in shared memory. The softmax math lives in :mod:`tvm_attn.tir.softmax`."""
 
 from __future__ import annotations
 
+from typing import Any, NamedTuple
+
 from tvm import tirx
 
 from ..kv.index import declare_layout
-from ..variants.base import HookContext
-from ._builder import IRBuilder, T, buffer_param, let, loop, scalar_param, store, sym, when
-from .attention import declare_extra_params
 from ..planner import WORK_FIELDS
+from ..variants.base import HookContext
+from ._builder import IRBuilder, T, buffer_param, loop, scalar_param, store, sym, when
+from .attention import declare_extra_params
+
 # re-exported for prefill_cuda, until it imports them from softmax
 from .softmax import f32, fold_partial, neg_inf, zero  # noqa: F401
 
@@ -65,15 +68,31 @@ def _name_kernel(name: str) -> None:
     T.func_attr({"global_symbol": name, "tir.noalias": True, "tirx.is_scheduled": True})
 
 
-def kernel_params(key, part_heads: int, merge_blocks: int = 0):
+class KernelArgs(NamedTuple):
+    """A planned kernel's arguments (:func:`kernel_params`); ``merge`` is ``(merge_indptr,
+    merge_count)`` for a kernel that merges its own partial states, else None."""
+
+    idx: Any  # the format's query/KV arguments and index math (tvm_attn.kv.index)
+    num_ctas: Any
+    work_info: tirx.Buffer  # [Work field, work]: work_info[Work.KV_END, w] (tvm_attn.planner.Work)
+    cta_indptr: tirx.Buffer
+    tmp_o: tirx.Buffer
+    tmp_lse: tirx.Buffer
+    merge: Any
+    o: tirx.Buffer
+    lse: tirx.Buffer
+    sm_scale: tirx.Var
+    params: dict
+
+
+def kernel_params(key, part_heads: int, merge_blocks: int = 0) -> KernelArgs:
     """Name a planned kernel ``key.uri`` and declare its arguments in the order the wrappers and the
     KV-cache backend pass them: the format's query/KV arguments, ``work_info, cta_indptr`` (the
     planner's work list), ``tmp_o, tmp_lse`` (partial states of ``part_heads`` heads per row),
     with ``merge_blocks`` (a kernel that merges its own partial states) ``merge_indptr`` and
     ``merge_count`` (int32 ``[max_rows, merge_blocks]``, zero between launches), then ``o, lse,
     sm_scale`` and the variant's extras. The index and work arrays are views into the plan's one
-    staging array (tvm_attn.planner.PlanBuffers). Returns (idx, num_ctas, work_info, cta_indptr,
-    tmp_o, tmp_lse, merge, o, lse, sm_scale, params), ``merge = (merge_indptr, merge_count)`` or None."""
+    staging array (tvm_attn.planner.PlanBuffers)."""
     _name_kernel(key.uri)
     idx = declare_layout(key, offsets=True)
     max_works, num_ctas_plus_one, max_partials = sym("max_works"), sym("num_ctas_plus_1"), sym("max_partials")
@@ -90,7 +109,8 @@ def kernel_params(key, part_heads: int, merge_blocks: int = 0):
     lse = buffer_param("lse", (idx.num_q_rows, key.num_qo_heads), "float32")
     sm_scale = scalar_param("sm_scale", "float32")
     params = declare_extra_params(key)
-    return idx, num_ctas_plus_one - 1, work_info, cta_indptr, tmp_o, tmp_lse, merge, o, lse, sm_scale, params
+    return KernelArgs(idx, num_ctas_plus_one - 1, work_info, cta_indptr, tmp_o, tmp_lse, merge, o, lse, sm_scale,
+                      params)
 
 
 def merge_params(key, part_heads: int, rows: str, out_rows: str):

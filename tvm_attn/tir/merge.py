@@ -17,7 +17,7 @@ from tvm import tirx
 
 from ..config import MergeKey
 from ._builder import IRBuilder, T, buffer_param, let, local, loop, store, sym, when
-from .softmax import Ref, f32, lse, loop_max, seen, weight, zero
+from .softmax import Ref, f32, loop_max, lse, seen, weight, zero
 
 
 def make_merge(key: MergeKey) -> tirx.PrimFunc:
