@@ -109,8 +109,8 @@ def kernel_params(key, part_heads: int, merge_blocks: int = 0) -> KernelArgs:
     lse = buffer_param("lse", (idx.num_q_rows, key.num_qo_heads), "float32")
     sm_scale = scalar_param("sm_scale", "float32")
     params = declare_extra_params(key)
-    return KernelArgs(idx, num_ctas_plus_one - 1, work_info, cta_indptr, tmp_o, tmp_lse, merge, o, lse, sm_scale,
-                      params)
+    return KernelArgs(idx, num_ctas_plus_one - 1, work_info, cta_indptr, tmp_o, tmp_lse, merge, o, lse,
+                      sm_scale, params)
 
 
 def merge_params(key, part_heads: int, rows: str, out_rows: str):

@@ -21,21 +21,17 @@ one KV head, so each K/V row is read once for all of them. Its stages, per work:
         piece, fold its partial states (rows merge_indptr[req]:merge_indptr[req+1]) into o and lse
 
 Arguments: ``q, paged_kv_cache, kv_indptr, kv_indices, kv_last_page_len, work_info, cta_indptr,
-tmp_o, tmp_lse, merge_indptr, merge_count, o, lse, sm_scale, *extras``; ``merge_count`` is int32
-``[max_rows, num_kv_heads * head_splits]`` and must be zero at a launch (the plan's upload zeroes
-it, and each launch leaves it zero). Merging in the kernel saves the merge kernel's launch (8-9 us
-on an H100 at batch 1 and 64).
+tmp_o, tmp_lse, merge_indptr, merge_count, o, lse, sm_scale, *extras``; ``merge_count`` (int32
+``[max_rows, num_kv_heads * head_splits]``) is zero at a launch (the plan's upload zeroes it, each
+launch leaves it zero). The merge in the kernel saves a merge kernel's launch (8-9 us on an H100).
 
-Tried and not kept (same-run pairs on an H100, bench/logs/decode-dynamic-tail-h100.json): a
-dynamic tail, where warps that got free claimed a cut request's last keys through an atomic
-counter, was slower on every batch (10% at 1 x 32768 even with nothing to claim). The sliding
-window reads only the keys inside it because the decode plan cuts only the window when it knows it
-(tvm_attn.tir.plan.make_decode_plan).
-
-The cp.async ring (schedule suffix ``s<stages>``; no default picks it, the GPU tier checks it):
-each thread copies its K/V pieces of a step ``stages - 1`` steps ahead into shared memory and reads
-back only what it copied, so it needs no barrier. 2 stages matched the register prefetch, 3 or
-more were slower (bench/logs/decode-ceiling-ring-h100.json).
+Tried and not kept (H100, bench/logs/decode-dynamic-tail-h100.json): a dynamic tail, warps that
+got free claiming a cut request's last keys through an atomic counter, was slower on cut requests
+(61-67 against 58.8 us at 1 x 32768; 10% even with nothing to claim), and much slower where only
+some pieces could claim. The cp.async ring (schedule suffix ``s<stages>``, which no default picks;
+the GPU tier checks it): each thread copies its K/V pieces ``stages - 1`` steps ahead into shared
+memory and reads back only what it copied, so it needs no barrier; 2 stages matched the register
+prefetch, 3 or more were slower (bench/logs/decode-ceiling-ring-h100.json).
 """
 
 from __future__ import annotations
@@ -65,7 +61,8 @@ def tiles_for(key: AttentionKey) -> DecodeTiles:
         raise ValueError("CUDA decode keys name their schedule (tvm_attn.schedule.decode.decode_schedule)")
     tiles = DecodeTiles.parse(key.schedule, key.head_dim, key.kv_dtype)
     if key.group_size % tiles.heads_per_block:
-        raise ValueError(f"schedule {key.schedule}: heads_per_block must divide the group size {key.group_size}")
+        raise ValueError(f"schedule {key.schedule}: heads_per_block must divide the group size "
+                         f"{key.group_size}")
     return tiles
 
 
@@ -80,8 +77,7 @@ def _sync(scope: str = "shared") -> None:
 @dataclasses.dataclass
 class _Block:
     """What the stages of one block share: the key and tiles, the kernel's arguments, the thread,
-    and its registers and shared memory. ``HB`` query heads per block (``G`` is the GQA group
-    size), ``TX`` lanes per K/V row, ``NKG`` key groups, each loading ``U`` rows a step."""
+    and its registers and shared memory."""
 
     key: AttentionKey
     tiles: DecodeTiles
@@ -98,15 +94,22 @@ class _Block:
     md_smem: tirx.Buffer  # [NKG, HB, 2]: and their (max, sum)
     flag_smem: tirx.Buffer  # [1]: this block merges the request
     k_smem: tirx.Buffer | None  # [NKG, U, D]: staged K rows (a variant with a key transform)
-    kv_ring: tirx.Buffer | None  # [stages, NKG, U, K or V, D]: the cp.async ring
-    tables: dict
+    kv_ring: tirx.Buffer | None  # [S, NKG, U, K or V, D]: the cp.async ring
+    tables: dict  # the variant's tables in shared memory
 
     def __post_init__(self):
-        t = self.tiles
+        # one name per concept: D head dim, G GQA group size, HB query heads per block (G over
+        # head_splits blocks), VEC elements of a lane's 16-byte K/V load, TX lanes per K/V row, U rows
+        # a key group loads per step, NKG key groups (rows read at the same time), S ring stages
+        t, self.variant = self.tiles, self.key.variant
         self.D, self.G, self.HB, self.VEC = self.key.head_dim, self.key.group_size, t.heads_per_block, t.vec
         self.TX, self.U, self.NKG, self.S = t.lanes_per_key, t.unroll, t.key_groups, t.stages
-        self.variant, self.stage_keys = self.key.variant, self.key.variant.overrides("key_transform")
         self.head_splits = self.G // self.HB
+
+    @property
+    def stage_keys(self) -> bool:
+        """Keys go through k_smem, transformed once per key for every head of the block."""
+        return self.k_smem is not None
 
 
 @dataclasses.dataclass
@@ -122,16 +125,14 @@ class _Piece:
     tx: tirx.Var
     kg: tirx.Var
     kv_len: tirx.Var
-    params: dict
-    tables: dict
-    D: int
+    hooks: HookContext  # what the variant's hooks see of the work
     begin: tirx.Var = None
     end: tirx.Var = None
     k_next: tirx.Buffer | None = None  # the register prefetch's next K/V rows
     v_next: tirx.Buffer | None = None
 
     def ctx(self, kv=None, head=None, qo=0) -> HookContext:
-        return HookContext(self.req, qo, kv, head, self.kv_head, 1, self.kv_len, self.D, self.params, self.tables)
+        return dataclasses.replace(self.hooks, qo_idx=qo, kv_idx=kv, qo_head_idx=head)
 
 
 def make_batch_decode_cuda(key: AttentionKey, tiles: DecodeTiles | None = None) -> tirx.PrimFunc:
@@ -163,7 +164,8 @@ def make_batch_decode_cuda(key: AttentionKey, tiles: DecodeTiles | None = None) 
 
 
 def _alloc_block(key, tiles, args, by, tid) -> _Block:
-    HB, VEC, U, NKG, S, D = tiles.heads_per_block, tiles.vec, tiles.unroll, tiles.key_groups, tiles.stages, key.head_dim
+    HB, VEC, U, NKG, S = tiles.heads_per_block, tiles.vec, tiles.unroll, tiles.key_groups, tiles.stages
+    D = key.head_dim
     q_reg, o_reg = local("q_reg", (HB, VEC)), local("o_reg", (HB, VEC))
     md = local("md", (HB, 2))
     k_reg, v_reg = local("k_reg", (U, VEC), key.kv_dtype), local("v_reg", (U, VEC), key.kv_dtype)
@@ -179,8 +181,8 @@ def _alloc_block(key, tiles, args, by, tid) -> _Block:
         kv_ring = T.alloc_buffer((S, NKG, U, 2, D), key.kv_dtype, scope="shared")
         IRBuilder.name("kv_ring", kv_ring)
     tables = stage_tables(key.variant, D, args.params, tid, tiles.threads)
-    return _Block(key, tiles, args, by, tid, q_reg, o_reg, md, k_reg, v_reg, s_reg, o_smem, md_smem, flag_smem,
-                  k_smem, kv_ring, tables)
+    return _Block(key, tiles, args, by, tid, q_reg, o_reg, md, k_reg, v_reg, s_reg, o_smem, md_smem,
+                  flag_smem, k_smem, kv_ring, tables)
 
 
 def _begin_work(b: _Block, w) -> _Piece:
@@ -194,11 +196,12 @@ def _begin_work(b: _Block, w) -> _Piece:
     tx = let("tx", lane % b.TX)
     kg = let("kg", warp * b.tiles.keys_per_warp + lane // b.TX)
     kv_len = let("kv_len", idx.kv_len(req))
-    pc = _Piece(w, live, req, kv_head, head0, tx, kg, kv_len, b.args.params, b.tables, b.D)
+    hooks = HookContext(req, 0, None, None, kv_head, 1, kv_len, b.D, b.args.params, b.tables)
+    pc = _Piece(w, live, req, kv_head, head0, tx, kg, kv_len, hooks)
     # a plan made from page counts alone (TVM's KV-cache decode slot) counts the last page full: the
     # piece ends at the request's length
     begin, end = work_info[Work.KV_BEGIN, w], tirx.min(work_info[Work.KV_END, w], kv_len)
-    bounds = b.variant.kv_range(pc.ctx(qo=0))
+    bounds = b.variant.kv_range(hooks)
     if bounds is not None:
         begin, end = tirx.max(begin, bounds[0]), tirx.min(end, bounds[1])
     pc.begin = let("kv_begin", begin)
@@ -350,7 +353,8 @@ def _softmax_pv(b: _Block) -> None:
     with loop("g", b.HB, "unroll") as g:
         step = None
         if b.variant.use_softmax:
-            step = online_update(Ref(b.md, (g, 0)), Ref(b.md, (g, 1)), b.U, lambda u: b.s_reg[u, g], p_local=True)
+            logit = lambda u: b.s_reg[u, g]  # noqa: E731
+            step = online_update(Ref(b.md, (g, 0)), Ref(b.md, (g, 1)), b.U, logit, p_local=True)
         with loop("v", b.VEC, "unroll") as v:
             values = [f32(b.v_reg[u, v]) for u in range(b.U)]
             if step is None:

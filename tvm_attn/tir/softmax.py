@@ -121,7 +121,8 @@ class Step:
         return rescaled(old, self.scale, terms)
 
 
-def max_step(m_old, logits, names=("m_new", "m_safe", "scale"), safe: bool = True, natural: bool = False) -> Step:
+def max_step(m_old, logits, names=("m_new", "m_safe", "scale"), safe: bool = True,
+             natural: bool = False) -> Step:
     """The new max of a running max ``m_old`` and the ``logits``, and the rescale of the old state.
     ``names`` name the lets of the max, the safe max and the scale (None: not bound); without
     ``safe`` the max is subtracted as is (a kernel that never sees a state with no visible key)."""
@@ -165,7 +166,8 @@ def fold_partial(softmax: bool, md, acc, lead: tuple, vec: int, s_rows, parts) -
     exponentials of the rows do not wait on each other. Without softmax the outputs just add."""
     step = None
     if softmax:
-        step = online_update(Ref(md, (*lead, 0)), Ref(md, (*lead, 1)), len(s_rows), lambda j: s_rows[j], "w_r")
+        m, l = Ref(md, (*lead, 0)), Ref(md, (*lead, 1))
+        step = online_update(m, l, len(s_rows), lambda j: s_rows[j], "w_r")
     with loop("v", vec, "unroll") as v:
         old = acc[(*lead, v)]
         values = [part(v) for part in parts]
