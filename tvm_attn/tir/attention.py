@@ -34,7 +34,7 @@ from ..kv.index import declare_layout
 from ..schedule.cpu import CPU_LOOP_ORDER
 from ..variants.base import CONFIG_DIMS, HookContext, ScalarParam
 from ._builder import IRBuilder, T, buffer_param, let, local, loop, scalar_param, store, sym, when
-from .softmax import LOG2E, NEG_INF, Ref, f32, online_update, rescaled
+from .softmax import LOG2E, NEG_INF, Ref, f32, online_update
 
 
 def declare_extra_params(key: AttentionKey) -> dict:
@@ -131,7 +131,7 @@ def _accumulate(use_softmax: bool, state, o_local, s, load_v, D: int) -> None:
     skips hidden keys, so the max needs no guard), or a plain weighted sum."""
     if not use_softmax:
         with loop("d", D) as d:
-            store(o_local, rescaled(o_local[d], None, [s * load_v(d)]), d)
+            store(o_local, o_local[d] + s * load_v(d), d)
         return
     step = online_update(Ref(state, (0,)), Ref(state, (1,)), 1, lambda _: s, names=("m_new", None, "rescale"),
                          safe=False, natural=True)
