@@ -1,33 +1,23 @@
-"""What the CUDA kernel generators share: float helpers, the warp shuffle and vote, the fence and
-atomic add, the 16-byte cp.async copy, the planned kernels' and merge kernels' arguments, the
-variant's tables in shared memory, and the one step that folds a partial attention state into a
-running one (the prefill merge kernel and the decode kernel's own merge use it)."""
+"""What the CUDA kernel generators share: the warp shuffle and vote, the fence and atomic add, the
+16-byte cp.async copy, the planned kernels' and merge kernels' arguments, and the variant's tables
+in shared memory. The softmax math lives in :mod:`tvm_attn.tir.softmax`."""
 
 from __future__ import annotations
 
-import math
+from typing import Any, NamedTuple
 
 from tvm import tirx
 
 from ..kv.index import declare_layout
+from ..planner import WORK_FIELDS
 from ..variants.base import HookContext
-from ._builder import IRBuilder, T, buffer_param, let, loop, scalar_param, store, sym, when
+from ._builder import IRBuilder, T, buffer_param, loop, scalar_param, store, sym, when
 from .attention import declare_extra_params
-from .plan import WORK_FIELDS
+
+# re-exported for prefill_cuda, until it imports them from softmax
+from .softmax import f32, fold_partial, neg_inf, zero  # noqa: F401
 
 FULL_MASK = 0xFFFFFFFF
-
-
-def f32(x):
-    return tirx.Cast("float32", x)
-
-
-def neg_inf():
-    return tirx.const(-math.inf, "float32")
-
-
-def zero():
-    return tirx.const(0.0, "float32")
 
 
 def shfl_xor(value, offset: int, width: int = 32):
@@ -78,15 +68,31 @@ def _name_kernel(name: str) -> None:
     T.func_attr({"global_symbol": name, "tir.noalias": True, "tirx.is_scheduled": True})
 
 
-def kernel_params(key, part_heads: int, merge_blocks: int = 0):
+class KernelArgs(NamedTuple):
+    """A planned kernel's arguments (:func:`kernel_params`); ``merge`` is ``(merge_indptr,
+    merge_count)`` for a kernel that merges its own partial states, else None."""
+
+    idx: Any  # the format's query/KV arguments and index math (tvm_attn.kv.index)
+    num_ctas: Any
+    work_info: tirx.Buffer  # [Work field, work]: work_info[Work.KV_END, w] (tvm_attn.planner.Work)
+    cta_indptr: tirx.Buffer
+    tmp_o: tirx.Buffer
+    tmp_lse: tirx.Buffer
+    merge: Any
+    o: tirx.Buffer
+    lse: tirx.Buffer
+    sm_scale: tirx.Var
+    params: dict
+
+
+def kernel_params(key, part_heads: int, merge_blocks: int = 0) -> KernelArgs:
     """Name a planned kernel ``key.uri`` and declare its arguments in the order the wrappers and the
     KV-cache backend pass them: the format's query/KV arguments, ``work_info, cta_indptr`` (the
     planner's work list), ``tmp_o, tmp_lse`` (partial states of ``part_heads`` heads per row),
     with ``merge_blocks`` (a kernel that merges its own partial states) ``merge_indptr`` and
     ``merge_count`` (int32 ``[max_rows, merge_blocks]``, zero between launches), then ``o, lse,
     sm_scale`` and the variant's extras. The index and work arrays are views into the plan's one
-    staging array (tvm_attn.planner.PlanBuffers). Returns (idx, num_ctas, work_info, cta_indptr,
-    tmp_o, tmp_lse, merge, o, lse, sm_scale, params), ``merge = (merge_indptr, merge_count)`` or None."""
+    staging array (tvm_attn.planner.PlanBuffers)."""
     _name_kernel(key.uri)
     idx = declare_layout(key, offsets=True)
     max_works, num_ctas_plus_one, max_partials = sym("max_works"), sym("num_ctas_plus_1"), sym("max_partials")
@@ -103,7 +109,8 @@ def kernel_params(key, part_heads: int, merge_blocks: int = 0):
     lse = buffer_param("lse", (idx.num_q_rows, key.num_qo_heads), "float32")
     sm_scale = scalar_param("sm_scale", "float32")
     params = declare_extra_params(key)
-    return idx, num_ctas_plus_one - 1, work_info, cta_indptr, tmp_o, tmp_lse, merge, o, lse, sm_scale, params
+    return KernelArgs(idx, num_ctas_plus_one - 1, work_info, cta_indptr, tmp_o, tmp_lse, merge, o, lse,
+                      sm_scale, params)
 
 
 def merge_params(key, part_heads: int, rows: str, out_rows: str):
@@ -135,41 +142,8 @@ def stage_tables(variant, head_dim: int, params: dict, tid, threads: int) -> dic
         with loop("ti", -(-table.size // threads)) as ti:
             i = ti * threads + tid
             with when(i < table.size):
-                store(buf, tirx.Cast("float32", table.value(ctx, i)), i)
+                store(buf, f32(table.value(ctx, i)), i)
         tables[table.name] = buf
     if tables:
         T.evaluate(tirx.op.tvm_storage_sync("shared"))
     return tables
-
-
-def fold_partial(softmax: bool, md, acc, lead: tuple, vec: int, s_rows, parts):
-    """Fold partial states into the running one: ``md[(*lead, 0)]``/``md[(*lead, 1)]`` hold the
-    running max (log2 units) and weight sum, ``acc[(*lead, v)]`` the weighted output; partial ``j``
-    has log2 LSE ``s_rows[j]`` (-inf: weighs nothing) and normalized output ``parts[j](v)``. The
-    rows are folded together: one max over them and one rescale of the running state, so the
-    exponentials of the rows do not wait on each other. Without softmax the outputs just add."""
-    if not softmax:
-        with loop("v", vec, "unroll") as v:
-            total = acc[(*lead, v)]
-            for part in parts:
-                total = total + part(v)
-            store(acc, total, *lead, v)
-        return
-    m_old = md[(*lead, 0)]
-    m_new = m_old
-    for s_r in s_rows:
-        m_new = tirx.max(m_new, s_r)
-    m_new = let("m_new", m_new)
-    m_safe = let("m_safe", tirx.if_then_else(m_new == neg_inf(), zero(), m_new))
-    scale = let("scale", tirx.exp2(m_old - m_safe))
-    w = [let("w_r", tirx.exp2(s_r - m_safe)) for s_r in s_rows]
-    total = md[(*lead, 1)] * scale
-    for w_r in w:
-        total = total + w_r
-    store(md, total, *lead, 1)
-    store(md, m_new, *lead, 0)
-    with loop("v", vec, "unroll") as v:
-        out = acc[(*lead, v)] * scale
-        for w_r, part in zip(w, parts):  # a row of weight 0 may hold anything: it adds 0
-            out = out + tirx.if_then_else(w_r > 0, w_r * part(v), zero())
-        store(acc, out, *lead, v)

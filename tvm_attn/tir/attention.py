@@ -26,7 +26,6 @@ Arguments, in order: the format's query/KV arguments, ``o``, ``lse`` (float32, l
 from __future__ import annotations
 
 import dataclasses
-import math
 
 from tvm import tirx
 
@@ -35,10 +34,7 @@ from ..kv.index import declare_layout
 from ..schedule.cpu import CPU_LOOP_ORDER
 from ..variants.base import CONFIG_DIMS, HookContext, ScalarParam
 from ._builder import IRBuilder, T, buffer_param, let, local, loop, scalar_param, store, sym, when
-from .softmax import safe_max
-
-LOG2E = math.log2(math.e)
-NEG_INF = -math.inf
+from .softmax import LOG2E, NEG_INF, Ref, f32, online_update
 
 
 def declare_extra_params(key: AttentionKey) -> dict:
@@ -71,7 +67,6 @@ def make_attention(key: AttentionKey, abi=None) -> tirx.PrimFunc:
     if not key.target.startswith("llvm"):
         raise ValueError(f"make_attention builds the portable CPU kernel; target {key.target!r} is not llvm")
     variant, D = key.variant, key.head_dim
-    f32 = lambda x: tirx.Cast("float32", x)  # noqa: E731
     with IRBuilder() as ib:
         with T.prim_func():
             symbol = key.uri if abi is None else abi.symbol(key)
@@ -132,19 +127,17 @@ def make_attention(key: AttentionKey, abi=None) -> tirx.PrimFunc:
 
 
 def _accumulate(use_softmax: bool, state, o_local, s, load_v, D: int) -> None:
-    """Fold one (logit, value row) into the running state: online softmax, or a plain weighted sum."""
+    """Fold one (logit, value row) into the running state: online softmax (natural units; the kernel
+    skips hidden keys, so the max needs no guard), or a plain weighted sum."""
     if not use_softmax:
         with loop("d", D) as d:
             store(o_local, o_local[d] + s * load_v(d), d)
         return
-    m_new = let("m_new", tirx.max(state[0], s))
-    m_sub = safe_max(m_new)  # a -inf logit weighs 0 (exp2(-inf + inf) would be NaN)
-    rescale = let("rescale", tirx.exp2((state[0] - m_sub) * LOG2E))
-    p = let("p", tirx.exp2((s - m_sub) * LOG2E))
-    store(state, state[1] * rescale + p, 1)
-    store(state, m_new, 0)
+    # a -inf logit weighs 0: the safe max keeps exp2(-inf + inf) = NaN out of the weights
+    step = online_update(Ref(state, (0,)), Ref(state, (1,)), 1, lambda _: s, names=("m_new", None, "rescale"),
+                         natural=True)
     with loop("d", D) as d:
-        store(o_local, o_local[d] * rescale + p * load_v(d), d)
+        store(o_local, step.output(o_local[d], [load_v(d)]), d)
 
 
 def _write_output(key: AttentionKey, ctx: HookContext, state, o_local, o, lse, row, h) -> None:

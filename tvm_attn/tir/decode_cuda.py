@@ -6,66 +6,52 @@ work list from the planner, partial states merged afterwards). Same variant hook
 index math (:mod:`tvm_attn.kv.index`) as the CPU kernel.
 
 Persistent grid ``(num_ctas, num_kv_heads * head_splits)``, block ``tiles.threads`` (4 warps). CTA
-``c`` runs the planner's works ``cta_indptr[c]:cta_indptr[c+1]`` in turn (``work_info[:, w] =
-request, kv_begin, kv_end, out_row``: one piece of one request's keys); the grid depends only on
-the GPU and the heads, never on the batch, so a captured CUDA graph stays valid. One block serves
-the ``heads_per_block`` query heads of one KV head::
+``c`` runs the planner's works ``cta_indptr[c]:cta_indptr[c+1]`` in turn (:class:`tvm_attn.planner.Work`:
+one piece of one request's keys); the grid depends only on the GPU and the heads, never on the
+batch, so a captured CUDA graph stays valid. One block serves the ``heads_per_block`` query heads of
+one KV head, so each K/V row is read once for all of them. Its stages, per work::
 
-    q (heads x vec per thread, in registers)
-    for each step: every key group loads `unroll` K and V rows (16-byte loads), then
-        s = shuffle-reduce(q . k) over the lanes of the row; variant transform and mask;
-        online softmax of the `unroll` logits into (m, d, o)
-    merge the key groups' (m, d, o) through shared memory
-    out_row < 0: write o and lse; else: write the partial state to tmp_o / tmp_lse, count the
-        piece done in merge_count, and, in the block that finishes the request's last piece, fold
-        its partial states (rows merge_indptr[req]:merge_indptr[req+1]) into o and lse
+    load q: the heads' q (vec elements per thread, in registers), transformed once
+    for each step: issue K/V (every key group loads `unroll` K and V rows, 16-byte loads)
+        Q.K^T: shuffle-reduce over the lanes of a row; the variant's logits and mask hooks
+        online softmax of the `unroll` logits into (m, l, o), and P.V
+    merge the key groups' (m, l, o) through shared memory
+    epilogue: out_row < 0: write o and lse; else: write the partial state to tmp_o / tmp_lse,
+        count the piece done in merge_count, and, in the block that finishes the request's last
+        piece, fold its partial states (rows merge_indptr[req]:merge_indptr[req+1]) into o and lse
 
 Arguments: ``q, paged_kv_cache, kv_indptr, kv_indices, kv_last_page_len, work_info, cta_indptr,
-tmp_o, tmp_lse, merge_indptr, merge_count, o, lse, sm_scale, *extras``; ``merge_count`` is int32
-``[max_rows, num_kv_heads * head_splits]`` and must be zero at a launch (the plan's upload zeroes
-it, and each launch leaves it zero).
+tmp_o, tmp_lse, merge_indptr, merge_count, o, lse, sm_scale, *extras``; ``merge_count`` (int32
+``[max_rows, num_kv_heads * head_splits]``) is zero at a launch (the plan's upload zeroes it, each
+launch leaves it zero). The merge in the kernel saves a merge kernel's launch (8-9 us on an H100).
 
-Tried and not kept (H100, same-run pairs against this kernel): a dynamic tail. The pieces of a cut
-request ran 3/4 of their planned keys, and warps that got free claimed the request's last keys in
-chunks of 8-16 through an atomic counter. At 1 x 32768 it took 61-67 us against 58.8; where only
-some pieces could claim, much longer (16 x 8192: 245 against 191 us; Zipf: 284 against 191); with
-each warp walking its own key range, batches with no cut request lost 3% (the soft-cap and ALiBi
-schedules gained 2-3%, the window lost 3%). Found on the way: ptxas turns one lane's integer atomic
-add (or increment) into a warp-aggregated add whose result a SHFL reads at once, so the lane waits
-the whole round trip where it issues the add (a float32 add it leaves alone); even so, an empty
-pool, one failed claim per warp, cost 10% at 1 x 32768 (64.6 us), for reasons not yet known.
-The sliding window at 1 x 32768 (4096 keys) went from 38.4 to 21.3 us: the plan cut the whole
-length, and only the few pieces inside the window read keys; the decode plan now cuts only the
-window when ``plan`` knows it (tvm_attn.tir.plan.make_decode_plan).
-
-The cp.async ring (schedule suffix ``s<stages>``; no default picks it, the GPU tier checks it):
-each thread copies its K/V pieces of a step ``stages - 1`` steps ahead into shared memory and reads
-back only what it copied, so it needs no barrier. Same-run pairs on the H100 (32/8 heads): 2 stages
-matched the register prefetch within 0.5% (186.1 against 187.0 us at 64 x 2048, 1 x 32768 equal);
-3 or more were slower, by 0.5-5% (Zipf: 201-204 against 191 us), although a plain streaming read
-gets 3.05 TB/s with 48-64 KB in flight per SM against 2.97-3.00 with the 32 KB this kernel keeps.
-The shuffled page order of the benchmark costs 3%: 181.7 us over sequential page ids against 187.2
-at 64 x 2048, NHD and HND alike (bench/logs/decode-ceiling-ring-h100.json).
+Tried and not kept (H100, bench/logs/decode-dynamic-tail-h100.json): a dynamic tail, warps that
+got free claiming a cut request's last keys through an atomic counter, was slower on cut requests
+(61-67 against 58.8 us at 1 x 32768; 10% even with nothing to claim), and much slower where only
+some pieces could claim. The cp.async ring (schedule suffix ``s<stages>``, which no default picks;
+the GPU tier checks it): each thread copies its K/V pieces ``stages - 1`` steps ahead into shared
+memory and reads back only what it copied, so it needs no barrier; 2 stages matched the register
+prefetch, 3 or more were slower (bench/logs/decode-ceiling-ring-h100.json).
 """
 
 from __future__ import annotations
 
-import math
+import dataclasses
 
 from tvm import tirx
 
 from ..config import AttentionKey
+from ..planner import Work
 from ..schedule.decode import DecodeTiles, per_16_bytes
 from ..variants.base import HookContext
 from ._builder import IRBuilder, T, let, local, loop, store, when
-from ._cuda import (atomic_add, cp_async, f32, fold_partial, kernel_params, neg_inf, shfl_xor, stage_tables,
-                    thread_fence)
+from ._cuda import KernelArgs, atomic_add, cp_async, kernel_params, shfl_xor, stage_tables, thread_fence
+from .softmax import LOG2E, Ref, f32, fold_partial, fold_states, neg_inf, online_update, rescaled, zero
 
-LOG2E = math.log2(math.e)
 #: the kernel's merge of a cut request: partial rows each thread loads, and then folds at once (one
-#: rescale). The merge waits on these loads: on an H100, timestamps in the kernel (%globaltimer) put
-#: one round of them at 0.7-0.9 us while other blocks still stream K/V. 8 rows were 0-1 us faster at
-#: 1 x 32768 but changed how nvcc schedules the key loop of the soft-cap kernel (10% slower there)
+#: rescale). The merge waits on these loads (0.7-0.9 us a round on an H100 while other blocks still
+#: stream K/V); 8 rows were 0-1 us faster at 1 x 32768 but made nvcc schedule the key loop of the
+#: soft-cap kernel worse (10% slower there)
 MERGE_ROWS = 4
 
 
@@ -75,7 +61,8 @@ def tiles_for(key: AttentionKey) -> DecodeTiles:
         raise ValueError("CUDA decode keys name their schedule (tvm_attn.schedule.decode.decode_schedule)")
     tiles = DecodeTiles.parse(key.schedule, key.head_dim, key.kv_dtype)
     if key.group_size % tiles.heads_per_block:
-        raise ValueError(f"schedule {key.schedule}: heads_per_block must divide the group size {key.group_size}")
+        raise ValueError(f"schedule {key.schedule}: heads_per_block must divide the group size "
+                         f"{key.group_size}")
     return tiles
 
 
@@ -83,360 +70,430 @@ def _thread(extent, tag):
     return T.thread_binding(0, extent, tag)
 
 
+def _sync(scope: str = "shared") -> None:
+    T.evaluate(tirx.op.tvm_storage_sync(scope))
+
+
+@dataclasses.dataclass
+class _Block:
+    """What the stages of one block share: the key and tiles, the kernel's arguments, the thread,
+    and its registers and shared memory."""
+
+    key: AttentionKey
+    tiles: DecodeTiles
+    args: KernelArgs
+    by: tirx.Var  # the block's heads: KV head by // head_splits, a slice of HB of its G query heads
+    tid: tirx.Var
+    q_reg: tirx.Buffer  # [HB, VEC]: the heads' q elements of this lane
+    o_reg: tirx.Buffer  # [HB, VEC]: their running outputs
+    md: tirx.Buffer  # [HB, 2]: running max (log2 units) and sum of weights
+    k_reg: tirx.Buffer  # [U, VEC]: this step's K rows (this lane's elements)
+    v_reg: tirx.Buffer  # [U, VEC]: and V rows
+    s_reg: tirx.Buffer  # [U, HB]: this step's logits (log2 units, -inf when hidden)
+    o_smem: tirx.Buffer  # [NKG, HB, D]: the key groups' outputs, met to merge
+    md_smem: tirx.Buffer  # [NKG, HB, 2]: and their (max, sum)
+    flag_smem: tirx.Buffer  # [1]: this block merges the request
+    k_smem: tirx.Buffer | None  # [NKG, U, D]: staged K rows (a variant with a key transform)
+    kv_ring: tirx.Buffer | None  # [S, NKG, U, K or V, D]: the cp.async ring
+    tables: dict  # the variant's tables in shared memory
+
+    def __post_init__(self):
+        # one name per concept: D head dim, G GQA group size, HB query heads per block (G over
+        # head_splits blocks), VEC elements of a lane's 16-byte K/V load, TX lanes per K/V row, U rows
+        # a key group loads per step, NKG key groups (rows read at the same time), S ring stages
+        t, self.variant = self.tiles, self.key.variant
+        self.D, self.G, self.HB, self.VEC = self.key.head_dim, self.key.group_size, t.heads_per_block, t.vec
+        self.TX, self.U, self.NKG, self.S = t.lanes_per_key, t.unroll, t.key_groups, t.stages
+        self.head_splits = self.G // self.HB
+
+    @property
+    def stage_keys(self) -> bool:
+        """Keys go through k_smem, transformed once per key for every head of the block."""
+        return self.k_smem is not None
+
+
+@dataclasses.dataclass
+class _Piece:
+    """The work a block runs now: one piece ``[begin, end)`` of request ``req``'s keys (``live``:
+    not padding), with the lane's place in it (``tx`` lane of key group ``kg``)."""
+
+    w: tirx.Var
+    live: tirx.PrimExpr
+    req: tirx.Var
+    kv_head: tirx.Var
+    head0: tirx.Var  # the block's first query head
+    tx: tirx.Var
+    kg: tirx.Var
+    kv_len: tirx.Var
+    hooks: HookContext  # what the variant's hooks see of the work
+    begin: tirx.Var = None
+    end: tirx.Var = None
+    k_next: tirx.Buffer | None = None  # the register prefetch's next K/V rows
+    v_next: tirx.Buffer | None = None
+
+    def ctx(self, kv=None, head=None, qo=0) -> HookContext:
+        return dataclasses.replace(self.hooks, qo_idx=qo, kv_idx=kv, qo_head_idx=head)
+
+
 def make_batch_decode_cuda(key: AttentionKey, tiles: DecodeTiles | None = None) -> tirx.PrimFunc:
     tiles = tiles or tiles_for(key)
-    variant, D, G = key.variant, key.head_dim, tiles.heads_per_block
-    VEC, TX, U, NKG, S = tiles.vec, tiles.lanes_per_key, tiles.unroll, tiles.key_groups, tiles.stages
-    CE = per_16_bytes(key.kv_dtype)  # elements of a 16-byte copy
-    head_splits = key.group_size // G
-    stage_keys = variant.overrides("key_transform")
+    blocks_y = key.num_kv_heads * (key.group_size // tiles.heads_per_block)
     with IRBuilder() as ib:
         with T.prim_func():
-            blocks_y = key.num_kv_heads * head_splits
-            idx, num_ctas, work_info, cta_indptr, tmp_o, tmp_lse, merge, o, lse, sm_scale, params = kernel_params(
-                key, key.num_qo_heads, merge_blocks=blocks_y)
-
-            with _thread(num_ctas, "blockIdx.x") as cta, _thread(blocks_y, "blockIdx.y") as by:
+            args = kernel_params(key, key.num_qo_heads, merge_blocks=blocks_y)
+            with _thread(args.num_ctas, "blockIdx.x") as cta, _thread(blocks_y, "blockIdx.y") as by:
                 with _thread(tiles.threads, "threadIdx.x") as tid:
-                    q_reg = local("q_reg", (G, VEC))
-                    o_reg = local("o_reg", (G, VEC))
-                    md = local("md", (G, 2))  # running max (log2 units) and sum per head
-                    k_reg = local("k_reg", (U, VEC), key.kv_dtype)
-                    v_reg = local("v_reg", (U, VEC), key.kv_dtype)
-                    s_reg = local("s_reg", (U, G))
-                    smem_o = T.alloc_buffer((NKG, G, D), "float32", scope="shared")
-                    smem_md = T.alloc_buffer((NKG, G, 2), "float32", scope="shared")
-                    smem_flag = T.alloc_buffer((1,), "int32", scope="shared")  # this block merges the request
-                    k_smem = T.alloc_buffer((NKG, U, D), key.kv_dtype, scope="shared") if stage_keys else None
-                    # the cp.async ring: [stage, key group, key of the step, K or V, dim]
-                    kv_ring = None
-                    if S:
-                        kv_ring = T.alloc_buffer((S, NKG, U, 2, D), key.kv_dtype, scope="shared")
-                        IRBuilder.name("kv_ring", kv_ring)
-
-                    tables = stage_tables(variant, D, params, tid, tiles.threads)
-
+                    b = _alloc_block(key, tiles, args, by, tid)
                     # persistent CTA: its works, cta_indptr[cta]..cta_indptr[cta+1], one after another
-                    first_work = let("first_work", cta_indptr[cta])
-                    with loop("wi", cta_indptr[cta + 1] - first_work) as wi:
-                        w = let("w", first_work + wi)
-                        live = work_info[0, w] >= 0
-                        req = let("req", tirx.max(work_info[0, w], 0))
-                        kv_head = let("kv_head", by // head_splits)
-                        head0 = let("head0", kv_head * key.group_size + (by % head_splits) * G)
-                        lane, warp = tid % 32, tid // 32
-                        tx = let("tx", lane % TX)
-                        kg = let("kg", warp * tiles.keys_per_warp + lane // TX)
-                        kv_len = let("kv_len", idx.kv_len(req))
-                        ctx = HookContext(req, 0, None, None, kv_head, 1, kv_len, D, params, tables)
-                        # a plan made from page counts alone (TVM's KV-cache decode slot) counts the
-                        # last page full: the piece ends at the request's length
-                        begin, end = work_info[1, w], tirx.min(work_info[2, w], kv_len)
-                        bounds = variant.kv_range(ctx)
-                        if bounds is not None:
-                            begin, end = tirx.max(begin, bounds[0]), tirx.min(end, bounds[1])
-                        begin = let("kv_begin", begin)
-                        end = let("kv_end", tirx.if_then_else(live, tirx.max(end, begin), begin))
-
-                        def qk_dim(v):
-                            """Head dim of a lane's v-th q and key element in the q . k dot product. With
-                            staged keys, a lane holds dims d and d + D/2 together (half its elements
-                            each side), so a transform that pairs them (rotate-half RoPE) computes the
-                            pair's shared angle once; otherwise the dims of its 16-byte K loads."""
-                            if not stage_keys:
-                                return tx * VEC + v
-                            return tx * (VEC // 2) + tirx.floormod(v, VEC // 2) + (v // (VEC // 2)) * (D // 2)
-
-                        # q for the fused heads, transformed once
-                        with loop("g", G, "unroll") as g:
-                            h = head0 + g
-                            qctx = HookContext(req, 0, None, h, kv_head, 1, kv_len, D, params, tables)
-                            load_q = lambda dd, h=h: f32(idx.q[req, h, dd])  # noqa: E731
-                            with loop("v", VEC, "unroll") as v:
-                                store(q_reg, variant.query_transform(qctx, load_q, qk_dim(v)), g, v)
-                                store(o_reg, tirx.const(0.0, "float32"), g, v)
-                            store(md, neg_inf(), g, 0)
-                            store(md, tirx.const(0.0, "float32"), g, 1)
-
-                        def load_step(it, k_dst, v_dst):  # all loads of a step first: bytes in flight
-                            first = begin + it * (NKG * U) + kg
-                            with loop("u", U, "unroll") as u:
-                                addr = idx.kv_addr(req, tirx.min(first + u * NKG, end - 1))
-                                with loop("v", VEC, "vectorized") as v:
-                                    store(k_dst, idx.load_k(addr, kv_head, tx * VEC + v), u, v)
-                                with loop("v", VEC, "vectorized") as v:
-                                    store(v_dst, idx.load_v(addr, kv_head, tx * VEC + v), u, v)
-
-                        def copy_step(step, stage):  # cp.async of a step's K and V pieces into the ring
-                            first = begin + step * (NKG * U) + kg
-                            with loop("u", U, "unroll") as u:
-                                addr = idx.kv_addr(req, tirx.min(first + u * NKG, end - 1))
-                                with loop("c", VEC // CE, "unroll") as c:
-                                    d = tx * VEC + c * CE
-                                    for part, elem in ((0, idx.k_elem), (1, idx.v_elem)):
-                                        buf, ix = elem(addr, kv_head, d)
-                                        cp_async(kv_ring, (stage, kg, u, part, d), buf, ix)
-
-                        n_steps = let("n_steps", tirx.ceildiv(end - begin, NKG * U))
-                        if S:  # the first S - 1 steps in flight (a group per step, empty past the work)
-                            for st in range(S - 1):
-                                with when(st < n_steps):
-                                    copy_step(st, st)
-                                T.evaluate(T.ptx["cp.async.commit_group"]())
-                        if tiles.prefetch:
-                            k_next = local("k_next", (U, VEC), key.kv_dtype)
-                            v_next = local("v_next", (U, VEC), key.kv_dtype)
-                            with when(n_steps > 0):
-                                load_step(0, k_next, v_next)
+                    first_work = let("first_work", args.cta_indptr[cta])
+                    with loop("wi", args.cta_indptr[cta + 1] - first_work) as wi:
+                        pc = _begin_work(b, let("w", first_work + wi))
+                        _load_q(b, pc)
+                        n_steps = _issue_first_steps(b, pc)
                         with loop("it", n_steps) as it:
-                            base = let("base", begin + it * (NKG * U) + kg)
-                            if S:
-                                # step it has landed; its ring slot's previous step (it - 1) was used up
-                                # by this thread's own compute, so step it + S - 1 can take that slot
-                                T.evaluate(T.ptx["cp.async.wait_group"](S - 2))
-                                with when(it + S - 1 < n_steps):
-                                    copy_step(it + S - 1, (it + S - 1) % S)
-                                T.evaluate(T.ptx["cp.async.commit_group"]())
-                                stage = let("stage", it % S)
-                                with loop("u", U, "unroll") as u:
-                                    with loop("v", VEC, "vectorized") as v:
-                                        store(k_reg, kv_ring[stage, kg, u, 0, tx * VEC + v], u, v)
-                                    with loop("v", VEC, "vectorized") as v:
-                                        store(v_reg, kv_ring[stage, kg, u, 1, tx * VEC + v], u, v)
-                            elif tiles.prefetch:  # take the step's rows, then issue the next step's loads
-                                with loop("u", U, "unroll") as u:
-                                    with loop("v", VEC, "unroll") as v:
-                                        store(k_reg, k_next[u, v], u, v)
-                                        store(v_reg, v_next[u, v], u, v)
-                                with when(it + 1 < n_steps):
-                                    load_step(it + 1, k_next, v_next)
-                            else:
-                                load_step(it, k_reg, v_reg)
-                            if stage_keys:
-                                with loop("u", U, "unroll") as u:
-                                    with loop("v", VEC, "vectorized") as v:
-                                        store(k_smem, k_reg[u, v], kg, u, tx * VEC + v)
-                                T.evaluate(tirx.op.tvm_storage_sync("warp"))
-                            with loop("u", U, "unroll") as u:
-                                pos = let("pos", base + u * NKG)
-                                sctx = HookContext(req, 0, pos, None, kv_head, 1, kv_len, D, params, tables)
-                                kctx = HookContext(req, None, pos, None, kv_head, 1, kv_len, D, params, tables)
-                                if stage_keys:  # transformed once per key, for every head of the group
-                                    k_t = local("k_t", VEC)
-                                    load_k = lambda dd, u=u: f32(k_smem[kg, u, dd])  # noqa: E731
-                                    with loop("v", VEC, "unroll") as v:
-                                        store(k_t, variant.key_transform(kctx, load_k, qk_dim(v)), v)
-                                with loop("g", G, "unroll") as g:
-                                    acc = local("acc", 1)
-                                    store(acc, tirx.const(0.0, "float32"), 0)
-                                    with loop("v", VEC, "unroll") as v:
-                                        k_v = k_t[v] if stage_keys else f32(k_reg[u, v])
-                                        store(acc, acc[0] + q_reg[g, v] * k_v, 0)
-                                    off = TX // 2
-                                    while off >= 1:
-                                        store(acc, acc[0] + shfl_xor(acc[0], off, 32), 0)
-                                        off //= 2
-                                    sctx.qo_head_idx = head0 + g
-                                    s = variant.logits_transform(sctx, acc[0] * sm_scale)
-                                    visible = pos < end
-                                    m = variant.logits_mask(sctx)
-                                    if m is not None:
-                                        visible = tirx.all(visible, m)
-                                    if variant.use_softmax:
-                                        store(s_reg, tirx.if_then_else(visible, s * LOG2E, neg_inf()), u, g)
-                                    else:
-                                        store(s_reg, tirx.if_then_else(visible, s, tirx.const(0.0, "float32")), u, g)
-                            _update_state(variant.use_softmax, G, U, VEC, md, o_reg, s_reg, v_reg)
-
-                        # the work's output row, and a cut request's partial rows (merge_indptr), loaded
-                        # here so that the merge does not wait for them
-                        out_row = let("out_row", work_info[3, w])
-                        merge_indptr, merge_count = merge
-                        first_row = let("m_first", merge_indptr[req])
-                        rows = first_row, let("m_pieces", merge_indptr[req + 1] - first_row)
-                        # merge the key groups of the block
-                        with loop("g", G, "unroll") as g:
-                            with loop("v", VEC, "unroll") as v:
-                                store(smem_o, o_reg[g, v], kg, g, tx * VEC + v)
-                            with when(tx == 0):
-                                store(smem_md, md[g, 0], kg, g, 0)
-                                store(smem_md, md[g, 1], kg, g, 1)
-                        T.evaluate(tirx.op.tvm_storage_sync("shared"))
-                        with loop("t", tirx.ceildiv(G * TX, tiles.threads)) as t:
-                            slot = let("slot", t * tiles.threads + tid)
-                            with when(tirx.all(live, slot < G * TX)):
-                                g, c = slot // TX, slot % TX
-                                h = let("h", head0 + g)
-                                res = local("res", VEC)
-                                tot = local("tot", 2)
-                                _merge_groups(variant.use_softmax, NKG, smem_md, smem_o, g, c, VEC, res, tot)
-                                octx = HookContext(req, 0, None, h, kv_head, 1, kv_len, D, params, tables)
-                                with T.If(out_row < 0):
-                                    with T.Then():
-                                        with loop("v", VEC, "unroll") as v:
-                                            val = variant.output_transform(octx, res[v], c * VEC + v)
-                                            if variant.use_softmax:
-                                                val = tirx.if_then_else(tot[1] > 0, val, tirx.const(0.0, "float32"))
-                                            store(o, tirx.Cast(key.o_dtype, val), req, h, c * VEC + v)
-                                        with when(c == 0):
-                                            store(lse, tot[0], req, h)
-                                    with T.Else():
-                                        with loop("v", VEC, "unroll") as v:
-                                            store(tmp_o, res[v], out_row, h, c * VEC + v)
-                                        with when(c == 0):
-                                            store(tmp_lse, tot[0], out_row, h)
-                        with when(tirx.all(live, out_row >= 0)):  # uniform over the block
-                            _merge_if_last(key, tiles, merge_count, rows, tmp_o, tmp_lse, o, lse, smem_o, smem_md,
-                                           smem_flag, req, by, head0, kv_head, kv_len, tid, params, tables)
-                        T.evaluate(tirx.op.tvm_storage_sync("shared"))  # the next work reuses smem_o / smem_md
+                            base = let("base", pc.begin + it * (b.NKG * b.U) + pc.kg)
+                            _take_step(b, pc, it, n_steps)  # this step's K/V rows; the next ones issued
+                            _qk_logits(b, pc, base)  # Q.K^T, the logits and mask hooks -> s_reg
+                            _softmax_pv(b)  # online softmax of s_reg, and P.V
+                        out_row, rows = _epilogue_rows(b, pc)
+                        _merge_key_groups(b, pc, out_row)  # and write o, or the partial state
+                        with when(tirx.all(pc.live, out_row >= 0)):  # uniform over the block
+                            _merge_if_last(b, pc, rows)
+                        _sync()  # the next work reuses o_smem / md_smem
     return ib.get()
 
 
-def _merge_if_last(key, tiles, merge_count, rows, tmp_o, tmp_lse, o, lse, smem_o, smem_md, smem_flag, req, by,
-                   head0, kv_head, kv_len, tid, params, tables):
-    """After a piece of a cut request has written its partial state: the block that finishes the
-    request's last piece (for its heads) folds all the pieces' states into o and lse, so no merge
-    kernel runs after the decode kernel (on an H100 that launch cost 8-9 us at batch 1 and 64).
+def _alloc_block(key, tiles, args, by, tid) -> _Block:
+    HB, VEC, U, NKG, S = tiles.heads_per_block, tiles.vec, tiles.unroll, tiles.key_groups, tiles.stages
+    D = key.head_dim
+    q_reg, o_reg = local("q_reg", (HB, VEC)), local("o_reg", (HB, VEC))
+    md = local("md", (HB, 2))
+    k_reg, v_reg = local("k_reg", (U, VEC), key.kv_dtype), local("v_reg", (U, VEC), key.kv_dtype)
+    s_reg = local("s_reg", (U, HB))
+    o_smem = T.alloc_buffer((NKG, HB, D), "float32", scope="shared")
+    md_smem = T.alloc_buffer((NKG, HB, 2), "float32", scope="shared")
+    flag_smem = T.alloc_buffer((1,), "int32", scope="shared")
+    k_smem = None
+    if key.variant.overrides("key_transform"):
+        k_smem = T.alloc_buffer((NKG, U, D), key.kv_dtype, scope="shared")
+    kv_ring = None
+    if S:
+        kv_ring = T.alloc_buffer((S, NKG, U, 2, D), key.kv_dtype, scope="shared")
+        IRBuilder.name("kv_ring", kv_ring)
+    tables = stage_tables(key.variant, D, args.params, tid, tiles.threads)
+    return _Block(key, tiles, args, by, tid, q_reg, o_reg, md, k_reg, v_reg, s_reg, o_smem, md_smem,
+                  flag_smem, k_smem, kv_ring, tables)
 
-    ``merge_count[req, by]`` counts the request's finished pieces; the block that brings it to the
-    number of pieces puts it back to 0, so the next launch (the next layer, or a graph replay)
-    starts from 0, as it does after each plan's upload. The partial rows of ``req`` are
-    ``rows = (merge_indptr[req], pieces)``. Thread ``(rg, slot)`` folds rows ``rg, rg + RG, ..``,
-    ``UM`` at a time (their loads issued together); the row groups then meet in shared memory like
-    the key groups.
 
-    Measured on an H100 with timestamps in the kernel (%globaltimer), for the block that merges:
-    the fence and count take 1.0 us; the merge ~0.9 us for the few pieces of 16 x 8192 and the Zipf
-    batch, and 4.1 us for the 66 pieces of 1 x 32768 (3.5 us at 8 rows a thread): a round of loads
-    takes 0.7-0.9 us while other blocks still stream."""
-    variant, D, G, VEC, TX = key.variant, key.head_dim, tiles.heads_per_block, tiles.vec, tiles.lanes_per_key
-    threads, slots = tiles.threads, G * TX
-    per_pass = min(slots, threads)
-    RG = threads // per_pass
-    assert RG <= tiles.key_groups, "the row groups' states go through smem_o, sized by the key groups"
-    UM = MERGE_ROWS
-    first, n = rows  # merge_indptr[req], and the request's number of pieces
+def _begin_work(b: _Block, w) -> _Piece:
+    """The piece of work ``w``, clipped to the request's length and the variant's key range."""
+    work_info, idx = b.args.work_info, b.args.idx
+    live = work_info[Work.REQUEST, w] >= 0
+    req = let("req", tirx.max(work_info[Work.REQUEST, w], 0))
+    kv_head = let("kv_head", b.by // b.head_splits)
+    head0 = let("head0", kv_head * b.G + (b.by % b.head_splits) * b.HB)
+    lane, warp = b.tid % 32, b.tid // 32
+    tx = let("tx", lane % b.TX)
+    kg = let("kg", warp * b.tiles.keys_per_warp + lane // b.TX)
+    kv_len = let("kv_len", idx.kv_len(req))
+    hooks = HookContext(req, 0, None, None, kv_head, 1, kv_len, b.D, b.args.params, b.tables)
+    pc = _Piece(w, live, req, kv_head, head0, tx, kg, kv_len, hooks)
+    # a plan made from page counts alone (TVM's KV-cache decode slot) counts the last page full: the
+    # piece ends at the request's length
+    begin, end = work_info[Work.KV_BEGIN, w], tirx.min(work_info[Work.KV_END, w], kv_len)
+    bounds = b.variant.kv_range(hooks)
+    if bounds is not None:
+        begin, end = tirx.max(begin, bounds[0]), tirx.min(end, bounds[1])
+    pc.begin = let("kv_begin", begin)
+    pc.end = let("kv_end", tirx.if_then_else(live, tirx.max(end, pc.begin), pc.begin))
+    return pc
+
+
+def _qk_dim(b: _Block, pc: _Piece, v):
+    """Head dim of a lane's v-th q and key element in the q . k dot product. With staged keys, a
+    lane holds dims d and d + D/2 together (half its elements each side), so a transform that pairs
+    them (rotate-half RoPE) computes the pair's shared angle once; otherwise the dims of its 16-byte
+    K loads."""
+    if not b.stage_keys:
+        return pc.tx * b.VEC + v
+    half = b.VEC // 2
+    return pc.tx * half + tirx.floormod(v, half) + (v // half) * (b.D // 2)
+
+
+def _load_q(b: _Block, pc: _Piece) -> None:
+    """q of the block's heads, transformed once; the running state empty."""
+    q = b.args.idx.q
+    with loop("g", b.HB, "unroll") as g:
+        h = pc.head0 + g
+        load_q = lambda dd, h=h: f32(q[pc.req, h, dd])  # noqa: E731
+        qctx = pc.ctx(head=h)
+        with loop("v", b.VEC, "unroll") as v:
+            store(b.q_reg, b.variant.query_transform(qctx, load_q, _qk_dim(b, pc, v)), g, v)
+            store(b.o_reg, zero(), g, v)
+        store(b.md, neg_inf(), g, 0)
+        store(b.md, zero(), g, 1)
+
+
+def _step_addr(b: _Block, pc: _Piece, step, u):
+    """Address of key ``u`` of this key group in ``step`` (past the piece: its last key again)."""
+    first = pc.begin + step * (b.NKG * b.U) + pc.kg
+    return b.args.idx.kv_addr(pc.req, tirx.min(first + u * b.NKG, pc.end - 1))
+
+
+def _load_step(b: _Block, pc: _Piece, step, k_dst, v_dst) -> None:
+    """Register loads of a step's K and V rows, all issued before any is used: bytes in flight."""
+    idx = b.args.idx
+    with loop("u", b.U, "unroll") as u:
+        addr = _step_addr(b, pc, step, u)
+        with loop("v", b.VEC, "vectorized") as v:
+            store(k_dst, idx.load_k(addr, pc.kv_head, pc.tx * b.VEC + v), u, v)
+        with loop("v", b.VEC, "vectorized") as v:
+            store(v_dst, idx.load_v(addr, pc.kv_head, pc.tx * b.VEC + v), u, v)
+
+
+def _copy_step(b: _Block, pc: _Piece, step, stage) -> None:
+    """cp.async of a step's K and V pieces into ring slot ``stage``."""
+    CE = per_16_bytes(b.key.kv_dtype)  # elements of a 16-byte copy
+    with loop("u", b.U, "unroll") as u:
+        addr = _step_addr(b, pc, step, u)
+        with loop("c", b.VEC // CE, "unroll") as c:
+            d = pc.tx * b.VEC + c * CE
+            for part, elem in ((0, b.args.idx.k_elem), (1, b.args.idx.v_elem)):
+                buf, ix = elem(addr, pc.kv_head, d)
+                cp_async(b.kv_ring, (stage, pc.kg, u, part, d), buf, ix)
+
+
+def _issue_first_steps(b: _Block, pc: _Piece):
+    """The piece's number of steps; the loads issued before the key loop (the ring's first
+    ``S - 1`` steps, or the register prefetch's first step)."""
+    n_steps = let("n_steps", tirx.ceildiv(pc.end - pc.begin, b.NKG * b.U))
+    if b.S:  # a group per step, empty past the work
+        for st in range(b.S - 1):
+            with when(st < n_steps):
+                _copy_step(b, pc, st, st)
+            T.evaluate(T.ptx["cp.async.commit_group"]())
+    if b.tiles.prefetch:
+        pc.k_next = local("k_next", (b.U, b.VEC), b.key.kv_dtype)
+        pc.v_next = local("v_next", (b.U, b.VEC), b.key.kv_dtype)
+        with when(n_steps > 0):
+            _load_step(b, pc, 0, pc.k_next, pc.v_next)
+    return n_steps
+
+
+def _take_step(b: _Block, pc: _Piece, it, n_steps) -> None:
+    """Step ``it``'s K/V rows into k_reg / v_reg (and staged keys into k_smem); the loads of a later
+    step issued."""
+    U, VEC, S = b.U, b.VEC, b.S
+    if S:
+        # step it has landed; its ring slot's previous step (it - 1) was used up by this thread's own
+        # compute, so step it + S - 1 can take that slot
+        T.evaluate(T.ptx["cp.async.wait_group"](S - 2))
+        with when(it + S - 1 < n_steps):
+            _copy_step(b, pc, it + S - 1, (it + S - 1) % S)
+        T.evaluate(T.ptx["cp.async.commit_group"]())
+        stage = let("stage", it % S)
+        with loop("u", U, "unroll") as u:
+            with loop("v", VEC, "vectorized") as v:
+                store(b.k_reg, b.kv_ring[stage, pc.kg, u, 0, pc.tx * VEC + v], u, v)
+            with loop("v", VEC, "vectorized") as v:
+                store(b.v_reg, b.kv_ring[stage, pc.kg, u, 1, pc.tx * VEC + v], u, v)
+    elif b.tiles.prefetch:  # take the step's rows, then issue the next step's loads
+        with loop("u", U, "unroll") as u:
+            with loop("v", VEC, "unroll") as v:
+                store(b.k_reg, pc.k_next[u, v], u, v)
+                store(b.v_reg, pc.v_next[u, v], u, v)
+        with when(it + 1 < n_steps):
+            _load_step(b, pc, it + 1, pc.k_next, pc.v_next)
+    else:
+        _load_step(b, pc, it, b.k_reg, b.v_reg)
+    if b.stage_keys:
+        with loop("u", U, "unroll") as u:
+            with loop("v", VEC, "vectorized") as v:
+                store(b.k_smem, b.k_reg[u, v], pc.kg, u, pc.tx * VEC + v)
+        _sync("warp")
+
+
+def _qk_logits(b: _Block, pc: _Piece, base) -> None:
+    """``s_reg[u, g]``: the logit of key ``base + u * NKG`` for head ``g`` (log2 units with softmax),
+    after the variant's logits transform; -inf (0 without softmax) where the key is hidden."""
+    variant, VEC = b.variant, b.VEC
+    with loop("u", b.U, "unroll") as u:
+        pos = let("pos", base + u * b.NKG)
+        if b.stage_keys:  # transformed once per key, for every head of the block
+            k_t = local("k_t", VEC)
+            load_k = lambda dd, u=u: f32(b.k_smem[pc.kg, u, dd])  # noqa: E731
+            kctx = pc.ctx(kv=pos, qo=None)
+            with loop("v", VEC, "unroll") as v:
+                store(k_t, variant.key_transform(kctx, load_k, _qk_dim(b, pc, v)), v)
+        with loop("g", b.HB, "unroll") as g:
+            acc = local("acc", 1)
+            store(acc, zero(), 0)
+            with loop("v", VEC, "unroll") as v:
+                k_v = k_t[v] if b.stage_keys else f32(b.k_reg[u, v])
+                store(acc, acc[0] + b.q_reg[g, v] * k_v, 0)
+            off = b.TX // 2
+            while off >= 1:  # the row's dot product, over its lanes
+                store(acc, acc[0] + shfl_xor(acc[0], off, 32), 0)
+                off //= 2
+            sctx = pc.ctx(kv=pos, head=pc.head0 + g)
+            s = variant.logits_transform(sctx, acc[0] * b.args.sm_scale)
+            visible = pos < pc.end
+            m = variant.logits_mask(sctx)
+            if m is not None:
+                visible = tirx.all(visible, m)
+            if variant.use_softmax:
+                store(b.s_reg, tirx.if_then_else(visible, s * LOG2E, neg_inf()), u, g)
+            else:
+                store(b.s_reg, tirx.if_then_else(visible, s, zero()), u, g)
+
+
+def _softmax_pv(b: _Block) -> None:
+    """Fold the step's ``U`` logits per head and their V rows into (md, o_reg): the online softmax
+    and P.V (without softmax the logits are the weights)."""
+    with loop("g", b.HB, "unroll") as g:
+        step = None
+        if b.variant.use_softmax:
+            logit = lambda u: b.s_reg[u, g]  # noqa: E731
+            step = online_update(Ref(b.md, (g, 0)), Ref(b.md, (g, 1)), b.U, logit, p_local=True)
+        with loop("v", b.VEC, "unroll") as v:
+            values = [f32(b.v_reg[u, v]) for u in range(b.U)]
+            if step is None:
+                out = rescaled(b.o_reg[g, v], None, [b.s_reg[u, g] * x for u, x in enumerate(values)])
+            else:
+                out = step.output(b.o_reg[g, v], values)
+            store(b.o_reg, out, g, v)
+
+
+def _epilogue_rows(b: _Block, pc: _Piece):
+    """The work's output row, and its request's partial rows ``(merge_indptr[req], pieces)``, loaded
+    before the merge so that it does not wait for them."""
+    out_row = let("out_row", b.args.work_info[Work.OUT_ROW, pc.w])
+    merge_indptr = b.args.merge[0]
+    first_row = let("m_first", merge_indptr[pc.req])
+    return out_row, (first_row, let("m_pieces", merge_indptr[pc.req + 1] - first_row))
+
+
+def _merge_key_groups(b: _Block, pc: _Piece, out_row) -> None:
+    """Merge the key groups' states through shared memory; write o and lse (``out_row < 0``), or the
+    piece's partial state to row ``out_row`` of tmp_o / tmp_lse."""
+    HB, VEC, TX, threads, a = b.HB, b.VEC, b.TX, b.tiles.threads, b.args
+    with loop("g", HB, "unroll") as g:
+        with loop("v", VEC, "unroll") as v:
+            store(b.o_smem, b.o_reg[g, v], pc.kg, g, pc.tx * VEC + v)
+        with when(pc.tx == 0):
+            store(b.md_smem, b.md[g, 0], pc.kg, g, 0)
+            store(b.md_smem, b.md[g, 1], pc.kg, g, 1)
+    _sync()
+    with loop("t", tirx.ceildiv(HB * TX, threads)) as t:
+        slot = let("slot", t * threads + b.tid)
+        with when(tirx.all(pc.live, slot < HB * TX)):
+            g, c = slot // TX, slot % TX
+            h = let("h", pc.head0 + g)
+            res, tot = local("res", VEC), local("tot", 2)
+            _fold_smem_states(b, b.NKG, g, c, res, tot)
+            octx = pc.ctx(head=h)
+            with T.If(out_row < 0):
+                with T.Then():
+                    with loop("v", VEC, "unroll") as v:
+                        val = b.variant.output_transform(octx, res[v], c * VEC + v)
+                        if b.variant.use_softmax:
+                            val = tirx.if_then_else(tot[1] > 0, val, zero())
+                        store(a.o, tirx.Cast(b.key.o_dtype, val), pc.req, h, c * VEC + v)
+                    with when(c == 0):
+                        store(a.lse, tot[0], pc.req, h)
+                with T.Else():
+                    with loop("v", VEC, "unroll") as v:
+                        store(a.tmp_o, res[v], out_row, h, c * VEC + v)
+                    with when(c == 0):
+                        store(a.tmp_lse, tot[0], out_row, h)
+
+
+def _fold_smem_states(b: _Block, n: int, g, c, res, tot) -> None:
+    """Fold the ``n`` states of head ``g`` in o_smem / md_smem for elements ``c * VEC ..``."""
+    VEC = b.VEC
+    fold_states(b.variant.use_softmax, n, lambda k: b.md_smem[k, g, 0], lambda k: b.md_smem[k, g, 1],
+                lambda k, v: b.o_smem[k, g, c * VEC + v], VEC, res, tot)
+
+
+def _count_piece(b: _Block, pc: _Piece, pieces):
+    """Count the block's piece of ``pc.req`` done; true in the block that finishes the request's
+    last piece (for its heads), which then puts ``merge_count[req, by]`` back to 0, so the next
+    launch (the next layer, or a graph replay) starts from 0, as after each plan's upload."""
+    merge_count, tid = b.args.merge[1], b.tid
     # the block's partial-state stores happen before the barrier, the barrier before thread 0's
     # fence, the fence before its count (release, cumulative over the block, as CUTLASS's semaphore)
-    T.evaluate(tirx.op.tvm_storage_sync("shared"))
+    _sync()
     with when(tid == 0):
         thread_fence()
-        done = let("m_done", atomic_add(merge_count, tirx.const(1, "int32"), req, by))
-        last = done == n - 1
+        done = let("m_done", atomic_add(merge_count, tirx.const(1, "int32"), pc.req, b.by))
+        last = done == pieces - 1
         with when(last):
             thread_fence()  # acquire: the other pieces' states, seen by the block after the barrier
-            store(merge_count, 0, req, by)
-        store(smem_flag, tirx.if_then_else(last, 1, 0), 0)
-    T.evaluate(tirx.op.tvm_storage_sync("shared"))
+            store(merge_count, 0, pc.req, b.by)
+        store(b.flag_smem, tirx.if_then_else(last, 1, 0), 0)
+    _sync()
     is_last = local("m_is_last", 1, "int32")
-    store(is_last, smem_flag[0], 0)
-    with when(is_last[0] != 0):
-        rg = tid // per_pass
+    store(is_last, b.flag_smem[0], 0)
+    return is_last[0] != 0
+
+
+def _merge_if_last(b: _Block, pc: _Piece, rows) -> None:
+    """After a piece of a cut request has written its partial state: the block that finishes the
+    request's last piece folds all the pieces' states into o and lse, so no merge kernel runs after
+    the decode kernel. The partial rows of ``req`` are ``rows = (merge_indptr[req], pieces)``.
+    Thread ``(rg, slot)`` folds rows ``rg, rg + RG, ..``, ``MERGE_ROWS`` at a time (their loads
+    issued together); the row groups then meet in shared memory like the key groups."""
+    VEC, TX, threads, slots = b.VEC, b.TX, b.tiles.threads, b.HB * b.TX
+    per_pass = min(slots, threads)
+    RG = threads // per_pass
+    assert RG <= b.NKG, "the row groups' states go through o_smem, sized by the key groups"
+    first, n = rows
+    with when(_count_piece(b, pc, n)):
+        rg = b.tid // per_pass
         with loop("m_pass", slots // per_pass) as ps:
-            slot = ps * per_pass + tid % per_pass
+            slot = ps * per_pass + b.tid % per_pass
             g, c = slot // TX, slot % TX
-            h = let("m_h", head0 + g)
+            h = let("m_h", pc.head0 + g)
             md, acc = local("m_md", (1, 2)), local("m_acc", (1, VEC))
             store(md, neg_inf(), 0, 0)
-            store(md, tirx.const(0.0, "float32"), 0, 1)
+            store(md, zero(), 0, 1)
             with loop("v", VEC, "unroll") as v:
-                store(acc, tirx.const(0.0, "float32"), 0, v)
-            lse_l, part_l = local("m_lse", UM), local("m_part", (UM, VEC))
-            ok = local("m_ok", UM, "int32")  # the row is one of the request's (else a repeat of its last)
-            with loop("k", tirx.ceildiv(tirx.max(n - rg, 0), RG * UM)) as k:
-                with loop("j", UM, "unroll") as j:  # loads first: UM rows in flight
-                    r = (k * UM + j) * RG + rg
-                    row = let("m_row", first + tirx.min(r, n - 1))
-                    store(ok, tirx.if_then_else(r < n, 1, 0), j)
-                    store(lse_l, tirx.if_then_else(r < n, tmp_lse[row, h], neg_inf()), j)
-                    LV = min(VEC, 4)  # 16-byte loads
-                    with loop("vc", VEC // LV, "unroll") as vc:
-                        with loop("v", LV, "vectorized") as v:
-                            store(part_l, tmp_o[row, h, c * VEC + vc * LV + v], j, vc * LV + v)
-                # the UM rows fold at once; a repeated row weighs 0 (softmax: lse -inf) or adds 0
-                parts = [lambda v, j=j: tirx.if_then_else(ok[j] != 0, part_l[j, v], tirx.const(0.0, "float32"))
-                         for j in range(UM)]
-                fold_partial(variant.use_softmax, md, acc, (0,), VEC, [lse_l[j] for j in range(UM)], parts)
+                store(acc, zero(), 0, v)
+            _fold_rows(b, first, n, rg, RG, h, c, md, acc)
             with loop("v", VEC, "unroll") as v:
-                store(smem_o, acc[0, v], rg, g, c * VEC + v)
+                store(b.o_smem, acc[0, v], rg, g, c * VEC + v)
             with when(c == 0):
-                store(smem_md, md[0, 0], rg, g, 0)
-                store(smem_md, md[0, 1], rg, g, 1)
-            T.evaluate(tirx.op.tvm_storage_sync("shared"))
+                store(b.md_smem, md[0, 0], rg, g, 0)
+                store(b.md_smem, md[0, 1], rg, g, 1)
+            _sync()
             with when(rg == 0):
                 res, tot = local("m_res", VEC), local("m_tot", 2)
-                _merge_groups(variant.use_softmax, RG, smem_md, smem_o, g, c, VEC, res, tot)
-                octx = HookContext(req, 0, None, h, kv_head, 1, kv_len, D, params, tables)
+                _fold_smem_states(b, RG, g, c, res, tot)
+                octx = pc.ctx(head=h)
                 with loop("v", VEC, "unroll") as v:
-                    store(o, tirx.Cast(key.o_dtype, variant.output_transform(octx, res[v], c * VEC + v)),
-                          req, h, c * VEC + v)
+                    val = b.variant.output_transform(octx, res[v], c * VEC + v)
+                    store(b.args.o, tirx.Cast(b.key.o_dtype, val), pc.req, h, c * VEC + v)
                 with when(c == 0):
-                    store(lse, tot[0], req, h)
-            T.evaluate(tirx.op.tvm_storage_sync("shared"))  # the next pass reuses smem_o / smem_md
+                    store(b.args.lse, tot[0], pc.req, h)
+            _sync()  # the next pass reuses o_smem / md_smem
 
 
-def _update_state(use_softmax, G, U, VEC, md, o_reg, s_reg, v_reg):
-    """Fold ``U`` logits per head (``s_reg``, log2 units, -inf when hidden) and their V rows in."""
-    with loop("g", G, "unroll") as g:
-        if not use_softmax:
-            with loop("v", VEC, "unroll") as v:
-                total = o_reg[g, v]
-                for u in range(U):
-                    total = total + s_reg[u, g] * f32(v_reg[u, v])
-                store(o_reg, total, g, v)
-        else:
-            _softmax_step(g, U, VEC, md, o_reg, s_reg, v_reg)
-
-
-def _softmax_step(g, U, VEC, md, o_reg, s_reg, v_reg):
-    m_new = md[g, 0]
-    for u in range(U):
-        m_new = tirx.max(m_new, s_reg[u, g])
-    m_new = let("m_new", m_new)
-    m_safe = let("m_safe", tirx.if_then_else(m_new == neg_inf(), tirx.const(0.0, "float32"), m_new))
-    scale = let("scale", tirx.exp2(md[g, 0] - m_safe))
-    p = local("p", U)
-    with loop("u", U, "unroll") as u:
-        store(p, tirx.exp2(s_reg[u, g] - m_safe), u)
-    total = md[g, 1] * scale
-    for u in range(U):
-        total = total + p[u]
-    store(md, total, g, 1)
-    store(md, m_new, g, 0)
-    with loop("v", VEC, "unroll") as v:
-        acc = o_reg[g, v] * scale
-        for u in range(U):
-            acc = acc + p[u] * f32(v_reg[u, v])
-        store(o_reg, acc, g, v)
-
-
-def _merge_groups(use_softmax, NKG, smem_md, smem_o, g, c, VEC, res, tot):
-    """Merge the ``NKG`` key groups' states of head ``g`` for elements ``c*VEC ..``: ``res`` gets the
-    normalized output, ``tot`` = (lse in log2 units, sum of weights)."""
-    if not use_softmax:
-        with loop("v", VEC, "unroll") as v:
-            store(res, tirx.const(0.0, "float32"), v)
-            with loop("k", NKG) as k:
-                store(res, res[v] + smem_o[k, g, c * VEC + v], v)
-        store(tot, neg_inf(), 0)
-        store(tot, tirx.const(1.0, "float32"), 1)
-        return
-    store(tot, neg_inf(), 0)
-    with loop("k", NKG) as k:
-        store(tot, tirx.max(tot[0], smem_md[k, g, 0]), 0)
-    m = let("m_all", tot[0])
-    m_safe = let("m_all_safe", tirx.if_then_else(m == neg_inf(), tirx.const(0.0, "float32"), m))
-    store(tot, tirx.const(0.0, "float32"), 1)
-    with loop("v", VEC, "unroll") as v:
-        store(res, tirx.const(0.0, "float32"), v)
-    with loop("k", NKG) as k:
-        wk = let("wk", tirx.exp2(smem_md[k, g, 0] - m_safe))
-        store(tot, tot[1] + smem_md[k, g, 1] * wk, 1)
-        with loop("v", VEC, "unroll") as v:
-            store(res, res[v] + smem_o[k, g, c * VEC + v] * wk, v)
-    denom = tot[1]
-    inv = let("inv_denom", tirx.if_then_else(denom > 0, tirx.const(1.0, "float32") / denom,
-                                             tirx.const(0.0, "float32")))  # one division, not VEC
-    with loop("v", VEC, "unroll") as v:
-        store(res, res[v] * inv, v)
-    store(tot, tirx.if_then_else(denom > 0, m_safe + tirx.log2(denom), neg_inf()), 0)
+def _fold_rows(b: _Block, first, n, rg, RG, h, c, md, acc) -> None:
+    """Fold partial rows ``first + rg, first + rg + RG, ..`` (of ``n``) of head ``h``, elements
+    ``c * VEC ..``, into (md, acc), ``MERGE_ROWS`` rows a round: their loads first, then one fold."""
+    VEC, UM, tmp_o, tmp_lse = b.VEC, MERGE_ROWS, b.args.tmp_o, b.args.tmp_lse
+    lse_l, part_l = local("m_lse", UM), local("m_part", (UM, VEC))
+    ok = local("m_ok", UM, "int32")  # the row is one of the request's (else a repeat of its last)
+    with loop("k", tirx.ceildiv(tirx.max(n - rg, 0), RG * UM)) as k:
+        with loop("j", UM, "unroll") as j:  # loads first: UM rows in flight
+            r = (k * UM + j) * RG + rg
+            row = let("m_row", first + tirx.min(r, n - 1))
+            store(ok, tirx.if_then_else(r < n, 1, 0), j)
+            store(lse_l, tirx.if_then_else(r < n, tmp_lse[row, h], neg_inf()), j)
+            LV = min(VEC, 4)  # 16-byte loads
+            with loop("vc", VEC // LV, "unroll") as vc:
+                with loop("v", LV, "vectorized") as v:
+                    store(part_l, tmp_o[row, h, c * VEC + vc * LV + v], j, vc * LV + v)
+        # the UM rows fold at once; a repeated row weighs 0 (softmax: lse -inf) or adds 0
+        parts = [lambda v, j=j: tirx.if_then_else(ok[j] != 0, part_l[j, v], zero()) for j in range(UM)]
+        fold_partial(b.variant.use_softmax, md, acc, (0,), VEC, [lse_l[j] for j in range(UM)], parts)

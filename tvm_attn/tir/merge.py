@@ -13,20 +13,16 @@ Kernels (CPU, any number of rows ``n``, heads ``H`` and ``head_dim``):
 
 from __future__ import annotations
 
-import math
-
 from tvm import tirx
 
 from ..config import MergeKey
 from ._builder import IRBuilder, T, buffer_param, let, local, loop, store, sym, when
-
-NEG_INF = -math.inf
+from .softmax import Ref, f32, loop_max, lse_of, seen, weight, zero
 
 
 def make_merge(key: MergeKey) -> tirx.PrimFunc:
     n, H, D = sym("n"), sym("num_heads"), sym("head_dim")
     dt = key.dtype
-    f32 = lambda x: tirx.Cast("float32", x)  # noqa: E731
     with IRBuilder() as ib:
         with T.prim_func():
             T.func_name(key.uri)
@@ -58,24 +54,22 @@ def make_merge(key: MergeKey) -> tirx.PrimFunc:
             with loop("i", n, "parallel") as i:
                 with loop("h", H) as h:
                     acc = local("acc", 2)  # running max, then sum of weights
-                    store(acc, tirx.const(NEG_INF, "float32"), 0)
-                    with loop("st", num_states) as st:
-                        store(acc, tirx.max(acc[0], load_s(i, st, h)), 0)
+                    loop_max(Ref(acc, (0,)), num_states, lambda st: load_s(i, st, h), "st")
                     m = let("m", acc[0])
-                    seen = m > tirx.const(NEG_INF, "float32")
-                    safe_m = let("safe_m", tirx.if_then_else(seen, m, tirx.const(0.0, "float32")))
-                    store(acc, tirx.const(0.0, "float32"), 1)
+                    m_seen = seen(m)
+                    safe_m = let("safe_m", tirx.if_then_else(m_seen, m, zero()))
+                    store(acc, zero(), 1)
                     with loop("st", num_states) as st:
-                        store(acc, acc[1] + tirx.exp2(load_s(i, st, h) - safe_m), 1)
+                        store(acc, acc[1] + weight(load_s(i, st, h), safe_m), 1)
                     denom = let("denom", acc[1])
                     with loop("d", D) as d:
                         out = local("out", 1)
-                        store(out, tirx.const(0.0, "float32"), 0)
+                        store(out, zero(), 0)
                         with loop("st", num_states) as st:
-                            w = tirx.exp2(load_s(i, st, h) - safe_m)
+                            w = weight(load_s(i, st, h), safe_m)
                             with when(w > 0):  # skips 0 * NaN from an empty state's garbage value
                                 store(out, out[0] + w * load_v(i, st, h, d), 0)
-                        result = tirx.if_then_else(seen, out[0] / denom, tirx.const(0.0, "float32"))
+                        result = tirx.if_then_else(m_seen, out[0] / denom, zero())
                         store(v_out, tirx.Cast(dt, result), i, h, d)
-                    store(s_out, tirx.if_then_else(seen, safe_m + tirx.log2(denom), tirx.const(NEG_INF, "float32")), i, h)
+                    store(s_out, lse_of(safe_m, denom, m_seen), i, h)
     return ib.get()
