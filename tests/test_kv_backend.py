@@ -58,3 +58,72 @@ def test_plan_run_object_links_against_the_kernels(tmp_path):
     assert {f"__tvm_ffi_{s}" for s in SYMBOLS} <= defined
     # the kernels and the planner come from the model's own library (resolved when it is linked)
     assert {f"__tvm_ffi_{n}" for n in b.functions()} <= undefined
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++")
+def test_generated_planner_interface_matches_python(tmp_path):
+    """The C++ backend's planner interface comes from the Python description: PlanParams.Call passes
+    the scalars in the TIR planner's signature order, and DecodeLayout / PrefillLayout size the
+    workspace as planner.decode_workspace / prefill_workspace do (a host program over the generated
+    header, with stub kernels and a stub planner that records its scalar arguments)."""
+    import dataclasses
+    from pathlib import Path
+
+    import tvm
+    import tvm_ffi
+
+    from tvm_attn.planner import PlanParams, decode_workspace, prefill_workspace
+    from tvm_attn.relax.kv_backend import SOURCE
+    from tvm_attn.tir.plan import make_planner
+
+    b = _backend(num_attention_heads=12, num_key_value_heads=2, head_dim=64)
+    names = [f.name for f in dataclasses.fields(PlanParams)]
+    assert [v.name for v in make_planner().params[-len(names):]] == names
+    cases = [(132, 1, 1), (132, 64, 300), (78, 7, 5000), (1, 3, 17)]
+    stubs = "\n".join(f'extern "C" int __tvm_ffi_{n}(void*, const TVMFFIAny*, int32_t, TVMFFIAny*) {{ return 0; }}'
+                      for n in b.functions() if n != PLAN)
+    set_fields = " ".join(f"p.{n} = {100 + i};" for i, n in enumerate(names))
+    show = 'printf("%lld %lld %lld %lld %lld %lld %lld %lld %lld\\n", (long long)l.max_rows, (long long)l.num_ctas, ' \
+           '(long long)l.max_works, (long long)l.max_partials, (long long)l.part_heads, (long long)l.head_dim, ' \
+           '(long long)l.merge_blocks, (long long)l.int_elems(), (long long)l.float_elems());'
+    layouts = "\n".join(f"{{ Layout l = DecodeLayout({s}, {bt}); {show} }}" for s, bt, _ in cases)
+    layouts += "\n" + "\n".join(f"{{ Layout l = PrefillLayout({s}, {tok}, {bt}, kPrefillTiles[{i}]); {show} }}"
+                                for s, bt, tok in cases for i in range(len(b.tiles)))
+    (tmp_path / "harness.cc").write_text(f"""#include <cstdio>
+#include "{SOURCE}"
+static long long seen[32];
+static int seen_n = 0;
+extern "C" int __tvm_ffi_{PLAN}(void*, const TVMFFIAny* args, int32_t n, TVMFFIAny*) {{
+  seen_n = n;
+  for (int i = 0; i < n && i < 32; ++i) seen[i] = args[i].v_int64;
+  return 0;
+}}
+{stubs}
+int main() {{
+  using namespace tvm_attn_kv;
+  PlanParams p; {set_fields}
+  p.Call(kPlanner, 0, 0, 0, 0, 0, 0, 0);
+  for (int i = 7; i < seen_n; ++i) printf("%lld ", seen[i]);
+  printf("\\n");
+{layouts}
+  return 0;
+}}
+""")
+    runtime = Path(tvm.__file__).parent / "lib" / "libtvm_runtime.so"
+    libs = [tvm_ffi.libinfo.find_libtvm_ffi(), str(runtime)]
+    exe = tmp_path / "harness"
+    cmd = ["g++", "-O1", *b.cxx_flags(tmp_path), str(tmp_path / "harness.cc"), "-o", str(exe), *libs,
+           *(f"-Wl,-rpath,{Path(x).parent}" for x in libs)]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = subprocess.run([str(exe)], capture_output=True, text=True, check=True).stdout.splitlines()
+    assert [int(x) for x in out[0].split()] == [100 + i for i in range(len(names))]
+    c = b.config
+    want = []
+    for s, bt, _ in cases:
+        want.append(decode_workspace(bt, c.num_attention_heads, c.num_key_value_heads, c.head_dim, b.decode_tiles, s))
+    for s, bt, tok in cases:
+        for _, tiles in b.tiles:
+            want.append(prefill_workspace(tok, bt, c.num_attention_heads, c.num_key_value_heads, c.head_dim, tiles, s))
+    got = [[int(x) for x in line.split()] for line in out[1:]]
+    assert got == [[*dataclasses.astuple(w), w.int_bytes // 4, w.float_bytes // 4] for w in want]
