@@ -23,8 +23,8 @@ def test_tile_table_is_the_schedule(head_dim):
 
 
 def _backend(**kw):
-    c = dict(num_hidden_layers=2, num_attention_heads=32, num_key_value_heads=8, head_dim=128, dtype="float16",
-             target="cuda:sm_90a")
+    c = dict(num_hidden_layers=2, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+             dtype="float16", target="cuda:sm_90a")
     c.update(kw)
     return CudaKVBackend(KVCacheConfig(**c))
 
@@ -35,7 +35,8 @@ def test_header_names_every_kernel():
     header = b.header()
     for name in funcs:
         assert f"__tvm_ffi_{name}(" in header, name
-    assert PLAN in funcs and "kNumQoHeads = 32, kNumKvHeads = 8" in header and "kDType = {kDLFloat, 16, 1}" in header
+    assert PLAN in funcs and "kNumQoHeads = 32, kNumKvHeads = 8" in header
+    assert "kDType = {kDLFloat, 16, 1}" in header
     assert len(b.prefill_keys) == 3  # 16-, 64- and 128-row query tiles at head_dim 128
 
 
@@ -72,7 +73,7 @@ def test_generated_planner_interface_matches_python(tmp_path):
     import tvm
     import tvm_ffi
 
-    from tvm_attn.planner import PlanParams, decode_workspace, prefill_workspace
+    from tvm_attn.planner import PlanParams, Workspace, decode_workspace, prefill_workspace
     from tvm_attn.relax.kv_backend import SOURCE
     from tvm_attn.tir.plan import make_planner
 
@@ -80,15 +81,14 @@ def test_generated_planner_interface_matches_python(tmp_path):
     names = [f.name for f in dataclasses.fields(PlanParams)]
     assert [v.name for v in make_planner().params[-len(names):]] == names
     cases = [(132, 1, 1), (132, 64, 300), (78, 7, 5000), (1, 3, 17)]
-    stubs = "\n".join(f'extern "C" int __tvm_ffi_{n}(void*, const TVMFFIAny*, int32_t, TVMFFIAny*) {{ return 0; }}'
-                      for n in b.functions() if n != PLAN)
+    stubs = "\n".join(f'extern "C" int __tvm_ffi_{n}(void*, const TVMFFIAny*, int32_t, TVMFFIAny*) '
+                      "{ return 0; }" for n in b.functions() if n != PLAN)
     set_fields = " ".join(f"p.{n} = {100 + i};" for i, n in enumerate(names))
-    show = 'printf("%lld %lld %lld %lld %lld %lld %lld %lld %lld\\n", (long long)l.max_rows, (long long)l.num_ctas, ' \
-           '(long long)l.max_works, (long long)l.max_partials, (long long)l.part_heads, (long long)l.head_dim, ' \
-           '(long long)l.merge_blocks, (long long)l.int_elems(), (long long)l.float_elems());'
+    values = [f"l.{f.name}" for f in dataclasses.fields(Workspace)] + ["l.int_elems()", "l.float_elems()"]
+    show = f'printf("{" ".join(["%lld"] * len(values))}\\n", {", ".join(f"(long long){v}" for v in values)});'
     layouts = "\n".join(f"{{ Layout l = DecodeLayout({s}, {bt}); {show} }}" for s, bt, _ in cases)
-    layouts += "\n" + "\n".join(f"{{ Layout l = PrefillLayout({s}, {tok}, {bt}, kPrefillTiles[{i}]); {show} }}"
-                                for s, bt, tok in cases for i in range(len(b.tiles)))
+    layouts += "\n" + "\n".join(f"{{ Layout l = PrefillLayout({s}, {tok}, {bt}, kPrefillTiles[{i}]); "
+                                f"{show} }}" for s, bt, tok in cases for i in range(len(b.tiles)))
     (tmp_path / "harness.cc").write_text(f"""#include <cstdio>
 #include "{SOURCE}"
 static long long seen[32];
@@ -118,12 +118,8 @@ int main() {{
     assert done.returncode == 0, done.stderr[-3000:]
     out = subprocess.run([str(exe)], capture_output=True, text=True, check=True).stdout.splitlines()
     assert [int(x) for x in out[0].split()] == [100 + i for i in range(len(names))]
-    c = b.config
-    want = []
-    for s, bt, _ in cases:
-        want.append(decode_workspace(bt, c.num_attention_heads, c.num_key_value_heads, c.head_dim, b.decode_tiles, s))
-    for s, bt, tok in cases:
-        for _, tiles in b.tiles:
-            want.append(prefill_workspace(tok, bt, c.num_attention_heads, c.num_key_value_heads, c.head_dim, tiles, s))
+    heads = (b.config.num_attention_heads, b.config.num_key_value_heads, b.config.head_dim)
+    want = [decode_workspace(bt, *heads, b.decode_tiles, s) for s, bt, _ in cases]
+    want += [prefill_workspace(tok, bt, *heads, tiles, s) for s, bt, tok in cases for _, tiles in b.tiles]
     got = [[int(x) for x in line.split()] for line in out[1:]]
     assert got == [[*dataclasses.astuple(w), w.int_bytes // 4, w.float_bytes // 4] for w in want]

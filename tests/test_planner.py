@@ -36,9 +36,10 @@ def run_plan(planner, kv_lens, page_size, num_ctas, max_works, max_batch, max_pa
     merge = tvm.runtime.tensor(np.full(max_batch + 1, 7, np.int32))
     stats = tvm.runtime.tensor(np.zeros(PLAN_STATS, np.int32))
     params = PlanParams(max_partials=max_partials, page_size=page_size, allow_split=split, group_size=group,
-                        tile_q=tile_q, causal=causal, window_left=window, work_overhead=overhead, pack_slack_div=slack)
-    planner(tvm.runtime.tensor(qo_indptr), tvm.runtime.tensor(indptr), tvm.runtime.tensor(last), work, cta, merge,
-            stats, *params.args())
+                        tile_q=tile_q, causal=causal, window_left=window, work_overhead=overhead,
+                        pack_slack_div=slack)
+    arrays = (tvm.runtime.tensor(a) for a in (qo_indptr, indptr, last))
+    planner(*arrays, work, cta, merge, stats, *params.args())
     return work.numpy(), cta.numpy(), merge.numpy(), stats.numpy()
 
 
@@ -48,7 +49,8 @@ def run_plan(planner, kv_lens, page_size, num_ctas, max_works, max_batch, max_pa
 def test_plan_covers_every_key_once_and_balances(planner, kv_lens, page_size, num_ctas, split):
     max_batch = len(kv_lens) + 3
     max_works = max_batch + num_ctas
-    work, cta, merge, stats = run_plan(planner, kv_lens, page_size, num_ctas, max_works, max_batch, max_works, int(split))
+    work, cta, merge, stats = run_plan(planner, kv_lens, page_size, num_ctas, max_works, max_batch, max_works,
+                                       int(split))
     num_works, num_partials, quota, status = stats
     assert status == 0 and num_works <= len(kv_lens) + num_ctas
     assert cta[0] == 0 and cta[-1] == num_works and np.all(np.diff(cta) >= 0)
@@ -127,7 +129,8 @@ def test_workspace_size_function():
 
 @settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
 @given(st.lists(st.tuples(st.integers(0, 300), st.integers(0, 3000)), min_size=1, max_size=12),
-       st.sampled_from([1, 4, 6]), st.sampled_from([16, 64, 128]), st.integers(1, 40), st.booleans(), st.booleans())
+       st.sampled_from([1, 4, 6]), st.sampled_from([16, 64, 128]), st.integers(1, 40), st.booleans(),
+       st.booleans())
 def test_prefill_plan_covers_every_tile_and_row(planner, reqs, group, tile_q, num_ctas, split, causal):
     """Prefill items are (request, query tile); each is covered once, and every packed row of a cut
     item has one partial row per piece, laid out as merge_indptr says."""
@@ -137,8 +140,9 @@ def test_prefill_plan_covers_every_tile_and_row(planner, reqs, group, tile_q, nu
     items = sum(-(-q * group // tile_q) for q in qo_lens)
     max_works = items + num_ctas
     max_partials = 2 * num_ctas * tile_q
-    work, cta, merge, stats = run_plan(planner, kv_lens, 16, num_ctas, max_works, rows_total + 5, max_partials,
-                                       int(split), qo_lens, group, tile_q, int(causal), 32 + tile_q // 2, 10)
+    work, cta, merge, stats = run_plan(planner, kv_lens, 16, num_ctas, max_works, rows_total + 5,
+                                       max_partials, int(split), qo_lens, group, tile_q, int(causal),
+                                       32 + tile_q // 2, 10)
     num_works, num_partials, quota, status = stats
     assert status == 0 and cta[-1] == num_works <= max_works
     pieces = {}
@@ -172,7 +176,8 @@ def test_prefill_plan_covers_every_tile_and_row(planner, reqs, group, tile_q, nu
         assert num_works == items
     else:  # balance: cut to the quota, or packed within 10% of it
         overhead = 32 + tile_q // 2
-        loads = [sum(work[Work.KV_END, w] - work[Work.KV_BEGIN, w] + overhead for w in range(cta[c], cta[c + 1])) for c in range(num_ctas)]
+        loads = [sum(work[Work.KV_END, w] - work[Work.KV_BEGIN, w] + overhead
+                     for w in range(cta[c], cta[c + 1])) for c in range(num_ctas)]
         assert max(loads) <= max(quota + MIN_PIECE + 2 * overhead, quota + quota // 10) or num_ctas == 1
 
 
@@ -236,8 +241,8 @@ def test_prefill_packs_by_list_scheduling_so_ctas_share_keys(planner):
                                            2 * num_ctas * tile_q, 1, lens, group, tile_q, causal, overhead)
         num_works, num_partials, quota, status = stats
         assert status == 0 and num_works == items and num_partials == 0 and np.all(merge == 0)
-        loads = [sum(work[Work.KV_END, w] - work[Work.KV_BEGIN, w] + overhead for w in range(cta[c], cta[c + 1]))
-                 for c in range(num_ctas)]
+        loads = [sum(work[Work.KV_END, w] - work[Work.KV_BEGIN, w] + overhead
+                     for w in range(cta[c], cta[c + 1])) for c in range(num_ctas)]
         tiles_per_req = lens[0] * group // tile_q
         if causal:
             assert max(loads) <= 1.01 * np.mean(loads)
@@ -246,14 +251,15 @@ def test_prefill_packs_by_list_scheduling_so_ctas_share_keys(planner):
         else:  # equal tiles: round robin, the k-th works of all CTAs are neighbours
             for c in range(num_ctas):
                 ws = range(cta[c], cta[c + 1])
-                items_taken = [work[Work.REQUEST, w] * tiles_per_req + work[Work.ROW_BEGIN, w] // tile_q for w in ws]
+                items_taken = [work[Work.REQUEST, w] * tiles_per_req + work[Work.ROW_BEGIN, w] // tile_q
+                               for w in ws]
                 assert items_taken == list(range(c, items, num_ctas))
 
 
 @settings(max_examples=150, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
 @given(st.lists(st.integers(0, 5), min_size=0, max_size=8), st.sampled_from([1, 16]),
-       st.sampled_from(["none", "indptr0", "decrease", "overrun", "last_big", "last_zero", "last_nonzero_empty",
-                        "negative_page"]), st.integers(0, 1000), st.booleans())
+       st.sampled_from(["none", "indptr0", "decrease", "overrun", "last_big", "last_zero",
+                        "last_nonzero_empty", "negative_page"]), st.integers(0, 1000), st.booleans())
 def test_decode_plan_checks_stages_and_plans_in_one_call(pages, page_size, fault, seed, graph):
     """The kernel modules' decode plan (check, staging, planner in one host call) accepts exactly
     what PagedKV.validate accepts and raises its message otherwise, leaving the staging array as it
@@ -300,7 +306,8 @@ def test_decode_plan_checks_stages_and_plans_in_one_call(pages, page_size, fault
         assert str(info.value) == error
         assert np.all(bufs.host == 7)  # nothing staged, nothing planned
         return
-    max_page, (v_indptr, v_indices, v_last) = bufs.plan_decode(plan_decode, fmt, indptr, indices, last, True, pad)
+    max_page, (v_indptr, v_indices, v_last) = bufs.plan_decode(plan_decode, fmt, indptr, indices, last, True,
+                                                               pad)
     used = int(indptr[-1])
     assert max_page == int(indices[:used].max(initial=-1))
     staged = v_indptr.numpy(), v_indices.numpy(), v_last.numpy()  # what the kernel gets
@@ -345,7 +352,8 @@ def test_decode_plan_refuses_a_table_beyond_its_slots():
 @settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
 @given(st.lists(st.integers(0, 3000), min_size=1, max_size=20), st.sampled_from([1, 16]),
        st.sampled_from([-1, 0, 1, 15, 100, 700, 5000]), st.integers(1, 12), st.booleans())
-def test_decode_plan_with_a_window_covers_exactly_the_keys_it_shows(kv_lens, page_size, window, num_ctas, split):
+def test_decode_plan_with_a_window_covers_exactly_the_keys_it_shows(kv_lens, page_size, window, num_ctas,
+                                                                     split):
     """With ``window_left = w >= 0`` the decode plan splits only each request's last ``w + 1`` keys
     (all of a shorter request's): they are covered once, in order, and balanced like any plan."""
     from tvm_attn.cache import get_cache
@@ -379,10 +387,10 @@ def test_decode_plan_with_a_window_covers_exactly_the_keys_it_shows(kv_lens, pag
 
 @settings(max_examples=80, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
 @given(st.lists(st.tuples(st.integers(0, 200), st.integers(0, 2500)), min_size=1, max_size=10),
-       st.sampled_from([1, 4]), st.sampled_from([16, 64, 128]), st.integers(1, 30), st.booleans(), st.booleans(),
-       st.sampled_from([0, 1, 7, 64, 300, 3000]))
-def test_prefill_plan_with_a_window_covers_every_visible_key_once(planner, reqs, group, tile_q, num_ctas, split,
-                                                                   causal, window):
+       st.sampled_from([1, 4]), st.sampled_from([16, 64, 128]), st.integers(1, 30), st.booleans(),
+       st.booleans(), st.sampled_from([0, 1, 7, 64, 300, 3000]))
+def test_prefill_plan_with_a_window_covers_every_visible_key_once(planner, reqs, group, tile_q, num_ctas,
+                                                                   split, causal, window):
     """With ``window_left = w`` a prefill item reads from the first key its first row's window shows
     (its later rows see no earlier key) to its extent: every key some row of the item sees lies in
     exactly one of its pieces, and no piece reads a key before the window of the item's first row."""
@@ -437,14 +445,15 @@ def test_plan_time_key_ranges():
     both = ta.Causal() + ta.SlidingWindow(9) + ta.SlidingWindow(4)
     assert both.key_range() == KeyRange(causal=True, window_left=4)
     assert (rc + ta.SlidingWindow(9)).key_range() == KeyRange(window_left=9)
-    assert ta.SlidingWindow().key_range() is None and ta.SlidingWindow(3).key_range({"window_left": 5}).window_left == 5
+    assert ta.SlidingWindow().key_range() is None
+    assert ta.SlidingWindow(3).key_range({"window_left": 5}) == KeyRange(window_left=5)
 
     def key(kind, fmt, variant):
         return AttentionKey(kind, fmt, 4, 2, 64, "float16", "float16", variant, "cuda:sm_90a")
 
     assert CudaPrefillPlan.plan_key_range(key("prefill", RaggedKV("NHD"), rc)) is None
-    assert CudaPrefillPlan.plan_key_range(key("prefill", RaggedKV("NHD"), ta.Causal() + ta.SlidingWindow(5))) == \
-        KeyRange(True, 5)
+    windowed = key("prefill", RaggedKV("NHD"), ta.Causal() + ta.SlidingWindow(5))
+    assert CudaPrefillPlan.plan_key_range(windowed) == KeyRange(True, 5)
     assert CudaPrefillPlan.plan_key_range(key("bsr", BlockSparseKV(4, 4), ta.Causal())) is None
 
     check_key_range(KeyRange(True, 8), KeyRange(True, 3))

@@ -88,10 +88,11 @@ PLAN = "tvm_attn_plan"
 #: (see tvm_attn.tir.plan.make_decode_plan)
 PLAN_DECODE = "tvm_attn_plan_decode"
 #: fields of the decode plan's ``layout`` argument: where the staging array's regions start, and sizes
-DECODE_LAYOUT = ("work_at", "max_works", "cta_at", "merge_at", "max_rows", "indptr_at", "indices_at", "last_at",
-                 "max_partials")
+DECODE_LAYOUT = ("work_at", "max_works", "cta_at", "merge_at", "max_rows", "indptr_at", "indices_at",
+                 "last_at", "max_partials")
 
-#: decode: cost of a work beyond its keys (loading q, merging key groups, storing), in keys: ~ one unrolled step
+#: decode: cost of a work beyond its keys (loading q, merging key groups, storing), in keys: ~ one
+#: unrolled step
 WORK_OVERHEAD = 32
 #: decode: whole requests are packed (no cuts) when every CTA stays within quota * (1 + 1/PACK_SLACK_DIV)
 PACK_SLACK_DIV = 10
@@ -270,7 +271,8 @@ def decode_capacity(max_batch, num_ctas, num_qo_heads, head_dim, blocks_per_work
     return Workspace(max_batch, num_ctas, max_works, max_works, num_qo_heads, head_dim, blocks_per_work)
 
 
-def prefill_capacity(max_tokens, max_batch, num_ctas, tile_q, group_size, num_kv_heads, head_dim) -> Workspace:
+def prefill_capacity(max_tokens, max_batch, num_ctas, tile_q, group_size, num_kv_heads,
+                     head_dim) -> Workspace:
     """Prefill: an item per query tile of ``tile_q`` packed rows (each request's last tile may be
     partial). A cut item of ``n`` pieces has ``n`` partial rows per packed row, and the pieces of all
     cut items number at most twice the CTA boundaries, so ``max_partials = 2 * num_ctas * tile_q``."""
@@ -282,15 +284,15 @@ def prefill_capacity(max_tokens, max_batch, num_ctas, tile_q, group_size, num_kv
 def decode_workspace(max_batch_size: int, num_qo_heads: int, num_kv_heads: int, head_dim: int,
                      tiles: DecodeTiles, num_sms: int) -> Workspace:
     blocks = decode_blocks_per_work(num_qo_heads, num_kv_heads, tiles)
-    return decode_capacity(max_batch_size, grid_ctas(num_sms, tiles.blocks_per_sm, blocks), num_qo_heads, head_dim,
-                           blocks)
+    num_ctas = grid_ctas(num_sms, tiles.blocks_per_sm, blocks)
+    return decode_capacity(max_batch_size, num_ctas, num_qo_heads, head_dim, blocks)
 
 
 def prefill_workspace(max_num_tokens: int, max_batch_size: int, num_qo_heads: int, num_kv_heads: int,
                       head_dim: int, tiles, num_sms: int) -> Workspace:
     num_ctas = grid_ctas(num_sms, tiles.blocks_per_sm, num_kv_heads)
-    return prefill_capacity(max_num_tokens, max_batch_size, num_ctas, tiles.tile_q, num_qo_heads // num_kv_heads,
-                            num_kv_heads, head_dim)
+    return prefill_capacity(max_num_tokens, max_batch_size, num_ctas, tiles.tile_q,
+                            num_qo_heads // num_kv_heads, num_kv_heads, head_dim)
 
 
 def decode_workspace_size(max_batch_size: int, num_qo_heads: int, num_kv_heads: int, head_dim: int,
@@ -309,7 +311,8 @@ def prefill_workspace_size(max_num_tokens: int, max_batch_size: int, num_qo_head
     from .schedule.prefill import choose_prefill_tiles
 
     tiles = choose_prefill_tiles(head_dim)
-    ws = prefill_workspace(max_num_tokens, max_batch_size, num_qo_heads, num_kv_heads, head_dim, tiles, num_sms)
+    ws = prefill_workspace(max_num_tokens, max_batch_size, num_qo_heads, num_kv_heads, head_dim, tiles,
+                           num_sms)
     return ws.int_bytes + ws.float_bytes
 
 
@@ -406,7 +409,8 @@ class PlanBuffers:
                 return False
         return True
 
-    def plan(self, planner, qo_indptr: np.ndarray, kv_indptr: np.ndarray, last_page_len: np.ndarray, **params):
+    def plan(self, planner, qo_indptr: np.ndarray, kv_indptr: np.ndarray, last_page_len: np.ndarray,
+             **params):
         """Run the planner on host arrays (its output lands in the staging array; :meth:`upload`
         sends it); ``params``: the :class:`PlanParams` fields but ``max_partials`` (the workspace's).
         Returns (num_works, num_partials, quota)."""
@@ -434,20 +438,23 @@ class PlanBuffers:
         args = self._decode_args
         if args is None:
             ws, at = self.ws, self._starts
-            fields = dict(work_at=at[0], max_works=ws.max_works, cta_at=at[1], merge_at=at[2], max_rows=ws.max_rows,
-                          indptr_at=at[4], indices_at=at[5], last_at=at[6], max_partials=ws.max_partials)
+            fields = dict(work_at=at[0], max_works=ws.max_works, cta_at=at[1], merge_at=at[2],
+                          max_rows=ws.max_rows, indptr_at=at[4], indices_at=at[5], last_at=at[6],
+                          max_partials=ws.max_partials)
             self._layout = np.array([fields[f] for f in DECODE_LAYOUT], np.int32)
             self._decode_stats = np.zeros(DECODE_PLAN_STATS, np.int32)
             args = self._decode_args = tuple(tvm_ffi.from_dlpack(a) for a in (self.host, self._layout,
                                                                               self._decode_stats))
-        scalars = DecodePlanParams(num_ctas=self.ws.num_ctas, page_size=fmt.page_size, allow_split=allow_split,
-                                   pad_batch=pad_batch, pad_pages=pad_pages, window_left=window_left)
+        scalars = DecodePlanParams(num_ctas=self.ws.num_ctas, page_size=fmt.page_size,
+                                   allow_split=allow_split, pad_batch=pad_batch, pad_pages=pad_pages,
+                                   window_left=window_left)
         plan_fn(_host_arg(indptr), _host_arg(indices), _host_arg(last_page_len), *args, *scalars.args())
         num_works, num_partials, _, status, max_page = self._decode_stats.tolist()
         if status in (Status.PAGE_TABLE, Status.LAYOUT):
             fmt.validate(indptr, indices, last_page_len)  # names the fault
             if status == Status.PAGE_TABLE:
-                raise ValueError("plan: the page table breaks a rule of PagedKV.validate that it did not name")
+                raise ValueError("plan: the page table breaks a rule of PagedKV.validate that it did not "
+                                 "name")
             raise ValueError(f"plan: the page table ({batch} requests, {used} pages) exceeds the workspace's "
                              f"slots {self.index_capacity} (padded to {pad})")
         if status:
@@ -522,5 +529,5 @@ def register_global_planner(cache=None):
 
 
 __all__ = ["register_global_planner", "GLOBAL_NAME", "Workspace", "decode_workspace", "decode_workspace_size",
-           "prefill_workspace", "prefill_workspace_size", "PlanBuffers", "PlanParams", "DecodePlanParams", "Work",
-           "Stat", "Status", "PLAN", "PLAN_DECODE"]
+           "prefill_workspace", "prefill_workspace_size", "PlanBuffers", "PlanParams", "DecodePlanParams",
+           "Work", "Stat", "Status", "PLAN", "PLAN_DECODE"]

@@ -36,7 +36,8 @@ class BatchDecodeWithPagedKVCacheWrapper(Wrapper):
     decode kernel over a fixed grid (which also merges the pieces of the requests it cut). A sliding
     window given to ``plan`` (``window_left``, or the variant's own) is planned for: only the keys
     inside it are split among the CTAs, so a long request costs what its window costs; ``run`` (on
-    every target) may then narrow the window but not widen it. With ``use_cuda_graph=True`` every device buffer is
+    every target) may then narrow the window but not widen it. With ``use_cuda_graph=True`` every
+    device buffer is
     allocated once for ``max_batch_size`` requests and ``max_num_pages`` page-table entries;
     ``plan`` refills them in place, so a graph captured around ``run`` (with ``out`` and ``lse``
     given) replays correctly after the lengths change. ``q`` then has ``max_batch_size`` rows; rows
@@ -145,7 +146,8 @@ class BatchDecodeWithPagedKVCacheWrapper(Wrapper):
         # the request's last position, sees every key a causal mask shows)
         window = getattr(planned, "window_left", None)
         self._max_page, index = bufs.plan_decode(st.planner, key.kv, indptr, indices, last_page_len,
-                                                 self._allow_split, pad, NO_WINDOW if window is None else window)
+                                                 self._allow_split, pad,
+                                                 NO_WINDOW if window is None else window)
         self._batch_size = pad[0] if pad else batch
         scale = default_sm_scale(sm_scale, key.head_dim)
         call = self._call

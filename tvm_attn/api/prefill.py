@@ -80,7 +80,9 @@ class CudaPrefillPlan(Wrapper):
         """``order``: the kernel's KV index arguments, by name: ``"kv_indptr"``, ``"last"`` (the
         planner's arrays) and ``"indices"`` (``indices``: page or block ids, ``max_num_pages`` of them
         under CUDA graphs)."""
-        from ..planner import NO_WINDOW, PLAN, PREFILL_PACK_SLACK_DIV, prefill_work_overhead, prefill_workspace
+        from ..planner import (
+            NO_WINDOW, PLAN, PREFILL_PACK_SLACK_DIV, prefill_work_overhead, prefill_workspace,
+        )
         from ..schedule.prefill import PrefillTiles
 
         key = self._cuda_key(key, qo_indptr)
@@ -173,8 +175,8 @@ class BatchPrefillWithPagedKVCacheWrapper(CudaPrefillPlan):
         if self._target == "llvm":
             self._plan_call(key, sm_scale, (qo_indptr,), (kv_indptr, kv_indices, last), self._total_qo)
         else:
-            self._plan_cuda(key, sm_scale, qo_indptr, kv_indptr, last, page_size, ("kv_indptr", "indices", "last"),
-                            self._total_qo, kv_indices[: kv_indptr[-1]])
+            self._plan_cuda(key, sm_scale, qo_indptr, kv_indptr, last, page_size,
+                            ("kv_indptr", "indices", "last"), self._total_qo, kv_indices[: kv_indptr[-1]])
             if self._graph:
                 self._total_qo = self._max_tokens
         self._plan_range = self.plan_key_range(key)

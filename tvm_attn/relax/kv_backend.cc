@@ -185,7 +185,8 @@ Array<int64_t> Plan(int64_t kind, int64_t tile, const Tensor& float_ws, const Te
   DLDevice dev = int_ws.GetDLTensorPtr()->device;
   int64_t sms = NumSMs(dev);
   bool decode = kind == kKindDecode;
-  Layout lay = decode ? DecodeLayout(sms, batch) : PrefillLayout(sms, qo_indptr[batch], batch, kPrefillTiles[tile]);
+  Layout lay = decode ? DecodeLayout(sms, batch)
+                      : PrefillLayout(sms, qo_indptr[batch], batch, kPrefillTiles[tile]);
   PlanParams params;  // the defaults: group and tile 1, no causal clipping, no window
   params.max_partials = lay.max_partials;
   params.page_size = page_size;
@@ -473,7 +474,8 @@ void RunDecode(Tensor float_ws, Tensor int_ws, Array<int64_t> plan_info, Tensor 
   if (layout != 1) TVM_FFI_THROW(ValueError) << "tvm_attn decode run: the cache's pages are HND (layout 1)";
   CheckTensor("q", q, kDType);
   CheckTensor("pages", k_view, kDType);
-  if (static_cast<int64_t>(plan_info.size()) != kNumPlanFields + Layout::kFields || plan_info[kKind] != kKindDecode) {
+  LayoutOf(plan_info);  // refuses a plan_info of another size
+  if (plan_info[kKind] != kKindDecode) {
     TVM_FFI_THROW(ValueError) << "tvm_attn decode run: not a decode plan";
   }
   View pages = Pages(k_view, v_view);

@@ -37,9 +37,9 @@ with the scalars of :class:`tvm_attn.planner.PlanParams`, in its order (callers 
 * ``kv_len(b) = (pages - 1) * page_size + last_page_len[b]`` (0 without pages); ragged KV passes
   ``page_size = 1`` and ones, block-sparse rows ``page_size = C`` and ``C``.
 * ``work_info[:, w]``: the fields of :class:`tvm_attn.planner.Work` (request, kv_begin, kv_end,
-  out_row, row_begin, out_stride), works in CTA order; CTA ``c`` runs works ``cta_indptr[c]:cta_indptr[c+1]``; ``row_begin`` is the item's first
-  packed row; ``out_row = -1``: write o directly, else packed row ``r`` of the piece writes partial
-  row ``out_row + r * out_stride``.
+  out_row, row_begin, out_stride), works in CTA order; CTA ``c`` runs works
+  ``cta_indptr[c]:cta_indptr[c+1]``; ``row_begin`` is the item's first packed row; ``out_row = -1``:
+  write o directly, else packed row ``r`` of the piece writes partial row ``out_row + r * out_stride``.
 * ``merge_indptr[p]..merge_indptr[p+1]``: the partial rows of global packed row
   ``p = qo_indptr[b] * group_size + row`` (empty unless its item was cut).
 * ``stats``: the fields of :class:`tvm_attn.planner.Stat` (num_works, num_partials, quota, status);
@@ -203,7 +203,8 @@ def _plan_totals(pl: _Plan) -> None:
         store(s, 0, i)
     pl.n_batch = let("n_batch", pl.batch)
     pl.total_rows = let("total_rows", pl.qo_begin(pl.batch) * pl.p.group_size)
-    store(s, tirx.if_then_else(pl.total_rows > pl.max_rows_plus_one - 1, Status.MAX_ROWS, Status.OK), _S.STATUS)
+    too_many = pl.total_rows > pl.max_rows_plus_one - 1
+    store(s, tirx.if_then_else(too_many, Status.MAX_ROWS, Status.OK), _S.STATUS)
     overhead = pl.p.work_overhead
     with loop("b", pl.n_batch) as b:
         store(s, s[_S.WORKS] + pl.n_tiles(b), _S.WORKS)
@@ -234,8 +235,9 @@ class _ListScheduler:
             store(pw, pw[1] + 1, 1)
         self.leaves, self.levels = let("leaves", pw[0]), let("levels", pw[1])
         # (sized by num_ctas, known on entry: leaves < 2 * num_ctas)
-        self.load = T.alloc_buffer((2 * pl.num_ctas_plus_one,), "int32", scope="global")  # each CTA's cost
-        self.tree = T.alloc_buffer((4 * pl.num_ctas_plus_one,), "int32", scope="global")  # least-loaded CTA below
+        # each CTA's cost, and the least-loaded CTA below each node
+        self.load = T.alloc_buffer((2 * pl.num_ctas_plus_one,), "int32", scope="global")
+        self.tree = T.alloc_buffer((4 * pl.num_ctas_plus_one,), "int32", scope="global")
         IRBuilder.name("load", self.load)
         IRBuilder.name("tree", self.tree)
         self.taken = local("taken", 1, "int32")  # items given out so far
@@ -430,7 +432,8 @@ def make_decode_plan(name: str = PLAN_DECODE) -> tirx.PrimFunc:
             T.func_name(name)
             T.func_attr({"global_symbol": name, "tir.noalias": True})
             batch, num, size = sym("batch_size"), sym("num_indices"), sym("staging_size")
-            table = (buffer_param("kv_indptr", (batch + 1,), "int32"), buffer_param("kv_indices", (num,), "int32"),
+            table = (buffer_param("kv_indptr", (batch + 1,), "int32"),
+                     buffer_param("kv_indices", (num,), "int32"),
                      buffer_param("kv_last_page_len", (batch,), "int32"))
             staging = buffer_param("staging", (size,), "int32")
             layout = buffer_param("layout", (len(DECODE_LAYOUT),), "int32")
@@ -453,7 +456,8 @@ def make_decode_plan(name: str = PLAN_DECODE) -> tirx.PrimFunc:
                 at["cta_at"] + num_ctas + 1 <= at["merge_at"],
                 at["merge_at"] + at["max_rows"] + 1 <= at["indptr_at"],
                 pad_batch >= batch, at["indptr_at"] + pad_batch + 1 <= at["indices_at"],
-                used <= pad_pages, at["indices_at"] + pad_pages <= at["last_at"], at["last_at"] + pad_batch <= size)
+                used <= pad_pages, at["indices_at"] + pad_pages <= at["last_at"],
+                at["last_at"] + pad_batch <= size)
             for i in range(DECODE_PLAN_STATS):
                 store(stats, 0, i)
             store(stats, Status.LAYOUT, Stat.STATUS)
@@ -470,7 +474,8 @@ def make_decode_plan(name: str = PLAN_DECODE) -> tirx.PrimFunc:
                         qo_begin=lambda b: b, batch=pad_batch, kv_indptr=staged[0], last_page_len=staged[2],
                         work_info=region("s_work_info", at["work_at"], WORK_FIELDS, at["max_works"]),
                         cta_indptr=region("s_cta_indptr", at["cta_at"], num_ctas + 1),
-                        merge_indptr=region("s_merge_indptr", at["merge_at"], at["max_rows"] + 1), stats=stats,
+                        merge_indptr=region("s_merge_indptr", at["merge_at"], at["max_rows"] + 1),
+                        stats=stats,
                         num_ctas_plus_one=num_ctas + 1, max_rows_plus_one=at["max_rows"] + 1,
                         p=PlanParams(max_partials=at["max_partials"], page_size=dp.page_size,
                                      allow_split=dp.allow_split, window_left=dp.window_left,

@@ -199,11 +199,12 @@ def check_key_range(planned: KeyRange | None, needed: KeyRange | None) -> None:
     field = None
     if planned.causal and not needed.causal:
         field = "causal"
-    elif planned.window_left is not None and (needed.window_left is None or needed.window_left > planned.window_left):
+    elif planned.window_left is not None and (needed.window_left is None
+                                              or needed.window_left > planned.window_left):
         field = "window_left"
     if field is not None:
-        raise ValueError(f"{field}: this run's keys ({needed}) include keys that the plan, cut for ({planned}), does "
-                         f"not read; plan with the widest range you run with")
+        raise ValueError(f"{field}: this run's keys ({needed}) include keys that the plan, cut for "
+                         f"({planned}), does not read; plan with the widest range you run with")
 
 
 class AttentionVariant:

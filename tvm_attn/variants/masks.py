@@ -70,8 +70,8 @@ class SlidingWindow(AttentionVariant):
     ``window_left`` is a run-time int32 scalar (default from the constructor); a negative value
     disables the window. The CUDA plans (decode and prefill) read only the keys inside the
     constructor's window (:meth:`key_range`), so a run with that plan may pass a smaller
-    ``window_left`` but not a larger one (nor a negative one). The window bounds the left side only: compose with :class:`Causal` (or plan
-    with ``causal=True``) to also hide future keys.
+    ``window_left`` but not a larger one (nor a negative one). The window bounds the left side only:
+    compose with :class:`Causal` (or plan with ``causal=True``) to also hide future keys.
     """
 
     def __init__(self, window_left: int = -1):
