@@ -424,8 +424,8 @@ def test_prefill_plan_with_a_window_covers_every_visible_key_once(planner, reqs,
                 assert first <= min(seen) and max(seen) < end
                 assert first == min(seen)  # the plan reads nothing before the first visible key
             windowed += end - first
-    if split:  # the quota counts the windows' keys only
-        assert quota <= -(-(windowed + overhead * (items + num_ctas - 1)) // num_ctas)
+    if split:  # the quota counts the windows' keys only (and is at least 1)
+        assert quota <= max(-(-(windowed + overhead * (items + num_ctas - 1)) // num_ctas), 1)
 
 
 def test_plan_time_key_ranges():
