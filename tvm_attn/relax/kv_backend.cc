@@ -202,7 +202,7 @@ Array<int64_t> Plan(int64_t kind, int64_t tile, const Tensor& float_ws, const Te
     params.work_overhead = t.work_overhead;
     params.pack_slack_div = kPrefillPackSlackDiv;
   }
-  int64_t int_bytes = 4 * lay.int_elems(), float_bytes = 4 * lay.float_elems();
+  int64_t int_bytes = sizeof(int32_t) * lay.int_elems(), float_bytes = sizeof(float) * lay.float_elems();
   if (int_bytes > Bytes(int_ws) || int_bytes > Bytes(pinned_ws) || float_bytes > Bytes(float_ws)) {
     TVM_FFI_THROW(ValueError) << "tvm_attn plan: the step needs " << int_bytes << " bytes of int workspace and "
                               << float_bytes << " of float workspace; the cache has " << Bytes(int_ws) << " and "
