@@ -117,7 +117,7 @@ def read_ceilings(tvm, dev, torch, cache_dir: Path, small: bool) -> dict:
 def main(small: bool = False, out: str | None = None) -> list[dict]:
     import tvm
 
-    from tvm_attn.planner import PACK_SLACK_DIV, PLAN_DECODE, WORK_OVERHEAD
+    from tvm_attn.planner import PLAN_DECODE, DecodePlanParams
 
     import tvm_attn as ta
     from tvm_attn import reference as R
@@ -238,14 +238,15 @@ def main(small: bool = False, out: str | None = None) -> list[dict]:
         # the compiled decode plan alone (page-table check, staging and planner in one host call)
         plan_fn = w._cache.module(w.kernel_key)[PLAN_DECODE]
         bufs = w._dev_plan.buffers
+        scalars = DecodePlanParams(num_ctas=bufs.ws.num_ctas, page_size=PAGE, allow_split=1, pad_batch=b,
+                                   pad_pages=-1).args()
         ts, tp = [], []
         for _ in range(200):
             t0 = time.perf_counter()
             w.plan(indptr, indices, last, HQ, HKV, D, PAGE)
             ts.append(time.perf_counter() - t0)
             t0 = time.perf_counter()
-            plan_fn(indptr, indices, last, *bufs._decode_args, bufs.ws.num_ctas, PAGE, 1, b, -1, WORK_OVERHEAD,
-                    PACK_SLACK_DIV, -1)
+            plan_fn(indptr, indices, last, *bufs._decode_args, *scalars)
             tp.append(time.perf_counter() - t0)
         plan_times[f"batch{b}"] = {"wrapper_plan_us": round(float(np.median(ts)) * 1e6, 1),
                                    "compiled_plan_us": round(float(np.median(tp)) * 1e6, 1)}

@@ -23,8 +23,8 @@ def test_tile_table_is_the_schedule(head_dim):
 
 
 def _backend(**kw):
-    c = dict(num_hidden_layers=2, num_attention_heads=32, num_key_value_heads=8, head_dim=128, dtype="float16",
-             target="cuda:sm_90a")
+    c = dict(num_hidden_layers=2, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+             dtype="float16", target="cuda:sm_90a")
     c.update(kw)
     return CudaKVBackend(KVCacheConfig(**c))
 
@@ -35,7 +35,8 @@ def test_header_names_every_kernel():
     header = b.header()
     for name in funcs:
         assert f"__tvm_ffi_{name}(" in header, name
-    assert PLAN in funcs and "kNumQoHeads = 32, kNumKvHeads = 8" in header and "kDType = {kDLFloat, 16, 1}" in header
+    assert PLAN in funcs and "kNumQoHeads = 32, kNumKvHeads = 8" in header
+    assert "kDType = {kDLFloat, 16, 1}" in header
     assert len(b.prefill_keys) == 3  # 16-, 64- and 128-row query tiles at head_dim 128
 
 
@@ -58,3 +59,67 @@ def test_plan_run_object_links_against_the_kernels(tmp_path):
     assert {f"__tvm_ffi_{s}" for s in SYMBOLS} <= defined
     # the kernels and the planner come from the model's own library (resolved when it is linked)
     assert {f"__tvm_ffi_{n}" for n in b.functions()} <= undefined
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++")
+def test_generated_planner_interface_matches_python(tmp_path):
+    """The C++ backend's planner interface comes from the Python description: PlanParams.Call passes
+    the scalars in the TIR planner's signature order, and DecodeLayout / PrefillLayout size the
+    workspace as planner.decode_workspace / prefill_workspace do (a host program over the generated
+    header, with stub kernels and a stub planner that records its scalar arguments)."""
+    import dataclasses
+    from pathlib import Path
+
+    import tvm
+    import tvm_ffi
+
+    from tvm_attn.planner import PlanParams, Workspace, decode_workspace, prefill_workspace
+    from tvm_attn.relax.kv_backend import SOURCE
+    from tvm_attn.tir.plan import make_planner
+
+    b = _backend(num_attention_heads=12, num_key_value_heads=2, head_dim=64)
+    names = [f.name for f in dataclasses.fields(PlanParams)]
+    assert [v.name for v in make_planner().params[-len(names):]] == names
+    cases = [(132, 1, 1), (132, 64, 300), (78, 7, 5000), (1, 3, 17)]
+    stubs = "\n".join(f'extern "C" int __tvm_ffi_{n}(void*, const TVMFFIAny*, int32_t, TVMFFIAny*) '
+                      "{ return 0; }" for n in b.functions() if n != PLAN)
+    set_fields = " ".join(f"p.{n} = {100 + i};" for i, n in enumerate(names))
+    values = [f"l.{f.name}" for f in dataclasses.fields(Workspace)] + ["l.int_elems()", "l.float_elems()"]
+    show = f'printf("{" ".join(["%lld"] * len(values))}\\n", {", ".join(f"(long long){v}" for v in values)});'
+    layouts = "\n".join(f"{{ Layout l = DecodeLayout({s}, {bt}); {show} }}" for s, bt, _ in cases)
+    layouts += "\n" + "\n".join(f"{{ Layout l = PrefillLayout({s}, {tok}, {bt}, kPrefillTiles[{i}]); "
+                                f"{show} }}" for s, bt, tok in cases for i in range(len(b.tiles)))
+    (tmp_path / "harness.cc").write_text(f"""#include <cstdio>
+#include "{SOURCE}"
+static long long seen[32];
+static int seen_n = 0;
+extern "C" int __tvm_ffi_{PLAN}(void*, const TVMFFIAny* args, int32_t n, TVMFFIAny*) {{
+  seen_n = n;
+  for (int i = 0; i < n && i < 32; ++i) seen[i] = args[i].v_int64;
+  return 0;
+}}
+{stubs}
+int main() {{
+  using namespace tvm_attn_kv;
+  PlanParams p; {set_fields}
+  p.Call(kPlanner, 0, 0, 0, 0, 0, 0, 0);
+  for (int i = 7; i < seen_n; ++i) printf("%lld ", seen[i]);
+  printf("\\n");
+{layouts}
+  return 0;
+}}
+""")
+    runtime = Path(tvm.__file__).parent / "lib" / "libtvm_runtime.so"
+    libs = [tvm_ffi.libinfo.find_libtvm_ffi(), str(runtime)]
+    exe = tmp_path / "harness"
+    cmd = ["g++", "-O1", *b.cxx_flags(tmp_path), str(tmp_path / "harness.cc"), "-o", str(exe), *libs,
+           *(f"-Wl,-rpath,{Path(x).parent}" for x in libs)]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = subprocess.run([str(exe)], capture_output=True, text=True, check=True).stdout.splitlines()
+    assert [int(x) for x in out[0].split()] == [100 + i for i in range(len(names))]
+    heads = (b.config.num_attention_heads, b.config.num_key_value_heads, b.config.head_dim)
+    want = [decode_workspace(bt, *heads, b.decode_tiles, s) for s, bt, _ in cases]
+    want += [prefill_workspace(tok, bt, *heads, tiles, s) for s, bt, tok in cases for _, tiles in b.tiles]
+    got = [[int(x) for x in line.split()] for line in out[1:]]
+    assert got == [[*dataclasses.astuple(w), w.int_bytes // 4, w.float_bytes // 4] for w in want]

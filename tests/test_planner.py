@@ -6,7 +6,10 @@ import tvm
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tvm_attn.planner import GLOBAL_NAME, MIN_PIECE, PACK_SLACK_DIV, WORK_OVERHEAD, register_global_planner
+from tvm_attn.planner import (
+    GLOBAL_NAME, MIN_PIECE, PACK_SLACK_DIV, PLAN_STATS, WORK_FIELDS, WORK_OVERHEAD, PlanParams, Work,
+    register_global_planner,
+)
 
 
 @pytest.fixture(scope="module")
@@ -22,18 +25,21 @@ def page_table(kv_lens, page_size):
 
 
 def run_plan(planner, kv_lens, page_size, num_ctas, max_works, max_batch, max_partials, split=1, qo_lens=None,
-             group=1, tile_q=1, causal=0, overhead=WORK_OVERHEAD, slack=PACK_SLACK_DIV):
+             group=1, tile_q=1, causal=0, overhead=WORK_OVERHEAD, slack=PACK_SLACK_DIV, window=-1):
     """Decode by default (one query row per request); prefill with ``qo_lens``. ``max_batch`` sizes
     merge_indptr (max packed rows)."""
     indptr, last = page_table(kv_lens, page_size)
     qo_lens = [1] * len(kv_lens) if qo_lens is None else qo_lens
     qo_indptr = np.cumsum([0] + list(qo_lens)).astype(np.int32)
-    work = tvm.runtime.tensor(np.full((6, max_works), 7, np.int32))
+    work = tvm.runtime.tensor(np.full((WORK_FIELDS, max_works), 7, np.int32))
     cta = tvm.runtime.tensor(np.full(num_ctas + 1, 7, np.int32))
     merge = tvm.runtime.tensor(np.full(max_batch + 1, 7, np.int32))
-    stats = tvm.runtime.tensor(np.zeros(4, np.int32))
-    planner(tvm.runtime.tensor(qo_indptr), tvm.runtime.tensor(indptr), tvm.runtime.tensor(last), work, cta, merge,
-            stats, max_partials, page_size, split, group, tile_q, causal, overhead, slack)
+    stats = tvm.runtime.tensor(np.zeros(PLAN_STATS, np.int32))
+    params = PlanParams(max_partials=max_partials, page_size=page_size, allow_split=split, group_size=group,
+                        tile_q=tile_q, causal=causal, window_left=window, work_overhead=overhead,
+                        pack_slack_div=slack)
+    arrays = (tvm.runtime.tensor(a) for a in (qo_indptr, indptr, last))
+    planner(*arrays, work, cta, merge, stats, *params.args())
     return work.numpy(), cta.numpy(), merge.numpy(), stats.numpy()
 
 
@@ -43,7 +49,8 @@ def run_plan(planner, kv_lens, page_size, num_ctas, max_works, max_batch, max_pa
 def test_plan_covers_every_key_once_and_balances(planner, kv_lens, page_size, num_ctas, split):
     max_batch = len(kv_lens) + 3
     max_works = max_batch + num_ctas
-    work, cta, merge, stats = run_plan(planner, kv_lens, page_size, num_ctas, max_works, max_batch, max_works, int(split))
+    work, cta, merge, stats = run_plan(planner, kv_lens, page_size, num_ctas, max_works, max_batch, max_works,
+                                       int(split))
     num_works, num_partials, quota, status = stats
     assert status == 0 and num_works <= len(kv_lens) + num_ctas
     assert cta[0] == 0 and cta[-1] == num_works and np.all(np.diff(cta) >= 0)
@@ -89,7 +96,7 @@ def test_long_single_request_is_cut_evenly(planner):
     num_works, num_partials, quota, status = stats
     assert status == 0 and num_works == 66 and num_partials == 66
     assert np.all(np.diff(cta) == 1)
-    sizes = work[2, :num_works] - work[1, :num_works]
+    sizes = work[Work.KV_END, :num_works] - work[Work.KV_BEGIN, :num_works]
     assert sizes.max() - sizes.min() <= 2 * WORK_OVERHEAD  # ceil rounding of the quota
 
 
@@ -122,7 +129,8 @@ def test_workspace_size_function():
 
 @settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
 @given(st.lists(st.tuples(st.integers(0, 300), st.integers(0, 3000)), min_size=1, max_size=12),
-       st.sampled_from([1, 4, 6]), st.sampled_from([16, 64, 128]), st.integers(1, 40), st.booleans(), st.booleans())
+       st.sampled_from([1, 4, 6]), st.sampled_from([16, 64, 128]), st.integers(1, 40), st.booleans(),
+       st.booleans())
 def test_prefill_plan_covers_every_tile_and_row(planner, reqs, group, tile_q, num_ctas, split, causal):
     """Prefill items are (request, query tile); each is covered once, and every packed row of a cut
     item has one partial row per piece, laid out as merge_indptr says."""
@@ -132,8 +140,9 @@ def test_prefill_plan_covers_every_tile_and_row(planner, reqs, group, tile_q, nu
     items = sum(-(-q * group // tile_q) for q in qo_lens)
     max_works = items + num_ctas
     max_partials = 2 * num_ctas * tile_q
-    work, cta, merge, stats = run_plan(planner, kv_lens, 16, num_ctas, max_works, rows_total + 5, max_partials,
-                                       int(split), qo_lens, group, tile_q, int(causal), 32 + tile_q // 2, 10)
+    work, cta, merge, stats = run_plan(planner, kv_lens, 16, num_ctas, max_works, rows_total + 5,
+                                       max_partials, int(split), qo_lens, group, tile_q, int(causal),
+                                       32 + tile_q // 2, 10)
     num_works, num_partials, quota, status = stats
     assert status == 0 and cta[-1] == num_works <= max_works
     pieces = {}
@@ -167,7 +176,8 @@ def test_prefill_plan_covers_every_tile_and_row(planner, reqs, group, tile_q, nu
         assert num_works == items
     else:  # balance: cut to the quota, or packed within 10% of it
         overhead = 32 + tile_q // 2
-        loads = [sum(work[2, w] - work[1, w] + overhead for w in range(cta[c], cta[c + 1])) for c in range(num_ctas)]
+        loads = [sum(work[Work.KV_END, w] - work[Work.KV_BEGIN, w] + overhead
+                     for w in range(cta[c], cta[c + 1])) for c in range(num_ctas)]
         assert max(loads) <= max(quota + MIN_PIECE + 2 * overhead, quota + quota // 10) or num_ctas == 1
 
 
@@ -188,7 +198,7 @@ def test_plan_buffers_send_plan_and_index_in_one_staging_array(planner):
         indptr, last = page_table(lens, 16)
         indices = rng.permutation(int(indptr[-1])).astype(np.int32)
         qo = np.arange(len(lens) + 1, dtype=np.int32)
-        num_works, _, _ = bufs.plan(planner, qo, indptr, last, 16, True)
+        num_works, _, _ = bufs.plan(planner, qo, indptr, last, page_size=16, allow_split=True)
         views = bufs.upload((indptr, indices, last))
         for view, host in zip(views, (indptr, indices, last)):
             np.testing.assert_array_equal(view.numpy(), host)
@@ -201,7 +211,7 @@ def test_plan_buffers_send_plan_and_index_in_one_staging_array(planner):
         bufs.upload((indptr, np.zeros(401, np.int32), last))
     with pytest.raises(ValueError, match="workspace is too small"):
         indptr, last = page_table([10] * 9, 16)  # 9 requests, room for 8 rows
-        bufs.plan(planner, np.arange(10, dtype=np.int32), indptr, last, 16, True)
+        bufs.plan(planner, np.arange(10, dtype=np.int32), indptr, last, page_size=16, allow_split=True)
 
 
 def test_device_plan_grows_its_buffers_or_refuses_under_cuda_graphs():
@@ -231,24 +241,25 @@ def test_prefill_packs_by_list_scheduling_so_ctas_share_keys(planner):
                                            2 * num_ctas * tile_q, 1, lens, group, tile_q, causal, overhead)
         num_works, num_partials, quota, status = stats
         assert status == 0 and num_works == items and num_partials == 0 and np.all(merge == 0)
-        loads = [sum(work[2, w] - work[1, w] + overhead for w in range(cta[c], cta[c + 1]))
-                 for c in range(num_ctas)]
+        loads = [sum(work[Work.KV_END, w] - work[Work.KV_BEGIN, w] + overhead
+                     for w in range(cta[c], cta[c + 1])) for c in range(num_ctas)]
         tiles_per_req = lens[0] * group // tile_q
         if causal:
             assert max(loads) <= 1.01 * np.mean(loads)
-            first = [tuple(work[[0, 4], cta[c]]) for c in range(num_ctas)]
+            first = [tuple(work[[Work.REQUEST, Work.ROW_BEGIN], cta[c]]) for c in range(num_ctas)]
             assert first == [(0, (tiles_per_req - 1 - c) * tile_q) for c in range(num_ctas)]
         else:  # equal tiles: round robin, the k-th works of all CTAs are neighbours
             for c in range(num_ctas):
                 ws = range(cta[c], cta[c + 1])
-                items_taken = [work[0, w] * tiles_per_req + work[4, w] // tile_q for w in ws]
+                items_taken = [work[Work.REQUEST, w] * tiles_per_req + work[Work.ROW_BEGIN, w] // tile_q
+                               for w in ws]
                 assert items_taken == list(range(c, items, num_ctas))
 
 
 @settings(max_examples=150, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
 @given(st.lists(st.integers(0, 5), min_size=0, max_size=8), st.sampled_from([1, 16]),
-       st.sampled_from(["none", "indptr0", "decrease", "overrun", "last_big", "last_zero", "last_nonzero_empty",
-                        "negative_page"]), st.integers(0, 1000), st.booleans())
+       st.sampled_from(["none", "indptr0", "decrease", "overrun", "last_big", "last_zero",
+                        "last_nonzero_empty", "negative_page"]), st.integers(0, 1000), st.booleans())
 def test_decode_plan_checks_stages_and_plans_in_one_call(pages, page_size, fault, seed, graph):
     """The kernel modules' decode plan (check, staging, planner in one host call) accepts exactly
     what PagedKV.validate accepts and raises its message otherwise, leaving the staging array as it
@@ -295,7 +306,8 @@ def test_decode_plan_checks_stages_and_plans_in_one_call(pages, page_size, fault
         assert str(info.value) == error
         assert np.all(bufs.host == 7)  # nothing staged, nothing planned
         return
-    max_page, (v_indptr, v_indices, v_last) = bufs.plan_decode(plan_decode, fmt, indptr, indices, last, True, pad)
+    max_page, (v_indptr, v_indices, v_last) = bufs.plan_decode(plan_decode, fmt, indptr, indices, last, True,
+                                                               pad)
     used = int(indptr[-1])
     assert max_page == int(indices[:used].max(initial=-1))
     staged = v_indptr.numpy(), v_indices.numpy(), v_last.numpy()  # what the kernel gets
@@ -311,7 +323,7 @@ def test_decode_plan_checks_stages_and_plans_in_one_call(pages, page_size, fault
     # the same plan as the planner's for the staged table
     want = PlanBuffers(_decode_ws(max_batch, num_ctas), tvm.cpu())
     want.plan(register_global_planner(), np.arange(len(staged[2]) + 1, dtype=np.int32), staged[0], staged[2],
-              page_size, True)
+              page_size=page_size, allow_split=True)
     num_works = int(want.host_cta[-1])
     np.testing.assert_array_equal(bufs.work_info.numpy()[:, :num_works], want.host_work[:, :num_works])
     np.testing.assert_array_equal(bufs.cta_indptr.numpy(), want.host_cta)
@@ -340,7 +352,8 @@ def test_decode_plan_refuses_a_table_beyond_its_slots():
 @settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
 @given(st.lists(st.integers(0, 3000), min_size=1, max_size=20), st.sampled_from([1, 16]),
        st.sampled_from([-1, 0, 1, 15, 100, 700, 5000]), st.integers(1, 12), st.booleans())
-def test_decode_plan_with_a_window_covers_exactly_the_keys_it_shows(kv_lens, page_size, window, num_ctas, split):
+def test_decode_plan_with_a_window_covers_exactly_the_keys_it_shows(kv_lens, page_size, window, num_ctas,
+                                                                     split):
     """With ``window_left = w >= 0`` the decode plan splits only each request's last ``w + 1`` keys
     (all of a shorter request's): they are covered once, in order, and balanced like any plan."""
     from tvm_attn.cache import get_cache
@@ -358,7 +371,7 @@ def test_decode_plan_with_a_window_covers_exactly_the_keys_it_shows(kv_lens, pag
     merge = bufs.merge_indptr.numpy()
     seen = [[] for _ in kv_lens]
     for w in range(cta[-1]):
-        req, begin, end, out_row = work[:4, w]
+        req, begin, end, out_row = work[[Work.REQUEST, Work.KV_BEGIN, Work.KV_END, Work.OUT_ROW], w]
         seen[req].append((begin, end, out_row))
     for b, n in enumerate(kv_lens):
         first = 0 if window < 0 else max(n - 1 - window, 0)
@@ -370,3 +383,119 @@ def test_decode_plan_with_a_window_covers_exactly_the_keys_it_shows(kv_lens, pag
     if window >= 0 and split:  # the quota is the windows' keys, not the requests'
         shown = sum(min(n, window + 1) for n in kv_lens)
         assert bufs._decode_stats[2] <= -(-(shown + WORK_OVERHEAD * (batch + num_ctas - 1)) // num_ctas)
+
+
+@settings(max_examples=80, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@given(st.lists(st.tuples(st.integers(0, 200), st.integers(0, 2500)), min_size=1, max_size=10),
+       st.sampled_from([1, 4]), st.sampled_from([16, 64, 128]), st.integers(1, 30), st.booleans(),
+       st.booleans(), st.sampled_from([0, 1, 7, 64, 300, 3000]))
+def test_prefill_plan_with_a_window_covers_every_visible_key_once(planner, reqs, group, tile_q, num_ctas,
+                                                                   split, causal, window):
+    """With ``window_left = w`` a prefill item reads from the first key its first row's window shows
+    (its later rows see no earlier key) to its extent: every key some row of the item sees lies in
+    exactly one of its pieces, and no piece reads a key before the window of the item's first row."""
+    qo_lens = [q for q, _ in reqs]
+    kv_lens = [max(k, q) if causal else k for q, k in reqs]
+    rows_total = sum(qo_lens) * group
+    items = sum(-(-q * group // tile_q) for q in qo_lens)
+    overhead = 32 + tile_q // 2
+    work, cta, merge, stats = run_plan(planner, kv_lens, 16, num_ctas, items + num_ctas, rows_total + 1,
+                                       2 * num_ctas * tile_q, int(split), qo_lens, group, tile_q, int(causal),
+                                       overhead, 10, window)
+    num_works, num_partials, quota, status = stats
+    assert status == 0 and cta[-1] == num_works
+    pieces = {}
+    for w in range(num_works):
+        pieces.setdefault((work[Work.REQUEST, w], work[Work.ROW_BEGIN, w]), []).append(
+            (work[Work.KV_BEGIN, w], work[Work.KV_END, w]))
+    assert len(pieces) == items
+    windowed = 0
+    for b, (q, n) in enumerate(zip(qo_lens, kv_lens)):
+        for row0 in range(0, q * group, tile_q):
+            ps = sorted(pieces[(b, row0)])
+            assert all(p[1] == r[0] for p, r in zip(ps, ps[1:]))  # contiguous: no key twice
+            first, end = ps[0][0], ps[-1][1]
+            seen = set()
+            for r in range(row0, min(row0 + tile_q, q * group)):
+                pos = r // group + n - q
+                lo, hi = max(pos - window, 0), min(pos + 1, n) if causal else n
+                seen.update(range(lo, hi))
+            if seen:
+                assert first <= min(seen) and max(seen) < end
+                assert first == min(seen)  # the plan reads nothing before the first visible key
+            windowed += end - first
+    if split:  # the quota counts the windows' keys only (and is at least 1)
+        assert quota <= max(-(-(windowed + overhead * (items + num_ctas - 1)) // num_ctas), 1)
+
+
+def test_plan_time_key_ranges():
+    """One mechanism for both planners: a variant's plan-time keys. RuntimeCausal's flag is a run's
+    choice, so its plan reads every key (it planned causally before, and a non-causal run then
+    missed keys); a run that needs more keys than its plan read is refused, naming the argument."""
+    import tvm_attn as ta
+    from tvm_attn.api.prefill import CudaPrefillPlan
+    from tvm_attn.config import AttentionKey
+    from tvm_attn.kv.formats import BlockSparseKV, RaggedKV
+    from tvm_attn.variants.base import KeyRange, check_key_range
+
+    rc = ta.variants.RuntimeCausal()
+    assert rc.key_range() is None
+    assert rc.key_range({"is_causal": 0}) is None and rc.key_range({}) == KeyRange(causal=True)
+    assert ta.Causal().key_range() == KeyRange(causal=True)
+    both = ta.Causal() + ta.SlidingWindow(9) + ta.SlidingWindow(4)
+    assert both.key_range() == KeyRange(causal=True, window_left=4)
+    assert (rc + ta.SlidingWindow(9)).key_range() == KeyRange(window_left=9)
+    assert ta.SlidingWindow().key_range() is None
+    assert ta.SlidingWindow(3).key_range({"window_left": 5}) == KeyRange(window_left=5)
+
+    def key(kind, fmt, variant):
+        return AttentionKey(kind, fmt, 4, 2, 64, "float16", "float16", variant, "cuda:sm_90a")
+
+    assert CudaPrefillPlan.plan_key_range(key("prefill", RaggedKV("NHD"), rc)) is None
+    windowed = key("prefill", RaggedKV("NHD"), ta.Causal() + ta.SlidingWindow(5))
+    assert CudaPrefillPlan.plan_key_range(windowed) == KeyRange(True, 5)
+    assert CudaPrefillPlan.plan_key_range(key("bsr", BlockSparseKV(4, 4), ta.Causal())) is None
+
+    check_key_range(KeyRange(True, 8), KeyRange(True, 3))
+    check_key_range(None, None)
+    with pytest.raises(ValueError, match="window_left: .* does not read"):
+        check_key_range(KeyRange(window_left=8), KeyRange(window_left=9))
+    with pytest.raises(ValueError, match="window_left"):
+        check_key_range(KeyRange(window_left=8), None)
+    with pytest.raises(ValueError, match="causal"):
+        check_key_range(KeyRange(causal=True), KeyRange(window_left=2))
+    with pytest.raises(ValueError, match="window_left: expected a int32 scalar"):
+        ta.SlidingWindow(3).key_range({"window_left": "wide"})
+
+
+@pytest.mark.parametrize("kind", ["decode", "paged", "ragged"])
+def test_run_refuses_keys_its_plan_did_not_read(kind, rng):
+    """Every wrapper (here on the CPU, where the contract is the same) refuses a run whose window is
+    wider than the one it planned for, and runs a narrower one."""
+    import tvm_attn as ta
+
+    Hq, Hk, D, S = 4, 2, 64, 4
+    kv_lens, qo_lens = [9, 5], [3, 2]
+    indptr = np.cumsum([0] + [-(-n // S) for n in kv_lens]).astype(np.int32)
+    last = np.array([n - (-(-n // S) - 1) * S for n in kv_lens], np.int32)
+    indices = np.arange(int(indptr[-1]), dtype=np.int32)
+    qo_indptr = np.cumsum([0] + qo_lens).astype(np.int32)
+    cache = rng.standard_normal((int(indptr[-1]), 2, S, Hk, D)).astype(np.float16)
+    if kind == "decode":
+        w = ta.BatchDecodeWithPagedKVCacheWrapper("NHD")
+        w.plan(indptr, indices, last, Hq, Hk, D, S, window_left=4)
+        args = (rng.standard_normal((2, Hq, D)).astype(np.float16), cache)
+    elif kind == "paged":
+        w = ta.BatchPrefillWithPagedKVCacheWrapper("NHD")
+        w.plan(qo_indptr, indptr, indices, last, Hq, Hk, D, S, causal=True, window_left=4)
+        args = (rng.standard_normal((5, Hq, D)).astype(np.float16), cache)
+    else:
+        w = ta.BatchPrefillWithRaggedKVCacheWrapper("NHD")
+        w.plan(qo_indptr, np.cumsum([0] + kv_lens).astype(np.int32), Hq, Hk, D, causal=True, window_left=4)
+        k = rng.standard_normal((sum(kv_lens), Hk, D)).astype(np.float16)
+        args = (rng.standard_normal((5, Hq, D)).astype(np.float16), k, k)
+    w.run(*args)
+    w.run(*args, window_left=2)
+    for wider in (5, -1):
+        with pytest.raises(ValueError, match="window_left: .* does not read"):
+            w.run(*args, window_left=wider)

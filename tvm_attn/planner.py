@@ -25,6 +25,7 @@ boundary cuts at most one item, so ``max_works = max_items + num_ctas``.
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import enum
 from dataclasses import dataclass
 
@@ -33,6 +34,7 @@ import tvm
 import tvm_ffi
 
 from .schedule.decode import DecodeTiles
+
 
 class Work(enum.IntEnum):
     """The fields of a work record: ``work_info[Work.KV_END, w]`` is work ``w``'s end key. One
@@ -50,20 +52,47 @@ class Work(enum.IntEnum):
 #: rows of work_info
 WORK_FIELDS = len(Work)
 
+
+class Stat(enum.IntEnum):
+    """The fields of the planner's ``stats`` output (the decode plan adds ``MAX_PAGE``)."""
+
+    NUM_WORKS = 0
+    NUM_PARTIALS = 1
+    QUOTA = 2  # each CTA's share of the cost
+    STATUS = 3  # a :class:`Status`
+    MAX_PAGE = 4  # decode plan: the largest page id in use (-1: none)
+
+
+#: entries of the planner's ``stats``; the decode plan's has one more
+PLAN_STATS = Stat.STATUS + 1
+DECODE_PLAN_STATS = len(Stat)
+
+
+class Status(enum.IntEnum):
+    """``stats[Stat.STATUS]``: 0 is success; a failed plan runs no work."""
+
+    OK = 0
+    MAX_WORKS = 1  # more works than work_info holds
+    MAX_PARTIALS = 2  # more partial-state rows than tmp_o holds
+    MAX_ROWS = 3  # more GQA-packed query rows than merge_indptr holds
+    PAGE_TABLE = 4  # decode plan: the page table breaks a rule of PagedKV.validate
+    LAYOUT = 5  # decode plan: the staging layout is too small for the padded table
+
+
+#: the planner's failure codes -> the capacity that was too small
+STATUS = {s.value: s.name.lower() for s in (Status.MAX_WORKS, Status.MAX_PARTIALS, Status.MAX_ROWS)}
+
 #: name of the planner function inside every CUDA kernel module (see tvm_attn.tir.plan)
 PLAN = "tvm_attn_plan"
 #: name of the decode plan beside it: page-table check, staging and planner in one call
 #: (see tvm_attn.tir.plan.make_decode_plan)
 PLAN_DECODE = "tvm_attn_plan_decode"
-#: the planner's failure codes -> the capacity that was too small
-STATUS = {1: "max_works", 2: "max_partials", 3: "max_rows"}
-#: the decode plan's failure codes beyond those: a page table that breaks a rule, a layout too small
-STATUS_PAGE_TABLE, STATUS_LAYOUT = 4, 5
 #: fields of the decode plan's ``layout`` argument: where the staging array's regions start, and sizes
-DECODE_LAYOUT = ("work_at", "max_works", "cta_at", "merge_at", "max_rows", "indptr_at", "indices_at", "last_at",
-                 "max_partials")
+DECODE_LAYOUT = ("work_at", "max_works", "cta_at", "merge_at", "max_rows", "indptr_at", "indices_at",
+                 "last_at", "max_partials")
 
-#: decode: cost of a work beyond its keys (loading q, merging key groups, storing), in keys: ~ one unrolled step
+#: decode: cost of a work beyond its keys (loading q, merging key groups, storing), in keys: ~ one
+#: unrolled step
 WORK_OVERHEAD = 32
 #: decode: whole requests are packed (no cuts) when every CTA stays within quota * (1 + 1/PACK_SLACK_DIV)
 PACK_SLACK_DIV = 10
@@ -72,6 +101,59 @@ PACK_SLACK_DIV = 10
 PREFILL_PACK_SLACK_DIV = 10
 #: the shortest piece cut to fill a CTA's last room (a CTA then exceeds its quota by at most this)
 MIN_PIECE = 16
+#: ``window_left`` of a plan without a sliding window
+NO_WINDOW = -1
+
+
+def _scalar(meaning: str, default=dataclasses.MISSING):
+    return dataclasses.field(default=default, metadata={"meaning": meaning})
+
+
+@dataclass(frozen=True)
+class PlanParams:
+    """The planner's scalar arguments by name, in the order of its signature (every one int32).
+
+    Python callers build one from named values and call ``planner(*arrays, *params.args())``; the
+    TIR planner holds its scalar parameters (TIR variables) in one; the C++ KV-cache backend gets
+    the order from a generated header (:func:`scalars_struct`)."""
+
+    max_partials: int = _scalar("rows of tmp_o / tmp_lse, the partial states of cut items")
+    page_size: int = _scalar("keys per page (ragged KV: 1; block-sparse: the block's columns)")
+    allow_split: int = _scalar("0: never cut an item (deterministic, batch-invariant plans)")
+    group_size: int = _scalar("query heads per KV head: GQA-packed rows per query token", 1)
+    tile_q: int = _scalar("GQA-packed query rows per work item", 1)
+    causal: int = _scalar("non-zero: an item reads only the keys its last row sees", 0)
+    window_left: int = _scalar("sliding window: an item reads no key more than this left of its first row "
+                               "(-1: none)", NO_WINDOW)
+    work_overhead: int = _scalar("a work's cost beyond its keys, in keys", WORK_OVERHEAD)
+    pack_slack_div: int = _scalar("pack whole items when no CTA exceeds its quota by more than 1/this",
+                                  PACK_SLACK_DIV)
+
+    def args(self) -> tuple:
+        """The values in signature order (``int`` for a bool)."""
+        return tuple(_int(getattr(self, f.name)) for f in dataclasses.fields(self))
+
+
+@dataclass(frozen=True)
+class DecodePlanParams:
+    """The decode plan's scalar arguments (:func:`tvm_attn.tir.plan.make_decode_plan`), by name."""
+
+    num_ctas: int = _scalar("CTAs of the persistent grid (sizes the planner's host scratch)")
+    page_size: int = _scalar("keys per page")
+    allow_split: int = _scalar("0: never cut a request")
+    pad_batch: int = _scalar("requests of the staged table, >= the batch (the rest have no pages)")
+    pad_pages: int = _scalar("page ids of the staged table, >= kv_indptr[-1] (-1: exactly that)")
+    work_overhead: int = _scalar("a work's cost beyond its keys, in keys", WORK_OVERHEAD)
+    pack_slack_div: int = _scalar("pack whole requests when no CTA exceeds its quota by more than 1/this",
+                                  PACK_SLACK_DIV)
+    window_left: int = _scalar("sliding window: plan only each request's last window_left + 1 keys (-1: all)",
+                               NO_WINDOW)
+
+    args = PlanParams.args
+
+
+def _int(v):
+    return int(v) if isinstance(v, (bool, int, np.integer)) else v
 
 
 def prefill_work_overhead(tile_q: int) -> int:
@@ -80,8 +162,63 @@ def prefill_work_overhead(tile_q: int) -> int:
     return 32 + tile_q // 2
 
 
+def ceildiv(a, b):
+    """``ceil(a / b)`` of non-negative ``a`` and positive ``b`` (ints, or :class:`CExpr`)."""
+    return (a + b - 1) // b
+
+
+def imax(a, b):
+    """``max(a, b)`` of ints, or of :class:`CExpr` (the sizing rules below run on both)."""
+    if isinstance(a, CExpr) or isinstance(b, CExpr):
+        return CExpr(f"std::max<int64_t>({a}, {b})")
+    return max(a, b)
+
+
+class CExpr:
+    """An int64 C++ expression. The workspace sizing rules of this module run on these as well as
+    on ints, so that the KV-cache backend's generated header (:mod:`tvm_attn.relax.kv_backend`)
+    sizes its workspace with the same rules, not a retyped copy. Every operand is a non-negative
+    size, where C++'s ``/`` is Python's ``//``."""
+
+    def __init__(self, text: str):
+        self.text = text
+
+    def __str__(self):
+        return self.text
+
+    def _op(self, op: str, other, swap: bool = False) -> "CExpr":
+        a, b = (other, self) if swap else (self, other)
+        return CExpr(f"({a} {op} {b})")
+
+    def __add__(self, o):
+        return self._op("+", o)
+
+    def __radd__(self, o):
+        return self._op("+", o, True)
+
+    def __sub__(self, o):
+        return self._op("-", o)
+
+    def __rsub__(self, o):
+        return self._op("-", o, True)
+
+    def __mul__(self, o):
+        return self._op("*", o)
+
+    def __rmul__(self, o):
+        return self._op("*", o, True)
+
+    def __floordiv__(self, o):
+        return self._op("/", o)
+
+    def __rfloordiv__(self, o):
+        return self._op("/", o, True)
+
+
 @dataclass(frozen=True)
 class Workspace:
+    """One plan's capacities, and the regions of its int32 and float32 workspaces they size."""
+
     max_rows: int
     num_ctas: int
     max_works: int
@@ -91,36 +228,71 @@ class Workspace:
     #: blocks of the grid's y dimension that each keep a count per request (decode; 0: none)
     merge_blocks: int = 0
 
+    def int_regions(self) -> tuple:
+        """``(name, shape)`` of the int32 arrays, in the order a packed layout stores them."""
+        return (("work_info", (WORK_FIELDS, self.max_works)), ("cta_indptr", (self.num_ctas + 1,)),
+                ("merge_indptr", (self.max_rows + 1,)), ("merge_count", (self.max_rows, self.merge_blocks)))
+
+    def float_regions(self) -> tuple:
+        """``(name, shape)`` of the float32 arrays: the partial states of cut items."""
+        return (("tmp_o", (self.max_partials, self.part_heads, self.head_dim)),
+                ("tmp_lse", (self.max_partials, self.part_heads)))
+
     @property
     def int_bytes(self) -> int:
-        return 4 * (6 * self.max_works + self.num_ctas + 1 + self.max_rows + 1
-                    + self.max_rows * self.merge_blocks)
+        return 4 * sum(_elems(shape) for _, shape in self.int_regions())
 
     @property
     def float_bytes(self) -> int:
-        return 4 * self.max_partials * self.part_heads * (self.head_dim + 1)
+        return 4 * sum(_elems(shape) for _, shape in self.float_regions())
+
+
+def _elems(shape):
+    n = 1
+    for d in shape:
+        n = n * d
+    return n
+
+
+def grid_ctas(num_sms, blocks_per_sm, blocks_per_work):
+    """The persistent grid: CTAs that fill every SM, ``blocks_per_work`` CTAs per work."""
+    return imax(1, num_sms * blocks_per_sm // blocks_per_work)
+
+
+def decode_blocks_per_work(num_qo_heads: int, num_kv_heads: int, tiles: DecodeTiles) -> int:
+    """The decode grid's y dimension: a block per KV head and split of its query heads."""
+    return num_kv_heads * ((num_qo_heads // num_kv_heads) // tiles.heads_per_block)
+
+
+def decode_capacity(max_batch, num_ctas, num_qo_heads, head_dim, blocks_per_work) -> Workspace:
+    """Decode: one item per request; a partial row holds all query heads of a request; every CTA
+    boundary cuts at most one item."""
+    max_works = max_batch + num_ctas
+    return Workspace(max_batch, num_ctas, max_works, max_works, num_qo_heads, head_dim, blocks_per_work)
+
+
+def prefill_capacity(max_tokens, max_batch, num_ctas, tile_q, group_size, num_kv_heads,
+                     head_dim) -> Workspace:
+    """Prefill: an item per query tile of ``tile_q`` packed rows (each request's last tile may be
+    partial). A cut item of ``n`` pieces has ``n`` partial rows per packed row, and the pieces of all
+    cut items number at most twice the CTA boundaries, so ``max_partials = 2 * num_ctas * tile_q``."""
+    max_rows = max_tokens * group_size
+    max_items = ceildiv(max_rows, tile_q) + max_batch
+    return Workspace(max_rows, num_ctas, max_items + num_ctas, 2 * num_ctas * tile_q, num_kv_heads, head_dim)
 
 
 def decode_workspace(max_batch_size: int, num_qo_heads: int, num_kv_heads: int, head_dim: int,
                      tiles: DecodeTiles, num_sms: int) -> Workspace:
-    """Decode: one item per request; a partial row holds all query heads of a request."""
-    head_splits = (num_qo_heads // num_kv_heads) // tiles.heads_per_block
-    blocks_y = num_kv_heads * head_splits
-    num_ctas = max(1, num_sms * tiles.blocks_per_sm // blocks_y)
-    max_works = max_batch_size + num_ctas
-    return Workspace(max_batch_size, num_ctas, max_works, max_works, num_qo_heads, head_dim, blocks_y)
+    blocks = decode_blocks_per_work(num_qo_heads, num_kv_heads, tiles)
+    num_ctas = grid_ctas(num_sms, tiles.blocks_per_sm, blocks)
+    return decode_capacity(max_batch_size, num_ctas, num_qo_heads, head_dim, blocks)
 
 
 def prefill_workspace(max_num_tokens: int, max_batch_size: int, num_qo_heads: int, num_kv_heads: int,
                       head_dim: int, tiles, num_sms: int) -> Workspace:
-    """Prefill: an item per query tile of ``tiles.tile_q`` packed rows. A cut item of ``n`` pieces
-    has ``n`` partial rows per packed row, and the pieces of all cut items number at most twice the
-    CTA boundaries, so ``max_partials = 2 * num_ctas * tile_q``."""
-    group = num_qo_heads // num_kv_heads
-    num_ctas = max(1, num_sms * tiles.blocks_per_sm // num_kv_heads)
-    max_rows = max_num_tokens * group
-    max_items = -(-max_rows // tiles.tile_q) + max_batch_size
-    return Workspace(max_rows, num_ctas, max_items + num_ctas, 2 * num_ctas * tiles.tile_q, num_kv_heads, head_dim)
+    num_ctas = grid_ctas(num_sms, tiles.blocks_per_sm, num_kv_heads)
+    return prefill_capacity(max_num_tokens, max_batch_size, num_ctas, tiles.tile_q,
+                            num_qo_heads // num_kv_heads, num_kv_heads, head_dim)
 
 
 def decode_workspace_size(max_batch_size: int, num_qo_heads: int, num_kv_heads: int, head_dim: int,
@@ -139,7 +311,8 @@ def prefill_workspace_size(max_num_tokens: int, max_batch_size: int, num_qo_head
     from .schedule.prefill import choose_prefill_tiles
 
     tiles = choose_prefill_tiles(head_dim)
-    ws = prefill_workspace(max_num_tokens, max_batch_size, num_qo_heads, num_kv_heads, head_dim, tiles, num_sms)
+    ws = prefill_workspace(max_num_tokens, max_batch_size, num_qo_heads, num_kv_heads, head_dim, tiles,
+                           num_sms)
     return ws.int_bytes + ws.float_bytes
 
 
@@ -196,8 +369,7 @@ class PlanBuffers:
 
     def __init__(self, ws: Workspace, device, index_capacity: tuple[int, ...] = ()):
         self.ws = ws
-        sizes = [6 * ws.max_works, ws.num_ctas + 1, ws.max_rows + 1, ws.max_rows * ws.merge_blocks,
-                 *(max(int(c), 1) for c in index_capacity)]
+        sizes = [_elems(shape) for _, shape in ws.int_regions()] + [max(int(c), 1) for c in index_capacity]
         starts = np.concatenate([[0], np.cumsum([-(-size // _ALIGN) * _ALIGN for size in sizes])]).tolist()
         end = starts.pop()
         # every upload copies the fixed regions
@@ -205,14 +377,14 @@ class PlanBuffers:
         self._starts, self.index_capacity = starts, tuple(sizes[self._FIXED:])
         self.host, self._pinned = _staging(end, device)
         self._dev = tvm.runtime.empty((end,), "int32", device)
-        self.host_work = self.host[starts[0]: starts[0] + sizes[0]].reshape(6, ws.max_works)
+        self.host_work = self.host[starts[0]: starts[0] + sizes[0]].reshape(WORK_FIELDS, ws.max_works)
         self.host_cta = self.host[starts[1]: starts[1] + sizes[1]]
         self.host_merge = self.host[starts[2]: starts[2] + sizes[2]]
-        self.host_stats = np.zeros(4, np.int32)
+        self.host_stats = np.zeros(PLAN_STATS, np.int32)
         #: the planner's output arguments (work_info, cta_indptr, merge_indptr, stats): zero-copy views
         self.planner_outputs = tuple(tvm_ffi.from_dlpack(a) for a in (self.host_work, self.host_cta,
                                                                        self.host_merge, self.host_stats))
-        self.work_info = self._view(starts[0], (6, ws.max_works))
+        self.work_info = self._view(starts[0], (WORK_FIELDS, ws.max_works))
         self.cta_indptr = self._view(starts[1], (ws.num_ctas + 1,))
         self.merge_indptr = self._view(starts[2], (ws.max_rows + 1,))
         #: the decode kernel's (merge_indptr, merge_count) arguments; () for prefill
@@ -238,24 +410,22 @@ class PlanBuffers:
         return True
 
     def plan(self, planner, qo_indptr: np.ndarray, kv_indptr: np.ndarray, last_page_len: np.ndarray,
-             page_size: int, allow_split: bool, group_size: int = 1, tile_q: int = 1, causal: bool = False,
-             work_overhead: int = WORK_OVERHEAD, pack_slack_div: int = PACK_SLACK_DIV):
+             **params):
         """Run the planner on host arrays (its output lands in the staging array; :meth:`upload`
-        sends it); returns (num_works, num_partials, quota)."""
-        planner(
-            _host_arg(qo_indptr), _host_arg(kv_indptr), _host_arg(last_page_len), *self.planner_outputs,
-            self.ws.max_partials, page_size, int(allow_split), group_size, tile_q,
-            int(causal), work_overhead, pack_slack_div,
-        )
+        sends it); ``params``: the :class:`PlanParams` fields but ``max_partials`` (the workspace's).
+        Returns (num_works, num_partials, quota)."""
+        scalars = PlanParams(max_partials=self.ws.max_partials, **params)
+        planner(_host_arg(qo_indptr), _host_arg(kv_indptr), _host_arg(last_page_len), *self.planner_outputs,
+                *scalars.args())
         num_works, num_partials, quota, status = self.host_stats.tolist()
         if status:
             raise ValueError(self._capacity_message(status, len(kv_indptr) - 1, num_works, num_partials,
-                                                    int(qo_indptr[-1]) * group_size))
+                                                    int(qo_indptr[-1]) * scalars.group_size))
         self.num_partials = num_partials
         return num_works, num_partials, quota
 
     def plan_decode(self, plan_fn, fmt, indptr: np.ndarray, indices: np.ndarray, last_page_len: np.ndarray,
-                    allow_split: bool, pad: tuple[int, int] | None = None, window_left: int = -1):
+                    allow_split: bool, pad: tuple[int, int] | None = None, window_left: int = NO_WINDOW):
         """A decode plan in one host call (:func:`tvm_attn.tir.plan.make_decode_plan`): check the
         page table, stage it (padded to ``pad = (batch, pages)`` under CUDA graphs) and plan (only
         the last ``window_left + 1`` keys of each request when ``window_left >= 0``); then send plan
@@ -268,19 +438,23 @@ class PlanBuffers:
         args = self._decode_args
         if args is None:
             ws, at = self.ws, self._starts
-            fields = dict(work_at=at[0], max_works=ws.max_works, cta_at=at[1], merge_at=at[2], max_rows=ws.max_rows,
-                          indptr_at=at[4], indices_at=at[5], last_at=at[6], max_partials=ws.max_partials)
+            fields = dict(work_at=at[0], max_works=ws.max_works, cta_at=at[1], merge_at=at[2],
+                          max_rows=ws.max_rows, indptr_at=at[4], indices_at=at[5], last_at=at[6],
+                          max_partials=ws.max_partials)
             self._layout = np.array([fields[f] for f in DECODE_LAYOUT], np.int32)
-            self._decode_stats = np.zeros(5, np.int32)
+            self._decode_stats = np.zeros(DECODE_PLAN_STATS, np.int32)
             args = self._decode_args = tuple(tvm_ffi.from_dlpack(a) for a in (self.host, self._layout,
                                                                               self._decode_stats))
-        plan_fn(_host_arg(indptr), _host_arg(indices), _host_arg(last_page_len), *args, self.ws.num_ctas,
-                fmt.page_size, int(allow_split), pad_batch, pad_pages, WORK_OVERHEAD, PACK_SLACK_DIV, window_left)
+        scalars = DecodePlanParams(num_ctas=self.ws.num_ctas, page_size=fmt.page_size,
+                                   allow_split=allow_split, pad_batch=pad_batch, pad_pages=pad_pages,
+                                   window_left=window_left)
+        plan_fn(_host_arg(indptr), _host_arg(indices), _host_arg(last_page_len), *args, *scalars.args())
         num_works, num_partials, _, status, max_page = self._decode_stats.tolist()
-        if status in (STATUS_PAGE_TABLE, STATUS_LAYOUT):
+        if status in (Status.PAGE_TABLE, Status.LAYOUT):
             fmt.validate(indptr, indices, last_page_len)  # names the fault
-            if status == STATUS_PAGE_TABLE:
-                raise ValueError("plan: the page table breaks a rule of PagedKV.validate that it did not name")
+            if status == Status.PAGE_TABLE:
+                raise ValueError("plan: the page table breaks a rule of PagedKV.validate that it did not "
+                                 "name")
             raise ValueError(f"plan: the page table ({batch} requests, {used} pages) exceeds the workspace's "
                              f"slots {self.index_capacity} (padded to {pad})")
         if status:
@@ -355,4 +529,5 @@ def register_global_planner(cache=None):
 
 
 __all__ = ["register_global_planner", "GLOBAL_NAME", "Workspace", "decode_workspace", "decode_workspace_size",
-           "prefill_workspace", "prefill_workspace_size", "PlanBuffers", "PLAN", "PLAN_DECODE"]
+           "prefill_workspace", "prefill_workspace_size", "PlanBuffers", "PlanParams", "DecodePlanParams",
+           "Work", "Stat", "Status", "PLAN", "PLAN_DECODE"]

@@ -184,3 +184,62 @@ def test_cuda_graph_replay_after_lengths_change():
         n = int(qo_indptr[-1])
         ref_o, ref_lse = R.paged_attention(q_host[:n], qo_indptr, cache, indptr, indices, last, causal=True)
         assert_attention_close(o_dev.numpy()[:n], lse_dev.numpy()[:n], ref_o, ref_lse, "float16", str(lengths))
+
+
+def _ragged_batch(rng, lengths):
+    import tvm
+
+    qo_indptr = np.cumsum([0] + [q for q, _ in lengths]).astype(np.int32)
+    kv_indptr = np.cumsum([0] + [k for _, k in lengths]).astype(np.int32)
+    q = randn(rng, (int(qo_indptr[-1]), 32, 128), "float16")
+    k, v = (randn(rng, (int(kv_indptr[-1]), 8, 128), "float16") for _ in range(2))
+    return qo_indptr, kv_indptr, q, k, v, tuple(tvm.runtime.tensor(x, _dev()) for x in (k, v))
+
+
+def test_planned_window_reads_only_the_keys_it_shows():
+    """A sliding window known at plan time (the variant's own): the prefill plan starts every query
+    tile at the first key its first row's window shows, runs with that window or a narrower one
+    match the reference, and a wider one is refused (the plan did not read its keys)."""
+    from tvm_attn.planner import Work
+
+    rng = np.random.default_rng(23)
+    window = 100
+    qo_indptr, kv_indptr, q, k, v, data = _ragged_batch(rng, LENGTHS)
+    w = ta.BatchPrefillWithRaggedKVCacheWrapper(device="cuda")
+    w.plan(qo_indptr, kv_indptr, 32, 8, 128, causal=True, variant=ta.SlidingWindow(window))
+    bufs = w._dev_plan.buffers
+    work, cta = bufs.host_work, bufs.host_cta
+    first = {}
+    for i in range(int(cta[-1])):
+        item = (int(work[Work.REQUEST, i]), int(work[Work.ROW_BEGIN, i]))
+        first[item] = min(first.get(item, 1 << 30), int(work[Work.KV_BEGIN, i]))
+    skipped = 0
+    for (b, row0), begin in first.items():
+        qo_len, kv_len = LENGTHS[b]
+        pos = row0 // 4 + kv_len - qo_len  # the tile's first row (group 4)
+        assert begin == max(min(pos - window, kv_len), 0), (b, row0)
+        skipped += begin
+    assert skipped > 0
+    for args in ({}, {"window_left": 40}, {"window_left": 0}):
+        params = {"window_left": window, **args}
+        o, lse = w.run(q, *data, return_lse=True, **args)
+        ref_o, ref_lse = R.ragged_attention(q, qo_indptr, k, v, kv_indptr, "NHD",
+                                            variant=w.kernel_key.variant, params=params)
+        assert_attention_close(o, lse, ref_o, ref_lse, "float16", f"window {params['window_left']}")
+    for wider in (window + 1, -1):
+        with pytest.raises(ValueError, match="window_left: .* does not read"):
+            w.run(q, *data, window_left=wider)
+
+
+def test_runtime_causal_plans_every_key():
+    """RuntimeCausal's flag is chosen per run, so the plan reads every key: a run with is_causal=0
+    sees the keys after each query's position (a causal plan would have cut them off)."""
+    rng = np.random.default_rng(29)
+    qo_indptr, kv_indptr, q, k, v, data = _ragged_batch(rng, [(130, 300), (17, 17), (64, 2000), (300, 300)])
+    w = ta.BatchPrefillWithRaggedKVCacheWrapper(device="cuda")
+    w.plan(qo_indptr, kv_indptr, 32, 8, 128, variant=ta.variants.RuntimeCausal())
+    for flag in (0, 1):
+        o, lse = w.run(q, *data, return_lse=True, is_causal=flag)
+        ref_o, ref_lse = R.ragged_attention(q, qo_indptr, k, v, kv_indptr, "NHD",
+                                            variant=w.kernel_key.variant, params={"is_causal": flag})
+        assert_attention_close(o, lse, ref_o, ref_lse, "float16", f"is_causal={flag}")

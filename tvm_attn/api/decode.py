@@ -5,15 +5,15 @@ Lineage: FlashInfer ``decode.py`` (``BatchDecodeWithPagedKVCacheWrapper``, ``sin
 
 from __future__ import annotations
 
-import numpy as np
 
 from ..config import AttentionKey
 from ..kv.formats import PagedKV
 from ..kv.validate import as_index_array
-from ..planner import PLAN_DECODE, decode_workspace
+from ..planner import NO_WINDOW, PLAN_DECODE, decode_workspace
 from ..registry import scheduled
 from ..schedule.decode import DecodeTiles
 from ..tensor import shape_of
+from ..variants.base import check_key_range
 from ._common import (
     DevicePlan, KernelCall, Wrapper, PlanStatics, check_tensor, data_dtypes, default_sm_scale, default_tensors,
     flashinfer_variant, planned_lengths, reshape, run_single,
@@ -35,8 +35,9 @@ class BatchDecodeWithPagedKVCacheWrapper(Wrapper):
     On CUDA, ``plan`` runs the split-KV planner (:mod:`tvm_attn.tir.plan`) and ``run`` launches the
     decode kernel over a fixed grid (which also merges the pieces of the requests it cut). A sliding
     window given to ``plan`` (``window_left``, or the variant's own) is planned for: only the keys
-    inside it are split among the CTAs, so a long request costs what its window costs; ``run`` may
-    then narrow the window but not widen it. With ``use_cuda_graph=True`` every device buffer is
+    inside it are split among the CTAs, so a long request costs what its window costs; ``run`` (on
+    every target) may then narrow the window but not widen it. With ``use_cuda_graph=True`` every
+    device buffer is
     allocated once for ``max_batch_size`` requests and ``max_num_pages`` page-table entries;
     ``plan`` refills them in place, so a graph captured around ``run`` (with ``out`` and ``lse``
     given) replays correctly after the lengths change. ``q`` then has ``max_batch_size`` rows; rows
@@ -59,7 +60,7 @@ class BatchDecodeWithPagedKVCacheWrapper(Wrapper):
         self._dev_plan = DevicePlan(self._device, self._graph) if self._target != "llvm" else None
         self._statics = None
         self._bufs = None  # (plan statics, PlanBuffers) of the last CUDA plan
-        self._plan_window = None  # the sliding window the last CUDA plan was cut for (None: all keys)
+        self._plan_range = None  # the keys the last plan was cut for (KeyRange; None: every key)
         self._last_key = None
 
     def plan(
@@ -87,18 +88,21 @@ class BatchDecodeWithPagedKVCacheWrapper(Wrapper):
         else:
             key = self._key(options, variant)
             self._last_key = (options, variant, key)
+        planned = key.variant.key_range()  # the keys this plan reads; a run may need no more
         if self._target == "llvm":
             indptr, indices, last_page_len, _ = key.kv.validate(indptr, indices, last_page_len)
             self._batch_size = indptr.size - 1
             self._max_page = int(indices[: indptr[-1]].max(initial=-1))
             self._plan_call(key, sm_scale, (), (indptr, indices, last_page_len), self._batch_size)
+            self._plan_range = planned
             return
         # CUDA: the kernel module's decode plan checks the table, stages it and plans in one call
         indptr, indices, last_page_len = (as_index_array(name, a) for name, a in (
             ("kv_indptr", indptr), ("kv_indices", indices), ("kv_last_page_len", last_page_len)))
         if last_page_len.size != indptr.size - 1:
             key.kv.validate(indptr, indices, last_page_len)  # raises: says which length is off
-        self._plan_cuda(key, self._static(key), sm_scale, indptr, indices, last_page_len)
+        self._plan_cuda(key, self._static(key), sm_scale, indptr, indices, last_page_len, planned)
+        self._plan_range = planned
 
     def _key(self, options, variant) -> AttentionKey:
         (num_qo_heads, num_kv_heads, head_dim, page_size, pos_encoding_mode, window_left, logits_soft_cap,
@@ -112,7 +116,7 @@ class BatchDecodeWithPagedKVCacheWrapper(Wrapper):
         return scheduled(AttentionKey("decode", fmt, num_qo_heads, num_kv_heads, head_dim, q_dtype, kv_dtype, v,
                                       self._target))
 
-    def _plan_cuda(self, key, st, sm_scale, indptr, indices, last_page_len) -> None:
+    def _plan_cuda(self, key, st, sm_scale, indptr, indices, last_page_len, planned) -> None:
         batch, used = indptr.size - 1, int(indptr[-1])
         if not 0 <= used <= indices.size:
             key.kv.validate(indptr, indices, last_page_len)  # raises: says what is wrong
@@ -135,10 +139,12 @@ class BatchDecodeWithPagedKVCacheWrapper(Wrapper):
                 slots,
             )
         bufs = bufs[1]
-        # a sliding window known at plan time: the plan reads only the keys inside it
-        window = self._plan_window = key.variant.key_window({})
+        # a sliding window known at plan time: the plan reads only the keys inside it (a decode row,
+        # the request's last position, sees every key a causal mask shows)
+        window = getattr(planned, "window_left", None)
         self._max_page, index = bufs.plan_decode(st.planner, key.kv, indptr, indices, last_page_len,
-                                                 self._allow_split, pad, -1 if window is None else window)
+                                                 self._allow_split, pad,
+                                                 NO_WINDOW if window is None else window)
         self._batch_size = pad[0] if pad else batch
         scale = default_sm_scale(sm_scale, key.head_dim)
         call = self._call
@@ -171,12 +177,8 @@ class BatchDecodeWithPagedKVCacheWrapper(Wrapper):
         key = call.key
         check_tensor("q", q, (self._batch_size, key.num_qo_heads, key.head_dim), key.q_dtype)
         check_paged_cache(paged_kv_cache, key, self._max_page)
-        if self._plan_window is not None:
-            window = key.variant.key_window(variant_args)
-            if window is None or window > self._plan_window:
-                raise ValueError(
-                    f"run: a window of {'all keys' if window is None else window} needs keys that the plan, cut "
-                    f"for window_left={self._plan_window}, does not read; plan with the widest window you run with")
+        if self._plan_range is not None:
+            check_key_range(self._plan_range, key.variant.key_range(variant_args))
         return call(q, [("paged_kv_cache", paged_kv_cache)], variant_args, out, lse, return_lse)
 
 

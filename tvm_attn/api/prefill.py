@@ -12,19 +12,12 @@ from ..config import AttentionKey
 from ..kv.formats import PagedKV, RaggedKV
 from ..kv.validate import as_index_array, check_indptr
 from ..tensor import shape_of
+from ..variants.base import KeyRange, check_key_range
 from ._common import (
     DevicePlan, KernelCall, Wrapper, check_tensor, data_dtypes, default_sm_scale, flashinfer_variant, planned_lengths,
     run_single,
 )
 from .decode import check_paged_cache
-
-
-def is_causal(variant) -> bool:
-    """Whether the variant includes :class:`~tvm_attn.variants.Causal` (the planner then plans only
-    the keys each query tile sees)."""
-    from ..variants import Causal
-
-    return any(isinstance(p, Causal) for p in getattr(variant, "parts", (variant,)))
 
 
 class CudaPrefillPlan(Wrapper):
@@ -39,6 +32,10 @@ class CudaPrefillPlan(Wrapper):
     so a graph captured around ``run`` (with ``out`` and ``lse`` given) replays after the lengths
     change; ``q`` then has ``max_num_tokens`` rows, and rows past the planned ones are not written.
     ``disable_split_kv`` gives batch-invariant, deterministic results (no tile is cut).
+
+    The plan reads only the keys the variant shows at plan time
+    (:meth:`~tvm_attn.variants.AttentionVariant.key_range`: causal, a sliding window); ``run``, on
+    every target, refuses run-time arguments that show more.
     """
 
     def __init__(self, kv_layout: str = "NHD", *, device=None, cache=None, use_cuda_graph: bool = False,
@@ -57,6 +54,17 @@ class CudaPrefillPlan(Wrapper):
         self._max_pages = int(max_num_pages or 0)
         self._allow_split = not disable_split_kv
         self._dev_plan = DevicePlan(self._device, self._graph) if self._target != "llvm" else None
+        self._plan_range = None  # the keys the last plan reads per query row (KeyRange; None: every key)
+
+    @staticmethod
+    def plan_key_range(key: AttentionKey) -> KeyRange | None:
+        """The keys a plan of ``key`` reads: the variant's plan-time range; block-sparse reads every
+        block it lists (its keys are column blocks, not positions)."""
+        return key.variant.key_range() if key.kind == "prefill" else None
+
+    def _check_key_range(self, key: AttentionKey, variant_args: dict) -> None:
+        if self._plan_range is not None:
+            check_key_range(self._plan_range, key.variant.key_range(variant_args))
 
     def _cuda_key(self, key: AttentionKey, qo_indptr: np.ndarray) -> AttentionKey:
         from ..registry import scheduled
@@ -70,7 +78,9 @@ class CudaPrefillPlan(Wrapper):
         """``order``: the kernel's KV index arguments, by name: ``"kv_indptr"``, ``"last"`` (the
         planner's arrays) and ``"indices"`` (``indices``: page or block ids, ``max_num_pages`` of them
         under CUDA graphs)."""
-        from ..planner import PLAN, PREFILL_PACK_SLACK_DIV, prefill_work_overhead, prefill_workspace
+        from ..planner import (
+            NO_WINDOW, PLAN, PREFILL_PACK_SLACK_DIV, prefill_work_overhead, prefill_workspace,
+        )
         from ..schedule.prefill import PrefillTiles
 
         key = self._cuda_key(key, qo_indptr)
@@ -106,10 +116,11 @@ class CudaPrefillPlan(Wrapper):
         module = self._cache.module(key)
         # a cut tile's pieces are merged without the variant's context, so output transforms plan uncut
         split = self._allow_split and not key.variant.overrides("output_transform")
-        bufs.plan(module[PLAN], qo_indptr, kv_indptr, last, page_size, split, key.group_size, tiles.tile_q,
-                  # block-sparse steps are not positions: no causal clipping of the keys in the plan
-                  is_causal(key.variant) and key.kind == "prefill", prefill_work_overhead(tiles.tile_q),
-                  PREFILL_PACK_SLACK_DIV)
+        keys = self.plan_key_range(key) or KeyRange()
+        bufs.plan(module[PLAN], qo_indptr, kv_indptr, last, page_size=page_size, allow_split=split,
+                  group_size=key.group_size, tile_q=tiles.tile_q, causal=keys.causal,
+                  window_left=NO_WINDOW if keys.window_left is None else keys.window_left,
+                  work_overhead=prefill_work_overhead(tiles.tile_q), pack_slack_div=PREFILL_PACK_SLACK_DIV)
         dev = bufs.upload(index)
         qo_dev, index = (dev[:1], dev[1:]) if key.kind == "prefill" else ((), dev)
         merge = self._graph or bufs.num_partials > 0
@@ -163,11 +174,12 @@ class BatchPrefillWithPagedKVCacheWrapper(CudaPrefillPlan):
         self._max_page = int(kv_indices[: kv_indptr[-1]].max(initial=-1))
         if self._target == "llvm":
             self._plan_call(key, sm_scale, (qo_indptr,), (kv_indptr, kv_indices, last), self._total_qo)
-            return
-        self._plan_cuda(key, sm_scale, qo_indptr, kv_indptr, last, page_size, ("kv_indptr", "indices", "last"),
-                        self._total_qo, kv_indices[: kv_indptr[-1]])
-        if self._graph:
-            self._total_qo = self._max_tokens
+        else:
+            self._plan_cuda(key, sm_scale, qo_indptr, kv_indptr, last, page_size,
+                            ("kv_indptr", "indices", "last"), self._total_qo, kv_indices[: kv_indptr[-1]])
+            if self._graph:
+                self._total_qo = self._max_tokens
+        self._plan_range = self.plan_key_range(key)
 
     def run(self, q, paged_kv_cache, *, out=None, lse=None, return_lse: bool = False, **variant_args):
         """``q`` ``[qo_indptr[-1], num_qo_heads, head_dim]`` -> ``o`` of the same shape (and ``lse``)."""
@@ -175,6 +187,7 @@ class BatchPrefillWithPagedKVCacheWrapper(CudaPrefillPlan):
         key = call.key
         check_tensor("q", q, (self._total_qo, key.num_qo_heads, key.head_dim), key.q_dtype)
         check_paged_cache(paged_kv_cache, key, self._max_page)
+        self._check_key_range(key, variant_args)
         return call(q, [("paged_kv_cache", paged_kv_cache)], variant_args, out, lse, return_lse)
 
 
@@ -198,12 +211,13 @@ class BatchPrefillWithRaggedKVCacheWrapper(CudaPrefillPlan):
         self._total_qo, self._total_kv = int(qo_indptr[-1]), int(kv_indptr[-1])
         if self._target == "llvm":
             self._plan_call(key, sm_scale, (qo_indptr,), (kv_indptr,), self._total_qo)
-            return
-        ones = np.ones(kv_indptr.size - 1, np.int32)  # ragged KV: pages of one row
-        self._plan_cuda(key, sm_scale, qo_indptr, kv_indptr, ones, 1, ("kv_indptr",), self._total_qo)
-        if self._graph:
-            self._total_qo = self._max_tokens
-            self._total_kv = self._max_pages  # max_num_pages counts KV rows for ragged KV
+        else:
+            ones = np.ones(kv_indptr.size - 1, np.int32)  # ragged KV: pages of one row
+            self._plan_cuda(key, sm_scale, qo_indptr, kv_indptr, ones, 1, ("kv_indptr",), self._total_qo)
+            if self._graph:
+                self._total_qo = self._max_tokens
+                self._total_kv = self._max_pages  # max_num_pages counts KV rows for ragged KV
+        self._plan_range = self.plan_key_range(key)
 
     def run(self, q, k, v, *, out=None, lse=None, return_lse: bool = False, **variant_args):
         """``q`` ``[qo_indptr[-1], Hq, D]``; ``k``/``v`` ``[kv_indptr[-1], Hkv, D]`` (``"HND"``: ``[Hkv, kv_indptr[-1], D]``)."""
@@ -212,6 +226,7 @@ class BatchPrefillWithRaggedKVCacheWrapper(CudaPrefillPlan):
         check_tensor("q", q, (self._total_qo, key.num_qo_heads, key.head_dim), key.q_dtype)
         for name, x in (("k", k), ("v", v)):
             check_tensor(name, x, key.kv.kv_shape(self._total_kv, key.num_kv_heads, key.head_dim), key.kv_dtype)
+        self._check_key_range(key, variant_args)
         return call(q, [("k", k), ("v", v)], variant_args, out, lse, return_lse)
 
 

@@ -11,7 +11,9 @@
 // decode to the prefill slot when the GQA group is 4 or more) runs the decode kernel.
 //
 // tvm_attn/relax/kv_backend.py compiles this file with a generated header (TVM_ATTN_KV_CONFIG)
-// that names the model's kernels and the schedule constants; nothing here is model-specific.
+// that names the model's kernels and holds the schedule's and the planner's constants, layouts and
+// sizing rules, generated from their Python description; nothing here is model-specific, and no
+// number of the planner's is retyped here.
 
 #include <dlpack/dlpack.h>
 #include <tvm/ffi/container/array.h>
@@ -44,38 +46,14 @@ struct PrefillTile {
 using Kernel = TVMFFISafeCallType PrefillTile::*;
 
 struct DecodeKernel {
-  int64_t ctas_per_sm;     // resident CTAs per SM
-  int64_t blocks_per_work; // CTAs one work item occupies (KV heads x head splits)
-  int64_t work_overhead;
+  int64_t work_overhead;   // planner cost of a work beyond its keys
   int64_t pack_slack_div;
   TVMFFISafeCallType kernel;  // merges the requests it cuts (merge_count: one count per request and block row)
 };
 
-}  // namespace tvm_attn_kv
+constexpr DLDataType kInt32{kDLInt, 32, 1}, kFloat32{kDLFloat, 32, 1};
 
-#include TVM_ATTN_KV_CONFIG  // kNumQoHeads, kNumKvHeads, kHeadDim, kPageSize, kDType, kPrefillTiles,
-                             // kPrefillPackSlackDiv, kDecode, kPlanner
-
-namespace tvm_attn_kv {
-
-// plan_info fields (an Array<int64_t> that the cache hands back to run)
-enum PlanField : int {
-  kKind = 0,         // 0: decode kernel, 1: prefill kernel
-  kTile,             // index into kPrefillTiles
-  kBatch,
-  kMaxWorks,
-  kNumCtas,
-  kMaxRows,
-  kMaxPartials,
-  kNumPartials,
-  kCausal,           // the plan clipped keys to the causal range
-  kNumPlanFields
-};
-constexpr int64_t kKindDecode = 0, kKindPrefill = 1;
-
-constexpr int kWorkFields = 6;
-
-// A DLTensor over `data`, with its own shape storage.
+// A DLTensor over `data`, with its own shape storage (not copyable: `t.shape` points into it).
 struct View {
   DLTensor t;
   int64_t shape[5];
@@ -90,8 +68,37 @@ struct View {
     t.strides = nullptr;
     t.byte_offset = 0;
   }
+  View(const View&) = delete;
+  View& operator=(const View&) = delete;
   DLTensor* get() { return &t; }
 };
+
+template <typename... Args>
+void Call(TVMFFISafeCallType fn, Args... args) {
+  tvm::ffi::Function::FromExternC(nullptr, fn, nullptr)(args...);
+}
+
+}  // namespace tvm_attn_kv
+
+// The generated header: the model's kernels (kPrefillTiles, kDecode, kPlanner), its shape (kNumQoHeads,
+// kNumKvHeads, kHeadDim, kPageSize, kDType), and the planner's interface from tvm_attn.planner: the
+// work-record and stats fields (kWork..., kStat...), the status codes and names, PlanParams (the
+// planner's scalars by name, passed in its signature's order), and Layout (the workspace regions, with
+// DecodeLayout / PrefillLayout sizing them by the planner's rules).
+#include TVM_ATTN_KV_CONFIG
+
+namespace tvm_attn_kv {
+
+// plan_info (an Array<int64_t> that the cache hands back to run): these fields, then the Layout's
+enum PlanField : int {
+  kKind = 0,         // 0: decode kernel, 1: prefill kernel
+  kTile,             // index into kPrefillTiles
+  kBatch,
+  kNumPartials,
+  kCausal,           // the plan clipped keys to the causal range
+  kNumPlanFields
+};
+constexpr int64_t kKindDecode = 0, kKindPrefill = 1;
 
 // A contiguous tensor argument with its byte offset folded into the data pointer (the cache passes
 // q, o, lse and its index arrays as views; the kernels take q, o and lse as offset-free buffers).
@@ -104,11 +111,6 @@ struct Rebased {
   }
   DLTensor* get() { return &t; }
 };
-
-template <typename... Args>
-void Call(TVMFFISafeCallType fn, Args... args) {
-  tvm::ffi::Function::FromExternC(nullptr, fn, nullptr)(args...);
-}
 
 inline const char* DTypeName(DLDataType t) {
   if (t.code == kDLFloat && t.bits == 16) return "float16";
@@ -159,28 +161,13 @@ inline const int32_t* HostInt32(const char* name, const Tensor& x, int64_t n) {
   return reinterpret_cast<const int32_t*>(static_cast<const char*>(t->data) + t->byte_offset);
 }
 
-// The workspace layout of one plan: int32 arrays work_info [6, max_works], cta_indptr [num_ctas + 1],
-// merge_indptr [max_rows + 1], for decode merge_count [max_rows, merge_blocks] (in the device int
-// workspace, staged in the page-locked one), and float32 tmp_o [max_partials, part_heads, head_dim],
-// tmp_lse [max_partials, part_heads] (float workspace).
-struct Layout {
-  int64_t max_works, num_ctas, max_rows, max_partials, part_heads, merge_blocks;
-  int64_t cta_offset() const { return kWorkFields * max_works; }
-  int64_t merge_offset() const { return cta_offset() + num_ctas + 1; }
-  int64_t count_offset() const { return merge_offset() + max_rows + 1; }
-  int64_t int_elems() const { return count_offset() + max_rows * merge_blocks; }
-  int64_t lse_offset() const { return max_partials * part_heads * kHeadDim; }
-  int64_t float_elems() const { return lse_offset() + max_partials * part_heads; }
-};
-
+// The plan's layout, stored in plan_info after the PlanField values.
 inline Layout LayoutOf(const Array<int64_t>& info) {
-  if (static_cast<int>(info.size()) != kNumPlanFields) {
+  if (static_cast<int64_t>(info.size()) != kNumPlanFields + Layout::kFields) {
     TVM_FFI_THROW(ValueError) << "tvm_attn run: plan_info has " << info.size() << " fields, expected "
-                              << kNumPlanFields << " (was it made by tvm_attn's plan?)";
+                              << kNumPlanFields + Layout::kFields << " (was it made by tvm_attn's plan?)";
   }
-  bool decode = info[kKind] == kKindDecode;
-  return Layout{info[kMaxWorks], info[kNumCtas], info[kMaxRows], info[kMaxPartials],
-                decode ? kNumQoHeads : kNumKvHeads, decode ? kDecode.blocks_per_work : 0};
+  return Layout::Load(info, kNumPlanFields);
 }
 
 inline int64_t Bytes(const Tensor& x) {
@@ -197,60 +184,67 @@ Array<int64_t> Plan(int64_t kind, int64_t tile, const Tensor& float_ws, const Te
                     bool causal) {
   DLDevice dev = int_ws.GetDLTensorPtr()->device;
   int64_t sms = NumSMs(dev);
-  int64_t rows, group, tile_q, overhead, slack, num_ctas, max_items;
-  if (kind == kKindDecode) {
-    rows = batch, group = 1, tile_q = 1;
-    overhead = kDecode.work_overhead, slack = kDecode.pack_slack_div;
-    num_ctas = std::max<int64_t>(1, sms * kDecode.ctas_per_sm / kDecode.blocks_per_work);
-    max_items = batch;
+  bool decode = kind == kKindDecode;
+  Layout lay = decode ? DecodeLayout(sms, batch)
+                      : PrefillLayout(sms, qo_indptr[batch], batch, kPrefillTiles[tile]);
+  PlanParams params;  // the defaults: group and tile 1, no causal clipping, no window
+  params.max_partials = lay.max_partials;
+  params.page_size = page_size;
+  params.allow_split = allow_split;
+  if (decode) {
+    params.work_overhead = kDecode.work_overhead;
+    params.pack_slack_div = kDecode.pack_slack_div;
   } else {
     const PrefillTile& t = kPrefillTiles[tile];
-    group = kNumQoHeads / kNumKvHeads;
-    rows = static_cast<int64_t>(qo_indptr[batch]) * group, tile_q = t.tile_q;
-    overhead = t.work_overhead, slack = kPrefillPackSlackDiv;
-    num_ctas = std::max<int64_t>(1, sms * t.blocks_per_sm / kNumKvHeads);
-    max_items = (rows + tile_q - 1) / tile_q + batch;
+    params.group_size = kNumQoHeads / kNumKvHeads;
+    params.tile_q = t.tile_q;
+    params.causal = causal;
+    params.work_overhead = t.work_overhead;
+    params.pack_slack_div = kPrefillPackSlackDiv;
   }
-  bool decode = kind == kKindDecode;
-  Layout lay{max_items + num_ctas, num_ctas, rows, decode ? max_items + num_ctas : 2 * num_ctas * tile_q,
-             decode ? kNumQoHeads : kNumKvHeads, decode ? kDecode.blocks_per_work : 0};
-  int64_t int_bytes = 4 * lay.int_elems(), float_bytes = 4 * lay.float_elems();
+  int64_t int_bytes = sizeof(int32_t) * lay.int_elems(), float_bytes = sizeof(float) * lay.float_elems();
   if (int_bytes > Bytes(int_ws) || int_bytes > Bytes(pinned_ws) || float_bytes > Bytes(float_ws)) {
     TVM_FFI_THROW(ValueError) << "tvm_attn plan: the step needs " << int_bytes << " bytes of int workspace and "
                               << float_bytes << " of float workspace; the cache has " << Bytes(int_ws) << " and "
-                              << Bytes(float_ws) << " (" << batch << " requests, " << rows << " packed rows)";
+                              << Bytes(float_ws) << " (" << batch << " requests, " << lay.max_rows
+                              << " packed rows)";
   }
   DLDevice host{kDLCPU, 0};
   int32_t* pinned = static_cast<int32_t*>(pinned_ws.GetDLTensorPtr()->data);
-  int32_t stats[4] = {0, 0, 0, 0};
+  int32_t stats[kPlanStats] = {0};
   // the planner only reads its three index arrays
-  View qo_v(const_cast<int32_t*>(qo_indptr), host, {kDLInt, 32, 1}, {batch + 1});
-  View kv_v(const_cast<int32_t*>(kv_indptr), host, {kDLInt, 32, 1}, {batch + 1});
-  View last_v(const_cast<int32_t*>(last_page_len), host, {kDLInt, 32, 1}, {batch});
-  View work_v(pinned, host, {kDLInt, 32, 1}, {kWorkFields, lay.max_works});
-  View cta_v(pinned + lay.cta_offset(), host, {kDLInt, 32, 1}, {lay.num_ctas + 1});
-  View merge_v(pinned + lay.merge_offset(), host, {kDLInt, 32, 1}, {lay.max_rows + 1});
-  View stats_v(stats, host, {kDLInt, 32, 1}, {4});
-  Call(kPlanner, qo_v.get(), kv_v.get(), last_v.get(), work_v.get(), cta_v.get(), merge_v.get(), stats_v.get(),
-       lay.max_partials, page_size, static_cast<int64_t>(allow_split), group, tile_q,
-       static_cast<int64_t>(causal), overhead, slack);
-  if (stats[3] != 0) {
-    static const char* what[] = {"", "max_works", "max_partials", "max_rows"};
-    TVM_FFI_THROW(InternalError) << "tvm_attn plan: the planner ran out of " << what[stats[3] & 3]
-                                 << " (" << stats[0] << " works, " << stats[1] << " partial rows)";
+  View qo_v(const_cast<int32_t*>(qo_indptr), host, kInt32, {batch + 1});
+  View kv_v(const_cast<int32_t*>(kv_indptr), host, kInt32, {batch + 1});
+  View last_v(const_cast<int32_t*>(last_page_len), host, kInt32, {batch});
+  View work_v = lay.work_info(pinned, host), cta_v = lay.cta_indptr(pinned, host);
+  View merge_v = lay.merge_indptr(pinned, host);
+  View stats_v(stats, host, kInt32, {kPlanStats});
+  params.Call(kPlanner, qo_v.get(), kv_v.get(), last_v.get(), work_v.get(), cta_v.get(), merge_v.get(),
+              stats_v.get());
+  if (stats[kStatStatus] != kStatusOk) {
+    TVM_FFI_THROW(InternalError) << "tvm_attn plan: the planner ran out of " << StatusName(stats[kStatStatus])
+                                 << " (" << stats[kStatNumWorks] << " works, " << stats[kStatNumPartials]
+                                 << " partial rows)";
   }
   // the decode kernel's merge counts start at zero (each launch leaves them zero)
-  std::fill(pinned + lay.count_offset(), pinned + lay.int_elems(), 0);
-  View src(pinned, host, {kDLInt, 32, 1}, {lay.int_elems()});
-  View dst(int_ws.GetDLTensorPtr()->data, dev, {kDLInt, 32, 1}, {lay.int_elems()});
+  std::fill(pinned + lay.merge_count_at(), pinned + lay.int_elems(), 0);
+  View src(pinned, host, kInt32, {lay.int_elems()});
+  View dst(int_ws.GetDLTensorPtr()->data, dev, kInt32, {lay.int_elems()});
   dst.t.byte_offset = int_ws.GetDLTensorPtr()->byte_offset;
   tvm::runtime::DeviceAPI::Get(dev)->CopyDataFromTo(src.get(), dst.get(),
                                                  TVMFFIEnvGetStream(dev.device_type, dev.device_id));
   Array<int64_t> info;
-  int64_t fields[kNumPlanFields] = {kind, tile, batch, lay.max_works, lay.num_ctas, lay.max_rows,
-                                    lay.max_partials, stats[1], static_cast<int64_t>(causal)};
+  int64_t fields[kNumPlanFields] = {kind, tile, batch, stats[kStatNumPartials], static_cast<int64_t>(causal)};
   for (int64_t f : fields) info.push_back(f);
+  lay.Save(&info);
   return info;
+}
+
+inline void CheckNoWindow(const char* what, int64_t window_left) {
+  if (window_left >= 0) {
+    TVM_FFI_THROW(ValueError) << what << ": tvm_attn's KV-cache kernels have no sliding window (window_left "
+                              << window_left << "); the cache's sliding-window slots keep TVM's kernels";
+  }
 }
 
 inline void CheckPlanArgs(const char* what, bool enable_cuda_graph, int64_t window_left) {
@@ -258,10 +252,7 @@ inline void CheckPlanArgs(const char* what, bool enable_cuda_graph, int64_t wind
     TVM_FFI_THROW(ValueError) << what << ": tvm_attn's KV-cache plan does not capture CUDA graphs (the "
                               << "cache never asks); use the wrappers' use_cuda_graph for graphs";
   }
-  if (window_left >= 0) {
-    TVM_FFI_THROW(ValueError) << what << ": tvm_attn's KV-cache kernels have no sliding window (window_left "
-                              << window_left << "); the cache's sliding-window slots keep TVM's kernels";
-  }
+  CheckNoWindow(what, window_left);
 }
 
 // The tile for a batch: by the mean GQA-packed query rows of its non-empty requests.
@@ -353,20 +344,18 @@ Array<int64_t> PlanDecode(Tensor float_ws, Tensor int_ws, Tensor pinned_ws, Tens
 struct Workspace {
   View work, cta, merge, count, tmp_o, tmp_lse;
   Workspace(const Tensor& float_ws, const Tensor& int_ws, const Layout& lay)
-      : work(Base(int_ws), Dev(int_ws), {kDLInt, 32, 1}, {kWorkFields, lay.max_works}),
-        cta(static_cast<int32_t*>(Base(int_ws)) + lay.cta_offset(), Dev(int_ws), {kDLInt, 32, 1},
-            {lay.num_ctas + 1}),
-        merge(static_cast<int32_t*>(Base(int_ws)) + lay.merge_offset(), Dev(int_ws), {kDLInt, 32, 1},
-              {lay.max_rows + 1}),
-        count(static_cast<int32_t*>(Base(int_ws)) + lay.count_offset(), Dev(int_ws), {kDLInt, 32, 1},
-              {lay.max_rows, lay.merge_blocks}),
-        tmp_o(Base(float_ws), Dev(float_ws), {kDLFloat, 32, 1}, {lay.max_partials, lay.part_heads, kHeadDim}),
-        tmp_lse(static_cast<float*>(Base(float_ws)) + lay.lse_offset(), Dev(float_ws), {kDLFloat, 32, 1},
-                {lay.max_partials, lay.part_heads}) {}
-  static void* Base(const Tensor& x) {
+      : work(lay.work_info(Ints(int_ws), Dev(int_ws))),
+        cta(lay.cta_indptr(Ints(int_ws), Dev(int_ws))),
+        merge(lay.merge_indptr(Ints(int_ws), Dev(int_ws))),
+        count(lay.merge_count(Ints(int_ws), Dev(int_ws))),
+        tmp_o(lay.tmp_o(Floats(float_ws), Dev(float_ws))),
+        tmp_lse(lay.tmp_lse(Floats(float_ws), Dev(float_ws))) {}
+  static char* Base(const Tensor& x) {
     const DLTensor* t = x.GetDLTensorPtr();
     return static_cast<char*>(t->data) + t->byte_offset;
   }
+  static int32_t* Ints(const Tensor& x) { return reinterpret_cast<int32_t*>(Base(x)); }
+  static float* Floats(const Tensor& x) { return reinterpret_cast<float*>(Base(x)); }
   static DLDevice Dev(const Tensor& x) { return x.GetDLTensorPtr()->device; }
 };
 
@@ -443,6 +432,7 @@ void RunPaged(Tensor float_ws, Tensor int_ws, Array<int64_t> plan_info, Tensor q
               int64_t mask_mode, int64_t layout, int64_t window_left, bool enable_pdl, double sm_scale,
               double rope_rcp_scale, double rope_rcp_theta) {
   CheckScale(sm_scale);
+  CheckNoWindow("tvm_attn paged run", window_left);
   if (layout != 1) TVM_FFI_THROW(ValueError) << "tvm_attn paged run: the cache's pages are HND (layout 1)";
   CheckTensor("q", q, kDType);
   CheckTensor("pages", k_view, kDType);
@@ -463,6 +453,7 @@ void RunRagged(Tensor float_ws, Tensor int_ws, Array<int64_t> plan_info, Tensor 
                int64_t window_left, bool enable_pdl, double sm_scale, double rope_rcp_scale,
                double rope_rcp_theta) {
   CheckScale(sm_scale);
+  CheckNoWindow("tvm_attn ragged run", window_left);
   if (layout != 0) TVM_FFI_THROW(ValueError) << "tvm_attn ragged run: k/v must be NHD (layout 0)";
   CheckTensor("q", q, kDType);
   CheckTensor("k", k, kDType);
@@ -479,10 +470,12 @@ void RunDecode(Tensor float_ws, Tensor int_ws, Array<int64_t> plan_info, Tensor 
                int64_t window_left, bool enable_pdl, double sm_scale, double rope_rcp_scale,
                double rope_rcp_theta) {
   CheckScale(sm_scale);
+  CheckNoWindow("tvm_attn decode run", window_left);
   if (layout != 1) TVM_FFI_THROW(ValueError) << "tvm_attn decode run: the cache's pages are HND (layout 1)";
   CheckTensor("q", q, kDType);
   CheckTensor("pages", k_view, kDType);
-  if (plan_info.size() != kNumPlanFields || plan_info[kKind] != kKindDecode) {
+  LayoutOf(plan_info);  // refuses a plan_info of another size
+  if (plan_info[kKind] != kKindDecode) {
     TVM_FFI_THROW(ValueError) << "tvm_attn decode run: not a decode plan";
   }
   View pages = Pages(k_view, v_view);

@@ -11,8 +11,10 @@ CUDA slots run the same kernels and the same planner as the wrappers:
 * ``kv_backend.cc`` (C++, linked into the model's library) holds the six plan/run functions the
   cache calls: ``plan`` picks the kernel and tile, runs the planner into the cache's page-locked int
   workspace and copies the work lists to the device; ``run`` calls the kernels on the cache's
-  tensors. It is compiled here with a generated header naming the kernels and the schedule's
-  constants, so the choices stay in :mod:`tvm_attn.schedule` and :mod:`tvm_attn.planner`.
+  tensors. It is compiled here with a generated header naming the kernels and holding the
+  schedule's tile table and the planner's interface (work-record and stats fields, status codes,
+  the scalars in signature order, the workspace regions and their sizing rules, run on C++
+  expressions), so the choices stay in :mod:`tvm_attn.schedule` and :mod:`tvm_attn.planner`.
 
 With the GQA group at 4 or more the cache sends decode steps to the paged-prefill slot; its plan
 sees one query token per request and runs the decode kernel.
@@ -20,6 +22,7 @@ sees one query token per request and runs the decode kernel.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import tempfile
@@ -31,8 +34,10 @@ from ..variants import compose
 from ..variants.masks import RuntimeCausal
 
 SOURCE = Path(__file__).with_name("kv_backend.cc")
-PLAN_PAGED, PLAN_RAGGED, PLAN_DECODE = "tvm_attn_kv_plan_paged", "tvm_attn_kv_plan_ragged", "tvm_attn_kv_plan_decode"
-RUN_PAGED, RUN_RAGGED, RUN_DECODE = "tvm_attn_kv_run_paged", "tvm_attn_kv_run_ragged", "tvm_attn_kv_run_decode"
+PLAN_PAGED, PLAN_RAGGED, PLAN_DECODE = ("tvm_attn_kv_plan_paged", "tvm_attn_kv_plan_ragged",
+                                       "tvm_attn_kv_plan_decode")
+RUN_PAGED, RUN_RAGGED, RUN_DECODE = ("tvm_attn_kv_run_paged", "tvm_attn_kv_run_ragged",
+                                    "tvm_attn_kv_run_decode")
 SYMBOLS = (PLAN_PAGED, PLAN_RAGGED, PLAN_DECODE, RUN_PAGED, RUN_RAGGED, RUN_DECODE)
 _DLPACK_DTYPE = {"float16": "{kDLFloat, 16, 1}", "bfloat16": "{kDLBfloat, 16, 1}"}
 
@@ -51,6 +56,87 @@ def prefill_tile_table(head_dim: int, variant=None, max_rows: int = 1 << 12) -> 
             table.append((rows, tiles))
     table[-1] = ((1 << 31) - 1, table[-1][1])
     return table
+
+
+def _camel(name: str) -> str:
+    return "".join(part.capitalize() for part in name.lower().split("_"))
+
+
+def _product(shape) -> str:
+    return " * ".join(f"({d})" if " " in str(d) and not str(d).startswith("(") else str(d) for d in shape)
+
+
+def planner_header() -> list[str]:
+    """C++ of :mod:`tvm_attn.planner`'s interface, for ``kv_backend.cc``: the work-record and stats
+    fields and the status codes (``kWorkKvEnd``, ``kStatStatus``, ``kStatusMaxWorks``, ...) with
+    ``StatusName``; ``PlanParams``, the planner's scalars by name with their defaults, whose ``Call``
+    passes them in the planner's order; and ``Layout`` (:func:`_layout_struct`)."""
+    from ..planner import NO_WINDOW, PLAN_STATS, PlanParams, Stat, Status, Work
+
+    lines = ["// -- tvm_attn.planner: the planner's interface"]
+    for enum_type, name, prefix, count in ((Work, "WorkField", "kWork", "kWorkFields"),
+                                           (Stat, "StatField", "kStat", None),
+                                           (Status, "PlanStatus", "kStatus", None)):
+        fields = [f"{prefix}{_camel(m.name)} = {m.value}" for m in enum_type]
+        fields += [f"{count} = {len(enum_type)}"] if count else []
+        lines.append(f"enum {name} : int {{ {', '.join(fields)} }};")
+    names = ", ".join(f'"{m.name.lower()}"' for m in Status)
+    lines += [f"constexpr int kPlanStats = {PLAN_STATS};  // entries of the planner's stats",
+              f"constexpr int64_t kNoWindow = {NO_WINDOW};",
+              "inline const char* StatusName(int64_t s) {",
+              f"  static const char* names[] = {{{names}}};",
+              f'  return s >= 0 && s < {len(Status)} ? names[s] : "unknown";',
+              "}",
+              "// the planner's scalars by name (PlanParams); Call passes them in the planner's order",
+              "struct PlanParams {"]
+    fields = dataclasses.fields(PlanParams)
+    for f in fields:
+        default = "" if f.default is dataclasses.MISSING else f" = {int(f.default)}"
+        lines.append(f"  int64_t {f.name}{default};  // {f.metadata['meaning']}")
+    lines += ["  template <typename... Tensors>",
+              "  void Call(TVMFFISafeCallType fn, Tensors... tensors) const {",
+              f"    tvm_attn_kv::Call(fn, tensors..., {', '.join(f.name for f in fields)});",
+              "  }",
+              "};"]
+    return lines + _layout_struct()
+
+
+def _layout_struct() -> list[str]:
+    """``Layout``: a :class:`~tvm_attn.planner.Workspace` whose regions are views
+    (``work_info(base, device)``, ...) at the offsets Python lays them out at, and which
+    ``Save`` / ``Load`` into and from a plan_info array."""
+    from ..planner import CExpr, Workspace
+
+    names = [f.name for f in dataclasses.fields(Workspace)]
+    ws = Workspace(*(CExpr(n) for n in names))
+    lines = ["// one plan's capacities (tvm_attn.planner.Workspace) and the workspace regions they size",
+             "struct Layout {", f"  int64_t {', '.join(names)};",
+             f"  static constexpr int kFields = {len(names)};"]
+    for kind, regions, ptr, dtype in (("int", ws.int_regions(), "int32_t", "kInt32"),
+                                      ("float", ws.float_regions(), "float", "kFloat32")):
+        at = "0"
+        for name, shape in regions:
+            dims = ", ".join(str(d) for d in shape)
+            lines += [f"  int64_t {name}_at() const {{ return {at}; }}",
+                      f"  View {name}({ptr}* base, DLDevice dev) const {{",
+                      f"    return View(base + {name}_at(), dev, {dtype}, {{{dims}}});",
+                      "  }"]
+            at = f"{name}_at() + {_product(shape)}"
+        lines.append(f"  int64_t {kind}_elems() const {{ return {at}; }}")
+    loads = ", ".join(f"info[at + {i}]" for i in range(len(names)))
+    lines += ["  void Save(Array<int64_t>* info) const {",
+              *(f"    info->push_back({n});" for n in names),
+              "  }",
+              "  static Layout Load(const Array<int64_t>& info, int64_t at) {",
+              f"    return Layout{{{loads}}};",
+              "  }",
+              "};"]
+    return lines
+
+
+def _symbol(name: str) -> str:
+    """The exported symbol of a host function of a TVM module."""
+    return f"__tvm_ffi_{name}"
 
 
 class CudaKVBackend:
@@ -76,13 +162,13 @@ class CudaKVBackend:
         self.tiles = prefill_tile_table(d, prefill_variant)
         self.prefill_keys = []
         for _, tiles in self.tiles:
-            pair = tuple(AttentionKey("prefill", kv, hq, hkv, d, dt, dt, prefill_variant, c.target, tiles.uri())
-                         for kv in (PagedKV(c.page_size, "HND"), RaggedKV("NHD")))
+            pair = tuple(AttentionKey("prefill", kv, hq, hkv, d, dt, dt, prefill_variant, c.target,
+                                      tiles.uri()) for kv in (PagedKV(c.page_size, "HND"), RaggedKV("NHD")))
             check_key(pair[0])
             self.prefill_keys.append(pair)
         group = hq // hkv
-        self.decode_key = AttentionKey("decode", PagedKV(c.page_size, "HND"), hq, hkv, d, dt, dt, user, c.target,
-                                       decode_schedule(d, dt, group, user))
+        self.decode_key = AttentionKey("decode", PagedKV(c.page_size, "HND"), hq, hkv, d, dt, dt, user,
+                                       c.target, decode_schedule(d, dt, group, user))
         self.decode_tiles = DecodeTiles.parse(self.decode_key.schedule, d, dt)
 
     # -- the TIR side ---------------------------------------------------------------------------------
@@ -102,47 +188,82 @@ class CudaKVBackend:
 
     # -- the C++ side ---------------------------------------------------------------------------------
     def header(self) -> str:
-        """The generated header ``kv_backend.cc`` includes: the kernels' symbols and the constants."""
-        from ..planner import PACK_SLACK_DIV, PLAN, PREFILL_PACK_SLACK_DIV, WORK_OVERHEAD, prefill_work_overhead
+        """The generated header ``kv_backend.cc`` includes: the kernels' symbols, the model's shape and
+        kernel tables, and the planner's interface and workspace rules (:func:`planner_header`)."""
+        from ..planner import PACK_SLACK_DIV, PLAN, PREFILL_PACK_SLACK_DIV, WORK_OVERHEAD
 
-        c, dt = self.config, self.decode_tiles
-        sym = lambda name: f"__tvm_ffi_{name}"  # noqa: E731  (the exported symbol of a host function)
+        c = self.config
         names = [PLAN, self.decode_key.uri]
-        rows = []
-        for (max_rows, tiles), (paged, ragged) in zip(self.tiles, self.prefill_keys):
+        for paged, ragged in self.prefill_keys:
             names += [paged.uri, paged.uri + "_merge", ragged.uri, ragged.uri + "_merge"]
-            rows.append(f"    {{{max_rows}, {tiles.tile_q}, {tiles.blocks_per_sm}, {prefill_work_overhead(tiles.tile_q)}, "
-                        f"{sym(paged.uri)}, {sym(paged.uri + '_merge')}, {sym(ragged.uri)}, "
-                        f"{sym(ragged.uri + '_merge')}}},")
-        group = c.num_attention_heads // c.num_key_value_heads
-        head_splits = group // dt.heads_per_block
-        lines = ["// generated by tvm_attn.relax.kv_backend: the kernels of one KV-cache configuration", "#pragma once",
-                 'extern "C" {']
-        lines += [f"int {sym(n)}(void*, const TVMFFIAny*, int32_t, TVMFFIAny*);" for n in names]
+        lines = ["// generated by tvm_attn.relax.kv_backend: the kernels of one KV-cache configuration",
+                 "#pragma once", 'extern "C" {']
+        lines += [f"int {_symbol(n)}(void*, const TVMFFIAny*, int32_t, TVMFFIAny*);" for n in names]
+        decode = f"{WORK_OVERHEAD}, {PACK_SLACK_DIV}, {_symbol(self.decode_key.uri)}"
         lines += ["}", "namespace tvm_attn_kv {",
-                  f"constexpr int64_t kNumQoHeads = {c.num_attention_heads}, kNumKvHeads = {c.num_key_value_heads};",
+                  f"constexpr int64_t kNumQoHeads = {c.num_attention_heads}, "
+                  f"kNumKvHeads = {c.num_key_value_heads};",
                   f"constexpr int64_t kHeadDim = {c.head_dim}, kPageSize = {c.page_size};",
                   f"constexpr DLDataType kDType = {_DLPACK_DTYPE[c.dtype]};",
                   f"constexpr int64_t kPrefillPackSlackDiv = {PREFILL_PACK_SLACK_DIV};",
-                  "constexpr PrefillTile kPrefillTiles[] = {", *rows, "};",
-                  f"constexpr DecodeKernel kDecode = {{{dt.blocks_per_sm}, {c.num_key_value_heads * head_splits}, "
-                  f"{WORK_OVERHEAD}, {PACK_SLACK_DIV}, {sym(self.decode_key.uri)}}};",
-                  f"constexpr TVMFFISafeCallType kPlanner = {sym(PLAN)};",
-                  "}  // namespace tvm_attn_kv", ""]
+                  "// schedule.prefill.choose_prefill_tiles by mean GQA-packed query rows",
+                  "constexpr PrefillTile kPrefillTiles[] = {", *self._tile_rows(), "};",
+                  f"constexpr DecodeKernel kDecode = {{{decode}}};",
+                  f"constexpr TVMFFISafeCallType kPlanner = {_symbol(PLAN)};",
+                  *planner_header(), *self._sizing(), "}  // namespace tvm_attn_kv", ""]
         return "\n".join(lines)
 
-    def compile_object(self, directory) -> Path:
-        """Compile ``kv_backend.cc`` with this configuration's header into ``directory/kv_backend.o``."""
+    def _tile_rows(self) -> list[str]:
+        from ..planner import prefill_work_overhead
+
+        rows = []
+        for (max_rows, tiles), (paged, ragged) in zip(self.tiles, self.prefill_keys):
+            kernels = ", ".join(_symbol(k.uri + suffix) for k in (paged, ragged) for suffix in ("", "_merge"))
+            rows.append(f"    {{{max_rows}, {tiles.tile_q}, {tiles.blocks_per_sm}, "
+                        f"{prefill_work_overhead(tiles.tile_q)}, {kernels}}},  // {tiles.uri()}")
+        return rows
+
+    def _sizing(self) -> list[str]:
+        """DecodeLayout / PrefillLayout: :func:`tvm_attn.planner.decode_workspace` and
+        :func:`~tvm_attn.planner.prefill_workspace` run on C++ expressions of a step's sizes."""
+        from types import SimpleNamespace
+
+        from ..planner import CExpr, decode_workspace, prefill_workspace
+
+        c = self.config
+        hq, hkv, d = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+        dec = decode_workspace(CExpr("batch"), hq, hkv, d, self.decode_tiles, CExpr("num_sms"))
+        tile = SimpleNamespace(tile_q=CExpr("tile.tile_q"), blocks_per_sm=CExpr("tile.blocks_per_sm"))
+        pre = prefill_workspace(CExpr("tokens"), CExpr("batch"), hq, hkv, d, tile, CExpr("num_sms"))
+        init = lambda ws: ", ".join(str(getattr(ws, f.name)) for f in dataclasses.fields(ws))  # noqa: E731
+        return ["// tvm_attn.planner.decode_workspace: a decode plan of `batch` requests",
+                "inline Layout DecodeLayout(int64_t num_sms, int64_t batch) {",
+                f"  return Layout{{{init(dec)}}};",
+                "}",
+                "// tvm_attn.planner.prefill_workspace: `tokens` query rows in `batch` requests",
+                "inline Layout PrefillLayout(int64_t num_sms, int64_t tokens, int64_t batch, "
+                "const PrefillTile& tile) {",
+                f"  return Layout{{{init(pre)}}};",
+                "}"]
+
+    def cxx_flags(self, directory) -> list[str]:
+        """Write this configuration's header into ``directory``; the compiler flags that build
+        ``kv_backend.cc`` with it."""
         import tvm
         import tvm_ffi
 
+        (Path(directory) / "kv_backend_config.h").write_text(self.header())
+        return ["-std=c++17", f"-I{tvm.libinfo.find_include_path()}",
+                f"-I{tvm_ffi.libinfo.find_include_path()}", f"-I{tvm_ffi.libinfo.find_dlpack_include_path()}",
+                f"-I{directory}", '-DTVM_ATTN_KV_CONFIG="kv_backend_config.h"']
+
+    def compile_object(self, directory) -> Path:
+        """Compile ``kv_backend.cc`` with this configuration's header into ``directory/kv_backend.o``."""
+
         directory = Path(directory)
-        (directory / "kv_backend_config.h").write_text(self.header())
         obj = directory / "kv_backend.o"
-        cmd = [os.environ.get("CXX", "g++"), "-c", "-O2", "-std=c++17", "-fPIC", "-fvisibility=hidden",
-               f"-I{tvm.libinfo.find_include_path()}", f"-I{tvm_ffi.libinfo.find_include_path()}",
-               f"-I{tvm_ffi.libinfo.find_dlpack_include_path()}", f"-I{directory}",
-               '-DTVM_ATTN_KV_CONFIG="kv_backend_config.h"', str(SOURCE), "-o", str(obj)]
+        cmd = [os.environ.get("CXX", "g++"), "-c", "-O2", "-fPIC", "-fvisibility=hidden",
+               *self.cxx_flags(directory), str(SOURCE), "-o", str(obj)]
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode:
             raise RuntimeError(f"compiling {SOURCE.name} failed ({' '.join(cmd)}):\n{done.stderr[-4000:]}")

@@ -27,7 +27,6 @@ from dataclasses import dataclass
 
 import tvm
 from tvm import relax as rx
-from tvm import tirx
 from tvm.relax.frontend.nn.extern import ExternModule
 from tvm.relax.frontend.nn.llm import kv_cache as tvm_kv
 from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache, RopeMode

@@ -8,8 +8,8 @@ graph captured once stays valid.
 
 Work items: request ``b`` has ``qo_len(b) * group_size`` GQA-packed query rows (token x head of the
 group), cut into query tiles of ``tile_q`` rows; item ``(b, t)`` reads keys ``[0, extent)``, where
-the extent is ``kv_len(b)``, or with ``causal`` the keys its last row sees (the decode plan with a
-sliding window starts at the first key the window shows). Decode is the case
+the extent is ``kv_len(b)``, or with ``causal`` the keys its last row sees; with a sliding window
+(``window_left >= 0``) it starts at the first key the window shows its first row. Decode is the case
 ``qo_indptr = arange(B + 1)``, ``group_size = tile_q = 1``: one item per request. The cost of a piece
 is ``keys + work_overhead`` (the paper's ``alpha * l_q + beta * l_kv`` with the query side folded
 into the per-work overhead, since a tile's rows are fixed).
@@ -29,31 +29,46 @@ Two plans, the first that balances:
 
 Without split-KV (the deterministic, batch-invariant mode) the plan is always packed::
 
-    plan(qo_indptr[B+1], kv_indptr[B+1], kv_last_page_len[B], work_info[6, max_works],
-         cta_indptr[num_ctas+1], merge_indptr[max_rows+1], stats[4], max_partials, page_size,
-         allow_split, group_size, tile_q, causal, work_overhead, pack_slack_div)
+    plan(qo_indptr[B+1], kv_indptr[B+1], kv_last_page_len[B], work_info[WORK_FIELDS, max_works],
+         cta_indptr[num_ctas+1], merge_indptr[max_rows+1], stats[PLAN_STATS], *PlanParams)
+
+with the scalars of :class:`tvm_attn.planner.PlanParams`, in its order (callers build one by name).
 
 * ``kv_len(b) = (pages - 1) * page_size + last_page_len[b]`` (0 without pages); ragged KV passes
   ``page_size = 1`` and ones, block-sparse rows ``page_size = C`` and ``C``.
-* ``work_info[:, w] = (request, kv_begin, kv_end, out_row, row_begin, out_stride)``, works in CTA
-  order; CTA ``c`` runs works ``cta_indptr[c]:cta_indptr[c+1]``; ``row_begin`` is the item's first
-  packed row; ``out_row = -1``: write o directly, else packed row ``r`` of the piece writes partial
-  row ``out_row + r * out_stride``.
+* ``work_info[:, w]``: the fields of :class:`tvm_attn.planner.Work` (request, kv_begin, kv_end,
+  out_row, row_begin, out_stride), works in CTA order; CTA ``c`` runs works
+  ``cta_indptr[c]:cta_indptr[c+1]``; ``row_begin`` is the item's first packed row; ``out_row = -1``:
+  write o directly, else packed row ``r`` of the piece writes partial row ``out_row + r * out_stride``.
 * ``merge_indptr[p]..merge_indptr[p+1]``: the partial rows of global packed row
   ``p = qo_indptr[b] * group_size + row`` (empty unless its item was cut).
-* ``stats = (num_works, num_partials, quota, status)``; status 0 is success, 1: more works than
-  ``max_works``, 2: more partial rows than ``max_partials``, 3: more packed rows than ``max_rows``.
+* ``stats``: the fields of :class:`tvm_attn.planner.Stat` (num_works, num_partials, quota, status);
+  status (:class:`tvm_attn.planner.Status`) 0 is success, 1: more works than ``max_works``, 2: more
+  partial rows than ``max_partials``, 3: more packed rows than ``max_rows``.
   Nothing is written past a buffer's end whatever the status, and a failed plan runs no work.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import enum
+from dataclasses import dataclass
+from typing import Any, Callable
+
 from tvm import tirx
 
-from ..planner import DECODE_LAYOUT, MIN_PIECE, PLAN, PLAN_DECODE, STATUS_LAYOUT, STATUS_PAGE_TABLE, WORK_FIELDS
+from ..planner import (
+    DECODE_LAYOUT, DECODE_PLAN_STATS, MIN_PIECE, PLAN, PLAN_DECODE, PLAN_STATS, WORK_FIELDS, DecodePlanParams,
+    PlanParams, Stat, Status, Work,
+)
 from ._builder import IRBuilder, T, buffer_param, let, local, loop, scalar_param, store, sym, when
 
 INT32_MAX = 2**31 - 1
+
+
+def _scalar_params(params_type):
+    """One int32 scalar parameter per field of ``params_type``, held in an instance of it."""
+    return params_type(**{f.name: scalar_param(f.name, "int32") for f in dataclasses.fields(params_type)})
 
 
 def make_planner(name: str = PLAN) -> tirx.PrimFunc:
@@ -64,209 +79,300 @@ def make_planner(name: str = PLAN) -> tirx.PrimFunc:
             batch, max_works = sym("batch_size"), sym("max_works")
             num_ctas_plus_one, max_rows_plus_one = sym("num_ctas_plus_1"), sym("max_rows_plus_1")
             qo_indptr = buffer_param("qo_indptr", (batch + 1,), "int32")
-            kv_indptr = buffer_param("kv_indptr", (batch + 1,), "int32")
-            last_page_len = buffer_param("kv_last_page_len", (batch,), "int32")
-            work_info = buffer_param("work_info", (WORK_FIELDS, max_works), "int32")
-            cta_indptr = buffer_param("cta_indptr", (num_ctas_plus_one,), "int32")
-            merge_indptr = buffer_param("merge_indptr", (max_rows_plus_one,), "int32")
-            stats = buffer_param("stats", (4,), "int32")
-            scalars = [scalar_param(n, "int32") for n in _PLAN_SCALARS]
-            _emit_plan(lambda b: qo_indptr[b], batch, kv_indptr, last_page_len, work_info, cta_indptr, merge_indptr,
-                       stats, num_ctas_plus_one, max_rows_plus_one, *scalars)
+            pl = _Plan(
+                qo_begin=lambda b: qo_indptr[b], batch=batch,
+                kv_indptr=buffer_param("kv_indptr", (batch + 1,), "int32"),
+                last_page_len=buffer_param("kv_last_page_len", (batch,), "int32"),
+                work_info=buffer_param("work_info", (WORK_FIELDS, max_works), "int32"),
+                cta_indptr=buffer_param("cta_indptr", (num_ctas_plus_one,), "int32"),
+                merge_indptr=buffer_param("merge_indptr", (max_rows_plus_one,), "int32"),
+                stats=buffer_param("stats", (PLAN_STATS,), "int32"),
+                num_ctas_plus_one=num_ctas_plus_one, max_rows_plus_one=max_rows_plus_one,
+                p=_scalar_params(PlanParams))
+            _emit_plan(pl)
     return ib.get()
 
 
-#: the planner's scalar arguments, in order
-_PLAN_SCALARS = ("max_partials", "page_size", "allow_split", "group_size", "tile_q", "causal", "work_overhead",
-                 "pack_slack_div")
+class _S(enum.IntEnum):
+    """Slots of the planner's local state."""
+
+    COST = 0  # total cost of the items (then with the overhead of every possible cut)
+    QUOTA = 1  # each CTA's share
+    CTA = 2  # cut plan: the CTA being filled
+    USED = 3  # cut plan: that CTA's cost so far; packed: the most loaded CTA's cost
+    WORKS = 4
+    PARTIALS = 5
+    STATUS = 6
+    POS = 7  # cut plan: keys of the item given out so far
+    FIRST = 8  # cut plan: 1 until the item's first piece is out
+    ITEM_WORK = 9  # cut plan: the item's first work
 
 
-def _emit_plan(qo_begin, batch, kv_indptr, last_page_len, work_info, cta_indptr, merge_indptr, stats,
-               num_ctas_plus_one, max_rows_plus_one, max_partials, page_size, allow_split, group, tile_q, causal,
-               overhead, slack_div, window=None) -> None:
-    """The planner's body (see the module docstring); ``qo_begin(b)`` is ``qo_indptr[b]``; ``window``
-    (an int32 expression, < 0 for none) plans only the keys a sliding window of that many keys left
-    of the query lets an item's first row see."""
-    max_works = work_info.shape[1]
-    num_ctas = num_ctas_plus_one - 1
-    max_rows = max_rows_plus_one - 1
+@dataclass
+class _Plan:
+    """What the planner's stages share: its arrays, its scalars (a :class:`PlanParams` of TIR
+    expressions), the items' geometry, and (from :func:`_plan_totals` on) the local state ``s``."""
 
-    pages = lambda b: kv_indptr[b + 1] - kv_indptr[b]  # noqa: E731
-    kv_len = lambda b: tirx.if_then_else(pages(b) > 0, (pages(b) - 1) * page_size + last_page_len[b], 0)  # noqa: E731
-    packed = lambda b: (qo_begin(b + 1) - qo_begin(b)) * group  # noqa: E731
-    n_tiles = lambda b: tirx.ceildiv(packed(b), tile_q)  # noqa: E731
+    qo_begin: Callable[[Any], Any]  # b -> qo_indptr[b]
+    batch: Any
+    kv_indptr: tirx.Buffer
+    last_page_len: tirx.Buffer
+    work_info: tirx.Buffer
+    cta_indptr: tirx.Buffer
+    merge_indptr: tirx.Buffer
+    stats: tirx.Buffer
+    num_ctas_plus_one: Any
+    max_rows_plus_one: Any
+    p: PlanParams
+    s: Any = None
+    n_batch: Any = None
+    total_rows: Any = None
+    few: Any = None  # every item gets a CTA of its own
 
-    def rows_of(b, t):
-        return tirx.min(tile_q, packed(b) - t * tile_q)
+    @property
+    def num_ctas(self):
+        return self.num_ctas_plus_one - 1
 
-    def extent(b, t):
+    @property
+    def max_works(self):
+        return self.work_info.shape[1]
+
+    @property
+    def quota(self):
+        return self.s[_S.QUOTA]
+
+    def kv_len(self, b):
+        pages = self.kv_indptr[b + 1] - self.kv_indptr[b]
+        return tirx.if_then_else(pages > 0, (pages - 1) * self.p.page_size + self.last_page_len[b], 0)
+
+    def qo_len(self, b):
+        return self.qo_begin(b + 1) - self.qo_begin(b)
+
+    def packed(self, b):
+        return self.qo_len(b) * self.p.group_size
+
+    def n_tiles(self, b):
+        return tirx.ceildiv(self.packed(b), self.p.tile_q)
+
+    def rows_of(self, b, t):
+        return tirx.min(self.p.tile_q, self.packed(b) - t * self.p.tile_q)
+
+    def extent(self, b, t):
         """Keys the item reads: all, or with causal those its last row sees."""
-        length = kv_len(b)
-        last_tok = (t * tile_q + rows_of(b, t) - 1) // group
-        seen = last_tok + length - (qo_begin(b + 1) - qo_begin(b)) + 1
-        return tirx.if_then_else(causal != 0, tirx.max(tirx.min(seen, length), 0), length)
+        length = self.kv_len(b)
+        last_tok = (t * self.p.tile_q + self.rows_of(b, t) - 1) // self.p.group_size
+        seen = last_tok + length - self.qo_len(b) + 1
+        return tirx.if_then_else(self.p.causal != 0, tirx.max(tirx.min(seen, length), 0), length)
 
-    def first_key(b, t):
+    def first_key(self, b, t):
         """The item's first key: 0, or with a window the first its first row sees (its other rows,
         later positions, see no earlier key)."""
-        if window is None:
-            return 0
-        pos = (t * tile_q) // group + kv_len(b) - (qo_begin(b + 1) - qo_begin(b))
-        return tirx.if_then_else(window < 0, 0, tirx.max(tirx.min(pos - window, extent(b, t)), 0))
+        window = self.p.window_left
+        pos = (t * self.p.tile_q) // self.p.group_size + self.kv_len(b) - self.qo_len(b)
+        return tirx.if_then_else(window < 0, 0, tirx.max(tirx.min(pos - window, self.extent(b, t)), 0))
 
-    def span(b, t):
-        return extent(b, t) - first_key(b, t)
+    def span(self, b, t):
+        return self.extent(b, t) - self.first_key(b, t)
 
-    # s: 0 total cost, 1 quota, 2 cta, 3 used (packed: the most loaded CTA's cost), 4 works,
-    #    5 partials, 6 status, 7 pos, 8 first, 9 first work of the item
-    s = local("s", 10, "int32")
-    for i in range(10):
+    def emit(self, w, req, begin, end, row0):
+        """Work ``w``: a whole item, written directly (a cut sets its out_row and out_stride later)."""
+        record = {Work.REQUEST: req, Work.KV_BEGIN: begin, Work.KV_END: end, Work.OUT_ROW: -1,
+                  Work.ROW_BEGIN: row0, Work.OUT_STRIDE: 0}
+        with when(w < self.max_works):
+            for field in Work:
+                store(self.work_info, record[field], field, w)
+
+
+def _emit_plan(pl: _Plan) -> None:
+    """The planner's body (see the module docstring)."""
+    _plan_totals(pl)
+    sched = _ListScheduler(pl)
+    pack = sched.count()
+    with T.If(pack):
+        with T.Then():
+            _packed_plan(pl, sched)
+        with T.Else():
+            _cut_plan(pl)
+    _finish(pl)
+
+
+def _plan_totals(pl: _Plan) -> None:
+    """The local state, the items' total cost, the quota and whether every item gets its own CTA."""
+    s = pl.s = local("s", len(_S), "int32")
+    for i in _S:
         store(s, 0, i)
-    n_batch = let("n_batch", batch)
-    total_rows = let("total_rows", qo_begin(batch) * group)
-    store(s, tirx.if_then_else(total_rows > max_rows, 3, 0), 6)
-    with loop("b", n_batch) as b:
-        store(s, s[4] + n_tiles(b), 4)
-        with loop("t", n_tiles(b)) as t:
-            store(s, s[0] + span(b, t) + overhead, 0)
-    few = let("few", s[4] <= num_ctas)  # every item gets a CTA of its own
-    store(s, 0, 4)
+    pl.n_batch = let("n_batch", pl.batch)
+    pl.total_rows = let("total_rows", pl.qo_begin(pl.batch) * pl.p.group_size)
+    too_many = pl.total_rows > pl.max_rows_plus_one - 1
+    store(s, tirx.if_then_else(too_many, Status.MAX_ROWS, Status.OK), _S.STATUS)
+    overhead = pl.p.work_overhead
+    with loop("b", pl.n_batch) as b:
+        store(s, s[_S.WORKS] + pl.n_tiles(b), _S.WORKS)
+        with loop("t", pl.n_tiles(b)) as t:
+            store(s, s[_S.COST] + pl.span(b, t) + overhead, _S.COST)
+    pl.few = let("few", s[_S.WORKS] <= pl.num_ctas)
+    store(s, 0, _S.WORKS)
     # each CTA boundary may cut an item, adding one more piece (and its overhead)
-    store(s, s[0] + overhead * tirx.max(num_ctas - 1, 0), 0)
-    store(s, tirx.max(tirx.ceildiv(s[0], tirx.max(num_ctas, 1)), 1), 1)
-    quota = s[1]
-    limit = let("pack_limit", quota + quota // tirx.max(slack_div, 1))
+    store(s, s[_S.COST] + overhead * tirx.max(pl.num_ctas - 1, 0), _S.COST)
+    store(s, tirx.max(tirx.ceildiv(s[_S.COST], tirx.max(pl.num_ctas, 1)), 1), _S.QUOTA)
 
-    def emit(w, req, begin, end, row0):
-        with when(w < max_works):
-            for field, value in enumerate((req, begin, end, -1, row0, 0)):
-                store(work_info, value, field, w)
 
-    # -- packed: list scheduling, twice: to count each CTA's items (and find the most loaded
-    # CTA), then to place them. The least-loaded CTA comes from a tournament tree over the
-    # CTAs' costs (leaves padded to a power of two with never-chosen CTAs), O(log num_ctas)
-    # per item: a scan of 66 CTAs per item made a batch-64 decode plan 3.6 us slower.
-    pw = local("pw", 2, "int32")  # leaves (a power of two >= num_ctas), tree levels
-    store(pw, 1, 0)
-    store(pw, 0, 1)
-    with T.While(pw[0] < num_ctas):
-        store(pw, pw[0] * 2, 0)
-        store(pw, pw[1] + 1, 1)
-    leaves, levels = let("leaves", pw[0]), let("levels", pw[1])
-    # (sized by num_ctas, known on entry: leaves < 2 * num_ctas)
-    load = T.alloc_buffer((2 * num_ctas_plus_one,), "int32", scope="global")  # each CTA's cost
-    tree = T.alloc_buffer((4 * num_ctas_plus_one,), "int32", scope="global")  # least-loaded CTA below
-    IRBuilder.name("load", load)
-    IRBuilder.name("tree", tree)
+class _ListScheduler:
+    """List scheduling of whole items: each, in planning order, to the CTA with the least cost so
+    far. The least-loaded CTA comes from a tournament tree over the CTAs' costs (leaves padded to a
+    power of two with never-chosen CTAs), O(log num_ctas) per item: a scan of 66 CTAs per item made
+    a batch-64 decode plan 3.6 us slower."""
 
-    def pick(node):  # the lesser of the node's children (the left one of equals)
+    def __init__(self, pl: _Plan):
+        self.pl = pl
+        quota = pl.quota
+        self.limit = let("pack_limit", quota + quota // tirx.max(pl.p.pack_slack_div, 1))
+        pw = local("pw", 2, "int32")  # leaves (a power of two >= num_ctas), tree levels
+        store(pw, 1, 0)
+        store(pw, 0, 1)
+        with T.While(pw[0] < pl.num_ctas):
+            store(pw, pw[0] * 2, 0)
+            store(pw, pw[1] + 1, 1)
+        self.leaves, self.levels = let("leaves", pw[0]), let("levels", pw[1])
+        # (sized by num_ctas, known on entry: leaves < 2 * num_ctas)
+        # each CTA's cost, and the least-loaded CTA below each node
+        self.load = T.alloc_buffer((2 * pl.num_ctas_plus_one,), "int32", scope="global")
+        self.tree = T.alloc_buffer((4 * pl.num_ctas_plus_one,), "int32", scope="global")
+        IRBuilder.name("load", self.load)
+        IRBuilder.name("tree", self.tree)
+        self.taken = local("taken", 1, "int32")  # items given out so far
+
+    def _pick(self, node):  # the lesser of the node's children (the left one of equals)
+        tree, load = self.tree, self.load
         a, b = tree[2 * node], tree[2 * node + 1]
         store(tree, tirx.if_then_else(load[b] < load[a], b, a), node)
 
-    taken = local("taken", 1, "int32")  # items given out so far
-
-    def list_schedule(take):
-        """Give every item, in planning order, to the least-loaded CTA (the first of equals);
-        ``take(b, t, cta)`` records it. With no more items than CTAs that is item i -> CTA i."""
+    def run(self, take):
+        """Give every item, in planning order (with causal, a request's tiles from the last, the
+        longest), to the least-loaded CTA (the first of equals); ``take(b, t, cta)`` records it.
+        With no more items than CTAs that is item i -> CTA i."""
+        pl, leaves, load, tree, taken = self.pl, self.leaves, self.load, self.tree, self.taken
         store(taken, 0, 0)
         with loop("c", leaves) as c:
-            store(load, tirx.if_then_else(c < num_ctas, 0, INT32_MAX), c)
+            store(load, tirx.if_then_else(c < pl.num_ctas, 0, INT32_MAX), c)
             store(tree, c, leaves + c)
-        with when(tirx.Not(few)):
+        with when(tirx.Not(pl.few)):
             with loop("i", leaves - 1) as i:
-                pick(leaves - 1 - i)
-        with loop("b", n_batch) as b:
-            with loop("i", n_tiles(b)) as i:
-                t = let("t", tirx.if_then_else(causal != 0, n_tiles(b) - 1 - i, i))
-                cta = let("cta", tirx.if_then_else(few, taken[0], tree[1]))
+                self._pick(leaves - 1 - i)
+        with loop("b", pl.n_batch) as b:
+            with loop("i", pl.n_tiles(b)) as i:
+                t = let("t", tirx.if_then_else(pl.p.causal != 0, pl.n_tiles(b) - 1 - i, i))
+                cta = let("cta", tirx.if_then_else(pl.few, taken[0], tree[1]))
                 store(taken, taken[0] + 1, 0)
-                store(load, load[cta] + span(b, t) + overhead, cta)
-                with when(tirx.Not(few)):
-                    with loop("l", levels) as lv:
-                        pick(tirx.shift_right(leaves + cta, lv + 1))
+                store(load, load[cta] + pl.span(b, t) + pl.p.work_overhead, cta)
+                with when(tirx.Not(pl.few)):
+                    with loop("l", self.levels) as lv:
+                        self._pick(tirx.shift_right(leaves + cta, lv + 1))
                 take(b, t, cta)
 
-    with loop("c", num_ctas_plus_one) as c:
-        store(cta_indptr, 0, c)
-    list_schedule(lambda b, t, cta: store(cta_indptr, cta_indptr[cta + 1] + 1, cta + 1))
-    store(s, 0, 3)
-    with loop("c", num_ctas) as c:
-        store(s, tirx.max(s[3], load[c]), 3)
-    pack = let("pack", tirx.any(allow_split == 0, s[3] <= limit))
+    def count(self):
+        """Count each CTA's items into ``cta_indptr[c + 1]``; returns whether to pack: no split
+        allowed, or no CTA then exceeds the quota by more than the slack."""
+        pl, s = self.pl, self.pl.s
+        with loop("c", pl.num_ctas_plus_one) as c:
+            store(pl.cta_indptr, 0, c)
+        self.run(lambda b, t, cta: store(pl.cta_indptr, pl.cta_indptr[cta + 1] + 1, cta + 1))
+        store(s, 0, _S.USED)
+        with loop("c", pl.num_ctas) as c:
+            store(s, tirx.max(s[_S.USED], self.load[c]), _S.USED)
+        return let("pack", tirx.any(pl.p.allow_split == 0, s[_S.USED] <= self.limit))
 
-    with T.If(pack):
-        with T.Then():
-            with loop("c", num_ctas) as c:  # counts -> offsets: CTA c starts at cta_indptr[c]
-                store(cta_indptr, cta_indptr[c + 1] + cta_indptr[c], c + 1)
-            store(s, cta_indptr[num_ctas], 4)
 
-            def place(b, t, cta):
-                emit(cta_indptr[cta], b, first_key(b, t), extent(b, t), t * tile_q)
-                store(cta_indptr, cta_indptr[cta] + 1, cta)
+def _packed_plan(pl: _Plan, sched: _ListScheduler) -> None:
+    """Whole items, placed as :meth:`_ListScheduler.count` counted them; no merge."""
+    cta_indptr, num_ctas = pl.cta_indptr, pl.num_ctas
+    with loop("c", num_ctas) as c:  # counts -> offsets: CTA c starts at cta_indptr[c]
+        store(cta_indptr, cta_indptr[c + 1] + cta_indptr[c], c + 1)
+    store(pl.s, cta_indptr[num_ctas], _S.WORKS)
 
-            list_schedule(place)
-            # cta_indptr[c] now holds CTA c's end, which is CTA c + 1's start
-            with loop("i", tirx.max(num_ctas - 1, 0)) as i:
-                store(cta_indptr, cta_indptr[num_ctas - 2 - i], num_ctas - 1 - i)
-            store(cta_indptr, 0, 0)
-            with loop("p", max_rows_plus_one) as p:
-                store(merge_indptr, 0, p)
-        with T.Else():  # -- cut at the quotas, item after item
-            store(s, 0, 3)
-            with loop("b", n_batch) as b:
-                with loop("t", n_tiles(b)) as t:
-                    key0 = let("key0", first_key(b, t))
-                    length = let("len", extent(b, t) - key0)
-                    rows = let("rows", rows_of(b, t))
-                    row0 = t * tile_q
-                    store(s, 0, 7)
-                    store(s, 1, 8)
-                    store(s, s[4], 9)
-                    with T.While(tirx.any(s[7] < length, s[8] == 1)):
-                        # the last CTA takes whatever is left
-                        take = let("take", tirx.if_then_else(
-                            s[2] >= num_ctas - 1, length - s[7],
-                            tirx.min(length - s[7], tirx.max(quota - s[3] - overhead, MIN_PIECE))))
-                        emit(s[4], b, key0 + s[7], key0 + s[7] + take, row0)
-                        store(s, s[4] + 1, 4)
-                        store(s, s[3] + take + overhead, 3)
-                        store(s, s[7] + take, 7)
-                        store(s, 0, 8)
-                        with when(tirx.all(s[3] >= quota, s[2] < num_ctas - 1)):
-                            store(cta_indptr, s[4], s[2] + 1)
-                            store(s, s[2] + 1, 2)
-                            store(s, 0, 3)
-                    n = let("n_pieces", s[4] - s[9])
-                    grow0 = let("grow0", qo_begin(b) * group + row0)
-                    with loop("r", rows) as r:  # packed row r's partial rows: r * n .. r * n + n
-                        with when(grow0 + r < max_rows_plus_one):
-                            store(merge_indptr, s[5] + tirx.if_then_else(n > 1, r * n, 0), grow0 + r)
-                    with when(n > 1):  # cut: its pieces write partial states, merged afterwards
-                        with loop("i", n) as i:
-                            with when(s[9] + i < max_works):
-                                store(work_info, s[5] + i, 3, s[9] + i)
-                                store(work_info, n, 5, s[9] + i)
-                        store(s, s[5] + n * rows, 5)
-            with loop("c", num_ctas_plus_one) as c:  # CTAs past the last one used: no works
-                with when(c > s[2]):
-                    store(cta_indptr, s[4], c)
-            store(cta_indptr, 0, 0)
-            with loop("p", max_rows_plus_one) as p:
-                with when(p >= total_rows):
-                    store(merge_indptr, s[5], p)
-    with when(s[4] > max_works):
-        store(s, 1, 6)
-    with when(s[5] > max_partials):
-        store(s, 2, 6)
-    with when(s[6] != 0):  # a failed plan runs nothing
-        with loop("c", num_ctas_plus_one) as c:
-            store(cta_indptr, 0, c)
-        with loop("p", max_rows_plus_one) as p:
-            store(merge_indptr, 0, p)
-    store(stats, s[4], 0)
-    store(stats, s[5], 1)
-    store(stats, quota, 2)
-    store(stats, s[6], 3)
+    def place(b, t, cta):
+        pl.emit(cta_indptr[cta], b, pl.first_key(b, t), pl.extent(b, t), t * pl.p.tile_q)
+        store(cta_indptr, cta_indptr[cta] + 1, cta)
+
+    sched.run(place)
+    # cta_indptr[c] now holds CTA c's end, which is CTA c + 1's start
+    with loop("i", tirx.max(num_ctas - 1, 0)) as i:
+        store(cta_indptr, cta_indptr[num_ctas - 2 - i], num_ctas - 1 - i)
+    store(cta_indptr, 0, 0)
+    with loop("p", pl.max_rows_plus_one) as p:
+        store(pl.merge_indptr, 0, p)
+
+
+def _cut_plan(pl: _Plan) -> None:
+    """The items' keys laid end to end and cut at each CTA's quota, item after item."""
+    s, num_ctas, quota, overhead = pl.s, pl.num_ctas, pl.quota, pl.p.work_overhead
+    store(s, 0, _S.USED)
+    with loop("b", pl.n_batch) as b:
+        with loop("t", pl.n_tiles(b)) as t:
+            key0 = let("key0", pl.first_key(b, t))
+            length = let("len", pl.extent(b, t) - key0)
+            rows = let("rows", pl.rows_of(b, t))
+            row0 = t * pl.p.tile_q
+            store(s, 0, _S.POS)
+            store(s, 1, _S.FIRST)
+            store(s, s[_S.WORKS], _S.ITEM_WORK)
+            with T.While(tirx.any(s[_S.POS] < length, s[_S.FIRST] == 1)):
+                # the last CTA takes whatever is left
+                take = let("take", tirx.if_then_else(
+                    s[_S.CTA] >= num_ctas - 1, length - s[_S.POS],
+                    tirx.min(length - s[_S.POS], tirx.max(quota - s[_S.USED] - overhead, MIN_PIECE))))
+                pl.emit(s[_S.WORKS], b, key0 + s[_S.POS], key0 + s[_S.POS] + take, row0)
+                store(s, s[_S.WORKS] + 1, _S.WORKS)
+                store(s, s[_S.USED] + take + overhead, _S.USED)
+                store(s, s[_S.POS] + take, _S.POS)
+                store(s, 0, _S.FIRST)
+                with when(tirx.all(s[_S.USED] >= quota, s[_S.CTA] < num_ctas - 1)):
+                    store(pl.cta_indptr, s[_S.WORKS], s[_S.CTA] + 1)
+                    store(s, s[_S.CTA] + 1, _S.CTA)
+                    store(s, 0, _S.USED)
+            _merge_offsets(pl, b, row0, rows)
+    with loop("c", pl.num_ctas_plus_one) as c:  # CTAs past the last one used: no works
+        with when(c > s[_S.CTA]):
+            store(pl.cta_indptr, s[_S.WORKS], c)
+    store(pl.cta_indptr, 0, 0)
+    with loop("p", pl.max_rows_plus_one) as p:
+        with when(p >= pl.total_rows):
+            store(pl.merge_indptr, s[_S.PARTIALS], p)
+
+
+def _merge_offsets(pl: _Plan, b, row0, rows) -> None:
+    """After the pieces of item (b, row0): each packed row's partial rows in ``merge_indptr``, and
+    for a cut item each piece's ``out_row`` / ``out_stride`` (packed row r of piece i writes partial
+    row ``out_row + r * n``, so a row's n partials are contiguous)."""
+    s = pl.s
+    n = let("n_pieces", s[_S.WORKS] - s[_S.ITEM_WORK])
+    grow0 = let("grow0", pl.qo_begin(b) * pl.p.group_size + row0)
+    with loop("r", rows) as r:  # packed row r's partial rows: r * n .. r * n + n
+        with when(grow0 + r < pl.max_rows_plus_one):
+            store(pl.merge_indptr, s[_S.PARTIALS] + tirx.if_then_else(n > 1, r * n, 0), grow0 + r)
+    with when(n > 1):  # cut: its pieces write partial states, merged afterwards
+        with loop("i", n) as i:
+            with when(s[_S.ITEM_WORK] + i < pl.max_works):
+                store(pl.work_info, s[_S.PARTIALS] + i, Work.OUT_ROW, s[_S.ITEM_WORK] + i)
+                store(pl.work_info, n, Work.OUT_STRIDE, s[_S.ITEM_WORK] + i)
+        store(s, s[_S.PARTIALS] + n * rows, _S.PARTIALS)
+
+
+def _finish(pl: _Plan) -> None:
+    """The capacity checks (a failed plan runs nothing) and the stats."""
+    s = pl.s
+    with when(s[_S.WORKS] > pl.max_works):
+        store(s, Status.MAX_WORKS, _S.STATUS)
+    with when(s[_S.PARTIALS] > pl.p.max_partials):
+        store(s, Status.MAX_PARTIALS, _S.STATUS)
+    with when(s[_S.STATUS] != Status.OK):
+        with loop("c", pl.num_ctas_plus_one) as c:
+            store(pl.cta_indptr, 0, c)
+        with loop("p", pl.max_rows_plus_one) as p:
+            store(pl.merge_indptr, 0, p)
+    for stat, slot in ((Stat.NUM_WORKS, _S.WORKS), (Stat.NUM_PARTIALS, _S.PARTIALS), (Stat.QUOTA, _S.QUOTA),
+                       (Stat.STATUS, _S.STATUS)):
+        store(pl.stats, s[slot], stat)
 
 
 def _emit_page_table_check(indptr, indices, last, batch, page_size):
@@ -302,22 +408,20 @@ def make_decode_plan(name: str = PLAN_DECODE) -> tirx.PrimFunc:
     staging array (padded to a fixed batch and page count under CUDA graphs) and run the planner
     there, so that one host-to-device copy then sends plan and page table together::
 
-        plan_decode(kv_indptr[B+1], kv_indices[N], kv_last_page_len[B], staging[S], layout[9],
-                    stats[5], num_ctas, page_size, allow_split, pad_batch, pad_pages, work_overhead,
-                    pack_slack_div, window_left)
+        plan_decode(kv_indptr[B+1], kv_indices[N], kv_last_page_len[B], staging[S],
+                    layout[len(DECODE_LAYOUT)], stats[DECODE_PLAN_STATS], *DecodePlanParams)
 
-    * ``layout`` (:data:`DECODE_LAYOUT`): the starts of the regions ``work_info [6, max_works]``,
-      ``cta_indptr [num_ctas + 1]``, ``merge_indptr [max_rows + 1]``, and of the staged
+    * ``layout`` (:data:`DECODE_LAYOUT`): the starts of the regions ``work_info [WORK_FIELDS,
+      max_works]``, ``cta_indptr [num_ctas + 1]``, ``merge_indptr [max_rows + 1]``, and of the staged
       ``kv_indptr [pad_batch + 1]``, ``kv_indices [pad_pages]`` and ``kv_last_page_len [pad_batch]``,
       in that order, and the planner's ``max_partials``. The staged table is the caller's, padded
       with requests that have no pages (``pad_batch >= B``) and page id 0 (``pad_pages >=
       kv_indptr[B]``; -1: exactly ``kv_indptr[B]``); the planner plans the padded batch.
-    * ``stats = (num_works, num_partials, quota, status, max_page)``: status 0 is success, 1-3 the
-      planner's capacity faults, 4 a page table that breaks a rule of
-      :meth:`~tvm_attn.kv.formats.PagedKV.validate`, 5 a layout too small for the padded table.
-      Nothing is written outside the staging array whatever the status, and with status 4 or 5
-      nothing at all.
-
+    * ``stats``: :class:`~tvm_attn.planner.Stat`, with ``MAX_PAGE``; the status is 0 on success,
+      the planner's capacity faults, ``Status.PAGE_TABLE`` for a page table that breaks a rule of
+      :meth:`~tvm_attn.kv.formats.PagedKV.validate`, ``Status.LAYOUT`` for a layout too small for
+      the padded table. Nothing is written outside the staging array whatever the status, and with
+      the last two nothing at all.
     * ``window_left >= 0``: plan only each request's last ``window_left + 1`` keys, the ones a
       sliding window of that size lets the query see (-1: all keys). A kernel run with a wider
       window than the plan's would miss keys: the wrapper refuses that run.
@@ -328,58 +432,69 @@ def make_decode_plan(name: str = PLAN_DECODE) -> tirx.PrimFunc:
             T.func_name(name)
             T.func_attr({"global_symbol": name, "tir.noalias": True})
             batch, num, size = sym("batch_size"), sym("num_indices"), sym("staging_size")
-            indptr = buffer_param("kv_indptr", (batch + 1,), "int32")
-            indices = buffer_param("kv_indices", (num,), "int32")
-            last = buffer_param("kv_last_page_len", (batch,), "int32")
+            table = (buffer_param("kv_indptr", (batch + 1,), "int32"),
+                     buffer_param("kv_indices", (num,), "int32"),
+                     buffer_param("kv_last_page_len", (batch,), "int32"))
             staging = buffer_param("staging", (size,), "int32")
             layout = buffer_param("layout", (len(DECODE_LAYOUT),), "int32")
-            stats = buffer_param("stats", (5,), "int32")
+            stats = buffer_param("stats", (DECODE_PLAN_STATS,), "int32")
             # (num_ctas sizes the planner's host scratch, whose shape must come from the arguments)
-            num_ctas, page_size, allow_split, pad_batch, pad_pages_arg, overhead, slack_div, window = (
-                scalar_param(n, "int32") for n in ("num_ctas", "page_size", "allow_split", "pad_batch", "pad_pages",
-                                                   "work_overhead", "pack_slack_div", "window_left"))
+            dp = _scalar_params(DecodePlanParams)
             at = {f: let(f, layout[i]) for i, f in enumerate(DECODE_LAYOUT)}
-            used = let("used", indptr[batch])
-            pad_pages = let("pages", tirx.if_then_else(pad_pages_arg < 0, used, pad_pages_arg))
+            used = let("used", table[0][batch])
+            pad_pages = let("pages", tirx.if_then_else(dp.pad_pages < 0, used, dp.pad_pages))
 
             def region(name, start, *shape):
                 buf = T.decl_buffer(shape, "int32", data=staging.data, elem_offset=start)
                 IRBuilder.name(name, buf)
                 return buf
 
+            pad_batch, num_ctas = dp.pad_batch, dp.num_ctas
             fits = tirx.all(
                 at["work_at"] >= 0, at["max_works"] >= 0, num_ctas >= 1, at["max_rows"] >= 0,
                 at["work_at"] + WORK_FIELDS * at["max_works"] <= at["cta_at"],
                 at["cta_at"] + num_ctas + 1 <= at["merge_at"],
                 at["merge_at"] + at["max_rows"] + 1 <= at["indptr_at"],
                 pad_batch >= batch, at["indptr_at"] + pad_batch + 1 <= at["indices_at"],
-                used <= pad_pages, at["indices_at"] + pad_pages <= at["last_at"], at["last_at"] + pad_batch <= size)
-            for i in range(5):
+                used <= pad_pages, at["indices_at"] + pad_pages <= at["last_at"],
+                at["last_at"] + pad_batch <= size)
+            for i in range(DECODE_PLAN_STATS):
                 store(stats, 0, i)
-            store(stats, STATUS_LAYOUT, 3)
+            store(stats, Status.LAYOUT, Stat.STATUS)
             with when(fits):
-                s_indptr = region("s_kv_indptr", at["indptr_at"], pad_batch + 1)
-                s_indices = region("s_kv_indices", at["indices_at"], pad_pages)
-                s_last = region("s_kv_last_page_len", at["last_at"], pad_batch)
-                r = _emit_page_table_check(indptr, indices, last, batch, page_size)
-                store(stats, r[1], 4)
-                store(stats, tirx.if_then_else(r[0] == 1, 0, STATUS_PAGE_TABLE), 3)
+                staged = (region("s_kv_indptr", at["indptr_at"], pad_batch + 1),
+                          region("s_kv_indices", at["indices_at"], pad_pages),
+                          region("s_kv_last_page_len", at["last_at"], pad_batch))
+                r = _emit_page_table_check(*table, batch, dp.page_size)
+                store(stats, r[1], Stat.MAX_PAGE)
+                store(stats, tirx.if_then_else(r[0] == 1, Status.OK, Status.PAGE_TABLE), Stat.STATUS)
                 with when(r[0] == 1):
-                    with loop("i", used) as i:
-                        store(s_indices, indices[i], i)
-                    with loop("i", pad_pages - used) as i:
-                        store(s_indices, 0, used + i)
-                    with loop("b", batch + 1) as b:
-                        store(s_indptr, indptr[b], b)
-                    with loop("b", batch) as b:
-                        store(s_last, last[b], b)
-                    with loop("b", pad_batch - batch) as b:  # padded requests: no pages
-                        store(s_indptr, used, batch + 1 + b)
-                        store(s_last, 0, batch + b)
-                    work_info = region("s_work_info", at["work_at"], WORK_FIELDS, at["max_works"])
-                    cta_indptr = region("s_cta_indptr", at["cta_at"], num_ctas + 1)
-                    merge_indptr = region("s_merge_indptr", at["merge_at"], at["max_rows"] + 1)
-                    _emit_plan(lambda b: b, pad_batch, s_indptr, s_last, work_info, cta_indptr, merge_indptr, stats,
-                               num_ctas + 1, at["max_rows"] + 1, at["max_partials"], page_size, allow_split,
-                               1, 1, 0, overhead, slack_div, window)
+                    _stage_table(table, staged, batch, used, pad_batch, pad_pages)
+                    _emit_plan(_Plan(
+                        qo_begin=lambda b: b, batch=pad_batch, kv_indptr=staged[0], last_page_len=staged[2],
+                        work_info=region("s_work_info", at["work_at"], WORK_FIELDS, at["max_works"]),
+                        cta_indptr=region("s_cta_indptr", at["cta_at"], num_ctas + 1),
+                        merge_indptr=region("s_merge_indptr", at["merge_at"], at["max_rows"] + 1),
+                        stats=stats,
+                        num_ctas_plus_one=num_ctas + 1, max_rows_plus_one=at["max_rows"] + 1,
+                        p=PlanParams(max_partials=at["max_partials"], page_size=dp.page_size,
+                                     allow_split=dp.allow_split, window_left=dp.window_left,
+                                     work_overhead=dp.work_overhead, pack_slack_div=dp.pack_slack_div)))
     return ib.get()
+
+
+def _stage_table(table, staged, batch, used, pad_batch, pad_pages) -> None:
+    """Copy the page table ``(kv_indptr, kv_indices, kv_last_page_len)`` into its staged regions,
+    padded with requests that have no pages and with page id 0."""
+    (indptr, indices, last), (s_indptr, s_indices, s_last) = table, staged
+    with loop("i", used) as i:
+        store(s_indices, indices[i], i)
+    with loop("i", pad_pages - used) as i:
+        store(s_indices, 0, used + i)
+    with loop("b", batch + 1) as b:
+        store(s_indptr, indptr[b], b)
+    with loop("b", batch) as b:
+        store(s_last, last[b], b)
+    with loop("b", pad_batch - batch) as b:  # padded requests: no pages
+        store(s_indptr, used, batch + 1 + b)
+        store(s_last, 0, batch + b)

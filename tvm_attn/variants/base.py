@@ -194,6 +194,56 @@ class RefContext:
             raise KeyError(f"no extra parameter {name!r}; declared: {sorted(self.params)}") from None
 
 
+@dataclass(frozen=True)
+class KeyRange:
+    """Which keys a query row sees, as far as a plan can know: with ``causal``, none after its own
+    position (bottom-right aligned, as :class:`~tvm_attn.variants.Causal`); with ``window_left = w``,
+    none more than ``w`` before it. :meth:`AttentionVariant.key_range` returns one (None: every key);
+    the CUDA planners read only these keys."""
+
+    causal: bool = False
+    window_left: int | None = None
+
+    def __post_init__(self):
+        if self.window_left is not None and self.window_left < 0:
+            raise ValueError(f"KeyRange: window_left must be None or >= 0, got {self.window_left}")
+
+    def __and__(self, other: "KeyRange") -> "KeyRange":
+        """The keys both ranges show."""
+        windows = [w for w in (self.window_left, other.window_left) if w is not None]
+        return KeyRange(self.causal or other.causal, min(windows) if windows else None)
+
+    def __str__(self):
+        parts = (["causal"] if self.causal else []) + ([f"window_left={self.window_left}"]
+                                                       if self.window_left is not None else [])
+        return ", ".join(parts) or "every key"
+
+
+def intersect_key_ranges(ranges) -> KeyRange | None:
+    """The keys every one of ``ranges`` shows (a None in ``ranges``: every key)."""
+    out = None
+    for r in ranges:
+        if r is not None:
+            out = r if out is None else out & r
+    return out
+
+
+def check_key_range(planned: KeyRange | None, needed: KeyRange | None) -> None:
+    """Refuse a run that needs keys its plan does not read: a ValueError naming the widened field."""
+    if planned is None:
+        return
+    needed = needed or KeyRange()
+    field = None
+    if planned.causal and not needed.causal:
+        field = "causal"
+    elif planned.window_left is not None and (needed.window_left is None
+                                              or needed.window_left > planned.window_left):
+        field = "window_left"
+    if field is not None:
+        raise ValueError(f"{field}: this run's keys ({needed}) include keys that the plan, cut for "
+                         f"({planned}), does not read; plan with the widest range you run with")
+
+
 class AttentionVariant:
     """Base class: plain softmax attention. Subclasses override only the hooks they need.
 
@@ -315,12 +365,13 @@ class AttentionVariant:
         """
         return None
 
-    def key_window(self, args: dict[str, Any]) -> int | None:
-        """At most how many keys left of its own position a query sees, for the run-time scalars
-        ``args`` (name -> value; a name not given takes its default); None: no bound. It must agree
-        with :meth:`logits_mask` (the keys further left are hidden). The CUDA decode plan reads only
-        the keys inside the window the variant's defaults give, so a run may narrow the window, and
-        the wrapper refuses one that widens it."""
+    def key_range(self, args: dict[str, Any] | None = None) -> KeyRange | None:
+        """Which keys a query row sees (None: every key). ``args=None``: at plan time, the keys any
+        run of the plan may need; the CUDA planners (decode and prefill) read only those. Else
+        ``args`` are a run's scalars (name -> value; a name not given takes its default) and the
+        result the keys that run needs: a wrapper refuses a run that needs more than its plan read.
+        It must agree with :meth:`logits_mask` (the keys outside are hidden). A run-time switch that
+        can show more keys (:class:`~tvm_attn.variants.RuntimeCausal`) is unknown at plan time."""
         return None
 
     def tables(self, head_dim: int) -> tuple[DimTable, ...]:
@@ -422,9 +473,8 @@ class ComposedVariant(AttentionVariant):
     def mask_is_range(self) -> bool:
         return all(p.mask_is_range() for p in self.parts)
 
-    def key_window(self, args):
-        windows = [w for w in (p.key_window(args) for p in self.parts) if w is not None]
-        return min(windows) if windows else None
+    def key_range(self, args=None):
+        return intersect_key_ranges(p.key_range(args) for p in self.parts)
 
     def tables(self, head_dim: int):
         tables: dict[str, DimTable] = {}

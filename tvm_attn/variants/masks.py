@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .base import AttentionVariant, ScalarParam, TensorParam
+from .base import AttentionVariant, KeyRange, ScalarParam, TensorParam
 
 #: The widest window the masks' int32 arithmetic supports: ``kv_idx + qo_len + window_left`` must
 #: not overflow, which holds for every request with ``qo_len + kv_len <= 2**30`` (2**31 - 1 wraps
@@ -45,6 +45,9 @@ class Causal(AttentionVariant):
     def mask_is_range(self) -> bool:
         return True
 
+    def key_range(self, args=None):
+        return KeyRange(causal=True)
+
     def ref_logits_mask(self, ctx):
         q_pos = ctx.qo_idx + (ctx.kv_len - ctx.qo_len)
         return ctx.kv_idx <= q_pos
@@ -73,6 +76,12 @@ class RuntimeCausal(Causal):
         lo, hi = super().kv_range(ctx)
         return lo, tirx.if_then_else(ctx["is_causal"] != 0, hi, ctx.kv_len)
 
+    def key_range(self, args=None):
+        # the flag is a run's choice: a plan reads every key
+        if args is None or not _int_arg(args, "is_causal", 1):
+            return None
+        return KeyRange(causal=True)
+
     def ref_logits_mask(self, ctx):
         return super().ref_logits_mask(ctx) if int(ctx["is_causal"]) else None
 
@@ -81,10 +90,11 @@ class SlidingWindow(AttentionVariant):
     """A query sees at most ``window_left`` keys before its own position (FlashInfer's ``window_left``).
 
     ``window_left`` is a run-time int32 scalar (default from the constructor); -1 disables the
-    window, other negatives are an error, and so is one wider than :data:`MAX_WINDOW_LEFT`. The CUDA decode plan reads only the keys inside the constructor's window
-    (:meth:`key_window`), so a run with that plan may pass a smaller ``window_left`` but not a
-    larger one (nor a negative one). The window bounds the left side only: compose with :class:`Causal` (or plan
-    with ``causal=True``) to also hide future keys.
+    window, other negatives are an error, and so is one wider than :data:`MAX_WINDOW_LEFT`. The CUDA
+    plans (decode and prefill) read only the keys inside the constructor's window
+    (:meth:`key_range`), so a run with that plan may pass a smaller ``window_left`` but not a larger
+    one (nor -1). The window bounds the left side only: compose with :class:`Causal` (or plan with
+    ``causal=True``) to also hide future keys.
     """
 
     def __init__(self, window_left: int = -1):
@@ -114,9 +124,9 @@ class SlidingWindow(AttentionVariant):
     def mask_is_range(self) -> bool:
         return True
 
-    def key_window(self, args):
-        w = int(args.get("window_left", self._window_left))
-        return w if w >= 0 else None
+    def key_range(self, args=None):
+        w = self._window_left if args is None else _int_arg(args, "window_left", self._window_left)
+        return KeyRange(window_left=w) if w >= 0 else None
 
     def ref_logits_mask(self, ctx):
         w = int(ctx["window_left"])
@@ -124,6 +134,14 @@ class SlidingWindow(AttentionVariant):
             return None
         q_pos = ctx.qo_idx + (ctx.kv_len - ctx.qo_len)
         return (q_pos - ctx.kv_idx) <= w
+
+
+def _int_arg(args: dict, name: str, default: int) -> int:
+    value = args.get(name, default)
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name}: expected a int32 scalar, got {value!r}") from None
 
 
 class CustomMask(AttentionVariant):
