@@ -28,6 +28,10 @@ def generate(key: AttentionKey | MergeKey) -> tvm.IRModule:
     """The kernel's module: ``key.uri`` and, for CUDA, the planner, the decode plan and (prefill)
     the merge kernel."""
     if isinstance(key, MergeKey):
+        if key.target.startswith("cuda"):
+            from .tir.merge_cuda import make_merge_cuda
+
+            return tvm.IRModule({key.uri: make_merge_cuda(key)})
         from .tir.merge import make_merge
 
         return tvm.IRModule({key.uri: make_merge(key)})
