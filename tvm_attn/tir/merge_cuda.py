@@ -85,19 +85,21 @@ class _States:
             s_out = buffer_param("s_out", (n, H), "float32")
             self.num_states = k
             self.v, self.s = [_flat(v, "v_flat")], [_flat(s, "s_flat")]
-        else:
-            names = ("v_a", "s_a", "v_b", "s_b") if key.op == "merge_state" else ("v", "s", "v_other", "s_other")
-            va, sa = buffer_param(names[0], (n, H, D), dt), buffer_param(names[1], (n, H), "float32")
-            vb, sb = buffer_param(names[2], (n, H, D), dt), buffer_param(names[3], (n, H), "float32")
-            if key.op == "merge_state":
-                v_out = buffer_param("v_out", (n, H, D), dt)
-                s_out = buffer_param("s_out", (n, H), "float32")
-            else:
-                v_out, s_out = va, sa
-            self.num_states = 2
-            self.v = [_flat(va, names[0] + "_flat"), _flat(vb, names[2] + "_flat")]
-            self.s = [_flat(sa, names[1] + "_flat"), _flat(sb, names[3] + "_flat")]
-        self.v_out, self.s_out = _flat(v_out, "v_out_flat"), _flat(s_out, "s_out_flat")
+            self.v_out, self.s_out = _flat(v_out, "v_out_flat"), _flat(s_out, "s_out_flat")
+            return
+        names = ("v_a", "s_a", "v_b", "s_b") if key.op == "merge_state" else ("v", "s", "v_other", "s_other")
+        va, sa = buffer_param(names[0], (n, H, D), dt), buffer_param(names[1], (n, H), "float32")
+        vb, sb = buffer_param(names[2], (n, H, D), dt), buffer_param(names[3], (n, H), "float32")
+        if key.op == "merge_state":
+            v_out = buffer_param("v_out", (n, H, D), dt)
+            s_out = buffer_param("s_out", (n, H), "float32")
+        self.num_states = 2
+        self.v = [_flat(va, names[0] + "_flat"), _flat(vb, names[2] + "_flat")]
+        self.s = [_flat(sa, names[1] + "_flat"), _flat(sb, names[3] + "_flat")]
+        if key.op == "merge_state":
+            self.v_out, self.s_out = _flat(v_out, "v_out_flat"), _flat(s_out, "s_out_flat")
+        else:  # in place: the same views, so the kernel has one pointer to v (and to s), read and written
+            self.v_out, self.s_out = self.v[0], self.s[0]
 
     def rows(self, item):
         """(row of the item's first state, row step from one state to the next)."""
