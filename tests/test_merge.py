@@ -92,7 +92,7 @@ def _reference(v, s):
     return R.merge_states(np.where(np.isneginf(s)[..., None], 0, v.astype(np.float32)), s)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _serial(op: str, dtype: str):
     """The CUDA kernel of ``op`` compiled for the CPU, its threads run as serial loops, threadIdx.x
     descending: the lane that overwrites an item's LSE in place (its group's first) then runs after
@@ -110,8 +110,8 @@ def _serial(op: str, dtype: str):
 
 
 def _run_serial(op, dtype, v, s):
-    t = lambda x: tvm.runtime.tensor(np.ascontiguousarray(x))  # noqa: E731
-    n, k, H, D = v.shape
+    t = lambda x: tvm.runtime.tensor(np.ascontiguousarray(x))
+    n, _, H, D = v.shape
     if op == "merge_states":
         v_out, s_out = tvm.runtime.empty((n, H, D), dtype), tvm.runtime.empty((n, H), "float32")
         _serial(op, dtype)(t(v), t(s), v_out, s_out)
@@ -150,7 +150,7 @@ def test_cuda_kernel_strides_over_a_large_grid(rng):
     assert_attention_close(got_v, got_s, *_reference(v, s), "float32", "grid stride")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _cuda_source(op, dtype, target=TARGET):
     key = MergeKey(op, dtype, target)
     src = cuda_source(compile_key(key))
@@ -166,11 +166,13 @@ def test_cuda_source(op, dtype):
     src, body = _cuda_source(op, dtype)
     assert f"__launch_bounds__({THREADS})" in src and "blockIdx.x" in body and "threadIdx.x" in body
     vec_t = "float4" if dtype == "float32" else "uint4"
-    inputs = {"merge_state": ["v_a", "v_b"], "merge_state_in_place": ["v", "v_other"], "merge_states": ["v"]}[op]
+    inputs = {"merge_state": ["v_a", "v_b"], "merge_state_in_place": ["v", "v_other"],
+              "merge_states": ["v"]}[op]
     for name in inputs:
         assert re.search(rf"= \*\({vec_t}\*\)\({name}_flat_ptr \+", body), f"no 16-byte load of {name}"
     out = "v" if op == "merge_state_in_place" else "v_out"  # in place: the one pointer v, read and written
-    assert re.search(rf"\*\({vec_t}\*\)\({out}_flat_ptr \+ [^;]*\) = ", body), "no 16-byte store of the output"
+    store = rf"\*\({vec_t}\*\)\({out}_flat_ptr \+ [^;]*\) = "
+    assert re.search(store, body), "no 16-byte store of the output"
     params = body[: body.index(")")]
     assert ("v_out" in params) == (op != "merge_state_in_place"), params
     assert f"% {vec_width(dtype)}) == 0" in body  # the scalar copy for other head_dims
@@ -179,7 +181,8 @@ def test_cuda_source(op, dtype):
 
 def _ptxas(log: str) -> dict:
     regs = [int(r) for r in re.findall(r"Used (\d+) registers", log)]
-    spills = [int(a) + int(b) for a, b in re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)]
+    pairs = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
+    spills = [int(a) + int(b) for a, b in pairs]
     stack = [int(x) for x in re.findall(r"(\d+) bytes stack frame", log)]
     return {"registers": regs, "spills": spills, "stack": stack}
 
@@ -211,7 +214,8 @@ def test_inputs_checked_for_32_bit_indexing():
     class Huge:  # only its shape and dtype are read before the refusal
         shape, dtype = (2**16, 2, 2**15), np.dtype(np.float32)
 
-    with pytest.raises(ValueError, match=r"v_a: 4294967296 elements; the merge kernels take at most 2\*\*31 - 1"):
+    message = r"v_a: 4294967296 elements; the merge kernels take at most 2\*\*31 - 1"
+    with pytest.raises(ValueError, match=message):
         ta.merge_state(Huge(), np.zeros((2**16, 2), np.float32), Huge(), np.zeros((2**16, 2), np.float32))
 
 

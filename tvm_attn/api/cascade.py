@@ -36,7 +36,8 @@ def _inputs(dev, named) -> list:
         t = to_tvm(x, dev, name)
         if dev.dlpack_device_type() != 1 and t.data_ptr() % CUDA_ALIGNMENT:
             raise ValueError(f"{name}: its data starts at an address that is not a multiple of "
-                             f"{CUDA_ALIGNMENT} bytes; the CUDA merge kernels load 16-byte chunks (pass a copy)")
+                             f"{CUDA_ALIGNMENT} bytes; the CUDA merge kernels load 16-byte chunks "
+                             "(pass a copy)")
         out.append(t)
     return out
 

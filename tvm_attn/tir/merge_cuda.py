@@ -131,7 +131,8 @@ def make_merge_cuda(key: MergeKey) -> tirx.PrimFunc:
             T.func_attr({"global_symbol": key.uri, "tir.noalias": not in_place, "tirx.is_scheduled": True})
             io = _States(key, n, H, D)
             blocks = _num_blocks(n * H, D, vec)
-            with T.thread_binding(0, blocks, "blockIdx.x") as bx, T.thread_binding(0, THREADS, "threadIdx.x") as tx:
+            with T.thread_binding(0, blocks, "blockIdx.x") as bx, \
+                    T.thread_binding(0, THREADS, "threadIdx.x") as tx:
                 # 16-byte chunks when every row of v starts on one (the tensors themselves are
                 # 64-byte aligned: TVM allocates them so, and the API checks DLPack inputs)
                 with T.If(tirx.floormod(D, vec) == 0):
@@ -216,7 +217,7 @@ def _state_weights(io, row, step, lse_out):
 
 def _merge_chunk(dtype, io, item, row, step, chunks, c, vec: int, weights) -> None:
     """Chunk ``c`` of the item's output: the weighted sum of the states' chunks, added in float32."""
-    at = lambda r: (r * chunks + c) * vec  # noqa: E731  (provably a multiple of vec)
+    at = lambda r: (r * chunks + c) * vec  # provably a multiple of vec
     acc = local("acc", vec)
     if isinstance(io.num_states, int):  # two states: both chunks loaded, then added
         buf = local("v_in", (io.num_states, vec), dtype)
