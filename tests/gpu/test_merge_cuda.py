@@ -95,6 +95,14 @@ def test_grid_strides(op):
     assert_attention_close(got_v, got_s, ref_v, ref_s, "float16", f"{op} grid stride")
 
 
+def test_no_states():
+    """``merge_states`` over zero states: every row empty (v 0, LSE -inf), as on the CPU."""
+    v = tvm.runtime.empty((3, 0, 2, 64), "float16", tvm.cuda(0))
+    s = tvm.runtime.empty((3, 0, 2), "float32", tvm.cuda(0))
+    got_v, got_s = ta.merge_states(v, s, device="cuda")
+    assert np.all(got_v.numpy() == 0) and np.all(np.isneginf(got_s.numpy()))
+
+
 def test_numpy_inputs_copied_to_the_device_and_back():
     rng = np.random.default_rng(13)
     v, s, (ref_v, ref_s) = _states(rng, "float16", 6, 2, 4, 128)

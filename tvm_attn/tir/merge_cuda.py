@@ -7,8 +7,9 @@ They are pure streaming, so they are written for the memory bandwidth:
   or above the item's 16-byte chunks (capped at 32; ``head_dim`` 128 in fp16 gives 16 chunks, so a
   warp merges two items). Each lane loads whole 16-byte chunks of ``v`` (8 fp16/bf16 or 4 fp32
   elements) and, for ``merge_states``, the chunks of ``UNROLL`` states before it adds any of them
-  (bytes in flight); consecutive groups take consecutive items, so a warp reads one contiguous span
-  of every state;
+  (bytes in flight). The first of these loads are issued before the item's LSEs are read, so the
+  two round trips to memory overlap instead of following each other. Consecutive groups take
+  consecutive items, so a warp reads one contiguous span of every state;
 * every lane of a group reads the item's LSEs itself (the same addresses: one transaction per warp),
   so a group needs no shuffle. It computes the merged LSE as the CPU kernel does (max, sum of
   ``exp2``, ``-inf`` for an item whose states are all empty) and the weights once per item; a state
@@ -31,8 +32,9 @@ from .softmax import f32, neg_inf, safe_max, zero
 
 THREADS = 256
 WARPS = THREADS // 32
-#: the persistent grid's size limit: 8 blocks of 256 threads fill an SM, so 4096 is 3-4 waves of a
-#: 132-SM H100/H200 (and more of an A100); larger inputs take more strides
+#: the persistent grid's size limit: an SM holds at most 8 blocks of 256 threads (4-6 at these
+#: kernels' 38-64 registers), so 4096 blocks are several waves of a 132-SM H100/H200 and of an A100;
+#: larger inputs take more strides
 MAX_BLOCKS = 4096
 #: states of ``merge_states`` whose chunks a lane loads before it adds them (64 bytes in flight)
 UNROLL = 4
@@ -162,11 +164,20 @@ def _merge_items(key, io, items, chunks, vec: int, blocks, bx, tx, in_place: boo
             row_reg = local("row", 1, "int32")  # a register: a let would be substituted into every use
             store(row_reg, first_row, 0)
             row = row_reg[0]
+            at = lambda r, c: (r * chunks + c) * vec  # provably a multiple of vec
+            # the first states of the lane's first chunk are loaded before the LSEs are read, so
+            # both are in flight at once (a lane past the row's end loads the last chunk again: no
+            # extra traffic; it stores nothing)
+            buf = local("v_in", (_block_states(io), vec), key.dtype)
+            with when(chunks > 0):
+                _load_block(io, buf, row, step, lambda r: at(r, tirx.min(li, chunks - 1)), vec, 0)
             weights = _state_weights(io, row, step, lse_out)
             with loop("j", tirx.shift_right(chunks + lanes - 1, lg)) as j:
                 c = let("c", j * lanes + li)
+                with when(j > 0):
+                    _load_block(io, buf, row, step, lambda r: at(r, tirx.min(c, chunks - 1)), vec, 0)
                 with when(c < chunks):
-                    _merge_chunk(key.dtype, io, item, row, step, chunks, c, vec, weights)
+                    _merge_chunk(key.dtype, io, buf, row, step, lambda r: at(r, c), at(item, c), vec, weights)
             if not in_place:
                 with when(li == 0):
                     store(io.s_out, lse_out[0], item)
@@ -215,40 +226,59 @@ def _state_weights(io, row, step, lse_out):
     return md
 
 
-def _merge_chunk(dtype, io, item, row, step, chunks, c, vec: int, weights) -> None:
-    """Chunk ``c`` of the item's output: the weighted sum of the states' chunks, added in float32."""
-    at = lambda r: (r * chunks + c) * vec  # provably a multiple of vec
-    acc = local("acc", vec)
-    if isinstance(io.num_states, int):  # two states: both chunks loaded, then added
-        buf = local("v_in", (io.num_states, vec), dtype)
-        for st in range(io.num_states):
+def _block_states(io) -> int:
+    """States whose chunks a lane loads before it adds them: both of two, else UNROLL."""
+    return io.num_states if isinstance(io.num_states, int) else UNROLL
+
+
+def _load_block(io, buf, row, step, at, vec: int, sb) -> None:
+    """``buf[u]``: the chunk at element ``at(row)`` of state ``sb * U + u`` (``U`` states a block)."""
+    U = _block_states(io)
+    for u in range(U):
+        if isinstance(io.num_states, int):
             with loop("v", vec, "vectorized") as v:
-                store(buf, io.v[st][at(row) + v], st, v)
-        with loop("v", vec, "unroll") as v:
-            total = zero()
-            for st in range(io.num_states):  # a state of weight 0 may hold anything: it adds 0
-                total = total + tirx.Select(weights[st] > 0, weights[st] * f32(buf[st, v]), zero())
-            store(acc, total, v)
+                store(buf, io.v[u][at(row) + v], u, v)
+            continue
+        st = sb * U + u
+        with when(st < io.num_states):
+            with loop("v", vec, "vectorized") as v:
+                store(buf, io.v[0][at(row + st * step) + v], u, v)
+
+
+def _merge_chunk(dtype, io, buf, row, step, at, out_at, vec: int, weights) -> None:
+    """One chunk of the item's output, at element ``out_at``: the weighted sum of the states'
+    chunks (``at(row)`` in each; the first block already in ``buf``), added in float32."""
+    acc = local("acc", vec)
+    with loop("v", vec, "unroll") as v:
+        store(acc, zero(), v)
+    if isinstance(io.num_states, int):
+        _fold_block(acc, buf, vec, weights)
     else:
-        md, k = weights, io.num_states
-        buf = local("v_in", (UNROLL, vec), dtype)
-        w = local("w", UNROLL)
-        with loop("v", vec, "unroll") as v:
-            store(acc, zero(), v)
-        with loop("sb", tirx.ceildiv(k, UNROLL)) as sb:
-            for u in range(UNROLL):  # the loads of UNROLL states, then their sums
-                st = sb * UNROLL + u
-                with when(st < k):
-                    with loop("v", vec, "vectorized") as v:
-                        store(buf, io.v[0][at(row + st * step) + v], u, v)
-            for u in range(UNROLL):
-                st = sb * UNROLL + u
+        md, k, U = weights, io.num_states, UNROLL
+        w = local("w", U)
+
+        def fold(sb):
+            for u in range(U):  # a state past the last weighs 0
+                st = sb * U + u
                 s_st = tirx.if_then_else(st < k, io.s[0][row + st * step], neg_inf())
                 store(w, tirx.exp2(s_st - md[2]) * md[3], u)
-                with loop("v", vec, "unroll") as v:
-                    store(acc, acc[v] + tirx.Select(w[u] > 0, w[u] * f32(buf[u, v]), zero()), v)
+            _fold_block(acc, buf, vec, w)
+
+        fold(0)
+        with loop("sb", tirx.ceildiv(k, U) - 1) as sb:
+            _load_block(io, buf, row, step, at, vec, sb + 1)  # the loads of U states, then their sums
+            fold(sb + 1)
     res = local("v_res", vec, dtype)
     with loop("v", vec, "unroll") as v:
         store(res, tirx.Cast(dtype, acc[v]), v)
     with loop("v", vec, "vectorized") as v:
-        store(io.v_out, res[v], at(item) + v)
+        store(io.v_out, res[v], out_at + v)
+
+
+def _fold_block(acc, buf, vec: int, w) -> None:
+    """``acc += sum_u w[u] * buf[u]``; a state of weight 0 may hold anything: it adds 0."""
+    with loop("v", vec, "unroll") as v:
+        total = acc[v]
+        for u in range(int(buf.shape[0])):
+            total = total + tirx.Select(w[u] > 0, w[u] * f32(buf[u, v]), zero())
+        store(acc, total, v)
