@@ -108,10 +108,19 @@ def build_models(out: Path, arch: str) -> None:
                     progress=False, **overrides)
 
 
+def merge_keys(target: str) -> list:
+    """The CUDA merge kernels (tests/gpu/test_merge_cuda.py, scripts/bench_merge.py): every op and dtype."""
+    from tvm_attn.config import MergeKey
+    from tvm_attn.tir.merge_cuda import DTYPES
+
+    return [MergeKey(op, dtype, target) for op in ("merge_state", "merge_state_in_place", "merge_states")
+            for dtype in DTYPES]
+
+
 def gpu_keys(target: str, small: bool = False) -> tuple[list, list]:
     """The kernel keys the GPU tier and the benchmarks need, and the decode case of each (None for
-    the others): every decode case, the benchmarks' decode keys, the ring schedules, and every
-    prefill key of the tier and the benchmarks."""
+    the others): every decode case, the benchmarks' decode keys, the ring schedules, every prefill
+    key of the tier and the benchmarks, and the merge kernels."""
     from tests.gpu import prefill_cases
     from tests.gpu.cases import CASES, RING_SCHEDULES, key_of
 
@@ -134,7 +143,8 @@ def gpu_keys(target: str, small: bool = False) -> tuple[list, list]:
     prefill = list(prefill.values())
     if small:
         prefill = prefill[:1]
-    return keys + bench + prefill, cases + [None] * (len(bench) + len(prefill))
+    merge = merge_keys(target)[:1] if small else merge_keys(target)
+    return keys + bench + prefill + merge, cases + [None] * (len(bench) + len(prefill) + len(merge))
 
 
 def main(small: bool = False, out: str | None = None, arch: str = "sm_90a") -> list[dict]:
@@ -156,7 +166,8 @@ def main(small: bool = False, out: str | None = None, arch: str = "sm_90a") -> l
         else:
             cache.build(key)
             src = None
-        row = {"case": case_id(c) if c else key.kind, "uri": key.uri, "build_s": round(time.perf_counter() - t0, 2)}
+        row = {"case": case_id(c) if c else getattr(key, "kind", key.uri), "uri": key.uri,
+               "build_s": round(time.perf_counter() - t0, 2)}
         if find_nvcc() and (small or True):
             src = src or cuda_source(compile_key(key))
             cubin, log = nvcc_compile(src, arch)

@@ -140,6 +140,8 @@ FAMILIES: tuple[KernelFamily, ...] = (
                  host=_HOST_PLAN),
     KernelFamily("cpu_merge", MergeKey, MERGE_OPS, "llvm",
                  kernels=(("{uri}", "tvm_attn.tir.merge:make_merge"),)),
+    KernelFamily("cuda_merge", MergeKey, MERGE_OPS, "cuda",
+                 kernels=(("{uri}", "tvm_attn.tir.merge_cuda:make_merge_cuda"),)),
     KernelFamily("planner", PlannerKey, ("split_kv",), "llvm",
                  host=(("{uri}", "tvm_attn.tir.plan:make_planner"),
                        (PLAN_DECODE, "tvm_attn.tir.plan:make_decode_plan"))),

@@ -9,12 +9,13 @@ what sits in the attention slots (:func:`slot_sources` lists them):
 * ours: ragged prefill (the new tokens against themselves, causal), paged prefill (the queries
   against each shared-prefix depth of the cache) and paged decode. On the CPU (``llvm``) they are
   ``("tirx", f)`` slots with the builtin TIR signatures (:func:`tvm_attn.tir.abi.kv_cache_kernel`),
-  and the in-place state merge is ours too. On CUDA they are ``("flashinfer", run, plan)`` slots
+  and so is the in-place state merge. On CUDA they are ``("flashinfer", run, plan)`` slots
   (:mod:`tvm_attn.relax.kv_backend`): the cache plans once per forward with tvm_attn's planner
-  and runs the tensor-core prefill and the split-KV decode kernels per layer;
+  and runs the tensor-core prefill and the split-KV decode kernels per layer, and the state merge
+  is :mod:`tvm_attn.tir.merge_cuda`'s;
 * TVM's: the page kernels (transpose-append of new K/V into pages, single-page copy for forks,
   compaction, debug read-out), the fused split + RoPE kernel, the sliding-window slots, the
-  tree-mask (speculative decoding) slots, and on CUDA the in-place state merge.
+  tree-mask (speculative decoding) slots.
 
 Our kernels leave RoPE to the cache's split-rotary kernel, so ``rope_mode`` is ``RopeMode.NORMAL``
 (or ``NONE``); inline RoPE raises.
@@ -31,9 +32,9 @@ from tvm.relax.frontend.nn.extern import ExternModule
 from tvm.relax.frontend.nn.llm import kv_cache as tvm_kv
 from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache, RopeMode
 
-from ..tir.abi import kv_cache_kernel
-from ..tir.merge import make_merge
+from ..build import generate
 from ..config import MergeKey
+from ..tir.abi import kv_cache_kernel
 
 
 @dataclass(frozen=True)
@@ -67,7 +68,7 @@ def slot_sources(target: str) -> dict[str, str]:
     ours = "tvm_builtin" if target == "tvm_builtin" else "tvm_attn"
     return {
         "prefill_ragged": ours, "prefill_paged": ours, "decode_paged": ours,
-        "merge_state": "tvm_attn" if target == "llvm" else "tvm_builtin",
+        "merge_state": ours,
         "prefill_sliding_window": "tvm_builtin", "decode_sliding_window": "tvm_builtin",
         "tree_mask": "tvm_builtin", "transpose_append": "tvm_builtin", "split_rotary": "tvm_builtin",
         "copy_single_page": "tvm_builtin", "compact_copy": "tvm_builtin", "debug_get_kv": "tvm_builtin",
@@ -105,8 +106,6 @@ class AttnPagedKVCache(PagedKVCache):
             ragged = tir(ours["prefill_ragged"], "tvm_attn_prefill_ragged")
             paged = tir(ours["prefill_paged"], "tvm_attn_prefill_paged")
             decode = tir(ours["decode"], "tvm_attn_decode_paged")
-            merge = bb.add_func(make_merge(MergeKey("merge_state_in_place", dt)).with_attr(
-                "global_symbol", "tvm_attn_merge_state_in_place"), "tvm_attn_merge_state_in_place")
             cpu = True
         else:
             # CUDA: the ("flashinfer", run, plan) convention with tvm_attn's planner (kv_backend)
@@ -119,9 +118,12 @@ class AttnPagedKVCache(PagedKVCache):
                 bb.add_func(func, name)
             nn.add_extern(_LoadedExtern(backend.static_library()))
             ragged, paged, decode = backend.slots()
-            merge = bb.add_func(tvm_kv._merge_state_inplace(hq, d, dt, target, "tir_attention_merge_state"),
-                                "tir_attention_merge_state")
             cpu = False
+        # the cache merges the states of its prefix depths in place: tir/merge.py's kernel on the CPU,
+        # tir/merge_cuda.py's on CUDA (TVM's arguments: v, s, v_other, s_other)
+        merge_key = MergeKey("merge_state_in_place", dt, c.target)
+        merge = bb.add_func(generate(merge_key)[merge_key.uri].with_attr(
+            "global_symbol", "tvm_attn_merge_state_in_place"), "tvm_attn_merge_state_in_place")
         window = (tvm_kv._attention_prefill_cpu(hkv, hq, d, dt, True, rope_scaling, page_size=c.page_size)
                   if cpu else
                   tvm_kv._attention_prefill(hkv, hq, d, dt, True, rope_scaling, target, page_size=c.page_size))
