@@ -58,17 +58,17 @@ def test_torch_dlpack_roundtrip(rng):
         (["demo", "--layers", "0"], r"--layers: must be a positive integer, got 0"),
         (["demo", "--decode-steps", "-1"], r"--decode-steps: must be >= 0, got -1"),
         (["build", "--kernels", '[{"kind": "decode", "num_qo_heads": 4, "num_kv_heads": 4, "head_dim": 64}]'],
-         r"spec 0: missing key\(s\) \['kv'\]"),
+         r"spec 0: kernel spec: missing 'kv'"),
         (["build", "--kernels", "[{"], r"--kernels: not valid JSON"),
         (["build", "--kernels", "/nonexistent/kernels.json"], r"--kernels: cannot read '/nonexistent/kernels.json'"),
         (["build", "--kernels", '{"kind": "decode", "kv": {"format": "paged", "page_size": 4}, "num_qo_heads": 4, '
                                 '"num_kv_heads": 4, "head_dim": 64, "heads": 4}'],
-         r"spec 0: unknown key\(s\) \['heads'\]"),
+         r"spec 0: kernel spec: unknown keys \['heads'\]"),
         (["build", "--kernels", '{"kind": "decode", "kv": {"format": "paged", "pagesize": 4}, "num_qo_heads": 4, '
-                                '"num_kv_heads": 4, "head_dim": 64}'], r"unknown kv key\(s\) \['pagesize'\]"),
+                                '"num_kv_heads": 4, "head_dim": 64}'], r"kv: unknown keys \['pagesize'\]"),
         (["build", "--kernels", '{"kind": "decode", "kv": {"format": "paged", "page_size": 4}, "num_qo_heads": 4, '
                                 '"num_kv_heads": 4, "head_dim": 96}'], r"head_dim: 96 is not supported"),
-        (["build", "--kernels", '["causal"]'], r"--kernels: spec 0: must be a JSON object, got 'causal'"),
+        (["build", "--kernels", '["causal"]'], r"--kernels: spec 0: kernel spec: expected a JSON object, got 'causal'"),
         (["build-model", "-o", "/tmp/x.so", "--variant", "{bad"], r"--variant: not valid JSON"),
     ],
 )

@@ -214,8 +214,11 @@ def test_cuda_keys_refused_before_launch():
 
 
 def test_inputs_checked_for_32_bit_indexing():
-    class Huge:  # only its shape and dtype are read before the refusal
+    class Huge:  # a DLPack tensor of which only the shape and dtype are read before the refusal
         shape, dtype = (2**16, 2, 2**15), np.dtype(np.float32)
+
+        def __dlpack__(self, *args, **kwargs):
+            raise AssertionError("the data of a refused tensor is never read")
 
     message = r"v_a: 4294967296 elements; the merge kernels take at most 2\*\*31 - 1"
     with pytest.raises(ValueError, match=message):

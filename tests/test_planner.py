@@ -464,7 +464,7 @@ def test_plan_time_key_ranges():
         check_key_range(KeyRange(window_left=8), None)
     with pytest.raises(ValueError, match="causal"):
         check_key_range(KeyRange(causal=True), KeyRange(window_left=2))
-    with pytest.raises(ValueError, match="window_left: expected a int32 scalar"):
+    with pytest.raises(TypeError, match="window_left: expected an int32 scalar"):
         ta.SlidingWindow(3).key_range({"window_left": "wide"})
 
 

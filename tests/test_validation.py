@@ -182,8 +182,8 @@ def test_variant_constructor_errors(make, exc, match):
 
 
 def test_window_limits_kept():
-    assert ta.SlidingWindow(-1).key_window({}) is None
-    assert ta.SlidingWindow(2**30 - 1).key_window({}) == 2**30 - 1
+    assert ta.SlidingWindow(-1).key_range({}) is None
+    assert ta.SlidingWindow(2**30 - 1).key_range({}).window_left == 2**30 - 1
 
 
 @pytest.mark.parametrize(

@@ -160,7 +160,7 @@ def key_from_spec(spec: dict) -> AttentionKey | MergeKey | PlannerKey:
     else:
         key, schedule = _attention_key(spec, target)
     if spec:
-        raise ValueError(f"kernel spec: unknown keys {sorted(spec)} in a {type(key).__name__} spec")
+        raise ValueError(f"kernel spec: unknown keys {sorted(spec)} for a {type(key).__name__}")
     if isinstance(key, AttentionKey) and schedule is None:
         from .registry import scheduled
 

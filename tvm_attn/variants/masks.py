@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .base import AttentionVariant, KeyRange, ScalarParam, TensorParam
+from .base import AttentionVariant, KeyRange, ScalarParam, TensorParam, check_scalar
 
 #: The widest window the masks' int32 arithmetic supports: ``kv_idx + qo_len + window_left`` must
 #: not overflow, which holds for every request with ``qo_len + kv_len <= 2**30`` (2**31 - 1 wraps
@@ -125,7 +125,7 @@ class SlidingWindow(AttentionVariant):
         return True
 
     def key_range(self, args=None):
-        w = self._window_left if args is None else _int_arg(args, "window_left", self._window_left)
+        w = self._window_left if args is None else check_window_left(_int_arg(args, "window_left", self._window_left))
         return KeyRange(window_left=w) if w >= 0 else None
 
     def ref_logits_mask(self, ctx):
@@ -137,11 +137,7 @@ class SlidingWindow(AttentionVariant):
 
 
 def _int_arg(args: dict, name: str, default: int) -> int:
-    value = args.get(name, default)
-    try:
-        return int(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name}: expected a int32 scalar, got {value!r}") from None
+    return check_scalar(name, "int32", args.get(name, default))
 
 
 class CustomMask(AttentionVariant):
