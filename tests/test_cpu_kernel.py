@@ -43,3 +43,28 @@ def test_float16_kernel_converts_without_calls(kind, fmt, variant):
     ll = compile_key(key).mod.inspect_source("ll")
     calls = [line for line in ll.splitlines() if "call" in line and "@__extendhfsf2" in line]
     assert not calls, f"{len(calls)} calls of __extendhfsf2, e.g. {calls[0].strip()}"
+
+
+@pytest.mark.parametrize("variant,args", [
+    (ta.Causal() + ta.RoPE(), {}),
+    (ta.CustomMask() + ta.LogitsSoftCap(30.0), None),  # a mask that is not a range: checked per key
+], ids=["causal_rope", "custom_mask_softcap"])
+def test_prefill_over_many_row_blocks_and_tiles(variant, args):
+    """Rows over several row blocks and keys over several tiles, the last of each partial (the
+    property tests stay shorter), with float16 subnormals among the values."""
+    from conftest import assert_attention_close, randn
+    from tvm_attn import reference as R
+    from tvm_attn.schedule.cpu import CPU_LOOP_ORDER
+
+    rng = np.random.default_rng(7)
+    qo_len = 2 * CPU_LOOP_ORDER.row_block + 5
+    kv_len = 4 * CPU_LOOP_ORDER.kv_tile + qo_len + 3
+    q = randn(rng, (qo_len, 4, 64), "float16")
+    k, v = randn(rng, (kv_len, 2, 64), "float16"), randn(rng, (kv_len, 2, 64), "float16")
+    v[::7, :, ::5] = np.float16(3e-6)  # float16 subnormals
+    if args is None:
+        packed, indptr = ta.pack_custom_mask([rng.random((qo_len, kv_len)) < 0.5])
+        args = {"custom_mask": packed, "mask_indptr": indptr}
+    o, lse = ta.single_prefill_with_kv_cache(q, k, v, variant=variant, return_lse=True, **args)
+    ref_o, ref_lse = R.dense_attention(q, k, v, variant=variant, params=R.variant_params(variant, args))
+    assert_attention_close(o, lse, ref_o, ref_lse, "float16", str(variant))

@@ -22,8 +22,9 @@ from dataclasses import dataclass
 class CPULoopOrder:
     #: loop kind of the outermost (head group, segment) loop: "parallel" or "serial"
     head_loop: str = "parallel"
-    #: query rows that share each staged K/V tile
-    row_block: int = 16
+    #: query rows that share each staged K/V tile (float16 prefill at 1024 tokens: 10% over float32
+    #: with 16 rows, 5% with 64)
+    row_block: int = 64
     #: keys per staged tile (its K and V in float32: 2 * kv_tile * head_dim * 4 bytes)
     kv_tile: int = 32
     #: independent float32 partial sums of a dot product (vector lanes)
