@@ -156,21 +156,22 @@ def make_attention(key: AttentionKey, abi=None) -> tirx.PrimFunc:
 
 
 class _Tiles:
-    """The float32 working set of one query head: the staged query rows of a row block, their
-    outputs and softmax states, and the staged (converted, key-transformed) K/V tile."""
+    """The float32 working set of one task: the staged query rows of a row block, their outputs
+    and softmax states, the staged (converted, key-transformed) K/V tile, the variant's tables."""
 
-    def __init__(self, D: int, BQ: int, BK: int, tables: dict):
+    def __init__(self, D: int, rows: int, keys: int, tables: dict):
         self.D, self.tables = D, tables
-        self.q, self.o = local("q_tile", BQ * D), local("o_tile", BQ * D)
-        self.state = local("state", BQ * 2)  # per row: m (running max, natural units), d (sum)
-        self.k, self.v = local("k_tile", BK * D), local("v_tile", BK * D)
-        self.kv_idx = local("kv_idx_tile", BK, "int32")
+        self.q, self.o = local("q_tile", rows * D), local("o_tile", rows * D)
+        self.state = local("state", rows * 2)  # per row: m (running max, natural units), d (sum)
+        self.k, self.v = local("k_tile", keys * D), local("v_tile", keys * D)
+        self.kv_idx = local("kv_idx_tile", keys, "int32")
         self.lanes = next(n for n in (16, 8, 4, 2, 1) if D % n == 0 and n <= CPU_LOOP_ORDER.dot_lanes)
         self.acc = local("dot_acc", self.lanes)
 
-    def _view(self, buf, size: int, offset):
-        view = T.decl_buffer((size,), "float32", data=buf.data, elem_offset=offset, scope="local")
-        return view
+    @staticmethod
+    def _view(buf, size: int, offset):
+        """Row ``offset / size`` of ``buf`` as a buffer of its own (for :func:`_accumulate`)."""
+        return T.decl_buffer((size,), "float32", data=buf.data, elem_offset=offset, scope="local")
 
     def state_row(self, r):
         return self._view(self.state, 2, r * 2)
@@ -198,8 +199,8 @@ class _Tiles:
 
 
 def _stage_tables(variant, D: int, params: dict) -> dict:
-    """Each of the variant's DimTables, computed once per head (RoPE's powf per element and key
-    otherwise)."""
+    """Each of the variant's DimTables, computed once per task (else RoPE's powf runs for every
+    element of every key)."""
     tables = {}
     ctx = HookContext(None, None, None, None, None, None, None, D, params)
     for table in variant.tables(D):
@@ -265,15 +266,15 @@ def widen_half(bits):
     every half (normals, subnormals, zeros, inf, NaN) where float32 subnormals are not flushed
     (the default floating-point environment)."""
     i32 = lambda v: tirx.const(v, "int32")  # noqa: E731
-    h = tirx.Cast("int32", bits)
-    mag = tirx.bitwise_and(h, i32(0x7FFF))
-    sign = tirx.shift_left(tirx.bitwise_and(h, i32(0x8000)), i32(16))
-    # exponent and mantissa into float32's places, scaled by 2^(127 - 15): exact for normals, and
-    # for subnormals too (their shifted bits are a float32 subnormal, which the scaling normalizes)
-    scaled = tirx.reinterpret("float32", tirx.shift_left(mag, i32(13))) * tirx.const(2.0**112, "float32")
-    # inf and NaN: the all-ones exponent (the scaling kept their mantissa, NaN payloads included)
-    inf_nan = tirx.Select(mag > i32(0x7BFF), i32(0x7F800000), i32(0))
-    bits32 = tirx.bitwise_or(tirx.reinterpret("int32", scaled), tirx.bitwise_or(sign, inf_nan))
+    h = tirx.Cast("int32", tirx.reinterpret("int16", bits))  # sign-extended
+    # sign, exponent and mantissa into float32's places, scaled by 2^(127 - 15): exact for normals,
+    # and for subnormals too (their shifted bits are a float32 subnormal, which the scaling normalizes)
+    placed = tirx.bitwise_and(tirx.shift_left(h, i32(13)), i32(-0x70002000))  # 0x8FFFE000
+    scaled = tirx.reinterpret("float32", placed) * tirx.const(2.0**112, "float32")
+    # inf and NaN: the all-ones exponent (the scaling kept their mantissa, NaN payloads included);
+    # Select, not if_then_else, which branches (LLVM made a switch of it, and no vector loop)
+    inf_nan = tirx.Select(tirx.bitwise_and(h, i32(0x7FFF)) > i32(0x7BFF), i32(0x7F800000), i32(0))
+    bits32 = tirx.bitwise_or(tirx.reinterpret("int32", scaled), inf_nan)
     return tirx.reinterpret("float32", bits32)
 
 
