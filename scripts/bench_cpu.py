@@ -166,14 +166,14 @@ def cpu_name() -> str:
 def main(small: bool = False, argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smaller shapes and one repetition (CI)")
-    parser.add_argument("--reps", type=int, default=None, help="timed repetitions (default 3, quick 1)")
+    parser.add_argument("--reps", type=int, default=None, help="timed repetitions (default 5, quick 1)")
     parser.add_argument("--dtypes", default=",".join(DTYPES), help="comma-separated data types")
     parser.add_argument("--out", default=None, help="result JSON (bench/results/cpu-<arch>.json)")
     args = parser.parse_args([] if small and argv is None else argv)
     if args.reps is not None and args.reps < 1:
         parser.error(f"--reps: must be at least 1, got {args.reps}")
     quick = args.quick or small
-    reps = args.reps or (1 if quick else 3)
+    reps = args.reps or (1 if quick else 5)
     min_total = 0.1 if quick else 0.5
     dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
     for d in dtypes:
