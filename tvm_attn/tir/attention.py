@@ -38,7 +38,7 @@ from ..kv.index import declare_layout
 from ..schedule.cpu import CPU_LOOP_ORDER
 from ..variants.base import CONFIG_DIMS, HookContext, ScalarParam
 from ._builder import IRBuilder, T, buffer_param, let, local, loop, scalar_param, store, sym, when
-from .softmax import LOG2E, NEG_INF, Ref, f32, online_update
+from .softmax import LOG2E, NEG_INF, Ref, online_update
 
 
 def declare_extra_params(key: AttentionKey) -> dict:
