@@ -7,8 +7,10 @@ the index arrays' upload and our slots' plans), then replays the graph: the repl
 new lengths, pages and sequences through the work lists the plan rewrote in place. What TVM 0.27's
 cache itself lets a replay change (tvm_attn/relax/kv_cache.py, "CUDA graphs") bounds the workload:
 a fixed batch of BATCH slots, each keeping its page count after the step's append, no shared
-prefixes inside the batch. Within that, lengths grow every step, and sequences leave the batch (and
-the cache) and new ones, prefilled outside the graph, take their slots, on pages that others freed.
+prefixes inside the batch. Within that, lengths grow every step, sequences leave the batch (and the
+cache) and new ones, prefilled outside the graph, take their slots on pages that others freed, and
+between replays sequences outside the batch are forked and run eagerly over their shared prefix
+(whose plans overwrite the workspaces the graph reads).
 
 Run on the GPU host with the prebuilt models (scripts/build_gpu_kernels.py writes <kernel dir>/models/):
 
@@ -50,10 +52,11 @@ class Workload:
     int32 device tensor of the step's tokens; ``sync``: waits for the device (the graph's stream).
     """
 
-    def __init__(self, session, config, weights, rng, ids, sync=lambda: None, churn=0.2):
+    def __init__(self, session, config, weights, rng, ids, sync=lambda: None, churn=0.2, fork=0.15):
         from tvm_attn.models import llama
 
-        self.s, self.cfg, self.rng, self.ids, self.sync, self.churn = session, config, rng, ids, sync, churn
+        self.s, self.cfg, self.rng, self.ids, self.sync = session, config, rng, ids, sync
+        self.churn, self.fork = churn, fork
         self.w64 = {k: np.asarray(v, np.float64) for k, v in weights.items()}
         self.forward = llama.numpy_forward
         self.page = config.page_size
@@ -61,7 +64,7 @@ class Workload:
         self.slots: list[int] = []
         self.next_id = 0
         self.worst = 0.0
-        self.counts = {"steps": 0, "added": 0, "removed": 0}
+        self.counts = {"steps": 0, "added": 0, "removed": 0, "forked": 0}
         # the first prompts fix each slot's pages after the step's append for good
         lengths = [int(n) for n in rng.integers(1, 3 * self.page, BATCH)]
         self.pages = [_pages(n + 1, self.page) for n in lengths]
@@ -82,12 +85,13 @@ class Workload:
         for i, p in zip(ids, prompts):
             self.s.add_sequence(i)
             self.seqs[i] = p
-        for i, logits in zip(ids, self._prefill(ids, prompts)):
+        for i, logits in zip(ids, self._eager(ids, prompts)):
             self._check(self.seqs[i], logits, f"prefill of seq {i} ({len(self.seqs[i])} tokens)")
         self.counts["added"] += len(ids)
         return ids
 
-    def _prefill(self, ids, prompts):
+    def _eager(self, ids, prompts):
+        """One step of the model's prefill function (any lengths), outside the graph; each sequence's logits."""
         import tvm
 
         self.s.begin_step(ids, [len(p) for p in prompts])
@@ -116,9 +120,31 @@ class Workload:
         for k, i in zip(leave, self._add(lengths)):
             self.slots[k] = i
 
+    def _fork_aside(self) -> None:
+        """Between replays: a sequence outside the batch is prefilled and forked inside its prompt, both
+        take one token in an eager step over a shared prefix (two cascade depths, our paged-prefill or
+        decode plans into the same workspaces), then both are removed."""
+        n = int(self.rng.integers(2, 3 * self.page))
+        (parent,) = self._add([n])
+        child, self.next_id = self.next_id, self.next_id + 1
+        pos = int(self.rng.integers(1, n + 1))
+        self.s.fork_sequence(parent, child, pos)
+        self.seqs[child] = self.seqs[parent][:pos]
+        new = [[int(t)] for t in self.rng.integers(0, self.cfg.vocab_size, 2)]
+        for i, t, logits in zip((parent, child), new, self._eager([parent, child], new)):
+            self.seqs[i] += t
+            self._check(self.seqs[i], logits, f"fork of seq {parent} at {pos}: seq {i}")
+        for i in (child, parent):
+            self.s.remove_sequence(i)
+            del self.seqs[i]
+        self.counts["forked"] += 1
+        self.counts["removed"] += 2
+
     def step(self, decode) -> None:
         """One decode step over the slots: ``decode()`` runs the model's decode on ``ids`` (eagerly, or
         by capturing or replaying the graph) and returns the logits tensor."""
+        if self.rng.random() < self.fork:
+            self._fork_aside()
         self._churn()
         for k, i in enumerate(self.slots):
             assert _pages(len(self.seqs[i]) + 1, self.page) == self.pages[k]
@@ -195,6 +221,7 @@ def test_one_captured_decode_step_replays_random_steps(name):
     c = work.counts
     assert c["steps"] == STEPS + 2, c
     if STEPS >= 50:  # the workload did replace sequences (a page filled up every 16 steps or sooner)
-        assert c["removed"] > 0 and c["added"] > BATCH, c
-    print(f"{name}: {c['steps']} steps ({STEPS} replays), {c['added']} sequences added, {c['removed']} removed; "
+        assert c["removed"] > 0 and c["added"] > BATCH and c["forked"] > 0, c
+    print(f"{name}: {c['steps']} steps ({STEPS} replays), {c['added']} sequences added, {c['forked']} forked, "
+          f"{c['removed']} removed; "
           f"worst |err| / (1 + scale) = {work.worst:.2e}")
