@@ -91,7 +91,8 @@ class Workload:
         return ids
 
     def _eager(self, ids, prompts):
-        """One step of the model's prefill function (any lengths), outside the graph; each sequence's logits."""
+        """One step of the model's prefill function (any lengths), outside the graph: each sequence's
+        logits."""
         import tvm
 
         self.s.begin_step(ids, [len(p) for p in prompts])
@@ -222,6 +223,5 @@ def test_one_captured_decode_step_replays_random_steps(name):
     assert c["steps"] == STEPS + 2, c
     if STEPS >= 50:  # the workload did replace sequences (a page filled up every 16 steps or sooner)
         assert c["removed"] > 0 and c["added"] > BATCH and c["forked"] > 0, c
-    print(f"{name}: {c['steps']} steps ({STEPS} replays), {c['added']} sequences added, {c['forked']} forked, "
-          f"{c['removed']} removed; "
-          f"worst |err| / (1 + scale) = {work.worst:.2e}")
+    print(f"{name}: {c['steps']} steps ({STEPS} replays), {c['added']} sequences added, "
+          f"{c['forked']} forked, {c['removed']} removed; worst |err| / (1 + scale) = {work.worst:.2e}")

@@ -91,10 +91,10 @@ class ModelSession:
 
     # -- one step --------------------------------------------------------------------------------------
     def begin_step(self, seq_ids, lengths, plan: bool = False) -> None:
-        """``begin_forward`` of one step (``lengths[i]`` new tokens for ``seq_ids[i]``). With ``plan``, also the
-        cache's host work for the step (packing and uploading its index arrays, every attention slot's plan),
-        which TVM's cache otherwise does in the step's first attention call: what the model function does
-        after it is then kernel launches only, which a CUDA graph capture or replay needs."""
+        """``begin_forward`` of one step (``lengths[i]`` new tokens for ``seq_ids[i]``). With ``plan``, also
+        the cache's host work for the step (packing and uploading its index arrays, every attention slot's
+        plan), which TVM's cache otherwise does in the step's first attention call: what the model function
+        does after it is then kernel launches only, which a CUDA graph capture or replay needs."""
         import tvm
 
         shape = tvm.runtime.ShapeTuple
