@@ -32,9 +32,10 @@ can replay:
 * ``CachedPagedKVCacheAuxDataManager`` packs the index arrays one after the other into one device
   buffer, each at the aligned end of the one before (``CopyAttnAuxVecToCache``): the query positions
   first, then per depth the qo and page indptrs, the page indices, the last-page lengths, ... and the
-  append positions. The addresses that the captured kernels were given (ours: the last-page lengths;
-  TVM's transpose-append: the append positions) move whenever the number of pages in the batch
-  (rounded up to 4) changes;
+  append positions, each start rounded up to 16 bytes. The addresses that the captured kernels were
+  given (ours: the last-page lengths, and the page indices of the second depth; TVM's
+  transpose-append: the append positions) move whenever the batch's page count, rounded up to 4,
+  changes;
 * the number of cascade depths (sequences of the batch that share a forked prefix) decides how many
   attention calls and merges a layer makes, and the compute stream is the one current when the
   cache was created.
