@@ -205,9 +205,12 @@ def test_one_captured_decode_step_replays_random_steps(name):
 
         def capture():
             torch.cuda.synchronize()
-            # relaxed: TVM's VM may still take a new block from the driver for an allocation here
+            # relaxed: TVM's VM may still take a new block from the driver for an allocation here;
+            # use_torch_stream again: TVM's launches go to the capturing stream even if the cache's
+            # plan left TVM's current stream at another one (the cache's compute stream)
             with torch.cuda.graph(graph, stream=stream, capture_error_mode="relaxed"):
-                captured["logits"] = s.vm["decode"](ids, s.cache, s.params)
+                with tvm_ffi.use_torch_stream():
+                    captured["logits"] = s.vm["decode"](ids, s.cache, s.params)
             graph.replay()  # the capture ran nothing: this is the step's decode
             return captured["logits"]
 
