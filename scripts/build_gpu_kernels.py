@@ -94,8 +94,8 @@ def build_read_ceiling(out: Path, arch: str) -> None:
     precompile(cuda_source(ex), arch, out / "cubin")
 
 
-#: tests/gpu/test_kv_cache_cuda.py's models: the cache sends decode to the decode slot at GQA group 2
-#: and to the paged-prefill slot at group 4
+#: tests/gpu/test_kv_cache_cuda.py's and test_kv_cache_graphs.py's models: the cache sends decode to
+#: the decode slot at GQA group 2 and to the paged-prefill slot at group 4
 GPU_TEST_MODELS = {"tiny_g2": {}, "tiny_g4": {"hidden_size": 512, "num_attention_heads": 8, "num_key_value_heads": 2}}
 
 

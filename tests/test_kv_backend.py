@@ -123,3 +123,42 @@ int main() {{
     want += [prefill_workspace(tok, bt, *heads, tiles, s) for s, bt, tok in cases for _, tiles in b.tiles]
     got = [[int(x) for x in line.split()] for line in out[1:]]
     assert got == [[*dataclasses.astuple(w), w.int_bytes // 4, w.float_bytes // 4] for w in want]
+
+
+def _graph_test():
+    """tests/gpu/test_kv_cache_graphs.py as a module (its workload runs on the CPU model too)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).with_name("gpu") / "test_kv_cache_graphs.py"
+    spec = importlib.util.spec_from_file_location("kv_cache_graphs", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_graph_workload_runs_eagerly_on_the_cpu_model(tmp_path):
+    """The GPU graph test's workload, with the decode run eagerly on the CPU model: every step's logits
+    match numpy through sequences added and removed while each slot keeps its page count (what a replay
+    needs from TVM's cache), and begin_step's early plan leaves the step runnable."""
+    import numpy as np
+    import tvm
+
+    from tvm_attn.cli import main
+    from tvm_attn.models import llama
+    from tvm_attn.models.runtime import ModelSession
+
+    graphs = _graph_test()
+    path = tmp_path / "tiny.so"
+    assert main(["build-model", "--config", "tiny", "-o", str(path), "--seed", "3", "--quiet"]) == 0
+    cfg = llama.get_config("tiny")
+    weights = llama.random_weights(cfg, 3)
+    s = ModelSession(path, weights=weights)
+    ids = tvm.runtime.tensor(np.zeros((graphs.BATCH, 1), np.int32), s.device)
+    work = graphs.Workload(s, cfg, weights, np.random.default_rng(11), ids)
+    steps = 40
+    for _ in range(steps):
+        work.step(lambda: s.vm["decode"](ids, s.cache, s.params))
+    c = work.counts
+    assert c["steps"] == steps and c["removed"] > 0 and c["forked"] > 0 and c["added"] > graphs.BATCH, c
+    assert work.worst < 1e-4  # the float32 model (the GPU test's bound is float16's)

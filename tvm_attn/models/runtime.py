@@ -90,6 +90,22 @@ class ModelSession:
         return int(_global("vm.builtin.attention_kv_cache_get_sequence_length")(self.cache, seq_id))
 
     # -- one step --------------------------------------------------------------------------------------
+    def begin_step(self, seq_ids, lengths, plan: bool = False) -> None:
+        """``begin_forward`` of one step (``lengths[i]`` new tokens for ``seq_ids[i]``). With ``plan``, also
+        the cache's host work for the step (packing and uploading its index arrays, every attention slot's
+        plan), which TVM's cache otherwise does in the step's first attention call: what the model function
+        does after it is then kernel launches only, which a CUDA graph capture or replay needs."""
+        import tvm
+
+        shape = tvm.runtime.ShapeTuple
+        self._begin(self.cache, shape(list(seq_ids)), shape(list(lengths)))
+        if plan:
+            _global("vm.builtin.attention_kv_cache_get_query_positions")(self.cache)
+
+    def end_step(self) -> None:
+        """``end_forward`` of the step :meth:`begin_step` began."""
+        self._end(self.cache)
+
     def forward(self, seq_ids, tokens, last_only: bool = False, fetch: bool = True):
         """Append ``tokens[i]`` to sequence ``seq_ids[i]`` for every i in one batch; return each
         sequence's logits ``[len(tokens[i]), vocab]`` (float32), or with ``last_only`` those of its
@@ -102,9 +118,8 @@ class ModelSession:
         lengths = [len(t) for t in tokens]
         if min(lengths) < 1:
             raise ValueError("forward: every sequence in the batch needs at least one new token")
-        shape = tvm.runtime.ShapeTuple
         bounds = np.cumsum([0] + lengths)
-        self._begin(self.cache, shape(list(seq_ids)), shape(lengths))
+        self.begin_step(seq_ids, lengths)
         if max(lengths) == 1:
             ids = np.asarray([t[0] for t in tokens], np.int32).reshape(-1, 1)
             out = self.vm["decode"](tvm.runtime.tensor(ids, self.device), self.cache, self.params)
@@ -117,7 +132,7 @@ class ModelSession:
                 out = self.vm["batch_prefill"](ids, positions, self.cache, self.params)
             else:
                 out = self.vm["prefill"](ids, self.cache, self.params)
-        self._end(self.cache)
+        self.end_step()
         if not fetch:
             return out
         rows = out.numpy().reshape(-1, out.shape[-1])

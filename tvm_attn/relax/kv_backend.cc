@@ -10,6 +10,17 @@
 // paged-prefill plan whose requests all have one query token (a decode step: the cache routes
 // decode to the prefill slot when the GQA group is 4 or more) runs the decode kernel.
 //
+// CUDA graphs. A decode step's `run` is capture-safe: it allocates nothing, reads and writes only
+// the cache's tensors and its two workspaces (allocated once, at their fixed size, when the cache
+// is created), launches the decode kernel on a grid that the SM count fixes (persistent, whatever
+// the lengths), and takes the regions of the workspaces at offsets that depend on the batch size
+// only (DecodeLayout). Everything a step changes, `plan` writes into those same workspaces from
+// the host, outside the captured region (TVM's cache runs the plans on its copy stream, in the
+// first attention call of a step or in get_query_positions), so a graph captured once replays
+// the work lists of later steps. A prefill plan's kernel, tile and merge depend on the lengths:
+// prefill steps are not for replay. What TVM 0.27's cache itself changes per step is documented
+// in tvm_attn/relax/kv_cache.py (the addresses of its index arrays).
+//
 // tvm_attn/relax/kv_backend.py compiles this file with a generated header (TVM_ATTN_KV_CONFIG)
 // that names the model's kernels and holds the schedule's and the planner's constants, layouts and
 // sizing rules, generated from their Python description; nothing here is model-specific, and no
@@ -247,11 +258,9 @@ inline void CheckNoWindow(const char* what, int64_t window_left) {
   }
 }
 
-inline void CheckPlanArgs(const char* what, bool enable_cuda_graph, int64_t window_left) {
-  if (enable_cuda_graph) {
-    TVM_FFI_THROW(ValueError) << what << ": tvm_attn's KV-cache plan does not capture CUDA graphs (the "
-                              << "cache never asks); use the wrappers' use_cuda_graph for graphs";
-  }
+// enable_cuda_graph (FlashInfer's flag, which TVM 0.27's cache passes as false) changes nothing: a decode
+// plan's layout is the batch's alone, and `run` never sizes anything per step (the header comment)
+inline void CheckPlanArgs(const char* what, bool /*enable_cuda_graph*/, int64_t window_left) {
   CheckNoWindow(what, window_left);
 }
 

@@ -19,6 +19,30 @@ what sits in the attention slots (:func:`slot_sources` lists them):
 
 Our kernels leave RoPE to the cache's split-rotary kernel, so ``rope_mode`` is ``RopeMode.NORMAL``
 (or ``NONE``); inline RoPE raises.
+
+CUDA graphs. Our CUDA slots are capture-safe for decode (``kv_backend.cc``'s header comment: fixed
+workspaces, a fixed grid, all per-step work in ``plan``). TVM 0.27's runtime cache
+(``src/runtime/vm/paged_kv_cache.cc``, ``attn_utils.h``) limits what a graph of a whole decode step
+can replay:
+
+* its per-step host work (packing the index arrays, the upload on its copy stream, the slots'
+  plans: ``ComputeStreamWaitForCopyStream``) runs lazily in the step's first attention call, not in
+  ``BeginForward``; ``vm.builtin.attention_kv_cache_get_query_positions`` runs it earlier, outside a
+  capture (:meth:`tvm_attn.models.runtime.ModelSession.prepare_step`);
+* ``CachedPagedKVCacheAuxDataManager`` packs the index arrays one after the other into one device
+  buffer, each at the aligned end of the one before (``CopyAttnAuxVecToCache``): the query positions
+  first, then per depth the qo and page indptrs, the page indices, the last-page lengths, ... and the
+  append positions, each start rounded up to 16 bytes. The addresses that the captured kernels were
+  given (ours: the last-page lengths, and the page indices of the second depth; TVM's
+  transpose-append: the append positions) move whenever the batch's page count, rounded up to 4,
+  changes;
+* the number of cascade depths (sequences of the batch that share a forked prefix) decides how many
+  attention calls and merges a layer makes, and the compute stream is the one current when the
+  cache was created.
+
+So a captured decode step replays correctly while the batch keeps its size, its total page count
+and its depth structure; tests/gpu/test_kv_cache_graphs.py replays one capture over random steps
+that keep those fixed while lengths change and sequences come and go.
 """
 
 from __future__ import annotations
