@@ -201,10 +201,10 @@ class BatchPrefillWithRaggedKVCacheWrapper(CudaPrefillPlan):
     of ``k``/``v``."""
 
     def plan(
-        self, qo_indptr, kv_indptr, num_qo_heads: int, num_kv_heads: int, head_dim: int, *,
-        causal: bool = False,
-        variant=None, pos_encoding_mode: str = "NONE", window_left: int = -1, logits_soft_cap=None,
-        q_data_type="float16", kv_data_type=None, sm_scale=None, rope_scale=None, rope_theta=None,
+        self, qo_indptr, kv_indptr, num_qo_heads: int, num_kv_heads: int, head_dim: int,
+        *, causal: bool = False, variant=None, pos_encoding_mode: str = "NONE", window_left: int = -1,
+        logits_soft_cap=None, q_data_type="float16", kv_data_type=None, sm_scale=None, rope_scale=None,
+        rope_theta=None,
     ) -> None:
         fmt = RaggedKV(self._kv_layout)
         kv_indptr, _ = fmt.validate(kv_indptr)
