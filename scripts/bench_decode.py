@@ -62,8 +62,8 @@ def prefill_kernel_keys(target: str = "cuda:sm_90a") -> list:
     from tvm_attn.schedule.prefill import prefill_schedule
     from tvm_attn.variants import AttentionVariant
 
-    return [AttentionKey("prefill", ta.PagedKV(PAGE, "NHD"), HQ, HKV, D, "float16", "float16", AttentionVariant(),
-                         target, prefill_schedule(D, HQ // HKV))]
+    return [AttentionKey("prefill", ta.PagedKV(PAGE, "NHD"), HQ, HKV, D, "float16", "float16",
+                         AttentionVariant(), target, prefill_schedule(D, HQ // HKV))]
 
 
 def kv_bytes(lens, hkv):
@@ -134,14 +134,16 @@ def main(small: bool = False, out: str | None = None) -> list[dict]:
     device_name = torch.cuda.get_device_name(0) if torch else dev.device_name
     ceilings = read_ceilings(tvm, dev, torch, cache_dir, small)
     read_ceiling = ceilings.get("read_TBps")
-    builtin = tvm.runtime.load_module(str(cache_dir / "tvm_builtin_decode.so")) if (cache_dir / "tvm_builtin_decode.so").exists() else None
+    builtin_so = cache_dir / "tvm_builtin_decode.so"
+    builtin = tvm.runtime.load_module(str(builtin_so)) if builtin_so.exists() else None
 
     rows, notes = [], []
 
     def add(workload, kernel, ms, nbytes):
         tbps = nbytes / (ms * 1e-3) / 1e12
-        rows.append({"workload": workload, "kernel": kernel, "median_us": round(ms * 1e3, 2), "TBps": round(tbps, 3),
-                     "TFLOPs": None, "pct_of_ceiling": round(100 * tbps / read_ceiling, 1) if read_ceiling else None})
+        rows.append({"workload": workload, "kernel": kernel, "median_us": round(ms * 1e3, 2),
+                     "TBps": round(tbps, 3), "TFLOPs": None,
+                     "pct_of_ceiling": round(100 * tbps / read_ceiling, 1) if read_ceiling else None})
 
     # the window is given at plan time, so the plan splits only the keys inside it
     window = ("/window", ta.SlidingWindow(WINDOW), {})
@@ -164,7 +166,8 @@ def main(small: bool = False, out: str | None = None) -> list[dict]:
         nbytes = kv_bytes(lens, hkv)
         check_rows = min(len(lens), 4)  # reference on the first requests' pages only
         sub = indices[: indptr[check_rows]]
-        sub_cache = (cache_t[torch.from_numpy(sub).long().cuda()].cpu().numpy() if torch is not None else cache_t[sub])
+        sub_cache = (cache_t[torch.from_numpy(sub).long().cuda()].cpu().numpy() if torch is not None
+                     else cache_t[sub])
         ref_o, _ = R.paged_attention(q[:check_rows], None, sub_cache, indptr[: check_rows + 1],
                                      np.arange(sub.size, dtype=np.int32), last[:check_rows])
         for suffix, variant, vargs in variants_of.get(wname, variants[:1]):
@@ -214,7 +217,8 @@ def main(small: bool = False, out: str | None = None) -> list[dict]:
             builtin[name](*args)
             err = float(np.abs(o_b.numpy()[:check_rows].astype(np.float32) - ref_o).max())
             if err <= 2e-3:
-                add(workload, "tvm_builtin_tir", time_tvm(builtin, name, dev, args, number=5, repeat=7), nbytes)
+                add(workload, "tvm_builtin_tir", time_tvm(builtin, name, dev, args, number=5, repeat=7),
+                    nbytes)
             else:
                 notes.append(f"{workload}: tvm builtin mismatch {err:.3e}")
             del pages_hnd
@@ -257,7 +261,8 @@ def main(small: bool = False, out: str | None = None) -> list[dict]:
     print(f"device {device_name}; ceilings " + ", ".join(f"{k} {v:.2f}" for k, v in ceilings.items()))
     print(f"{'workload':<44}{'kernel':<24}{'us':>9}{'TB/s':>7}{'%ceil':>7}")
     for r in rows:
-        print(f"{r['workload']:<44}{r['kernel']:<24}{r['median_us']:>9.1f}{r['TBps']:>7.2f}{(r['pct_of_ceiling'] or 0):>7.1f}")
+        print(f"{r['workload']:<44}{r['kernel']:<24}{r['median_us']:>9.1f}{r['TBps']:>7.2f}"
+              f"{(r['pct_of_ceiling'] or 0):>7.1f}")
     print("plan time:", plan_times)
     for n in notes:
         print("note:", n)
@@ -268,8 +273,10 @@ def main(small: bool = False, out: str | None = None) -> list[dict]:
 
 def plot(result, path):
     bar_plot(result, path, value=lambda r: r["TBps"], kernels=lambda k: "/" not in k,
-             label=lambda w: w.replace("decode ", "").replace(" d128 p16 fp16", ""), ylabel="TB/s of K+V read",
-             title=f"Paged decode, {result['device']}", hline=(result["ceilings"].get("read_TBps"), "read ceiling"))
+             label=lambda w: w.replace("decode ", "").replace(" d128 p16 fp16", ""),
+             ylabel="TB/s of K+V read",
+             title=f"Paged decode, {result['device']}",
+             hline=(result["ceilings"].get("read_TBps"), "read ceiling"))
 
 
 if __name__ == "__main__":

@@ -5,8 +5,8 @@ Measures decode inter-token latency (one decode step of every sequence) at batch
 context 1k and 4k, and time-to-first-token of a 2k-token prompt (batch_prefill, last-token logits).
 Two steps, because the GPU host has TVM's runtime only:
 
-    python scripts/bench_e2e.py --build e2e/ --target cuda:sm_90a          # here: compile both models + cubins
-    python scripts/bench_e2e.py --run e2e/ --out bench/results/e2e-h100.json   # GPU host (writes a PNG too)
+    python scripts/bench_e2e.py --build e2e/ --target cuda:sm_90a         # here: compile both models + cubins
+    python scripts/bench_e2e.py --run e2e/ --out bench/results/e2e-h100.json  # GPU host (writes a PNG too)
 
 Each model runs in its own process (its KV cache for 64 x 4k tokens takes 34 GB), with the same
 weights. Correctness first: before timing, both models prefill the same prompt and decode a step;
@@ -116,7 +116,8 @@ def cache_plan_time(library: Path, meta: dict, dev) -> dict:
         qo = tvm.runtime.tensor(np.arange(b + 1, dtype=np.int32), tvm.cpu())
         ip = tvm.runtime.tensor(np.arange(b + 1, dtype=np.int32) * pages, tvm.cpu())
         kv_len = tvm.runtime.tensor(np.full(b, 2048, np.int32), tvm.cpu())
-        args = (float_ws, int_ws, pinned, qo, ip, kv_len, b, b, hq, hkv, page, False, d, d, False, -1, -1, False, 0)
+        args = (float_ws, int_ws, pinned, qo, ip, kv_len, b, b, hq, hkv, page, False, d, d, False, -1, -1,
+                False, 0)
         plan(*args)
         ts = []
         for _ in range(200):
@@ -141,8 +142,8 @@ def attention_split(library: Path, batch: int, ctx: int) -> dict:
 
     meta = json.loads(library.with_suffix(".json").read_text())
     c = meta["config"]
-    hq, hkv, d, page, layers = (c["num_attention_heads"], c["num_key_value_heads"], c["head_dim"], c["page_size"],
-                                c["num_hidden_layers"])
+    hq, hkv, d, page, layers = (c["num_attention_heads"], c["num_key_value_heads"], c["head_dim"],
+                                c["page_size"], c["num_hidden_layers"])
     cache_dir = Path(os.environ.get("TVM_ATTN_CACHE_DIR", ROOT / ".kernels"))
     ensure_cuda(cache_dir / "cubin")
     dev = tvm.cuda(0)
@@ -168,7 +169,8 @@ def attention_split(library: Path, batch: int, ctx: int) -> dict:
         builtin = tvm.runtime.load_module(str(builtin_path))
         zeros = tvm.runtime.tensor(np.zeros(batch, np.int32), dev)
         args = [q, cache, tvm.runtime.tensor(indptr, dev), tvm.runtime.tensor(indices, dev),
-                tvm.runtime.tensor(last, dev), zeros, zeros, tvm.runtime.empty((batch, hq, d), "float16", dev),
+                tvm.runtime.tensor(last, dev), zeros, zeros,
+                tvm.runtime.empty((batch, hq, d), "float16", dev),
                 tvm.runtime.empty((batch, hq), "float32", dev), 0, 1.0, 1e4, 1.0 / np.sqrt(d)]
         out["tvm_builtin"] = time_tvm(builtin, name, dev, args, number=3, repeat=5) * 1e3 * layers
     return out
@@ -228,7 +230,8 @@ def run_one(library: Path, small: bool) -> dict:
 
     t_phase = time.perf_counter()
     result["ttft_us"] = timed(ttft_once, 3 if small else 10) * 1e6
-    print(f"{library.name}: ttft {result['ttft_us'] / 1e3:.1f} ms ({time.perf_counter() - t_phase:.0f} s)", flush=True)
+    print(f"{library.name}: ttft {result['ttft_us'] / 1e3:.1f} ms ({time.perf_counter() - t_phase:.0f} s)",
+          flush=True)
     repeat, warmup = (3, 2) if small else (20, 2)
     for ctx in contexts:
         # fill max(batches) sequences to ctx once; each batch size decodes the first b of them, and
@@ -240,23 +243,27 @@ def run_one(library: Path, small: bool) -> dict:
         per_forward = max(1, 8192 // ctx)          # fill the context, a few sequences per forward
         for i in range(0, len(ids), per_forward):
             group = ids[i : i + per_forward]
-            s.forward(group, [rng.integers(0, vocab, ctx - 1).tolist() for _ in group], last_only=True, fetch=False)
+            s.forward(group, [rng.integers(0, vocab, ctx - 1).tolist() for _ in group], last_only=True,
+                      fetch=False)
         dev.sync()
-        print(f"{library.name}: filled {len(ids)} x {ctx} ({time.perf_counter() - t_phase:.0f} s)", flush=True)
+        print(f"{library.name}: filled {len(ids)} x {ctx} ({time.perf_counter() - t_phase:.0f} s)",
+              flush=True)
         for b in batches:
             step_tokens = [[int(t)] for t in rng.integers(0, vocab, b)]
             result["itl_us"][f"{b}x{ctx}"] = timed(lambda: s.forward(ids[:b], step_tokens, fetch=False),
                                                    repeat, warmup) * 1e6
             for sid in ids[:b]:
                 s.popn(sid, repeat + warmup)
-            print(f"{library.name}: itl b{b} ctx{ctx} {result['itl_us'][f'{b}x{ctx}'] / 1e3:.2f} ms", flush=True)
+            print(f"{library.name}: itl b{b} ctx{ctx} {result['itl_us'][f'{b}x{ctx}'] / 1e3:.2f} ms",
+                  flush=True)
         for sid in ids:
             s.remove_sequence(sid)
     if meta["kv_cache"] == "tvm_attn" and device == "cuda":
         result["cache_plan_us"] = cache_plan_time(library, meta, dev)
     result["check"] = [c.astype(np.float32).tolist() for c in check]
     result["kv_cache_slots"] = meta["kv_cache_slots"]
-    del s, weights
+    # free the session's and the weights' device memory before returning
+    s = weights = None
     gc.collect()
     return result
 
@@ -282,11 +289,12 @@ def run(directory: Path, out: str | None, small: bool) -> list[dict]:
             continue
         r = results[kv_cache]
         rows.append({"workload": f"ttft prompt{TTFT_PROMPT if not small else 48} b1 {name}", "kernel": kernel,
-                     "median_us": round(r["ttft_us"], 1), "TBps": None, "TFLOPs": None, "pct_of_ceiling": None})
+                     "median_us": round(r["ttft_us"], 1), "TBps": None, "TFLOPs": None,
+                     "pct_of_ceiling": None})
         for key, us in r["itl_us"].items():
             b, ctx = key.split("x")
-            rows.append({"workload": f"decode itl b{b} ctx{ctx} {name}", "kernel": kernel, "median_us": round(us, 1),
-                         "TBps": None, "TFLOPs": None, "pct_of_ceiling": None})
+            rows.append({"workload": f"decode itl b{b} ctx{ctx} {name}", "kernel": kernel,
+                         "median_us": round(us, 1), "TBps": None, "TFLOPs": None, "pct_of_ceiling": None})
     split_at = (max(BATCHES), max(CONTEXTS)) if not small else None
     split = {}
     if split_at and meta["target"].startswith("cuda"):
@@ -297,20 +305,24 @@ def run(directory: Path, out: str | None, small: bool) -> list[dict]:
                 split[kernel] = {"itl_us": round(itl, 1), "attention_us": round(attn[kv_cache], 1),
                                  "rest_us": round(itl - attn[kv_cache], 1)}
                 rows.append({"workload": f"decode attention only b{split_at[0]} ctx{split_at[1]} {name}",
-                             "kernel": kernel, "median_us": round(attn[kv_cache], 1), "TBps": None, "TFLOPs": None,
-                             "pct_of_ceiling": None})
+                             "kernel": kernel, "median_us": round(attn[kv_cache], 1), "TBps": None,
+                             "TFLOPs": None, "pct_of_ceiling": None})
     device_name = _device_name(meta["target"])
     result = {
-        **result_header(device_name, f"python scripts/bench_e2e.py --run {directory} --out {out or '-'}", ROOT),
+        **result_header(device_name, f"python scripts/bench_e2e.py --run {directory} --out {out or '-'}",
+                        ROOT),
         "ceilings": {},
         "rows": rows, "kv_cache_slots": {k: results[k]["kv_cache_slots"] for k in MODELS},
-        "check": {"reference": "tvm_builtin_tir model, same weights", "max_abs_logit_diff": errs, "matched": matched},
+        "check": {"reference": "tvm_builtin_tir model, same weights", "max_abs_logit_diff": errs,
+                  "matched": matched},
         "cache_plan_us": results["tvm_attn"].get("cache_plan_us"),
         "time_split": {"at": f"b{split_at[0]} ctx{split_at[1]}" if split_at else None, **split},
-        "notes": ["median_us is per decode step of the whole batch (inter-token latency) or per 2k prefill (TTFT), "
-                  "host launch overhead included; weights random fp16, one layer's weights shared by all layers",
+        "notes": ["median_us is per decode step of the whole batch (inter-token latency) or per 2k prefill "
+                  "(TTFT), host launch overhead included; weights random fp16, one layer's weights shared by "
+                  "all layers",
                   "decode attention only: the decode kernels alone at that shape on random pages, times the "
-                  "layer count; time_split.rest_us = itl - attention (GEMMs, norms, RoPE, page appends, host)"],
+                  "layer count; time_split.rest_us = itl - attention (GEMMs, norms, RoPE, page appends, "
+                  "host)"],
     }
     for row in rows:
         print(f"{row['workload']:<44}{row['kernel']:<20}{row['median_us']:>12.1f} us")

@@ -66,7 +66,8 @@ def kernel_keys(target: str = "cuda:sm_90a", small: bool = False) -> list:
         kv = ta.PagedKV(page, "NHD") if fmt == "paged" else ta.RaggedKV("NHD")
         packed = int(np.mean([q for q, _ in reqs]) * (hq // hkv))
         v = ta.Causal() if causal else AttentionVariant()
-        k = AttentionKey("prefill", kv, hq, hkv, d, "float16", "float16", v, target, prefill_schedule(d, packed))
+        k = AttentionKey("prefill", kv, hq, hkv, d, "float16", "float16", v, target,
+                         prefill_schedule(d, packed))
         keys[k.uri] = k
     return list(keys.values())
 
@@ -97,7 +98,7 @@ def main(small: bool = False, out: str | None = None) -> list[dict]:
     a = torch.randn(8192, 8192, dtype=torch.float16, device="cuda")
     b = torch.randn(8192, 8192, dtype=torch.float16, device="cuda")
     ceilings = {"gemm_fp16_TFLOPs": 2 * 8192**3 / (time_torch(torch, lambda: a @ b, 20) * 1e-3) / 1e12}
-    del a, b
+    a = b = None  # free the two GEMM operands
     ceiling = ceilings["gemm_fp16_TFLOPs"]
     builtin_path = cache_dir / "tvm_builtin_prefill.so"
     builtin = tvm.runtime.load_module(str(builtin_path)) if builtin_path.exists() else None
@@ -147,7 +148,8 @@ def main(small: bool = False, out: str | None = None) -> list[dict]:
             for bi, n in enumerate(kv_lens):  # scatter each request's rows into its (permuted) pages
                 ids = perm[p_indptr[bi]: p_indptr[bi + 1]]
                 padded = torch.zeros(pages[bi] * page, 2, hkv, d, dtype=torch.float16, device="cuda")
-                padded[:n, 0], padded[:n, 1] = k_t[kv_indptr[bi]: kv_indptr[bi + 1]], v_t[kv_indptr[bi]: kv_indptr[bi + 1]]
+                kv_rows = slice(kv_indptr[bi], kv_indptr[bi + 1])
+                padded[:n, 0], padded[:n, 1] = k_t[kv_rows], v_t[kv_rows]
                 cache_t[ids] = padded.view(pages[bi], page, 2, hkv, d).transpose(1, 2)
             indices = perm.int().cpu().numpy()
             last = np.array([n - (p - 1) * page for n, p in zip(kv_lens, pages)], np.int32)
@@ -176,16 +178,20 @@ def main(small: bool = False, out: str | None = None) -> list[dict]:
         for g in groups:
             qo, kv = reqs[g[0]]
             qb = torch.stack([q_t[qo_indptr[i]: qo_indptr[i + 1]] for i in g]).transpose(1, 2)
-            kb = torch.stack([k_t[kv_indptr[i]: kv_indptr[i + 1]] for i in g]).repeat_interleave(rep, 2).transpose(1, 2)
-            vb = torch.stack([v_t[kv_indptr[i]: kv_indptr[i + 1]] for i in g]).repeat_interleave(rep, 2).transpose(1, 2)
+            kb = torch.stack([k_t[kv_indptr[i]: kv_indptr[i + 1]] for i in g])
+            kb = kb.repeat_interleave(rep, 2).transpose(1, 2)
+            vb = torch.stack([v_t[kv_indptr[i]: kv_indptr[i + 1]] for i in g])
+            vb = vb.repeat_interleave(rep, 2).transpose(1, 2)
             mask = causal_lower_right(qo, kv) if causal and qo != kv else None
             calls.append((qb, kb, vb, mask, causal and qo == kv))
-        for backend, kname in ((SDPBackend.FLASH_ATTENTION, "torch_sdpa_flash"), (SDPBackend.CUDNN_ATTENTION, "torch_sdpa_cudnn")):
+        for backend, kname in ((SDPBackend.FLASH_ATTENTION, "torch_sdpa_flash"),
+                               (SDPBackend.CUDNN_ATTENTION, "torch_sdpa_cudnn")):
             def run_all(backend=backend):
                 outs = []
                 with sdpa_kernel([backend]):
                     for qb, kb, vb, mask, is_causal in calls:
-                        outs.append(torch.nn.functional.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, is_causal=is_causal))
+                        outs.append(torch.nn.functional.scaled_dot_product_attention(
+                            qb, kb, vb, attn_mask=mask, is_causal=is_causal))
                 return outs
             try:
                 outs = run_all()
@@ -207,20 +213,23 @@ def main(small: bool = False, out: str | None = None) -> list[dict]:
             sm = 1.0 / np.sqrt(d)
             if fmt == "ragged":
                 fname = "builtin_prefill_ragged_h32x8"
-                args = [q_d, qi, data[0][1], data[1][1], tvm.runtime.tensor(kv_indptr, dev), zq, zb, o_b, lse_b,
-                        int(causal), 0, 1.0, 1e4, sm]
+                args = [q_d, qi, data[0][1], data[1][1], tvm.runtime.tensor(kv_indptr, dev), zq, zb, o_b,
+                        lse_b, int(causal), 0, 1.0, 1e4, sm]
             else:
                 fname = "builtin_prefill_paged_h32x8"
                 pages_hnd = tvm.runtime.from_dlpack(cache_t.transpose(2, 3).contiguous())
-                args = [q_d, qi, pages_hnd, tvm.runtime.tensor(p_indptr, dev), tvm.runtime.tensor(indices, dev),
+                args = [q_d, qi, pages_hnd, tvm.runtime.tensor(p_indptr, dev),
+                        tvm.runtime.tensor(indices, dev),
                         tvm.runtime.tensor(last, dev), zb, zq, o_b, lse_b, int(causal), 0, 1.0, 1e4, sm]
             builtin[fname](*args)
             if matches(f"{workload} tvm_builtin_tir", o_b.numpy()[rows0], ref_o):
-                add(workload, "tvm_builtin_tir", time_tvm(builtin, fname, dev, args, number=1, repeat=3), flops)
+                add(workload, "tvm_builtin_tir", time_tvm(builtin, fname, dev, args, number=1, repeat=3),
+                    flops)
         del q_t, k_t, v_t, data, w
         torch.cuda.empty_cache()
 
-    result = {**result_header(device_name, "TVM_ATTN_CACHE_DIR=.kernels python scripts/bench_prefill.py --out "
+    result = {**result_header(device_name,
+                              "TVM_ATTN_CACHE_DIR=.kernels python scripts/bench_prefill.py --out "
                               + (out or "-"), ROOT),
               "ceilings": ceilings, "rows": rows, "notes": notes}
     print(f"device {device_name}; dense fp16 GEMM {ceiling:.0f} TFLOP/s")
@@ -232,9 +241,11 @@ def main(small: bool = False, out: str | None = None) -> list[dict]:
 
 
 def plot(result, path):
-    bar_plot(result, path, value=lambda r: r["TFLOPs"], label=lambda w: w.replace("prefill ", "").replace(" fp16", ""),
-             ylabel="TFLOP/s (causal counts visible pairs)", figsize=(15, 5.5), rotation=30, ha="right", fontsize=7,
-             title=f"Prefill, {result['device']} (dense fp16 GEMM {result['ceilings']['gemm_fp16_TFLOPs']:.0f} TFLOP/s)")
+    bar_plot(result, path, value=lambda r: r["TFLOPs"],
+             label=lambda w: w.replace("prefill ", "").replace(" fp16", ""),
+             ylabel="TFLOP/s (causal counts visible pairs)", figsize=(15, 5.5), rotation=30, ha="right",
+             fontsize=7, title=f"Prefill, {result['device']} "
+                               f"(dense fp16 GEMM {result['ceilings']['gemm_fp16_TFLOPs']:.0f} TFLOP/s)")
 
 
 if __name__ == "__main__":

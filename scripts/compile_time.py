@@ -42,7 +42,8 @@ def main(small: bool = False) -> list[dict]:
         for v in variants:
             key = AttentionKey(kind, kv, 32, 8, 128, "float16", "float16", v)
             gen, comp = measure(key)
-            rows.append({"kind": kind, "kv": kv.uri(), "variant": v.uri(), "generate_s": gen, "compile_s": comp})
+            rows.append({"kind": kind, "kv": kv.uri(), "variant": v.uri(), "generate_s": gen,
+                         "compile_s": comp})
             print(f"{kind:<8}{kv.uri():<12}{v.uri()[:38]:<40}{gen * 1e3:>12.1f}{comp * 1e3:>12.1f}")
     return rows
 

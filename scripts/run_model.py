@@ -48,7 +48,8 @@ def run(model: Path, device: str, prompt_lens, steps: int, check: bool, seed: in
     # library: a library that computes something other than what its metadata says fails the check.
     cfg = reference_config(meta) if check else config_from_json(meta["config"])
     tol = TOL.get(cfg.dtype, 1e-2) if tol is None else tol
-    session = ModelSession(model, device=device, max_total_seq_len=max(4096, 2 * sum(prompt_lens) + 4 * steps),
+    session = ModelSession(model, device=device,
+                           max_total_seq_len=max(4096, 2 * sum(prompt_lens) + 4 * steps),
                            weights=load_params(params, meta["param_names"]) if params else None)
     reference_weights = session.default_weights() if check else None
     rng = np.random.default_rng(seed)
@@ -59,7 +60,8 @@ def run(model: Path, device: str, prompt_lens, steps: int, check: bool, seed: in
         start = time.perf_counter()
         out = session.forward(ids, new)
         seconds = time.perf_counter() - start
-        row = {"step": name, "sequences": len(ids), "new_tokens": sum(map(len, new)), "ms": round(seconds * 1e3, 3)}
+        row = {"step": name, "sequences": len(ids), "new_tokens": sum(map(len, new)),
+               "ms": round(seconds * 1e3, 3)}
         err = scale = 0.0
         for i, n, logits in zip(ids, new, out):
             seqs[i] += n
@@ -89,8 +91,10 @@ def run(model: Path, device: str, prompt_lens, steps: int, check: bool, seed: in
 
 def main(small: bool = False, argv=None) -> list[dict]:
     """Exits 1 (``SystemExit``) when ``--check`` finds logits beyond the limit, 2 on bad arguments."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", help="library from tvm-attn build-model (default: build the tiny model here)")
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model",
+                        help="library from tvm-attn build-model (default: build the tiny model here)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--prompt-lens", default="7,30,45", help="comma-separated prompt lengths")
     parser.add_argument("--steps", type=int, default=8, help="decode steps after the prefill")
@@ -106,12 +110,14 @@ def main(small: bool = False, argv=None) -> list[dict]:
     except ValueError:
         parser.error(f"--prompt-lens: comma-separated integers, got {args.prompt_lens!r}")
     if min(lens) < 1 or args.steps < 0:
-        parser.error(f"--prompt-lens must be >= 1 and --steps >= 0, got {args.prompt_lens!r} and {args.steps}")
+        parser.error(f"--prompt-lens must be >= 1 and --steps >= 0, "
+                     f"got {args.prompt_lens!r} and {args.steps}")
     if small:
         args.steps, args.check = min(args.steps, 3), True
     if args.model:
         try:
-            rows = run(Path(args.model), args.device, lens, args.steps, args.check, params=args.params, tol=args.tol)
+            rows = run(Path(args.model), args.device, lens, args.steps, args.check, params=args.params,
+                       tol=args.tol)
         except (ValueError, FileNotFoundError) as e:
             parser.exit(2, f"run_model.py: {e}\n")
     else:
@@ -124,8 +130,8 @@ def main(small: bool = False, argv=None) -> list[dict]:
     bad = [r for r in rows if args.check and r["max_abs_err"] > r["bound"]]
     if bad:
         worst = max(bad, key=lambda r: r["max_abs_err"] / r["bound"])
-        raise SystemExit(f"run_model.py --check: logits differ from numpy in {len(bad)} of {len(rows)} steps; "
-                         f"worst {worst['step']}: {worst['max_abs_err']:.2e} > {worst['bound']:.1e}")
+        raise SystemExit(f"run_model.py --check: logits differ from numpy in {len(bad)} of {len(rows)} "
+                         f"steps; worst {worst['step']}: {worst['max_abs_err']:.2e} > {worst['bound']:.1e}")
     return rows
 
 

@@ -57,7 +57,8 @@ RUNTIME_ONLY = textwrap.dedent(
     rng = np.random.default_rng(0)
     cache = rng.standard_normal((6, 2, 16, 8, 128)).astype(np.float16)
     q = rng.standard_normal((2, 32, 128)).astype(np.float16)
-    indptr, indices, last = np.array([0, 2, 3], np.int32), np.array([4, 0, 5], np.int32), np.array([7, 16], np.int32)
+    indptr, indices = np.array([0, 2, 3], np.int32), np.array([4, 0, 5], np.int32)
+    last = np.array([7, 16], np.int32)
     w = ta.BatchDecodeWithPagedKVCacheWrapper("NHD")
     w.plan(indptr, indices, last, 32, 8, 128, 16)
     o = w.run(q, cache)
@@ -77,12 +78,14 @@ RUNTIME_ONLY = textwrap.dedent(
 
 def test_build_then_serve_without_compiler(tmp_path):
     out = subprocess.run(
-        [sys.executable, "-m", "tvm_attn", "build", "-o", str(tmp_path)], capture_output=True, text=True, timeout=300
+        [sys.executable, "-m", "tvm_attn", "build", "-o", str(tmp_path)], capture_output=True, text=True,
+        timeout=300
     )
     assert out.returncode == 0, out.stderr
     assert "attn_decode_paged16nhd" in out.stdout
     env = dict(os.environ, TVM_USE_RUNTIME_LIB="1", TVM_ATTN_CACHE_DIR=str(tmp_path))
-    run = subprocess.run([sys.executable, "-c", RUNTIME_ONLY], capture_output=True, text=True, env=env, timeout=300)
+    run = subprocess.run([sys.executable, "-c", RUNTIME_ONLY], capture_output=True, text=True, env=env,
+                         timeout=300)
     assert run.returncode == 0, run.stdout + run.stderr
     assert "RUNTIME_ONLY_OK" in run.stdout
 

@@ -20,12 +20,14 @@ def test_demo_small(capsys):
 
 
 def test_cli_demo_exit_code(capsys):
-    assert main(["demo", "--prompt-lens", "3,17", "--decode-steps", "1", "--layers", "1", "--kv-layout", "HND"]) == 0
+    assert main(["demo", "--prompt-lens", "3,17", "--decode-steps", "1", "--layers", "1", "--kv-layout",
+                 "HND"]) == 0
     assert "all outputs match the reference" in capsys.readouterr().out
 
 
 def test_tvm_tensor_in_tvm_tensor_out(rng):
-    q, k, v = randn(rng, (3, 4, 64), "float16"), randn(rng, (8, 2, 64), "float16"), randn(rng, (8, 2, 64), "float16")
+    q, k, v = (randn(rng, (3, 4, 64), "float16"), randn(rng, (8, 2, 64), "float16"),
+               randn(rng, (8, 2, 64), "float16"))
     o_np = ta.single_prefill_with_kv_cache(q, k, v)
     o_tvm = ta.single_prefill_with_kv_cache(*(tvm.runtime.tensor(x) for x in (q, k, v)))
     assert isinstance(o_tvm, tvm.runtime.Tensor)
@@ -54,21 +56,27 @@ def test_torch_dlpack_roundtrip(rng):
     "argv, match",
     [
         (["demo", "--prompt-lens", "0"], r"--prompt-lens: every prompt length must be >= 1, got '0'"),
-        (["demo", "--prompt-lens", "3,x"], r"--prompt-lens: expected comma-separated positive integers, got '3,x'"),
+        (["demo", "--prompt-lens", "3,x"],
+         r"--prompt-lens: expected comma-separated positive integers, got '3,x'"),
         (["demo", "--layers", "0"], r"--layers: must be a positive integer, got 0"),
         (["demo", "--decode-steps", "-1"], r"--decode-steps: must be >= 0, got -1"),
         (["build", "--kernels", '[{"kind": "decode", "num_qo_heads": 4, "num_kv_heads": 4, "head_dim": 64}]'],
          r"spec 0: kernel spec: missing 'kv'"),
         (["build", "--kernels", "[{"], r"--kernels: not valid JSON"),
-        (["build", "--kernels", "/nonexistent/kernels.json"], r"--kernels: cannot read '/nonexistent/kernels.json'"),
-        (["build", "--kernels", '{"kind": "decode", "kv": {"format": "paged", "page_size": 4}, "num_qo_heads": 4, '
+        (["build", "--kernels", "/nonexistent/kernels.json"],
+         r"--kernels: cannot read '/nonexistent/kernels.json'"),
+        (["build", "--kernels",
+          '{"kind": "decode", "kv": {"format": "paged", "page_size": 4}, "num_qo_heads": 4, '
                                 '"num_kv_heads": 4, "head_dim": 64, "heads": 4}'],
          r"spec 0: kernel spec: unknown keys \['heads'\]"),
-        (["build", "--kernels", '{"kind": "decode", "kv": {"format": "paged", "pagesize": 4}, "num_qo_heads": 4, '
+        (["build", "--kernels",
+          '{"kind": "decode", "kv": {"format": "paged", "pagesize": 4}, "num_qo_heads": 4, '
                                 '"num_kv_heads": 4, "head_dim": 64}'], r"kv: unknown keys \['pagesize'\]"),
-        (["build", "--kernels", '{"kind": "decode", "kv": {"format": "paged", "page_size": 4}, "num_qo_heads": 4, '
+        (["build", "--kernels",
+          '{"kind": "decode", "kv": {"format": "paged", "page_size": 4}, "num_qo_heads": 4, '
                                 '"num_kv_heads": 4, "head_dim": 96}'], r"head_dim: 96 is not supported"),
-        (["build", "--kernels", '["causal"]'], r"--kernels: spec 0: kernel spec: expected a JSON object, got 'causal'"),
+        (["build", "--kernels", '["causal"]'],
+         r"--kernels: spec 0: kernel spec: expected a JSON object, got 'causal'"),
         (["build-model", "-o", "/tmp/x.so", "--variant", "{bad"], r"--variant: not valid JSON"),
     ],
 )
@@ -87,8 +95,8 @@ def test_cli_error_exit_code_in_a_process(tmp_path):
 
     path = tmp_path / "k.json"
     path.write_text("[{]")
-    run = subprocess.run([sys.executable, "-m", "tvm_attn", "build", "--kernels", str(path)], capture_output=True,
-                         text=True, timeout=120)
+    run = subprocess.run([sys.executable, "-m", "tvm_attn", "build", "--kernels", str(path)],
+                         capture_output=True, text=True, timeout=120)
     assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr
     assert f"--kernels {path}: not valid JSON" in run.stderr
 

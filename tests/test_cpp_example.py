@@ -20,7 +20,8 @@ CXX = shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
 @pytest.mark.skipif(CXX is None or shutil.which("make") is None, reason="no C++ compiler or make")
 def test_cpp_example_matches_numpy(tmp_path):
     model = tmp_path / "tiny.so"
-    assert main(["build-model", "--config", "tiny", "-o", str(model), "--seed", "5", "--save-params", "--quiet"]) == 0
+    assert main(["build-model", "--config", "tiny", "-o", str(model), "--seed", "5", "--save-params",
+                 "--quiet"]) == 0
     subprocess.run(["make", "-s", "-C", str(EXAMPLE), f"BUILD_DIR={tmp_path}", f"PYTHON={sys.executable}",
                     f"CXX={CXX}"], check=True)
     lens, steps = ["5", "23", "41"], "3"
@@ -31,8 +32,9 @@ def test_cpp_example_matches_numpy(tmp_path):
     assert ref.shape[0] == len(lens) + int(steps) * (len(lens) + 1)
 
     def run(expect):
-        return subprocess.run([str(tmp_path / "run_model"), str(model), str(model.with_suffix(".params")), *lens,
-                               "--steps", steps, "--expect", str(expect)], capture_output=True, text=True, timeout=120,
+        return subprocess.run([str(tmp_path / "run_model"), str(model), str(model.with_suffix(".params")),
+                               *lens, "--steps", steps, "--expect", str(expect)],
+                              capture_output=True, text=True, timeout=120,
                               check=False)
 
     res = run(expected)
@@ -43,6 +45,7 @@ def test_cpp_example_matches_numpy(tmp_path):
     wrong[-1, 7] += 0.01                 # one logit of the fork's last decode step
     wrong.tofile(tmp_path / "wrong.bin")
     res = run(tmp_path / "wrong.bin")
-    assert res.returncode == 1 and "logits differ from" in res.stderr and "in 1 rows" in res.stderr, res.stderr
+    assert res.returncode == 1, res.stderr
+    assert "logits differ from" in res.stderr and "in 1 rows" in res.stderr, res.stderr
     ref[:-1].tofile(tmp_path / "short.bin")
     assert run(tmp_path / "short.bin").returncode == 2

@@ -37,8 +37,10 @@ def test_rope_frequencies_once_per_block(kind):
         key = AttentionKey("prefill", RaggedKV("NHD"), 32, 8, 128, "float16", "float16", v, TARGET,
                            choose_prefill_tiles(128).uri())
     body = _kernel_body(cuda_source(compile_key(key)), key.uri)
-    assert re.search(r"__shared__[^;]*float rope_freq\w*\[64\]", body), "the frequency table is not in shared memory"
-    assert body.count("powf(") == 1, f"powf evaluated {body.count('powf(')} times, expected once (the table fill)"
+    assert re.search(r"__shared__[^;]*float rope_freq\w*\[64\]", body), \
+        "the frequency table is not in shared memory"
+    assert body.count("powf(") == 1, \
+        f"powf evaluated {body.count('powf(')} times, expected once (the table fill)"
     assert "rope_freq" in body.split("powf(", 1)[1], "the rotations do not read the table"
 
 
@@ -116,8 +118,9 @@ def test_prefill_key_stages_shrink_for_register_hungry_logits_hooks():
     from tvm_attn.relax.kv_backend import prefill_tile_table
     from tvm_attn.schedule.prefill import logits_weight
 
-    cases = [(None, 64), (ta.Causal(), 64), (ta.Causal() + ta.SlidingWindow(), 64), (ta.SigmoidAttention(), 64),
-             (ta.RoPE(), 64), (ta.Causal() + ta.LogitsSoftCap(), 32), (ta.ALiBi(), 16),
+    cases = [(None, 64), (ta.Causal(), 64), (ta.Causal() + ta.SlidingWindow(), 64),
+             (ta.SigmoidAttention(), 64), (ta.RoPE(), 64), (ta.Causal() + ta.LogitsSoftCap(), 32),
+             (ta.ALiBi(), 16),
              (ta.Causal() + ta.CustomMask(), 16), (ta.LogitsSoftCap() + ta.ALiBi(), 16)]
     for variant, kv_tile in cases:
         assert choose_prefill_tiles(128, None, variant).kv_tile == kv_tile, variant

@@ -286,8 +286,9 @@ def t_decode_run(rng, device):
     elif kind == 4:  # fewer pages than the table refers to
         run_cache, names = cache[: int(table[1].max())], ("paged_kv_cache",)
     elif kind == 5:
-        shapes = [(num_pages, 2, Hkv, PAGE, D), (num_pages, 2, PAGE * 2, Hkv, D), (num_pages, 1, PAGE, Hkv, D),
-                  (num_pages, 2, PAGE, Hkv, D // 2), (num_pages * 2 * PAGE, Hkv, D)]
+        shapes = [(num_pages, 2, Hkv, PAGE, D), (num_pages, 2, PAGE * 2, Hkv, D),
+                  (num_pages, 1, PAGE, Hkv, D), (num_pages, 2, PAGE, Hkv, D // 2),
+                  (num_pages * 2 * PAGE, Hkv, D)]
         run_cache, names = _randn(rng, shapes[rng.integers(len(shapes))]), ("paged_kv_cache",)
     elif kind == 6:
         run_cache, names = cache.astype(np.float32), ("paged_kv_cache",)
@@ -541,7 +542,8 @@ def t_block_sparse(rng, device):
 
     R, C = 2, 2
     M, N = R * int(rng.integers(1, 4)), C * int(rng.integers(1, 4))
-    rows = [np.sort(rng.choice(N // C, int(rng.integers(0, N // C + 1)), replace=False)) for _ in range(M // R)]
+    rows = [np.sort(rng.choice(N // C, int(rng.integers(0, N // C + 1)), replace=False))
+            for _ in range(M // R)]
     indptr = np.concatenate([[0], np.cumsum([r.size for r in rows])]).astype(np.int32)
     indices = np.concatenate(rows).astype(np.int32)
     q, k, v = _randn(rng, (M, Hq, D)), _randn(rng, (N, Hkv, D)), _randn(rng, (N, Hkv, D))
@@ -751,14 +753,14 @@ class CliError(ValueError):
 
 
 TEMPLATES = [
-    (t_decode_index, 6), (t_decode_plan_option, 5), (t_rope_option, 1), (t_decode_run, 6), (t_run_before_plan, 1),
-    (t_wrapper_args, 1), (t_decode_variant_scalars, 3), (t_custom_mask, 3), (t_prefill_paged, 3), (t_ragged, 3), (t_block_sparse, 2),
-    (t_single, 4), (t_merge, 3), (t_cli, 3),
+    (t_decode_index, 6), (t_decode_plan_option, 5), (t_rope_option, 1), (t_decode_run, 6),
+    (t_run_before_plan, 1), (t_wrapper_args, 1), (t_decode_variant_scalars, 3), (t_custom_mask, 3),
+    (t_prefill_paged, 3), (t_ragged, 3), (t_block_sparse, 2), (t_single, 4), (t_merge, 3), (t_cli, 3),
 ]
 _WHEEL = [t for t, weight in TEMPLATES for _ in range(weight)]
 #: templates that run on the CUDA host (the others are host-only or do not take a device)
-CUDA_TEMPLATES = {t_decode_index, t_decode_run, t_decode_variant_scalars, t_custom_mask, t_prefill_paged, t_ragged,
-                  t_block_sparse, t_single}
+CUDA_TEMPLATES = {t_decode_index, t_decode_run, t_decode_variant_scalars, t_custom_mask, t_prefill_paged,
+                  t_ragged, t_block_sparse, t_single}
 
 
 def _selftest_case(i: int) -> Case:
@@ -824,15 +826,15 @@ def worker(seed: int, start: int, stop: int, device: str) -> None:
         print(json.dumps({"done": i, "name": name, "outcome": outcome, "detail": detail[:400]}), flush=True)
 
 
-# -- the parent: child processes, crashes and hangs -------------------------------------------------------------
+# -- the parent: child processes, crashes and hangs ----------------------------------------------------------
 
 def fuzz(count: int = 600, seed: int = 0, device: str = "cpu", timeout_s: float = CASE_TIMEOUT_S,
          start: int = 0) -> list[dict]:
     """Run cases ``start..count-1`` in child processes; one record per case."""
     records, i = [], start
     while i < count:
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "--seed", str(seed), "--start", str(i),
-               "--stop", str(count), "--device", device]
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "--seed", str(seed), "--start",
+               str(i), "--stop", str(count), "--device", device]
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         lines: queue.Queue = queue.Queue()
         threading.Thread(target=_pump, args=(proc.stdout, lines), daemon=True).start()
@@ -844,13 +846,15 @@ def fuzz(count: int = 600, seed: int = 0, device: str = "cpu", timeout_s: float 
             except queue.Empty:
                 proc.kill()
                 proc.wait()
-                records.append({"i": current, "name": "?", "outcome": "hang", "detail": f"no answer in {timeout_s} s"})
+                records.append({"i": current, "name": "?", "outcome": "hang",
+                                "detail": f"no answer in {timeout_s} s"})
                 i = current + 1
                 break
             if line is None:  # the child is gone
                 code = proc.wait()
                 if current is not None:
-                    records.append({"i": current, "name": "?", "outcome": "crash", "detail": f"exit code {code}"})
+                    records.append({"i": current, "name": "?", "outcome": "crash",
+                                    "detail": f"exit code {code}"})
                     i = current + 1
                 else:
                     i = count

@@ -80,14 +80,15 @@ def paged_problems(draw, prefill: bool):
         q_lens = [1] * batch
     return dict(
         page_size=page_size, kv_lens=kv_lens, q_lens=q_lens, heads=draw(st.sampled_from(HEADS)),
-        dtype=draw(st.sampled_from(["float16", "bfloat16", "float32"])), layout=draw(st.sampled_from(["NHD", "HND"])),
-        variant=draw(variants(prefill)), share=draw(st.booleans()), causal=draw(st.booleans()) if prefill else False,
-        seed=draw(st.integers(0, 2**16)),
+        dtype=draw(st.sampled_from(["float16", "bfloat16", "float32"])),
+        layout=draw(st.sampled_from(["NHD", "HND"])),
+        variant=draw(variants(prefill)), share=draw(st.booleans()),
+        causal=draw(st.booleans()) if prefill else False, seed=draw(st.integers(0, 2**16)),
     )
 
 
 def run_and_check(w, q, data, args, ref, dtype, what):
-    """Run a planned wrapper (with the LSE when its variant has one) and compare with ``ref() -> (o, lse)``."""
+    """Run a planned wrapper (with the LSE when its variant has one); compare with ``ref() -> (o, lse)``."""
     use_lse = w.kernel_key.variant.use_softmax
     res = w.run(q, *data, return_lse=use_lse, **args)
     o, lse = res if use_lse else (res, None)
@@ -106,7 +107,11 @@ def test_batch_decode_paged(p):
     variant, args, ref_args = make_variant(p["variant"], rng, p["q_lens"], p["kv_lens"])
     w = ta.BatchDecodeWithPagedKVCacheWrapper(layout)
     w.plan(indptr, indices, last, Hq, Hk, D, S, variant=variant, q_data_type=dtype)
-    ref = lambda: R.paged_attention(q, None, cache, indptr, indices, last, layout, variant=variant, params=ref_args)  # noqa: E731
+
+    def ref():
+        return R.paged_attention(q, None, cache, indptr, indices, last, layout, variant=variant,
+                                 params=ref_args)
+
     run_and_check(w, q, (cache,), args, ref, dtype, str(p))
 
 
@@ -121,9 +126,11 @@ def test_batch_prefill_paged(p):
     q = randn(rng, (int(qo_indptr[-1]), Hq, D), dtype)
     variant, args, ref_args = make_variant(p["variant"], rng, p["q_lens"], p["kv_lens"])
     w = ta.BatchPrefillWithPagedKVCacheWrapper(layout)
-    w.plan(qo_indptr, indptr, indices, last, Hq, Hk, D, S, causal=p["causal"], variant=variant, q_data_type=dtype)
+    w.plan(qo_indptr, indptr, indices, last, Hq, Hk, D, S, causal=p["causal"], variant=variant,
+           q_data_type=dtype)
     ref = lambda: R.paged_attention(  # noqa: E731
-        q, qo_indptr, cache, indptr, indices, last, layout, variant=variant, causal=p["causal"], params=ref_args
+        q, qo_indptr, cache, indptr, indices, last, layout, variant=variant, causal=p["causal"],
+        params=ref_args
     )
     run_and_check(w, q, (cache,), args, ref, dtype, str(p))
 
@@ -160,7 +167,8 @@ def test_block_sparse(block, mb, nb, density, causal, heads, seed, vname):
     mask = rng.random((mb, nb)) < density
     indptr = np.concatenate([[0], np.cumsum(mask.sum(1))]).astype(np.int32)
     indices = np.nonzero(mask)[1].astype(np.int32)
-    q, k, v = randn(rng, (M, Hq, D), "float16"), randn(rng, (N, Hk, D), "float16"), randn(rng, (N, Hk, D), "float16")
+    q, k, v = (randn(rng, (M, Hq, D), "float16"), randn(rng, (N, Hk, D), "float16"),
+               randn(rng, (N, Hk, D), "float16"))
     variant, args = None, {}
     if vname == "custom_mask":
         packed, mptr = ta.pack_custom_mask([rng.random((M, N)) < 0.7])
@@ -170,7 +178,8 @@ def test_block_sparse(block, mb, nb, density, causal, heads, seed, vname):
     w = ta.BlockSparseAttentionWrapper()
     w.plan(indptr, indices, M, N, R_, C_, Hq, Hk, D, causal=causal, variant=variant)
     o, lse = w.run(q, k, v, return_lse=True, **args)
-    ref_o, ref_lse = R.block_sparse_attention(q, k, v, indptr, indices, R_, C_, variant=variant, causal=causal, params=args)
+    ref_o, ref_lse = R.block_sparse_attention(q, k, v, indptr, indices, R_, C_, variant=variant,
+                                              causal=causal, params=args)
     assert_attention_close(o, lse, ref_o, ref_lse, "float16")
 
 
@@ -216,9 +225,10 @@ def test_replan_follows_changed_options(rng):
     for kwargs in ({}, {}, {"logits_soft_cap": 2.0}, {"variant": ta.SlidingWindow(2)}, {}):
         w.plan(indptr, indices, last, Hq, Hk, D, S, **kwargs)
         keys.append(w.kernel_key)
-        v = ta.compose(*(p for p in [kwargs.get("variant"), kwargs.get("logits_soft_cap") and ta.LogitsSoftCap(2.0)] if p))
+        parts = [kwargs.get("variant"), kwargs.get("logits_soft_cap") and ta.LogitsSoftCap(2.0)]
+        v = ta.compose(*(p for p in parts if p))
         o = w.run(q, cache)
-        assert_attention_close(o, None, R.paged_attention(q, None, cache, indptr, indices, last, variant=v)[0],
-                               None, "float16")
+        ref_o = R.paged_attention(q, None, cache, indptr, indices, last, variant=v)[0]
+        assert_attention_close(o, None, ref_o, None, "float16")
     assert keys[0] is keys[1] and keys[4] == keys[0]
     assert len({k.uri for k in keys}) == 3

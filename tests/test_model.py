@@ -31,7 +31,8 @@ def _check(config, weights, tokens, logits, what):
 
 def test_prefill_fork_decode_matches_numpy(tiny):
     meta = json.loads(tiny.with_suffix(".json").read_text())
-    assert meta["kv_cache_slots"]["decode_paged"] == "tvm_attn" and meta["weights"] == {"kind": "random", "seed": 3}
+    assert meta["kv_cache_slots"]["decode_paged"] == "tvm_attn"
+    assert meta["weights"] == {"kind": "random", "seed": 3}
     cfg = llama.get_config("tiny")
     s = ModelSession(tiny)
     weights = llama.random_weights(cfg, 3)

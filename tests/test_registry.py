@@ -331,6 +331,7 @@ def test_cli_build_refuses_bad_specs_before_building(tmp_path, capsys):
     assert re.search(r"spec 1: kernel spec: unknown keys \[.heads.\]", capsys.readouterr().err)
     ragged = {**DECODE_SPEC, "kv": {"format": "ragged"}, "schedule": "w4u4g4b4"}
     kernels.write_text(json.dumps([ragged]))
-    assert main(["build", "--kernels", str(kernels), "--target", "cuda:sm_90a", "-o", str(tmp_path / "out")]) == 2
+    assert main(["build", "--kernels", str(kernels), "--target", "cuda:sm_90a", "-o",
+                 str(tmp_path / "out")]) == 2
     assert "no kernel family builds attn_decode_raggednhd" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()

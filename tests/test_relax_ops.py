@@ -22,7 +22,8 @@ def _var(name, shape, dtype):
 
 def _build():
     """One module, one function per op; every row/length/page dim symbolic."""
-    s = {n: tirx.Var(n, "int64") for n in ("batch", "b1", "rows", "pages", "nnz", "kv_rows", "blocks", "m", "n_kv")}
+    s = {n: tirx.Var(n, "int64") for n in ("batch", "b1", "rows", "pages", "nnz", "kv_rows", "blocks", "m",
+                                           "n_kv")}
     bb = relax.BlockBuilder()
 
     def fn(name, params, body):
@@ -35,15 +36,17 @@ def _build():
     cache = _var("cache", [s["pages"], 2, PAGE, HKV, D], "float16")
     fn("decode", [_var("q", [s["batch"], HQ, D], "float16"), cache, _var("indptr", [s["b1"]], "int32"),
                   _var("indices", [s["nnz"]], "int32"), _var("last", [s["batch"]], "int32")],
-       lambda q, c, ip, ix, ll: tr.batch_decode_with_paged_kv_cache(q, c, ip, ix, ll, variant=ta.LogitsSoftCap(SOFT_CAP)))
+       lambda q, c, ip, ix, ll: tr.batch_decode_with_paged_kv_cache(q, c, ip, ix, ll,
+                                                                    variant=ta.LogitsSoftCap(SOFT_CAP)))
     cache_hnd = _var("cache", [s["pages"], 2, HKV, PAGE, D], "float16")
-    fn("prefill_paged", [_var("q", [s["rows"], HQ, D], "float16"), _var("qo_indptr", [s["b1"]], "int32"), cache_hnd,
-                         _var("indptr", [s["b1"]], "int32"), _var("indices", [s["nnz"]], "int32"),
+    fn("prefill_paged", [_var("q", [s["rows"], HQ, D], "float16"), _var("qo_indptr", [s["b1"]], "int32"),
+                         cache_hnd, _var("indptr", [s["b1"]], "int32"), _var("indices", [s["nnz"]], "int32"),
                          _var("last", [s["batch"]], "int32")],
-       lambda q, qi, c, ip, ix, ll: tr.batch_prefill_with_paged_kv_cache(q, qi, c, ip, ix, ll, kv_layout="HND",
-                                                                          causal=True))
+       lambda q, qi, c, ip, ix, ll: tr.batch_prefill_with_paged_kv_cache(q, qi, c, ip, ix, ll,
+                                                                          kv_layout="HND", causal=True))
     fn("prefill_ragged", [_var("q", [s["rows"], HQ, D], "float32"), _var("qo_indptr", [s["b1"]], "int32"),
-                          _var("k", [s["kv_rows"], HKV, D], "float32"), _var("v", [s["kv_rows"], HKV, D], "float32"),
+                          _var("k", [s["kv_rows"], HKV, D], "float32"),
+                          _var("v", [s["kv_rows"], HKV, D], "float32"),
                           _var("kv_indptr", [s["b1"]], "int32")],
        lambda q, qi, k, v, ki: tr.batch_prefill_with_ragged_kv_cache(q, qi, k, v, ki, causal=True))
     fn("bsr", [_var("q", [s["m"], HQ, D], "float32"), _var("k", [s["n_kv"], HKV, D], "float32"),
@@ -72,7 +75,8 @@ def _pages(rng, lens, layout):
     indptr = np.cumsum([0] + pages).astype(np.int32)
     indices = rng.permutation(int(indptr[-1]) + 3)[: indptr[-1]].astype(np.int32)
     last = np.array([n - (p - 1) * PAGE for n, p in zip(lens, pages)], np.int32)
-    shape = (int(indptr[-1]) + 3, 2, PAGE, HKV, D) if layout == "NHD" else (int(indptr[-1]) + 3, 2, HKV, PAGE, D)
+    num_pages = int(indptr[-1]) + 3
+    shape = (num_pages, 2, PAGE, HKV, D) if layout == "NHD" else (num_pages, 2, HKV, PAGE, D)
     return randn(rng, shape, "float16"), indptr, indices, last
 
 
@@ -105,9 +109,11 @@ def test_prefill_paged_causal(vm, rng):
 
 def test_prefill_ragged_and_bsr(vm, rng):
     qo_indptr, kv_indptr = np.array([0, 3, 10], np.int32), np.array([0, 3, 12], np.int32)
-    q, k, v = randn(rng, (10, HQ, D), "float32"), randn(rng, (12, HKV, D), "float32"), randn(rng, (12, HKV, D), "float32")
+    q, k, v = (randn(rng, (10, HQ, D), "float32"), randn(rng, (12, HKV, D), "float32"),
+               randn(rng, (12, HKV, D), "float32"))
     o, lse = _run(vm, "prefill_ragged", q, qo_indptr, k, v, kv_indptr)
-    assert_attention_close(o, lse, *R.ragged_attention(q, qo_indptr, k, v, kv_indptr, causal=True), "float32", "ragged")
+    assert_attention_close(o, lse, *R.ragged_attention(q, qo_indptr, k, v, kv_indptr, causal=True), "float32",
+                           "ragged")
     indptr, indices = np.array([0, 2, 2, 3], np.int32), np.array([0, 2, 1], np.int32)
     q6 = randn(rng, (6, HQ, D), "float32")
     o, lse = _run(vm, "bsr", q6, k, v, indptr, indices)
@@ -136,7 +142,8 @@ def test_bad_input_is_named():
         with pytest.raises(ValueError, match="unknown variant arguments"):
             tr.batch_decode_with_paged_kv_cache(q, cache, ix, ix, ix, window=3)
         with pytest.raises(ValueError, match="logits_soft_cap: must be > 0"):
-            tr.batch_decode_with_paged_kv_cache(q, cache, ix, ix, ix, variant=ta.LogitsSoftCap(), logits_soft_cap=-1.0)
+            tr.batch_decode_with_paged_kv_cache(q, cache, ix, ix, ix, variant=ta.LogitsSoftCap(),
+                                                logits_soft_cap=-1.0)
         with pytest.raises(ValueError, match="dim 1 \\(num_qo_heads\\) must be static"):
             tr.batch_decode_with_paged_kv_cache(_var("q2", [n, n, D], "float16"), cache, ix, ix, ix)
         bb.emit_func_output(q)

@@ -22,15 +22,18 @@ def plan_decode(**over):
 @pytest.mark.parametrize(
     "over, match",
     [
-        (dict(indptr=[0, 3, 1]), r"kv_indptr: must be non-decreasing, but kv_indptr\[1\] = 3 > kv_indptr\[2\] = 1"),
+        (dict(indptr=[0, 3, 1]),
+         r"kv_indptr: must be non-decreasing, but kv_indptr\[1\] = 3 > kv_indptr\[2\] = 1"),
         (dict(indptr=[1, 2, 3]), r"kv_indptr: must start at 0"),
         (dict(indptr=[0, 1, 4]), r"kv_indptr: last entry 4 exceeds len\(kv_indices\) = 3"),
         (dict(indptr=[]), r"kv_indptr: needs at least one entry"),
         (dict(indices=[0, -1, 2]), r"kv_indices: kv_indices\[1\] = -1 is out of range"),
-        (dict(last_page_len=[5, 2]), r"kv_last_page_len: kv_last_page_len\[0\] = 5 must be in \[1, page_size = 4\]"),
+        (dict(last_page_len=[5, 2]),
+         r"kv_last_page_len: kv_last_page_len\[0\] = 5 must be in \[1, page_size = 4\]"),
         (dict(last_page_len=[0, 2]), r"kv_last_page_len\[0\] = 0 must be in \[1, page_size = 4\]"),
         (dict(last_page_len=[4]), r"kv_last_page_len: has 1 entries but kv_indptr describes 2 requests"),
-        (dict(indptr=[0, 0, 3], last_page_len=[1, 2]), r"kv_last_page_len\[0\] = 1 must be 0 for a request with no pages"),
+        (dict(indptr=[0, 0, 3], last_page_len=[1, 2]),
+         r"kv_last_page_len\[0\] = 1 must be 0 for a request with no pages"),
         (dict(num_qo_heads=6, num_kv_heads=4), r"num_qo_heads: 6 is not a multiple of num_kv_heads = 4"),
         (dict(num_kv_heads=0), r"num_kv_heads: must be a positive int, got 0"),
         (dict(head_dim=96), r"head_dim: 96 is not supported"),
@@ -62,7 +65,8 @@ def test_device_error():
 
 def test_run_before_plan():
     with pytest.raises(RuntimeError, match=r"call plan\(...\) first"):
-        ta.BatchDecodeWithPagedKVCacheWrapper().run(np.zeros((1, 4, D), np.float16), np.zeros((1, 2, 4, 2, D), np.float16))
+        ta.BatchDecodeWithPagedKVCacheWrapper().run(np.zeros((1, 4, D), np.float16),
+                                                    np.zeros((1, 2, 4, 2, D), np.float16))
 
 
 def test_run_shape_and_dtype_errors(rng):
@@ -74,7 +78,8 @@ def test_run_shape_and_dtype_errors(rng):
         w.run(randn(rng, (2, 4, D), "float32"), cache)
     with pytest.raises(ValueError, match=r"paged_kv_cache: expected shape \(\*, 2, 4, 2, 64\)"):
         w.run(randn(rng, (2, 4, D), "float16"), randn(rng, (3, 2, 2, 4, D), "float16"))
-    with pytest.raises(ValueError, match=r"paged_kv_cache: has 2 pages, but the plan's kv_indices refer to page 2"):
+    with pytest.raises(ValueError,
+                       match=r"paged_kv_cache: has 2 pages, but the plan's kv_indices refer to page 2"):
         w.run(randn(rng, (2, 4, D), "float16"), randn(rng, (2, 2, 4, 2, D), "float16"))
     with pytest.raises(ValueError, match=r"out: expected shape"):
         w.run(randn(rng, (2, 4, D), "float16"), cache, out=np.zeros((2, 4, 32), np.float16))
@@ -109,7 +114,8 @@ def test_prefill_and_ragged_errors(rng):
     r = ta.BatchPrefillWithRaggedKVCacheWrapper()
     r.plan([0, 2, 3], [0, 5, 9], 4, 2, D)
     with pytest.raises(ValueError, match=r"k: expected shape \(9, 2, 64\), got \(8, 2, 64\)"):
-        r.run(randn(rng, (3, 4, D), "float16"), randn(rng, (8, 2, D), "float16"), randn(rng, (8, 2, D), "float16"))
+        r.run(randn(rng, (3, 4, D), "float16"), randn(rng, (8, 2, D), "float16"),
+              randn(rng, (8, 2, D), "float16"))
 
 
 def test_block_sparse_errors():
@@ -160,17 +166,21 @@ def test_merge_errors(rng):
 @pytest.mark.parametrize(
     "make, exc, match",
     [
-        (lambda: ta.SlidingWindow(-5), ValueError, r"window_left: must be -1 \(no window\) or in \[0, 1073741823\].*got -5"),
+        (lambda: ta.SlidingWindow(-5), ValueError,
+         r"window_left: must be -1 \(no window\) or in \[0, 1073741823\].*got -5"),
         (lambda: ta.SlidingWindow(2**31 - 1), ValueError, r"window_left: .*got 2147483647"),
         (lambda: ta.SlidingWindow(2.5), TypeError, r"window_left: expected an int .*got 2.5"),
         (lambda: ta.SlidingWindow(True), TypeError, r"window_left: expected an int .*got True"),
-        (lambda: ta.LogitsSoftCap(float("nan")), ValueError, r"logits_soft_cap: must be a finite float32 number, got nan"),
-        (lambda: ta.LogitsSoftCap(float("inf")), ValueError, r"logits_soft_cap: must be a finite float32 number, got inf"),
+        (lambda: ta.LogitsSoftCap(float("nan")), ValueError,
+         r"logits_soft_cap: must be a finite float32 number, got nan"),
+        (lambda: ta.LogitsSoftCap(float("inf")), ValueError,
+         r"logits_soft_cap: must be a finite float32 number, got inf"),
         (lambda: ta.LogitsSoftCap(0.0), ValueError, r"logits_soft_cap: must be > 0, got 0.0"),
         (lambda: ta.LogitsSoftCap("30"), TypeError, r"logits_soft_cap: expected a float32 scalar .*got '30'"),
         (lambda: ta.RoPE(rope_theta=0.0), ValueError, r"rope_theta: must be > 0, got 0.0"),
         (lambda: ta.RoPE(rope_theta=-1e4), ValueError, r"rope_theta: must be > 0, got -10000.0"),
-        (lambda: ta.RoPE(rope_theta=float("nan")), ValueError, r"rope_theta: must be a finite float32 number, got nan"),
+        (lambda: ta.RoPE(rope_theta=float("nan")), ValueError,
+         r"rope_theta: must be a finite float32 number, got nan"),
         (lambda: ta.RoPE(rope_scale=0.0), ValueError, r"rope_scale: must be > 0, got 0.0"),
         (lambda: ta.RoPE(rope_scale=float("nan")), ValueError, r"rope_scale: must be a finite"),
         (lambda: ta.SigmoidAttention(float("inf")), ValueError, r"sigmoid_bias: must be a finite"),
@@ -193,18 +203,24 @@ def test_window_limits_kept():
         (dict(window_left=2**31 + 5), ValueError, r"window_left: .*got 2147483653"),
         (dict(window_left=2.5), TypeError, r"window_left: expected an int"),
         (dict(window_left="3"), TypeError, r"window_left: expected an int .*got '3'"),
-        (dict(logits_soft_cap=float("nan")), ValueError, r"logits_soft_cap: must be a finite float32 number, got nan"),
-        (dict(logits_soft_cap=float("inf")), ValueError, r"logits_soft_cap: must be a finite float32 number, got inf"),
+        (dict(logits_soft_cap=float("nan")), ValueError,
+         r"logits_soft_cap: must be a finite float32 number, got nan"),
+        (dict(logits_soft_cap=float("inf")), ValueError,
+         r"logits_soft_cap: must be a finite float32 number, got inf"),
         (dict(logits_soft_cap="30"), TypeError, r"logits_soft_cap: expected a float32 scalar"),
-        (dict(pos_encoding_mode="ROPE_LLAMA", rope_theta=0.0), ValueError, r"rope_theta: must be > 0, got 0.0"),
-        (dict(pos_encoding_mode="ROPE_LLAMA", rope_theta=float("nan")), ValueError, r"rope_theta: must be a finite"),
+        (dict(pos_encoding_mode="ROPE_LLAMA", rope_theta=0.0), ValueError,
+         r"rope_theta: must be > 0, got 0.0"),
+        (dict(pos_encoding_mode="ROPE_LLAMA", rope_theta=float("nan")), ValueError,
+         r"rope_theta: must be a finite"),
         (dict(pos_encoding_mode="ROPE_LLAMA", rope_scale=0), ValueError, r"rope_scale: must be > 0, got 0.0"),
         (dict(num_qo_heads=True), ValueError, r"num_qo_heads: must be a positive int, got True"),
-        (dict(num_kv_heads=True, num_qo_heads=2), ValueError, r"num_kv_heads: must be a positive int, got True"),
+        (dict(num_kv_heads=True, num_qo_heads=2), ValueError,
+         r"num_kv_heads: must be a positive int, got True"),
         (dict(head_dim=64.0), ValueError, r"head_dim: 64.0 is not supported"),
         (dict(sm_scale="abc"), TypeError, r"sm_scale: expected a positive finite number, got 'abc'"),
         (dict(variant="causal"), TypeError, r"variant: expected an AttentionVariant, got str 'causal'"),
-        (dict(variant=ta.Causal), TypeError, r"variant: expected an AttentionVariant instance, got the class Causal"),
+        (dict(variant=ta.Causal), TypeError,
+         r"variant: expected an AttentionVariant instance, got the class Causal"),
         (dict(indptr=None), TypeError, r"kv_indptr: expected a 1-D int32 array"),
         (dict(indices="012"), TypeError, r"kv_indices: expected a 1-D int32 array"),
         (dict(indptr=[[0, 1], [3]]), ValueError, r"kv_indptr: is not an array of integers"),
@@ -255,7 +271,8 @@ def _qkv(rng, dtype="float32"):
 def test_non_tensors_name_the_argument(rng, bad):
     q, k, v = _qkv(rng)
     for name, args in (("q", (bad, k, v)), ("k", (q, bad, v)), ("v", (q, k, bad))):
-        with pytest.raises(TypeError, match=rf"^{name}: expected a numpy array, a tvm.runtime.Tensor or a DLPack"):
+        with pytest.raises(TypeError,
+                           match=rf"^{name}: expected a numpy array, a tvm.runtime.Tensor or a DLPack"):
             ta.single_prefill_with_kv_cache(*args)
     w = plan_decode()
     cache = randn(rng, (3, 2, 4, 2, D), "float16")
@@ -273,7 +290,8 @@ def test_non_tensors_name_the_argument(rng, bad):
 def test_single_call_variant_type(rng):
     with pytest.raises(TypeError, match=r"variant: expected an AttentionVariant, got str 'causal'"):
         ta.single_prefill_with_kv_cache(*_qkv(rng), variant="causal")
-    with pytest.raises(TypeError, match=r"variant: expected an AttentionVariant instance, got the class Causal"):
+    with pytest.raises(TypeError,
+                       match=r"variant: expected an AttentionVariant instance, got the class Causal"):
         ta.single_decode_with_kv_cache(randn(rng, (4, D), "float32"), *_qkv(rng)[1:], variant=ta.Causal)
 
 
@@ -356,7 +374,8 @@ def _mask_call(rng, masks, mask_arrays=None):
     """A 2-request ragged prefill with a custom mask: (wrapper, q, k, v, custom_mask, mask_indptr)."""
     w = ta.BatchPrefillWithRaggedKVCacheWrapper()
     w.plan([0, 2, 5], [0, 4, 9], 4, 2, D, variant=ta.CustomMask(), q_data_type="float32")
-    q, k, v = randn(rng, (5, 4, D), "float32"), randn(rng, (9, 2, D), "float32"), randn(rng, (9, 2, D), "float32")
+    q, k, v = (randn(rng, (5, 4, D), "float32"), randn(rng, (9, 2, D), "float32"),
+               randn(rng, (9, 2, D), "float32"))
     return w, q, k, v, *ta.pack_custom_mask(masks)
 
 
@@ -376,7 +395,8 @@ def test_custom_mask_checked(rng):
         (packed, indptr[:2], r"mask_indptr: has 2 entries, but the plan has 2 requests \(expected 3"),
         (packed, np.asarray([0, 1, 3, 3], np.int32), r"mask_indptr: has 4 entries"),
         (packed, np.asarray([0, 2, 1], np.int32), r"mask_indptr: must be non-decreasing"),
-        (packed, np.asarray([0, 1, 4], np.int32), r"mask_indptr: last entry 4 exceeds len\(custom_mask\) = 3"),
+        (packed, np.asarray([0, 1, 4], np.int32),
+         r"mask_indptr: last entry 4 exceeds len\(custom_mask\) = 3"),
         (packed, np.asarray([0, 2, 3], np.int32), r"mask_indptr: request 0's segment has 2 bytes, but its "
                                                    r"qo_len x kv_len = 2 x 4 mask packs into 1"),
         (packed, np.asarray([1, 1, 3], np.int32), r"mask_indptr: must start at 0"),
@@ -390,7 +410,8 @@ def test_custom_mask_checked_in_single_and_decode(rng):
     packed, indptr = ta.pack_custom_mask([np.ones((3, 8), bool)])
     ta.single_prefill_with_kv_cache(q, k, v, variant=ta.CustomMask(), custom_mask=packed, mask_indptr=indptr)
     with pytest.raises(ValueError, match=r"mask_indptr: last entry 3 exceeds len\(custom_mask\) = 2"):
-        ta.single_prefill_with_kv_cache(q, k, v, variant=ta.CustomMask(), custom_mask=packed[:2], mask_indptr=indptr)
+        ta.single_prefill_with_kv_cache(q, k, v, variant=ta.CustomMask(), custom_mask=packed[:2],
+                                        mask_indptr=indptr)
     w = plan_decode(variant=ta.CustomMask())  # kv lens 4 and 6, one row each
     packed, indptr = ta.pack_custom_mask([np.ones((1, 4), bool), np.ones((1, 6), bool)])
     qd, cache = randn(rng, (2, 4, D), "float16"), randn(rng, (3, 2, 4, 2, D), "float16")

@@ -54,7 +54,8 @@ def test_user_variant_end_to_end(compose_with, rng):
         variant = ta.Causal() + variant
     elif compose_with == "softcap":
         variant = variant + ta.LogitsSoftCap(4.0)
-    q, k, v = randn(rng, (9, 4, 64), "float32"), randn(rng, (20, 2, 64), "float32"), randn(rng, (20, 2, 64), "float32")
+    q, k, v = (randn(rng, (9, 4, 64), "float32"), randn(rng, (20, 2, 64), "float32"),
+               randn(rng, (20, 2, 64), "float32"))
     args = {"temperature": 0.7, "key_bias": rng.standard_normal(64).astype(np.float32)}
     o, lse = ta.single_prefill_with_kv_cache(q, k, v, variant=variant, return_lse=True, **args)
     ref_o, ref_lse = R.dense_attention(q, k, v, variant=variant, params=args)
@@ -73,7 +74,8 @@ def test_readme_variant_example(rng):
         def ref_logits_transform(self, ctx, logits):
             return logits / ctx["temperature"]
 
-    q, k, v = randn(rng, (4, 8, 128), "float16"), randn(rng, (33, 2, 128), "float16"), randn(rng, (33, 2, 128), "float16")
+    q, k, v = (randn(rng, (4, 8, 128), "float16"), randn(rng, (33, 2, 128), "float16"),
+               randn(rng, (33, 2, 128), "float16"))
     o = ta.single_prefill_with_kv_cache(q, k, v, causal=True, variant=Temperature(), temperature=0.5)
     ref, _ = R.dense_attention(q, k, v, variant=ta.Causal() + Temperature(), params={"temperature": 0.5})
     assert_attention_close(o, None, ref, None, "float16")
@@ -144,7 +146,8 @@ class KeyGain(ta.AttentionVariant):
 
 def test_dim_table_variant_end_to_end(rng):
     """A kernel that keeps no tables computes the entry in place; same result as the numpy twin."""
-    q, k, v = randn(rng, (6, 4, 64), "float32"), randn(rng, (17, 2, 64), "float32"), randn(rng, (17, 2, 64), "float32")
+    q, k, v = (randn(rng, (6, 4, 64), "float32"), randn(rng, (17, 2, 64), "float32"),
+               randn(rng, (17, 2, 64), "float32"))
     variant = KeyGain() + ta.RoPE()
     args = {"gain_base": 0.75}
     o, lse = ta.single_prefill_with_kv_cache(q, k, v, variant=variant, return_lse=True, **args)

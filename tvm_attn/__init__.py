@@ -39,8 +39,9 @@ from .variants import (  # noqa: E402
 
 __all__ = [
     "BatchDecodeWithPagedKVCacheWrapper", "BatchPrefillWithPagedKVCacheWrapper",
-    "BatchPrefillWithRaggedKVCacheWrapper", "BlockSparseAttentionWrapper", "merge_state", "merge_state_in_place",
-    "merge_states", "single_decode_with_kv_cache", "single_prefill_with_kv_cache", "KernelCache",
+    "BatchPrefillWithRaggedKVCacheWrapper", "BlockSparseAttentionWrapper", "merge_state",
+    "merge_state_in_place", "merge_states", "single_decode_with_kv_cache", "single_prefill_with_kv_cache",
+    "KernelCache",
     "KernelNotBuiltError", "get_cache", "AttentionKey", "MergeKey", "BlockSparseKV", "PagedKV", "RaggedKV",
     "ALiBi", "AttentionVariant", "Causal", "CustomMask", "DimTable", "LogitsSoftCap", "RoPE", "ScalarParam",
     "SigmoidAttention", "SlidingWindow", "TensorParam", "alibi_slopes", "compose", "pack_custom_mask",

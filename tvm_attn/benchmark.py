@@ -48,8 +48,10 @@ def result_header(device: str, command: str, root: Path) -> dict:
     """``device``, ``date``, ``commit`` (``TVM_ATTN_COMMIT`` where the tree has no .git, as on the
     GPU host, else ``git rev-parse HEAD``) and ``command`` of a result file."""
     commit = os.environ.get("TVM_ATTN_COMMIT") or subprocess.run(
-        ["git", "rev-parse", "--verify", "-q", "HEAD"], capture_output=True, text=True, cwd=root).stdout.strip()
-    return {"device": device, "date": datetime.date.today().isoformat(), "commit": commit or None, "command": command}
+        ["git", "rev-parse", "--verify", "-q", "HEAD"], capture_output=True, text=True, cwd=root,
+    ).stdout.strip()
+    return {"device": device, "date": datetime.date.today().isoformat(), "commit": commit or None,
+            "command": command}
 
 
 def write_result(out, result: dict, plot) -> None:
@@ -78,7 +80,8 @@ def bar_plot(result: dict, path, *, value, label, ylabel: str, title: str, figsi
     fig, ax = plt.subplots(figsize=figsize)
     width = 0.8 / max(len(names), 1)
     for i, k in enumerate(names):
-        vals = [next((value(r) for r in rows if r["workload"] == w and r["kernel"] == k), 0) for w in workloads]
+        vals = [next((value(r) for r in rows if r["workload"] == w and r["kernel"] == k), 0)
+                for w in workloads]
         ax.bar(np.arange(len(workloads)) + i * width, vals, width, label=k)
     if hline is not None and hline[0]:
         ax.axhline(hline[0], color="k", ls="--", label=hline[1])

@@ -55,7 +55,8 @@ def key_spec(key) -> dict | None:
         variant = _variant_spec(key.variant)
         if variant is None:
             return None
-        fmt = "paged" if isinstance(key.kv, PagedKV) else "bsr" if isinstance(key.kv, BlockSparseKV) else "ragged"
+        fmt = ("paged" if isinstance(key.kv, PagedKV)
+               else "bsr" if isinstance(key.kv, BlockSparseKV) else "ragged")
         spec = {"kind": key.kind, "kv": {"format": fmt, **vars(key.kv)}, "num_qo_heads": key.num_qo_heads,
                 "num_kv_heads": key.num_kv_heads, "head_dim": key.head_dim, "q_dtype": key.q_dtype,
                 "kv_dtype": key.kv_dtype, "target": key.target}
@@ -89,8 +90,8 @@ def _variant_spec(variant):
         return None
     name = names[0]
     if name == "rope":
-        return {"name": "rope", "style": variant.style, "rope_scale": variant._scale, "rope_theta": variant._theta,
-                **{k: v for k, v in variant.config().items() if k != "style"}}
+        return {"name": "rope", "style": variant.style, "rope_scale": variant._scale,
+                "rope_theta": variant._theta, **{k: v for k, v in variant.config().items() if k != "style"}}
     args = {arg: getattr(variant, attr) for arg, attr in _VARIANT_ARGS.get(name, {}).items()}
     return {"name": name, **args} if args else name
 

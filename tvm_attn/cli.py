@@ -48,7 +48,8 @@ def load_kernel_specs(arg: str, target: str) -> list:
             with open(arg) as f:
                 text = f.read()
         except OSError as err:
-            raise UsageError(f"--kernels: cannot read {arg!r} ({err.strerror or err}); give a JSON file or inline JSON")
+            raise UsageError(f"--kernels: cannot read {arg!r} ({err.strerror or err}); "
+                             "give a JSON file or inline JSON")
     try:
         specs = json.loads(text)
     except json.JSONDecodeError as err:
@@ -75,7 +76,8 @@ def _best_device() -> str:
 def cmd_demo(args) -> int:
     from .demo import DemoConfig, run_demo
 
-    cfg = DemoConfig(decode_steps=args.decode_steps, num_layers=args.layers, dtype=args.dtype, kv_layout=args.kv_layout)
+    cfg = DemoConfig(decode_steps=args.decode_steps, num_layers=args.layers, dtype=args.dtype,
+                     kv_layout=args.kv_layout)
     if args.prompt_lens:
         cfg.prompt_lens = parse_prompt_lens(args.prompt_lens)
     device = _best_device() if args.device == "auto" else args.device
@@ -128,8 +130,8 @@ def cmd_build_model(args) -> int:
             variant = json.loads(variant)
         except json.JSONDecodeError as err:
             raise UsageError(f"--variant: not valid JSON ({err})") from None
-    meta = build_model(args.config, args.target, args.output, safetensors=args.safetensors or None, seed=args.seed,
-                       variant=variant, progress=not args.quiet, **overrides)
+    meta = build_model(args.config, args.target, args.output, safetensors=args.safetensors or None,
+                       seed=args.seed, variant=variant, progress=not args.quiet, **overrides)
     if args.save_params:
         from .models.build import save_params
 
@@ -154,19 +156,25 @@ def main(argv=None) -> int:
     b = sub.add_parser("build", help="precompile kernels into a cache directory for runtime-only processes")
     b.add_argument("--kernels", help="kernel specs: a JSON file, or inline JSON (a spec or a list of them); "
                                      "default: the demo's kernels")
-    b.add_argument("--target", default="llvm", help="llvm or cuda:<arch>, e.g. cuda:sm_90a (for specs without one)")
+    b.add_argument("--target", default="llvm",
+                   help="llvm or cuda:<arch>, e.g. cuda:sm_90a (for specs without one)")
     b.add_argument("-o", "--output", help="cache directory (default: the user cache)")
     b.add_argument("--force", action="store_true", help="rebuild kernels already in the directory")
     b.set_defaults(func=cmd_build)
-    m = sub.add_parser("build-model", help="compile a Llama-architecture model with our kernels into one library")
+    m = sub.add_parser("build-model",
+                       help="compile a Llama-architecture model with our kernels into one library")
     m.add_argument("--config", default="tiny", help="tiny (CI) or llama3-8b")
     m.add_argument("--target", default="llvm", help="llvm or cuda:<arch>, e.g. cuda:sm_90a")
     m.add_argument("-o", "--output", required=True, help="the library to write, e.g. model.so (+ model.json)")
-    m.add_argument("--safetensors", nargs="*", help="local weight files (Hugging Face Llama naming); default random")
+    m.add_argument("--safetensors", nargs="*",
+                   help="local weight files (Hugging Face Llama naming); default random")
     m.add_argument("--seed", type=int, default=0, help="seed of the random weights")
-    m.add_argument("--variant", help='attention variant spec, e.g. \'{"name": "logits_soft_cap", "cap": 30}\'')
-    m.add_argument("--layers", type=int, help="override the number of layers (e.g. a short llama3-8b for tests)")
-    m.add_argument("--save-params", action="store_true", help="also write the weights as <output>.params (C++)")
+    m.add_argument("--variant",
+                   help='attention variant spec, e.g. \'{"name": "logits_soft_cap", "cap": 30}\'')
+    m.add_argument("--layers", type=int,
+                   help="override the number of layers (e.g. a short llama3-8b for tests)")
+    m.add_argument("--save-params", action="store_true",
+                   help="also write the weights as <output>.params (C++)")
     m.add_argument("--quiet", action="store_true", help="no progress bar")
     m.set_defaults(func=cmd_build_model)
     args = parser.parse_args(argv)

@@ -28,8 +28,8 @@ from .registry import launch_bounds
 NVCC_FLAGS = (
     "-O3", "--use_fast_math", "--expt-relaxed-constexpr",
     "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__", "-U__CUDA_NO_HALF2_OPERATORS__",
-    "-U__CUDA_NO_BFLOAT16_OPERATORS__", "-U__CUDA_NO_BFLOAT16_CONVERSIONS__", "-U__CUDA_NO_BFLOAT162_OPERATORS__",
-    "-U__CUDA_NO_BFLOAT162_CONVERSIONS__",
+    "-U__CUDA_NO_BFLOAT16_OPERATORS__", "-U__CUDA_NO_BFLOAT16_CONVERSIONS__",
+    "-U__CUDA_NO_BFLOAT162_OPERATORS__", "-U__CUDA_NO_BFLOAT162_CONVERSIONS__",
 )
 
 _STATE: dict = {"cubin_dirs": [], "arch": None, "registered": False}
@@ -50,7 +50,8 @@ def prepare_source(code: str) -> str:
             return m.group(0)
         threads, blocks = bounds
         if threads != int(m.group(1)):
-            raise ValueError(f"kernel {m.group(2)}: TVM launches {m.group(1)} threads, its schedule names {threads}")
+            raise ValueError(f"kernel {m.group(2)}: TVM launches {m.group(1)} threads, "
+                             f"its schedule names {threads}")
         return f"__launch_bounds__({threads}, {blocks}) {m.group(2)}_kernel("
 
     return _LAUNCH_BOUNDS.sub(bound, code)
@@ -61,7 +62,8 @@ def cubin_name(code: str, arch: str) -> str:
 
 
 def find_nvcc() -> str | None:
-    for cand in [shutil.which("nvcc"), os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin", "nvcc"),
+    for cand in [shutil.which("nvcc"),
+                 os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin", "nvcc"),
                  *sorted(glob.glob("/usr/local/cuda-*/bin/nvcc"), reverse=True)]:
         if cand and os.path.isfile(cand) and os.access(cand, os.X_OK):
             return cand
@@ -100,7 +102,8 @@ def precompile(code: str, arch: str, directory: Path) -> Path | None:
 def _load_cuda_library() -> None:
     if tvm.get_global_func("device_api.cuda", allow_missing=True) is not None:
         return
-    lib = os.environ.get("TVM_RUNTIME_CUDA_LIB") or os.path.join(os.path.dirname(tvm.__file__), "lib", "libtvm_runtime_cuda.so")
+    lib = os.environ.get("TVM_RUNTIME_CUDA_LIB") or os.path.join(os.path.dirname(tvm.__file__), "lib",
+                                                                 "libtvm_runtime_cuda.so")
     for dep in ("libcudart.so.13", "libcudart.so.12", "libcudart.so"):
         try:
             ctypes.CDLL(dep, mode=ctypes.RTLD_GLOBAL)
@@ -140,7 +143,8 @@ def ensure_cuda(cubin_dir: str | os.PathLike | None = None) -> None:
             return bytearray(nvcc_compile(code, arch)[0])
         from tvm.support import nvcc as tvm_nvcc
 
-        return bytearray(tvm_nvcc.compile_cuda(prepare_source(code), target_format="cubin", arch=arch, compiler="nvrtc"))
+        return bytearray(tvm_nvcc.compile_cuda(prepare_source(code), target_format="cubin", arch=arch,
+                                               compiler="nvrtc"))
 
     tvm_ffi.register_global_func("tvm_callback_cuda_compile", compile_callback, override=True)
     _STATE["registered"] = True

@@ -117,8 +117,8 @@ def run_demo(cfg: DemoConfig | None = None, device: str = "cpu", out=print) -> l
             finite = np.isfinite(ref_lse)
             lse_err = max(lse_err, float(np.abs(lse[finite] - ref_lse[finite]).max(initial=0)))
         tokens = int(sum(new_tokens))
-        row = {"step": name, "kernel": wrapper.kernel_key.uri, "requests": len(new_tokens), "q_tokens": tokens,
-               "kv_tokens": int(sum(cache.lens)), "max_abs_err": err, "lse_err": lse_err,
+        row = {"step": name, "kernel": wrapper.kernel_key.uri, "requests": len(new_tokens),
+               "q_tokens": tokens, "kv_tokens": int(sum(cache.lens)), "max_abs_err": err, "lse_err": lse_err,
                "plan_ms": (plan_s - compile_s) * 1e3, "compile_s": compile_s,
                "run_ms_per_layer": run_s / cfg.num_layers * 1e3}
         rows.append(row)
@@ -140,7 +140,8 @@ def _print_table(rows, cfg: DemoConfig, device: str, out) -> None:
         f"{cfg.num_qo_heads}/{cfg.num_kv_heads} heads, head_dim {cfg.head_dim}, {cfg.dtype}, "
         f"page {cfg.page_size} ({cfg.kv_layout}), {cfg.num_layers} layers"
     )
-    head = f"{'step':<10}{'q tok':>7}{'kv tok':>8}{'max|err|':>11}{'lse err':>10}{'plan ms':>9}{'compile s':>11}{'run ms/layer':>14}"
+    head = (f"{'step':<10}{'q tok':>7}{'kv tok':>8}{'max|err|':>11}{'lse err':>10}{'plan ms':>9}"
+            f"{'compile s':>11}{'run ms/layer':>14}")
     out(head)
     out("-" * len(head))
     for r in rows:

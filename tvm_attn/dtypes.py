@@ -44,7 +44,8 @@ def dtype_name(dtype) -> str:
     else:
         s = str(dtype)
     s = s.replace("torch.", "")
-    aliases = {"half": "float16", "float": "float32", "bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+    aliases = {"half": "float16", "float": "float32", "bf16": "bfloat16", "fp16": "float16",
+               "fp32": "float32"}
     return aliases.get(s, s)
 
 

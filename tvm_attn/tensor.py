@@ -85,7 +85,8 @@ def to_tvm(x, device: tvm.runtime.Device, name: str = "tensor", copy: bool = Tru
                     f"{name}: cannot be written in place ({err}); pass a contiguous, 64-byte aligned tensor"
                 ) from None
             return _copied(x, device, name, err)
-    raise TypeError(f"{name}: expected a numpy array, a tvm.runtime.Tensor or a DLPack tensor, got {_describe(x)}")
+    raise TypeError(f"{name}: expected a numpy array, a tvm.runtime.Tensor or a DLPack tensor, "
+                    f"got {_describe(x)}")
 
 
 #: the data alignment TVM's ``from_dlpack`` requires (its kernels assume it)

@@ -11,6 +11,6 @@ from .sparse import BlockSparseAttentionWrapper
 
 __all__ = [
     "merge_state", "merge_state_in_place", "merge_states", "BatchDecodeWithPagedKVCacheWrapper",
-    "single_decode_with_kv_cache", "BatchPrefillWithPagedKVCacheWrapper", "BatchPrefillWithRaggedKVCacheWrapper",
-    "single_prefill_with_kv_cache", "BlockSparseAttentionWrapper",
+    "single_decode_with_kv_cache", "BatchPrefillWithPagedKVCacheWrapper",
+    "BatchPrefillWithRaggedKVCacheWrapper", "single_prefill_with_kv_cache", "BlockSparseAttentionWrapper",
 ]

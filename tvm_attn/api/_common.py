@@ -45,7 +45,8 @@ def _cuda_device(index: int) -> tuple[tvm.runtime.Device, str]:
         dev = tvm.cuda(index)
         exists = dev.exist
     except (RuntimeError, OSError) as err:  # no CUDA driver or runtime on this host
-        raise ValueError(f"device: 'cuda:{index}' is not available here ({str(err).splitlines()[0][:200]})") from None
+        first_line = str(err).splitlines()[0][:200]
+        raise ValueError(f"device: 'cuda:{index}' is not available here ({first_line})") from None
     if not exists:
         raise ValueError(f"device: no CUDA device {index} here")
     return dev, f"cuda:{device_arch(index)}"
@@ -145,7 +146,8 @@ def default_tensors(key: AttentionKey, device) -> dict:
     }
 
 
-def pack_variant_args(key: AttentionKey, given: dict, device, defaults: dict | None = None, lengths=None) -> list:
+def pack_variant_args(key: AttentionKey, given: dict, device, defaults: dict | None = None,
+                      lengths=None) -> list:
     """The variant's extra arguments in kernel order, from ``run``'s keywords and the defaults
     (``defaults``: the :func:`default_tensors` of the plan; ``lengths``: :func:`planned_lengths`)."""
     given = dict(given)
@@ -184,7 +186,8 @@ def pack_variant_args(key: AttentionKey, given: dict, device, defaults: dict | N
     return args
 
 
-def planned_lengths(key: AttentionKey, qo_indptr, kv_indptr, last_page_len=None, page_size: int = 1, shape=None):
+def planned_lengths(key: AttentionKey, qo_indptr, kv_indptr, last_page_len=None, page_size: int = 1,
+                    shape=None):
     """Each planned request's ``(qo_lens, kv_lens)`` (int64) when the variant checks its tensors
     against them (:meth:`~tvm_attn.variants.AttentionVariant.validate_lengths`), else None.
     ``qo_indptr`` None: decode (one row each); ``shape``: block-sparse ``(M, N)``, one request."""
@@ -239,13 +242,16 @@ class KernelCall:
         lse_t = _out_tensor("lse", lse, o_shape[:2], "float32", self.device)
         data = [to_tvm(x, self.device, n) for n, x in data_args]
         q_t = to_tvm(q, self.device, "q")
-        main = [q_t, *self.qo_args, *data, *self.kv_args, *self.workspace_args, o_t, lse_t, self.sm_scale, *extra]
+        main = [q_t, *self.qo_args, *data, *self.kv_args, *self.workspace_args, o_t, lse_t, self.sm_scale,
+                *extra]
         merge = [*self.merge_args, o_t, lse_t, *extra] if self.merge_fn is not None else None
         return main, merge, o_t, lse_t
 
-    def __call__(self, q, data_args: list[tuple[str, object]], variant_args: dict, out=None, lse=None, return_lse=False):
+    def __call__(self, q, data_args: list[tuple[str, object]], variant_args: dict, out=None, lse=None,
+                 return_lse=False):
         if return_lse and not self.key.variant.use_softmax:
-            raise ValueError(f"return_lse: the variant {self.key.variant!r} uses no softmax, so it has no LSE")
+            raise ValueError(f"return_lse: the variant {self.key.variant!r} uses no softmax, "
+                             "so it has no LSE")
         main, merge, o_t, lse_t = self.launch_args(q, data_args, variant_args, out, lse)
         self.fn(*main)
         if merge is not None:
@@ -332,8 +338,8 @@ class Wrapper:
         from ..kv.formats import PagedKV
 
         paged = isinstance(key.kv, PagedKV)
-        return planned_lengths(key, qo_args[0] if qo_args else None, kv_args[0], kv_args[2] if paged else None,
-                               key.kv.page_size if paged else 1)
+        return planned_lengths(key, qo_args[0] if qo_args else None, kv_args[0],
+                               kv_args[2] if paged else None, key.kv.page_size if paged else 1)
 
 
 class DevicePlan:
@@ -358,8 +364,9 @@ class DevicePlan:
             return old
         if self.graph and old is not None:
             raise ValueError(
-                f"use_cuda_graph: this plan needs room for {need} and index arrays of {list(index_sizes)} entries "
-                f"(workspace {ws_id}), beyond the wrapper's fixed {self._size} and {list(old.index_capacity)} "
+                f"use_cuda_graph: this plan needs room for {need} and index arrays of {list(index_sizes)} "
+                f"entries (workspace {ws_id}), beyond the wrapper's fixed {self._size} and "
+                f"{list(old.index_capacity)} "
                 f"({self._ws_id}); size the wrapper's maxima for the largest step"
             )
         size = tuple(max(n, h) for n, h in zip(need, self._size)) if same else tuple(need)
@@ -410,8 +417,9 @@ def run_single(
         from .prefill import BatchPrefillWithRaggedKVCacheWrapper
 
         w = BatchPrefillWithRaggedKVCacheWrapper(kv_layout, device=dev, cache=cache)
-        w.plan(np.asarray([0, qo_len], np.int32), np.asarray([0, kv_len], np.int32), num_qo_heads, num_kv_heads,
-               head_dim, variant=var, q_data_type=q_dtype, kv_data_type=kv_dtype, sm_scale=sm_scale)
+        w.plan(np.asarray([0, qo_len], np.int32), np.asarray([0, kv_len], np.int32), num_qo_heads,
+               num_kv_heads, head_dim, variant=var, q_data_type=q_dtype, kv_data_type=kv_dtype,
+               sm_scale=sm_scale)
         return w.run(q, k, v, return_lse=return_lse, **variant_args)
     indptr = lambda n: tvm.runtime.tensor(np.asarray([0, n], np.int32), dev)  # noqa: E731
     qo_args = (indptr(qo_len),) if kind == "prefill" else ()

@@ -24,8 +24,8 @@ def _setup(v, device, cache, op):
 
 
 def _inputs(dev, named) -> list:
-    """The tensors ``(name, x[, in_place])`` on ``dev``, each checked for the kernels' 32-bit indexing and, on CUDA, for
-    alignment, before anything runs."""
+    """The tensors ``(name, x[, in_place])`` on ``dev``, each checked for the kernels' 32-bit indexing
+    and, on CUDA, for alignment, before anything runs."""
     out = []
     for name, x, *in_place in named:
         numel = 1

@@ -15,8 +15,8 @@ from ..schedule.decode import DecodeTiles
 from ..tensor import shape_of
 from ..variants.base import check_key_range
 from ._common import (
-    DevicePlan, KernelCall, Wrapper, PlanStatics, check_tensor, data_dtypes, default_sm_scale, default_tensors,
-    flashinfer_variant, planned_lengths, reshape, run_single,
+    DevicePlan, KernelCall, Wrapper, PlanStatics, check_tensor, data_dtypes, default_sm_scale,
+    default_tensors, flashinfer_variant, planned_lengths, reshape, run_single,
 )
 
 
@@ -46,14 +46,16 @@ class BatchDecodeWithPagedKVCacheWrapper(Wrapper):
     """
 
     def __init__(self, kv_layout: str = "NHD", *, device=None, cache=None, use_cuda_graph: bool = False,
-                 max_batch_size: int | None = None, max_num_pages: int | None = None, disable_split_kv: bool = False):
+                 max_batch_size: int | None = None, max_num_pages: int | None = None,
+                 disable_split_kv: bool = False):
         super().__init__(kv_layout, device=device, cache=cache)
         self._graph = bool(use_cuda_graph)
         if self._graph:
             if self._target == "llvm":
                 raise ValueError("use_cuda_graph: needs a CUDA device")
             if not max_batch_size or not max_num_pages:
-                raise ValueError("use_cuda_graph: give max_batch_size and max_num_pages (the fixed buffer sizes)")
+                raise ValueError("use_cuda_graph: give max_batch_size and max_num_pages "
+                                 "(the fixed buffer sizes)")
         self._max_batch = int(max_batch_size) if max_batch_size else None
         self._max_pages = int(max_num_pages) if max_num_pages else None
         self._allow_split = not disable_split_kv
@@ -80,8 +82,8 @@ class BatchDecodeWithPagedKVCacheWrapper(Wrapper):
             ``logits_soft_cap``, ``rope_scale`` and ``rope_theta``.
         """
         # the kernel key depends only on the options, which a serving loop repeats every step
-        options = (num_qo_heads, num_kv_heads, head_dim, page_size, pos_encoding_mode, window_left, logits_soft_cap,
-                   q_data_type, kv_data_type, rope_scale, rope_theta)
+        options = (num_qo_heads, num_kv_heads, head_dim, page_size, pos_encoding_mode, window_left,
+                   logits_soft_cap, q_data_type, kv_data_type, rope_scale, rope_theta)
         last = self._last_key
         if last is not None and last[1] is variant and last[0] == options:
             key = last[2]
@@ -113,8 +115,8 @@ class BatchDecodeWithPagedKVCacheWrapper(Wrapper):
             variant, pos_encoding_mode=pos_encoding_mode, window_left=window_left,
             logits_soft_cap=logits_soft_cap, rope_scale=rope_scale, rope_theta=rope_theta,
         )
-        return scheduled(AttentionKey("decode", fmt, num_qo_heads, num_kv_heads, head_dim, q_dtype, kv_dtype, v,
-                                      self._target))
+        return scheduled(AttentionKey("decode", fmt, num_qo_heads, num_kv_heads, head_dim, q_dtype, kv_dtype,
+                                      v, self._target))
 
     def _plan_cuda(self, key, st, sm_scale, indptr, indices, last_page_len, planned) -> None:
         batch, used = indptr.size - 1, int(indptr[-1])
@@ -123,7 +125,8 @@ class BatchDecodeWithPagedKVCacheWrapper(Wrapper):
         pad = None
         if self._graph:  # every buffer stays put: pad the table to the wrapper's maxima
             if batch > self._max_batch:
-                raise ValueError(f"plan: batch_size {batch} exceeds the wrapper's max_batch_size {self._max_batch}")
+                raise ValueError(f"plan: batch_size {batch} exceeds the wrapper's "
+                                 f"max_batch_size {self._max_batch}")
             if used > self._max_pages:
                 raise ValueError(f"plan: {used} page-table entries exceed max_num_pages {self._max_pages}")
             pad = (self._max_batch, self._max_pages)
@@ -134,8 +137,8 @@ class BatchDecodeWithPagedKVCacheWrapper(Wrapper):
             # another key, or more room: the device plan's buffers (grown, or refused under CUDA graphs)
             bufs = self._bufs = st, self._dev_plan.workspace(
                 ("decode", key.num_qo_heads, key.num_kv_heads, key.head_dim, key.schedule), (rows,),
-                lambda rows: decode_workspace(rows, key.num_qo_heads, key.num_kv_heads, key.head_dim, st.tiles,
-                                              self._device.multi_processor_count),
+                lambda rows: decode_workspace(rows, key.num_qo_heads, key.num_kv_heads, key.head_dim,
+                                              st.tiles, self._device.multi_processor_count),
                 slots,
             )
         bufs = bufs[1]
@@ -194,21 +197,23 @@ def check_paged_cache(cache, key: AttentionKey, max_page: int) -> None:
 
 
 def single_decode_with_kv_cache(
-    q, k, v, *, kv_layout: str = "NHD", variant=None, pos_encoding_mode: str = "NONE", window_left: int | None = None,
-    logits_soft_cap: float | None = None, sm_scale=None, rope_scale=None, rope_theta=None, return_lse: bool = False,
-    device=None, cache=None, **variant_args,
+    q, k, v, *, kv_layout: str = "NHD", variant=None, pos_encoding_mode: str = "NONE",
+    window_left: int | None = None, logits_soft_cap: float | None = None, sm_scale=None, rope_scale=None,
+    rope_theta=None, return_lse: bool = False, device=None, cache=None, **variant_args,
 ):
-    """Decode one request: ``q`` ``[num_qo_heads, head_dim]``, ``k``/``v`` ``[kv_len, num_kv_heads, head_dim]``
-    (``"NHD"``) or ``[num_kv_heads, kv_len, head_dim]`` (``"HND"``) -> ``o`` ``[num_qo_heads, head_dim]``."""
+    """Decode one request: ``q`` ``[num_qo_heads, head_dim]``,
+    ``k``/``v`` ``[kv_len, num_kv_heads, head_dim]`` (``"NHD"``) or ``[num_kv_heads, kv_len, head_dim]``
+    (``"HND"``) -> ``o`` ``[num_qo_heads, head_dim]``."""
     q_shape = shape_of(q, "q")
     if len(q_shape) != 2:
         raise ValueError(f"q: expected shape (num_qo_heads, head_dim), got {q_shape}")
     num_qo_heads, head_dim = q_shape
-    fi = dict(window_left=window_left, logits_soft_cap=logits_soft_cap, rope_scale=rope_scale, rope_theta=rope_theta)
+    fi = dict(window_left=window_left, logits_soft_cap=logits_soft_cap, rope_scale=rope_scale,
+              rope_theta=rope_theta)
     res = run_single(
-        "decode", reshape(q, (1, num_qo_heads, head_dim)), k, v, kv_layout=kv_layout, variant=variant, causal=False,
-        pos_encoding_mode=pos_encoding_mode, fi_options=fi, sm_scale=sm_scale, return_lse=return_lse,
-        device=device, cache=cache, variant_args=variant_args,
+        "decode", reshape(q, (1, num_qo_heads, head_dim)), k, v, kv_layout=kv_layout, variant=variant,
+        causal=False, pos_encoding_mode=pos_encoding_mode, fi_options=fi, sm_scale=sm_scale,
+        return_lse=return_lse, device=device, cache=cache, variant_args=variant_args,
     )
     if return_lse:
         return reshape(res[0], (num_qo_heads, head_dim)), reshape(res[1], (num_qo_heads,))

@@ -14,8 +14,8 @@ from ..kv.validate import as_index_array, check_indptr
 from ..tensor import shape_of
 from ..variants.base import KeyRange, check_key_range
 from ._common import (
-    DevicePlan, KernelCall, Wrapper, check_tensor, data_dtypes, default_sm_scale, flashinfer_variant, planned_lengths,
-    run_single,
+    DevicePlan, KernelCall, Wrapper, check_tensor, data_dtypes, default_sm_scale, flashinfer_variant,
+    planned_lengths, run_single,
 )
 from .decode import check_paged_cache
 
@@ -74,7 +74,8 @@ class CudaPrefillPlan(Wrapper):
         packed = None if self._graph or not lens.size else int(lens.mean() * key.group_size)
         return scheduled(key, packed)
 
-    def _plan_cuda(self, key, sm_scale, qo_indptr, kv_indptr, last, page_size, order, num_q_rows, indices=None):
+    def _plan_cuda(self, key, sm_scale, qo_indptr, kv_indptr, last, page_size, order, num_q_rows,
+                   indices=None):
         """``order``: the kernel's KV index arguments, by name: ``"kv_indptr"``, ``"last"`` (the
         planner's arrays) and ``"indices"`` (``indices``: page or block ids, ``max_num_pages`` of them
         under CUDA graphs)."""
@@ -100,7 +101,8 @@ class CudaPrefillPlan(Wrapper):
             last = np.concatenate([last, np.zeros(pad, np.int32)])
             if indices is not None:
                 if indices.size > self._max_pages:
-                    raise ValueError(f"plan: {indices.size} page-table entries exceed max_num_pages {self._max_pages}")
+                    raise ValueError(f"plan: {indices.size} page-table entries exceed "
+                                     f"max_num_pages {self._max_pages}")
                 indices = np.concatenate([indices, np.zeros(self._max_pages - indices.size, np.int32)])
             num_q_rows = self._max_tokens
         need = (max(int(qo_indptr[-1]), self._max_tokens, 1), max(batch, self._max_batch, 1))
@@ -109,8 +111,8 @@ class CudaPrefillPlan(Wrapper):
         dp = self._dev_plan
         bufs = dp.workspace(
             ("prefill", key.num_qo_heads, key.num_kv_heads, key.head_dim, key.schedule), need,
-            lambda tokens, reqs: prefill_workspace(tokens, reqs, key.num_qo_heads, key.num_kv_heads, key.head_dim,
-                                                   tiles, self._device.multi_processor_count),
+            lambda tokens, reqs: prefill_workspace(tokens, reqs, key.num_qo_heads, key.num_kv_heads,
+                                                   key.head_dim, tiles, self._device.multi_processor_count),
             tuple(a.size for a in index),
         )
         module = self._cache.module(key)
@@ -125,7 +127,8 @@ class CudaPrefillPlan(Wrapper):
         qo_dev, index = (dev[:1], dev[1:]) if key.kind == "prefill" else ((), dev)
         merge = self._graph or bufs.num_partials > 0
         self._call = KernelCall(
-            key, module[key.uri], self._device, qo_dev, index, num_q_rows, default_sm_scale(sm_scale, key.head_dim),
+            key, module[key.uri], self._device, qo_dev, index, num_q_rows,
+            default_sm_scale(sm_scale, key.head_dim),
             workspace_args=(bufs.work_info, bufs.cta_indptr, bufs.tmp_o, bufs.tmp_lse),
             merge_fn=module[key.uri + "_merge"] if merge else None,
             merge_args=(bufs.merge_indptr, bufs.tmp_o, bufs.tmp_lse), lengths=lengths,
@@ -162,14 +165,16 @@ class BatchPrefillWithPagedKVCacheWrapper(CudaPrefillPlan):
         """Check the query and page tables and pick the kernel (arguments as FlashInfer's; ``variant``
         composes with ``causal`` and the FlashInfer-style options)."""
         fmt = PagedKV(page_size, self._kv_layout)
-        kv_indptr, kv_indices, last, _ = fmt.validate(paged_kv_indptr, paged_kv_indices, paged_kv_last_page_len)
+        kv_indptr, kv_indices, last, _ = fmt.validate(paged_kv_indptr, paged_kv_indices,
+                                                      paged_kv_last_page_len)
         qo_indptr = _qo_indptr(qo_indptr, kv_indptr.size - 1)
         q_dtype, kv_dtype = data_dtypes(q_data_type, kv_data_type)
         v = flashinfer_variant(
             variant, causal=causal, pos_encoding_mode=pos_encoding_mode, window_left=window_left,
             logits_soft_cap=logits_soft_cap, rope_scale=rope_scale, rope_theta=rope_theta,
         )
-        key = AttentionKey("prefill", fmt, num_qo_heads, num_kv_heads, head_dim, q_dtype, kv_dtype, v, self._target)
+        key = AttentionKey("prefill", fmt, num_qo_heads, num_kv_heads, head_dim, q_dtype, kv_dtype, v,
+                           self._target)
         self._total_qo = int(qo_indptr[-1])
         self._max_page = int(kv_indices[: kv_indptr[-1]].max(initial=-1))
         if self._target == "llvm":
@@ -192,12 +197,14 @@ class BatchPrefillWithPagedKVCacheWrapper(CudaPrefillPlan):
 
 
 class BatchPrefillWithRaggedKVCacheWrapper(CudaPrefillPlan):
-    """Batch prefill over ragged K/V: request ``b`` owns rows ``kv_indptr[b]:kv_indptr[b+1]`` of ``k``/``v``."""
+    """Batch prefill over ragged K/V: request ``b`` owns rows ``kv_indptr[b]:kv_indptr[b+1]``
+    of ``k``/``v``."""
 
     def plan(
-        self, qo_indptr, kv_indptr, num_qo_heads: int, num_kv_heads: int, head_dim: int, *, causal: bool = False,
-        variant=None, pos_encoding_mode: str = "NONE", window_left: int = -1, logits_soft_cap=None,
-        q_data_type="float16", kv_data_type=None, sm_scale=None, rope_scale=None, rope_theta=None,
+        self, qo_indptr, kv_indptr, num_qo_heads: int, num_kv_heads: int, head_dim: int,
+        *, causal: bool = False, variant=None, pos_encoding_mode: str = "NONE", window_left: int = -1,
+        logits_soft_cap=None, q_data_type="float16", kv_data_type=None, sm_scale=None, rope_scale=None,
+        rope_theta=None,
     ) -> None:
         fmt = RaggedKV(self._kv_layout)
         kv_indptr, _ = fmt.validate(kv_indptr)
@@ -207,7 +214,8 @@ class BatchPrefillWithRaggedKVCacheWrapper(CudaPrefillPlan):
             variant, causal=causal, pos_encoding_mode=pos_encoding_mode, window_left=window_left,
             logits_soft_cap=logits_soft_cap, rope_scale=rope_scale, rope_theta=rope_theta,
         )
-        key = AttentionKey("prefill", fmt, num_qo_heads, num_kv_heads, head_dim, q_dtype, kv_dtype, v, self._target)
+        key = AttentionKey("prefill", fmt, num_qo_heads, num_kv_heads, head_dim, q_dtype, kv_dtype, v,
+                           self._target)
         self._total_qo, self._total_kv = int(qo_indptr[-1]), int(kv_indptr[-1])
         if self._target == "llvm":
             self._plan_call(key, sm_scale, (qo_indptr,), (kv_indptr,), self._total_qo)
@@ -220,12 +228,14 @@ class BatchPrefillWithRaggedKVCacheWrapper(CudaPrefillPlan):
         self._plan_range = self.plan_key_range(key)
 
     def run(self, q, k, v, *, out=None, lse=None, return_lse: bool = False, **variant_args):
-        """``q`` ``[qo_indptr[-1], Hq, D]``; ``k``/``v`` ``[kv_indptr[-1], Hkv, D]`` (``"HND"``: ``[Hkv, kv_indptr[-1], D]``)."""
+        """``q`` ``[qo_indptr[-1], Hq, D]``; ``k``/``v`` ``[kv_indptr[-1], Hkv, D]``
+        (``"HND"``: ``[Hkv, kv_indptr[-1], D]``)."""
         call = self._planned()
         key = call.key
         check_tensor("q", q, (self._total_qo, key.num_qo_heads, key.head_dim), key.q_dtype)
         for name, x in (("k", k), ("v", v)):
-            check_tensor(name, x, key.kv.kv_shape(self._total_kv, key.num_kv_heads, key.head_dim), key.kv_dtype)
+            check_tensor(name, x, key.kv.kv_shape(self._total_kv, key.num_kv_heads, key.head_dim),
+                         key.kv_dtype)
         self._check_key_range(key, variant_args)
         return call(q, [("k", k), ("v", v)], variant_args, out, lse, return_lse)
 
@@ -235,12 +245,14 @@ def single_prefill_with_kv_cache(
     window_left: int | None = None, logits_soft_cap=None, sm_scale=None, rope_scale=None, rope_theta=None,
     return_lse: bool = False, device=None, cache=None, **variant_args,
 ):
-    """Prefill / append for one request: ``q`` ``[qo_len, Hq, D]``, ``k``/``v`` ``[kv_len, Hkv, D]`` (``"NHD"``)
-    or ``[Hkv, kv_len, D]`` (``"HND"``) -> ``o`` ``[qo_len, Hq, D]``."""
+    """Prefill / append for one request: ``q`` ``[qo_len, Hq, D]``, ``k``/``v`` ``[kv_len, Hkv, D]``
+    (``"NHD"``) or ``[Hkv, kv_len, D]`` (``"HND"``) -> ``o`` ``[qo_len, Hq, D]``."""
     if len(shape_of(q, "q")) != 3:
         raise ValueError(f"q: expected shape (qo_len, num_qo_heads, head_dim), got {shape_of(q)}")
-    fi = dict(window_left=window_left, logits_soft_cap=logits_soft_cap, rope_scale=rope_scale, rope_theta=rope_theta)
+    fi = dict(window_left=window_left, logits_soft_cap=logits_soft_cap, rope_scale=rope_scale,
+              rope_theta=rope_theta)
     return run_single(
-        "prefill", q, k, v, kv_layout=kv_layout, variant=variant, causal=causal, pos_encoding_mode=pos_encoding_mode,
-        fi_options=fi, sm_scale=sm_scale, return_lse=return_lse, device=device, cache=cache, variant_args=variant_args,
+        "prefill", q, k, v, kv_layout=kv_layout, variant=variant, causal=causal,
+        pos_encoding_mode=pos_encoding_mode, fi_options=fi, sm_scale=sm_scale, return_lse=return_lse,
+        device=device, cache=cache, variant_args=variant_args,
     )

@@ -39,7 +39,8 @@ class BlockSparseAttentionWrapper(CudaPrefillPlan):
             variant, causal=causal, pos_encoding_mode=pos_encoding_mode, logits_soft_cap=logits_soft_cap,
             rope_scale=rope_scale, rope_theta=rope_theta,
         )
-        key = AttentionKey("bsr", fmt, num_qo_heads, num_kv_heads, head_dim, q_dtype, kv_dtype, v, self._target)
+        key = AttentionKey("bsr", fmt, num_qo_heads, num_kv_heads, head_dim, q_dtype, kv_dtype, v,
+                           self._target)
         self._M, self._N = int(M), int(N)
         if self._target == "llvm":
             self._plan_call(key, sm_scale, (), (indptr, indices), self._M)

@@ -68,8 +68,8 @@ class PagedKV:
         pages = np.diff(indptr)
         has_pages = pages > 0
         # one pass for the common case: last_page_len in [1, page_size] where there are pages, else 0
-        if last_page_len.size and not np.array_equal(np.clip(last_page_len, has_pages, has_pages * self.page_size),
-                                                     last_page_len):
+        expected = np.clip(last_page_len, has_pages, has_pages * self.page_size)
+        if last_page_len.size and not np.array_equal(expected, last_page_len):
             self._explain_last_page_len(pages, last_page_len)
         kv_lens = np.where(has_pages, (pages - 1) * self.page_size + last_page_len, 0).astype(np.int64)
         return indptr, indices, last_page_len, kv_lens
@@ -86,7 +86,8 @@ class PagedKV:
         if bad_empty.size:
             b = int(bad_empty[0])
             raise ValueError(
-                f"kv_last_page_len: kv_last_page_len[{b}] = {int(last_page_len[b])} must be 0 for a request with no pages"
+                f"kv_last_page_len: kv_last_page_len[{b}] = {int(last_page_len[b])} "
+                "must be 0 for a request with no pages"
             )
 
     def cache_shape(self, num_pages: int, num_kv_heads: int, head_dim: int) -> tuple[int, ...]:

@@ -48,7 +48,8 @@ def check_indptr(name: str, indptr: np.ndarray, total: int | None = None, total_
     if steps.min() < 0:
         i = int(np.argmin(steps))
         raise ValueError(
-            f"{name}: must be non-decreasing, but {name}[{i}] = {int(indptr[i])} > {name}[{i + 1}] = {int(indptr[i + 1])}"
+            f"{name}: must be non-decreasing, but {name}[{i}] = {int(indptr[i])} > "
+            f"{name}[{i + 1}] = {int(indptr[i + 1])}"
         )
     if total is not None and indptr[-1] > total:
         raise ValueError(f"{name}: last entry {int(indptr[-1])} exceeds {total_name} = {total}")
@@ -70,7 +71,8 @@ def check_heads(num_qo_heads: int, num_kv_heads: int) -> None:
             raise ValueError(f"{name}: {value} heads is more than the kernels support ({MAX_HEADS})")
     if num_qo_heads % num_kv_heads:
         raise ValueError(
-            f"num_qo_heads: {num_qo_heads} is not a multiple of num_kv_heads = {num_kv_heads} (GQA needs whole groups)"
+            f"num_qo_heads: {num_qo_heads} is not a multiple of num_kv_heads = {num_kv_heads} "
+            "(GQA needs whole groups)"
         )
 
 

@@ -190,5 +190,6 @@ def save_params(library, weights: dict | None = None) -> Path:
         raise AssertionError(f"the C++ example reads the vocabulary from the first weight; it is {names[0]}")
     path = library.with_suffix(".params")
     tvm.runtime.save_param_dict_to_file(
-        {f"param_{i:04d}": tvm.runtime.tensor(np.asarray(weights[n])) for i, n in enumerate(names)}, str(path))
+        {f"param_{i:04d}": tvm.runtime.tensor(np.asarray(weights[n])) for i, n in enumerate(names)},
+        str(path))
     return path

@@ -72,10 +72,12 @@ CONFIGS = {
                         num_attention_heads=4, num_key_value_heads=2, head_dim=64, rope_theta=10000.0,
                         dtype="float32"),
     # Llama-3.1-8B's shapes (random or loaded weights).
-    "llama3-8b": LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                             num_attention_heads=32, num_key_value_heads=8, head_dim=128, rope_theta=500000.0,
+    "llama3-8b": LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+                             num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                             head_dim=128, rope_theta=500000.0,
                              rope_scaling=(("rope_type", "llama3"), ("factor", 8.0), ("low_freq_factor", 1.0),
-                                           ("high_freq_factor", 4.0), ("original_max_position_embeddings", 8192)),
+                                           ("high_freq_factor", 4.0),
+                                           ("original_max_position_embeddings", 8192)),
                              dtype="float16"),
 }
 
@@ -117,9 +119,10 @@ def build_module(config: LlamaConfig, target: str = "llvm", kv_cache: str = "tvm
     class DecoderLayer(nn.Module):
         def __init__(self, i: int):
             self.input_layernorm = nn.RMSNorm(c.hidden_size, -1, c.rms_norm_eps, bias=False, dtype=c.dtype)
-            self.self_attn = Attention(c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim, i,
-                                       variant=c.variant, dtype=c.dtype)
-            self.post_attention_layernorm = nn.RMSNorm(c.hidden_size, -1, c.rms_norm_eps, bias=False, dtype=c.dtype)
+            self.self_attn = Attention(c.hidden_size, c.num_attention_heads, c.num_key_value_heads,
+                                       c.head_dim, i, variant=c.variant, dtype=c.dtype)
+            self.post_attention_layernorm = nn.RMSNorm(c.hidden_size, -1, c.rms_norm_eps, bias=False,
+                                                       dtype=c.dtype)
             self.mlp = MLP()
 
         def forward(self, x, cache):
@@ -173,7 +176,8 @@ def build_module(config: LlamaConfig, target: str = "llvm", kv_cache: str = "tvm
                                c.dtype, c.page_size, rope_theta=c.rope_theta, rope_scaling=c.rope_scaling,
                                target=target)
             variant = cache_variant([layer.self_attn for layer in self.model.layers])
-            return AttnPagedKVCache(kv, max_batch_size, max_total_seq_len, prefill_chunk_size, variant=variant)
+            return AttnPagedKVCache(kv, max_batch_size, max_total_seq_len, prefill_chunk_size,
+                                    variant=variant)
 
     from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache
 
@@ -183,8 +187,8 @@ def build_module(config: LlamaConfig, target: str = "llvm", kv_cache: str = "tvm
         "prefill": {"input_ids": nn.spec.Tensor([1, "total_len"], "int32"), "paged_kv_cache": cache_spec,
                     "$": {"param_mode": "packed", "effect_mode": "none"}},
         "batch_prefill": {"input_ids": nn.spec.Tensor([1, "total_len"], "int32"),
-                          "logit_positions": nn.spec.Tensor(["num_seqs"], "int32"), "paged_kv_cache": cache_spec,
-                          "$": {"param_mode": "packed", "effect_mode": "none"}},
+                          "logit_positions": nn.spec.Tensor(["num_seqs"], "int32"),
+                          "paged_kv_cache": cache_spec, "$": {"param_mode": "packed", "effect_mode": "none"}},
         "decode": {"input_ids": nn.spec.Tensor(["batch_size", 1], "int32"), "paged_kv_cache": cache_spec,
                    "$": {"param_mode": "packed", "effect_mode": "none"}},
         "create_paged_kv_cache": {"max_batch_size": int, "max_total_seq_len": int, "prefill_chunk_size": int,
@@ -215,10 +219,10 @@ def _builtin_cache(c: LlamaConfig, target: str, max_batch_size, max_total_seq_le
             prefill_chunk_size=prefill_chunk_size, page_size=c.page_size, support_sliding_window=0,
             layer_partition=rx.ShapeExpr([0, c.num_hidden_layers]), num_hidden_layers=c.num_hidden_layers,
             num_attention_heads=c.num_attention_heads, num_key_value_heads=c.num_key_value_heads,
-            qk_head_dim=c.head_dim, v_head_dim=c.head_dim, mla_original_qk_head_dim=0, mla_original_v_head_dim=0,
-            rope_mode=RopeMode.NORMAL, rope_scale=1, rope_theta=c.rope_theta, rope_scaling=dict(c.rope_scaling),
-            rope_ext_factors=rx.prim_value(0), rotary_dim=c.head_dim, enable_disaggregation=False, dtype=c.dtype,
-            target=target_of(target),
+            qk_head_dim=c.head_dim, v_head_dim=c.head_dim, mla_original_qk_head_dim=0,
+            mla_original_v_head_dim=0, rope_mode=RopeMode.NORMAL, rope_scale=1, rope_theta=c.rope_theta,
+            rope_scaling=dict(c.rope_scaling), rope_ext_factors=rx.prim_value(0), rotary_dim=c.head_dim,
+            enable_disaggregation=False, dtype=c.dtype, target=target_of(target),
         )
 
 
@@ -367,12 +371,14 @@ def numpy_forward(config: LlamaConfig, weights: dict[str, np.ndarray], tokens) -
         p = f"model.layers.{i}."
         h = _rms(x, w[p + "input_layernorm.weight"], c.rms_norm_eps)
         qkv = (h @ w[p + "self_attn.qkv_proj.weight"].T).reshape(n, hq + 2 * hkv, d)
-        q, k, v = _rope(qkv[:, :hq], pos, inv_freq), _rope(qkv[:, hq : hq + hkv], pos, inv_freq), qkv[:, hq + hkv :]
+        q, k, v = (_rope(qkv[:, :hq], pos, inv_freq), _rope(qkv[:, hq : hq + hkv], pos, inv_freq),
+                   qkv[:, hq + hkv :])
         k, v = np.repeat(k, hq // hkv, axis=1), np.repeat(v, hq // hkv, axis=1)
         logits = np.einsum("qhd,khd->hqk", q, k) / math.sqrt(d)
         logits = np.stack([
             variant.ref_logits_transform(
-                RefContext(0, pos[:, None], pos[None, :], head, head // (hq // hkv), n, n, d, vparams), logits[head])
+                RefContext(0, pos[:, None], pos[None, :], head, head // (hq // hkv), n, n, d, vparams),
+                logits[head])
             for head in range(hq)
         ])
         logits = np.where(causal[None], logits, -np.inf)

@@ -19,6 +19,6 @@ from .ops import (
 )
 
 __all__ = [
-    "batch_decode_with_paged_kv_cache", "batch_prefill_with_paged_kv_cache", "batch_prefill_with_ragged_kv_cache",
-    "block_sparse_attention", "merge_state", "merge_states",
+    "batch_decode_with_paged_kv_cache", "batch_prefill_with_paged_kv_cache",
+    "batch_prefill_with_ragged_kv_cache", "block_sparse_attention", "merge_state", "merge_states",
 ]

@@ -7,7 +7,8 @@ for that :class:`~tvm_attn.config.AttentionKey` in the Relax argument order
 module being built once, and emits::
 
     o, lse = call_tir(kernel, [q, <format args>, sm_scale, <variant args>],
-                      out_ty=[Tensor((rows, num_qo_heads, head_dim), q.dtype), Tensor((rows, num_qo_heads), "float32")])
+                      out_ty=[Tensor((rows, num_qo_heads, head_dim), q.dtype),
+                              Tensor((rows, num_qo_heads), "float32")])
 
 The row and length dims may be symbolic (``rows`` is q's first dim); heads, head_dim and the page
 size must be static. The LSE is in log2 units. The CPU kernels need no plan: they walk the index
@@ -36,15 +37,16 @@ from ..variants.base import AttentionVariant, ScalarParam, compose
 from ..variants.masks import Causal
 
 __all__ = [
-    "batch_decode_with_paged_kv_cache", "batch_prefill_with_paged_kv_cache", "batch_prefill_with_ragged_kv_cache",
-    "block_sparse_attention", "merge_state", "merge_states",
+    "batch_decode_with_paged_kv_cache", "batch_prefill_with_paged_kv_cache",
+    "batch_prefill_with_ragged_kv_cache", "block_sparse_attention", "merge_state", "merge_states",
 ]
 
 
 def _bb() -> relax.BlockBuilder:
     bb = relax.BlockBuilder.current()
     if bb is None:
-        raise RuntimeError("tvm_attn.relax ops emit into the current relax.BlockBuilder; call them inside one")
+        raise RuntimeError("tvm_attn.relax ops emit into the current relax.BlockBuilder; "
+                           "call them inside one")
     return bb
 
 
@@ -106,7 +108,8 @@ def _variant_args(key: AttentionKey, given: dict) -> list:
     params = key.extra_params()
     unknown = sorted(set(given) - {p.name for p in params})
     if unknown:
-        raise ValueError(f"unknown variant arguments {unknown}; {key.variant!r} takes {[p.name for p in params]}")
+        raise ValueError(f"unknown variant arguments {unknown}; "
+                         f"{key.variant!r} takes {[p.name for p in params]}")
     out, known = [], {}
     scalars = [p for p in params if isinstance(p, ScalarParam)]
     for p in params:
@@ -120,7 +123,8 @@ def _variant_args(key: AttentionKey, given: dict) -> list:
         elif p.name in given:
             out.append(_as_tensor(p.name, given[p.name]))
         elif p.default is not None:
-            dims = {"num_qo_heads": key.num_qo_heads, "num_kv_heads": key.num_kv_heads, "head_dim": key.head_dim}
+            dims = {"num_qo_heads": key.num_qo_heads, "num_kv_heads": key.num_kv_heads,
+                    "head_dim": key.head_dim}
             out.append(relax.const(np.asarray(p.default(**dims), p.dtype)))
         else:
             raise ValueError(f"missing variant argument {p.name!r} (a {p.dtype} tensor of shape {p.shape})")
@@ -155,8 +159,8 @@ def _paged(paged_kv_cache, kv_layout: str) -> tuple[PagedKV, int, str]:
 
 
 def batch_decode_with_paged_kv_cache(q, paged_kv_cache, kv_indptr, kv_indices, kv_last_page_len, *,
-                                     kv_layout: str = "NHD", variant=None, sm_scale=None, target: str = "llvm",
-                                     **variant_args):
+                                     kv_layout: str = "NHD", variant=None, sm_scale=None,
+                                     target: str = "llvm", **variant_args):
     """Batch decode over a paged KV cache: ``q`` ``[batch, num_qo_heads, head_dim]`` -> ``(o, lse)``.
 
     Example::
@@ -166,28 +170,34 @@ def batch_decode_with_paged_kv_cache(q, paged_kv_cache, kv_indptr, kv_indices, k
     """
     hq, d, q_dtype = _q_config(q)
     fmt, hkv, kv_dtype = _paged(paged_kv_cache, kv_layout)
-    for name, arr in (("kv_indptr", kv_indptr), ("kv_indices", kv_indices), ("kv_last_page_len", kv_last_page_len)):
+    for name, arr in (("kv_indptr", kv_indptr), ("kv_indices", kv_indices),
+                      ("kv_last_page_len", kv_last_page_len)):
         _index(name, arr)
-    key = AttentionKey("decode", fmt, hq, hkv, d, q_dtype, kv_dtype, _variant(variant, False), _target(target))
-    return _emit_attention(key, q, [paged_kv_cache, kv_indptr, kv_indices, kv_last_page_len], sm_scale, variant_args)
+    key = AttentionKey("decode", fmt, hq, hkv, d, q_dtype, kv_dtype, _variant(variant, False),
+                       _target(target))
+    return _emit_attention(key, q, [paged_kv_cache, kv_indptr, kv_indices, kv_last_page_len], sm_scale,
+                           variant_args)
 
 
-def batch_prefill_with_paged_kv_cache(q, qo_indptr, paged_kv_cache, kv_indptr, kv_indices, kv_last_page_len, *,
-                                      kv_layout: str = "NHD", causal: bool = False, variant=None, sm_scale=None,
-                                      target: str = "llvm", **variant_args):
-    """Batch prefill / append over a paged KV cache: ``q`` ``[total_qo, num_qo_heads, head_dim]`` -> ``(o, lse)``."""
+def batch_prefill_with_paged_kv_cache(q, qo_indptr, paged_kv_cache, kv_indptr, kv_indices, kv_last_page_len,
+                                      *, kv_layout: str = "NHD", causal: bool = False, variant=None,
+                                      sm_scale=None, target: str = "llvm", **variant_args):
+    """Batch prefill / append over a paged KV cache: ``q`` ``[total_qo, num_qo_heads, head_dim]``
+    -> ``(o, lse)``."""
     hq, d, q_dtype = _q_config(q)
     fmt, hkv, kv_dtype = _paged(paged_kv_cache, kv_layout)
     for name, arr in (("qo_indptr", qo_indptr), ("kv_indptr", kv_indptr), ("kv_indices", kv_indices),
                       ("kv_last_page_len", kv_last_page_len)):
         _index(name, arr)
-    key = AttentionKey("prefill", fmt, hq, hkv, d, q_dtype, kv_dtype, _variant(variant, causal), _target(target))
-    return _emit_attention(key, q, [qo_indptr, paged_kv_cache, kv_indptr, kv_indices, kv_last_page_len], sm_scale,
-                           variant_args)
+    key = AttentionKey("prefill", fmt, hq, hkv, d, q_dtype, kv_dtype, _variant(variant, causal),
+                       _target(target))
+    return _emit_attention(key, q, [qo_indptr, paged_kv_cache, kv_indptr, kv_indices, kv_last_page_len],
+                           sm_scale, variant_args)
 
 
-def batch_prefill_with_ragged_kv_cache(q, qo_indptr, k, v, kv_indptr, *, kv_layout: str = "NHD", causal: bool = False,
-                                       variant=None, sm_scale=None, target: str = "llvm", **variant_args):
+def batch_prefill_with_ragged_kv_cache(q, qo_indptr, k, v, kv_indptr, *, kv_layout: str = "NHD",
+                                       causal: bool = False, variant=None, sm_scale=None,
+                                       target: str = "llvm", **variant_args):
     """Batch prefill over ragged K/V (``[total_kv, num_kv_heads, head_dim]`` for NHD) -> ``(o, lse)``."""
     hq, d, q_dtype = _q_config(q)
     fmt = RaggedKV(kv_layout)
@@ -196,7 +206,8 @@ def batch_prefill_with_ragged_kv_cache(q, qo_indptr, k, v, kv_indptr, *, kv_layo
     hkv = _static("k", k_ty, 1 if kv_layout == "NHD" else 0, "num_kv_heads")
     for name, arr in (("qo_indptr", qo_indptr), ("kv_indptr", kv_indptr)):
         _index(name, arr)
-    key = AttentionKey("prefill", fmt, hq, hkv, d, q_dtype, k_ty.dtype, _variant(variant, causal), _target(target))
+    key = AttentionKey("prefill", fmt, hq, hkv, d, q_dtype, k_ty.dtype, _variant(variant, causal),
+                       _target(target))
     return _emit_attention(key, q, [qo_indptr, k, v, kv_indptr], sm_scale, variant_args)
 
 
@@ -209,8 +220,8 @@ def block_sparse_attention(q, k, v, indptr, indices, *, R: int, C: int, causal: 
     _tensor_ty("v", v, 3)
     for name, arr in (("indptr", indptr), ("indices", indices)):
         _index(name, arr)
-    key = AttentionKey("bsr", BlockSparseKV(R, C), hq, _static("k", k_ty, 1, "num_kv_heads"), d, q_dtype, k_ty.dtype,
-                       _variant(variant, causal), _target(target))
+    key = AttentionKey("bsr", BlockSparseKV(R, C), hq, _static("k", k_ty, 1, "num_kv_heads"), d, q_dtype,
+                       k_ty.dtype, _variant(variant, causal), _target(target))
     return _emit_attention(key, q, [k, v, indptr, indices], sm_scale, variant_args)
 
 

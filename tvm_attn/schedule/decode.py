@@ -66,8 +66,8 @@ class DecodeTiles:
 
     def uri(self) -> str:
         """The schedule part of the kernel name, e.g. ``w4u4g4b4``; :meth:`parse` reads it back."""
-        return (f"w{self.num_warps}u{self.unroll}g{self.heads_per_block}b{self.blocks_per_sm}" + "p" * self.prefetch
-                + (f"s{self.stages}" if self.stages else ""))
+        return (f"w{self.num_warps}u{self.unroll}g{self.heads_per_block}b{self.blocks_per_sm}"
+                + "p" * self.prefetch + (f"s{self.stages}" if self.stages else ""))
 
     @staticmethod
     def parse(schedule: str, head_dim: int, kv_dtype: str) -> "DecodeTiles":
@@ -138,7 +138,8 @@ def choose_decode_tiles(head_dim: int, kv_dtype: str, group_size: int, heavy_var
 
 def is_heavy(variant) -> bool:
     """Variants whose hooks need registers beyond the 128 of 4 resident blocks."""
-    return variant.overrides("key_transform") or (variant.overrides("logits_mask") and variant.reads_tensors())
+    return variant.overrides("key_transform") or (variant.overrides("logits_mask")
+                                                  and variant.reads_tensors())
 
 
 def decode_schedule(head_dim: int, kv_dtype: str, group_size: int, variant) -> str:

@@ -35,7 +35,8 @@ class PrefillTiles:
         if self.m_tiles not in (1, 2) or self.warps not in (1, 2, 4, 8):
             raise ValueError(f"prefill tiles: m_tiles must be 1 or 2 and warps 1, 2, 4 or 8, got {self}")
         if self.kv_tile % 16 or not 16 <= self.kv_tile <= 128:
-            raise ValueError(f"prefill tiles: kv_tile must be a multiple of 16 in [16, 128], got {self.kv_tile}")
+            raise ValueError(f"prefill tiles: kv_tile must be a multiple of 16 in [16, 128], "
+                             f"got {self.kv_tile}")
         if self.stages != 2:
             raise ValueError(f"prefill tiles: only 2 pipeline stages are implemented, got {self.stages}")
 

@@ -58,7 +58,8 @@ class KernelABI:
         by_name = {p.name: p for p in func.params}
         names = self.order(key)
         if sorted(names) != sorted(by_name):
-            raise ValueError(f"{type(self).__name__}: order {names} does not match the kernel's {sorted(by_name)}")
+            raise ValueError(f"{type(self).__name__}: order {names} does not match "
+                             f"the kernel's {sorted(by_name)}")
         return tirx.PrimFunc([by_name[n] for n in names], func.body, func.ret_type, func.attrs)
 
 
@@ -99,7 +100,8 @@ class TVMKVCacheSlot(KernelABI):
         want = {"decode": ("decode", PagedKV), "prefill_paged": ("prefill", PagedKV),
                 "prefill_ragged": ("prefill", RaggedKV)}[self.slot]
         if (key.kind, type(key.kv)) != want:
-            raise ValueError(f"slot {self.slot!r} needs a {want[0]} kernel over {want[1].__name__}, got {key.uri}")
+            raise ValueError(f"slot {self.slot!r} needs a {want[0]} kernel over {want[1].__name__}, "
+                             f"got {key.uri}")
         paged = isinstance(key.kv, PagedKV)
         if key.kv.layout != ("HND" if paged else "NHD"):
             raise ValueError(f"slot {self.slot!r}: TVM's cache passes {'HND pages' if paged else 'NHD k/v'}, "
@@ -128,8 +130,8 @@ class TVMKVCacheSlot(KernelABI):
         tail = ["rotary_mode", "rope_scale", "rope_theta", "sm_scale"]
         causal = [] if self.slot == "decode" else ["is_causal"]
         if self.slot == "prefill_ragged":
-            return ["q", "qo_indptr", "k", "v", "kv_indptr", "q_rope_position", "k_rope_pos_offset", "o", "lse",
-                    *causal, *tail]
+            return ["q", "qo_indptr", "k", "v", "kv_indptr", "q_rope_position", "k_rope_pos_offset", "o",
+                    "lse", *causal, *tail]
         head = ["q"] + ([] if self.slot == "decode" else ["qo_indptr"])
         return [*head, "paged_kv_cache", "kv_indptr", "kv_indices", "kv_last_page_len", "k_rope_pos_offset",
                 "q_rope_position", "o", "lse", *causal, *tail]
@@ -146,13 +148,15 @@ def fixed_scalars(variant) -> tuple:
     from ..variants.base import ScalarParam
 
     if not variant.use_softmax:
-        raise ValueError(f"variant {variant!r}: TVM's cache merges attention states by their LSE, which needs softmax")
+        raise ValueError(f"variant {variant!r}: TVM's cache merges attention states by their LSE, "
+                         "which needs softmax")
     fixed = []
     for p in variant.extra_params():
         if not isinstance(p, ScalarParam) or p.default is None:
             raise ValueError(
-                f"variant {variant!r}: TVM's KV cache cannot pass the argument {p.name!r}; a cache slot takes "
-                "variants whose run-time arguments are scalars with defaults (bound into the kernel)"
+                f"variant {variant!r}: TVM's KV cache cannot pass the argument {p.name!r}; "
+                "a cache slot takes variants whose run-time arguments are scalars with defaults "
+                "(bound into the kernel)"
             )
         fixed.append((p.name, p.default))
     check_position_free(variant)
@@ -175,7 +179,8 @@ def check_position_free(variant) -> None:
 
     pos = {n: tirx.Var(n, "int32") for n in _POSITIONS}
     params = {p.name: (tirx.decl_buffer([tirx.Var(f"{p.name}_n{i}", "int32") for i, _ in enumerate(p.shape)],
-                                        p.dtype, p.name) if isinstance(p, TensorParam) else tirx.Var(p.name, p.dtype))
+                                        p.dtype, p.name)
+                             if isinstance(p, TensorParam) else tirx.Var(p.name, p.dtype))
               for p in variant.extra_params()}
     ctx = HookContext(pos["batch_idx"], pos["qo_idx"], pos["kv_idx"], tirx.Var("qo_head_idx", "int32"),
                       tirx.Var("kv_head_idx", "int32"), pos["qo_len"], pos["kv_len"], 64, params)
@@ -192,14 +197,15 @@ def check_position_free(variant) -> None:
     for hook, probe in probes.items():
         exprs = probe()
         exprs = [] if exprs is None else list(exprs) if isinstance(exprs, (tuple, list)) else [exprs]
-        used = sorted({v.name for e in exprs if isinstance(e, tvm.ir.expr.Expr) for v in tirx.analysis.undefined_vars(e)}
+        used = sorted({v.name for e in exprs if isinstance(e, tvm.ir.expr.Expr)
+                       for v in tirx.analysis.undefined_vars(e)}
                       & set(_POSITIONS))
         if used:
             scalars = ", ".join(f"{p.name}={p.default!r}" for p in variant.extra_params())
             raise ValueError(
                 f"variant {variant.uri()!r}{f' ({scalars})' if scalars else ''}: its {hook} reads "
-                f"{', '.join(used)}, but TVM's KV cache runs each attention slot over a shared-prefix depth or "
-                "the new tokens alone, so positions there are not the sequence's; the cache takes "
+                f"{', '.join(used)}, but TVM's KV cache runs each attention slot over a shared-prefix "
+                "depth or the new tokens alone, so positions there are not the sequence's; the cache takes "
                 "position-free variants only (it applies the causal mask and RoPE itself)")
 
 
@@ -211,8 +217,8 @@ def bind_scalars(func: tirx.PrimFunc, fixed) -> tirx.PrimFunc:
     return func.specialize(binds) if binds else func
 
 
-def kv_cache_kernel(slot: str, num_qo_heads: int, num_kv_heads: int, head_dim: int, dtype: str, page_size: int,
-                    variant=None) -> tirx.PrimFunc:
+def kv_cache_kernel(slot: str, num_qo_heads: int, num_kv_heads: int, head_dim: int, dtype: str,
+                    page_size: int, variant=None) -> tirx.PrimFunc:
     """The kernel for one attention slot of TVM's runtime KV cache, in the builtin TIR signature.
 
     ``variant``: optional, composed after the (run-time) causal mask of the prefill slots. The cache

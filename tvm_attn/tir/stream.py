@@ -28,7 +28,8 @@ def make_read_sum(threads: int, unroll: int) -> tirx.PrimFunc:
             n, blocks = sym("n", "int64"), sym("num_blocks")
             x = buffer_param("x", (n, 8), "float16")
             out = buffer_param("out", (blocks, threads), "float32")
-            with T.thread_binding(0, blocks, "blockIdx.x") as bx, T.thread_binding(0, threads, "threadIdx.x") as tx:
+            with (T.thread_binding(0, blocks, "blockIdx.x") as bx,
+                  T.thread_binding(0, threads, "threadIdx.x") as tx):
                 stride = let("stride", blocks * threads)
                 first = let("first", bx * threads + tx)
                 acc = local("acc", 1)

@@ -66,7 +66,8 @@ def variant_from_spec(spec) -> AttentionVariant:
 
 
 __all__ = [
-    "AttentionVariant", "ComposedVariant", "DimTable", "HookContext", "RefContext", "ScalarParam", "TensorParam",
-    "compose", "ALiBi", "LogitsSoftCap", "SigmoidAttention", "alibi_slopes", "Causal", "CustomMask",
+    "AttentionVariant", "ComposedVariant", "DimTable", "HookContext", "RefContext", "ScalarParam",
+    "TensorParam", "compose", "ALiBi", "LogitsSoftCap", "SigmoidAttention", "alibi_slopes", "Causal",
+    "CustomMask",
     "RuntimeCausal", "SlidingWindow", "pack_custom_mask", "RoPE", "BUILTIN", "variant_from_spec",
 ]

@@ -100,7 +100,8 @@ def check_scalar(name: str, dtype: str, value) -> int | float:
         if not INT32_MIN <= value <= INT32_MAX:
             raise ValueError(f"{name}: {value} does not fit in int32")
         return int(value)
-    if isinstance(value, (str, bytes, bool)) or not (isinstance(value, numbers.Real) or hasattr(value, "__float__")):
+    if isinstance(value, (str, bytes, bool)) or not (isinstance(value, numbers.Real)
+                                                     or hasattr(value, "__float__")):
         raise TypeError(f"{name}: expected a float32 scalar (a real number), got {value!r}")
     try:
         value = float(value)
@@ -481,7 +482,8 @@ class ComposedVariant(AttentionVariant):
         for p in self.parts:
             for t in p.tables(head_dim):
                 if t.name in tables:
-                    raise ValueError(f"compose: two parts read a table named {t.name!r}; table names must be unique")
+                    raise ValueError(f"compose: two parts read a table named {t.name!r}; "
+                                     "table names must be unique")
                 tables[t.name] = t
         return tuple(tables.values())
 

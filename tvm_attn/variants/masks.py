@@ -28,7 +28,8 @@ def check_window_left(value, name: str = "window_left") -> int:
         raise TypeError(f"{name}: expected an int (-1 for no window), got {value!r}") from None
     if value < -1 or value > MAX_WINDOW_LEFT:
         raise ValueError(
-            f"{name}: must be -1 (no window) or in [0, {MAX_WINDOW_LEFT}] (the int32 mask arithmetic), got {value}"
+            f"{name}: must be -1 (no window) or in [0, {MAX_WINDOW_LEFT}] (the int32 mask arithmetic), "
+            f"got {value}"
         )
     return int(value)
 
@@ -125,7 +126,10 @@ class SlidingWindow(AttentionVariant):
         return True
 
     def key_range(self, args=None):
-        w = self._window_left if args is None else check_window_left(_int_arg(args, "window_left", self._window_left))
+        if args is None:
+            w = self._window_left
+        else:
+            w = check_window_left(_int_arg(args, "window_left", self._window_left))
         return KeyRange(window_left=w) if w >= 0 else None
 
     def ref_logits_mask(self, ctx):
@@ -168,7 +172,8 @@ class CustomMask(AttentionVariant):
         in_range = tirx.all(byte >= 0, byte < tirx.Cast("int64", bits.shape[0]))
         safe = tirx.if_then_else(in_range, byte, tirx.const(0, "int64"))
         value = tirx.Cast("int32", bits[safe])
-        return tirx.all(in_range, tirx.bitwise_and(tirx.shift_right(value, tirx.Cast("int32", bit % 8)), 1) == 1)
+        bit_set = tirx.bitwise_and(tirx.shift_right(value, tirx.Cast("int32", bit % 8)), 1) == 1
+        return tirx.all(in_range, bit_set)
 
     def validate_lengths(self, args, qo_lens, kv_lens):
         """``mask_indptr`` has one segment per request, of exactly ``ceil(qo_len * kv_len / 8)``
