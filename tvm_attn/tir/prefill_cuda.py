@@ -49,7 +49,7 @@ from ..planner import Work
 from ..schedule.prefill import PrefillTiles, check_key
 from ..variants.base import HookContext
 from ._builder import IRBuilder, T, let, local, loop, store, when
-from ._cuda import fold_partial, kernel_params, merge_params, stage_tables
+from ._cuda import kernel_params, merge_params, stage_tables
 from .mma import alias32, mma_m16n8k16
 from .prefill_stages import (
     commit_copies,
@@ -66,7 +66,7 @@ from .prefill_stages import (
     transform_keys,
     wait_copies,
 )
-from .softmax import LOG2E, lse_of, neg_inf, zero
+from .softmax import LOG2E, fold_partial, lse_of, neg_inf, zero
 
 
 def tiles_for(key: AttentionKey) -> PrefillTiles:
