@@ -5,7 +5,8 @@ same (rounded) inputs, so the kernel may differ by its float32 accumulation plus
 output to its dtype:  ``|o - o_ref| <= TOL[dtype] * (1 + |o_ref|)``  with TOL = 1e-4 (float32),
 2e-3 (float16, 2^-9 covers one rounding of |o| <= 4 by 2^-11 plus accumulation), 1.6e-2 (bfloat16,
 2^-6 for its 8-bit mantissa). The LSE is float32 in every case and must match to 1e-3 absolute,
-with ``-inf`` exactly where the reference has it.
+with ``-inf`` exactly where the reference has it; NaN (in o and the LSE) must be exactly where the
+reference has it too.
 """
 
 from __future__ import annotations
@@ -30,12 +31,15 @@ def assert_attention_close(o, lse, ref_o, ref_lse, dtype, what=""):
     o = np.asarray(o).astype(np.float32)
     ref_o = np.asarray(ref_o, np.float32)
     assert o.shape == ref_o.shape, (o.shape, ref_o.shape)
-    err = np.abs(o - ref_o)
-    bound = TOL[dtype] * (1 + np.abs(ref_o))
+    nan = np.isnan(ref_o)  # NaN inputs: NaN exactly where the reference has it
+    assert np.array_equal(np.isnan(o), nan), f"{what}: NaN pattern of o differs"
+    err = np.abs(np.where(nan, 0, o - ref_o))
+    bound = TOL[dtype] * (1 + np.abs(np.where(nan, 0, ref_o)))
     assert np.all(err <= bound), f"{what}: max |err| {err.max():.3e} (worst excess {(err - bound).max():.3e})"
     if lse is not None:
         lse = np.asarray(lse, np.float32)
         assert np.array_equal(np.isneginf(lse), np.isneginf(ref_lse)), f"{what}: -inf LSE pattern differs"
+        assert np.array_equal(np.isnan(lse), np.isnan(ref_lse)), f"{what}: NaN LSE pattern differs"
         fin = np.isfinite(ref_lse)
         if fin.any():
             assert np.abs(lse[fin] - ref_lse[fin]).max() <= 1e-3, f"{what}: LSE error"

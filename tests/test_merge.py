@@ -89,10 +89,7 @@ def _states(rng, dtype, n, k, H, D):
 
 
 def _reference(v, s):
-    n, k, H, D = v.shape
-    if not k:  # no states (the reference's max needs one): every row is empty
-        return np.zeros((n, H, D), np.float32), np.full((n, H), -np.inf, np.float32)
-    return R.merge_states(np.where(np.isneginf(s)[..., None], 0, v.astype(np.float32)), s)
+    return R.merge_states(v.astype(np.float32), s)
 
 
 @functools.cache
@@ -125,6 +122,38 @@ def _run_serial(op, dtype, v, s):
     _serial(op, dtype)(*args)
     out = args[4:] if op == "merge_state" else args[:2]  # in place: the result is (v, s)
     return out[0].numpy(), out[1].numpy()
+
+
+def _nan_states(rng, dtype, n, k, H, D):
+    """:func:`_states` (``n >= 6``) with NaN inputs in head 0: row 2 has a NaN LSE, row 3 a NaN in
+    element 5 of a non-empty state's v, row 4 a NaN LSE beside empty states, row 5 a +inf LSE."""
+    v, s = _states(rng, dtype, n, k, H, D)
+    s[2, 0, 0] = np.nan
+    v[3, k - 1, 0, min(5, D - 1)] = np.nan
+    s[4, :, 0] = -np.inf
+    s[4, k // 2, 0] = np.nan
+    s[5, k - 1, 0] = np.inf
+    return v, s
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_nan_propagates(op, rng):
+    """A NaN (or +inf) LSE, or a NaN in the v of a non-empty state, comes out as NaN, in the CPU
+    kernels and in the CUDA kernels' math run on the CPU; an empty state's NaN v still weighs 0."""
+    for n, H, D in [(7, 3, 128), (6, 2, 36), (6, 2, 7)]:
+        for k in ((1, 2, 3, 6, 9) if op == "merge_states" else (2,)):
+            v, s = _nan_states(rng, "float32", n, k, H, D)
+            ref = _reference(v, s)
+            what = f"{op} n{n} k{k} H{H} D{D}"
+            assert_attention_close(*_run_serial(op, "float32", v, s), *ref, "float32", what + " (CUDA math)")
+            if op == "merge_states":
+                got = ta.merge_states(v, s)
+            elif op == "merge_state":
+                got = ta.merge_state(v[:, 0], s[:, 0], v[:, 1], s[:, 1])
+            else:
+                got = v[:, 0].copy(), s[:, 0].copy()
+                ta.merge_state_in_place(*got, v[:, 1], s[:, 1])
+            assert_attention_close(*got, *ref, "float32", what + " (CPU kernel)")
 
 
 #: (n, H, head_dim): one 16-byte chunk per lane and several items per warp, a partial group, head_dims

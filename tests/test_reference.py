@@ -86,3 +86,24 @@ def test_merge_states_equals_attention_over_union(rng):
     om, lm = R.merge_state(oa, la, ob, lb)
     np.testing.assert_allclose(om, o, atol=1e-6)
     np.testing.assert_allclose(lm, lse, atol=1e-6)
+
+
+def test_merge_states_nan_and_empty_states():
+    """An empty state (LSE -inf) weighs 0 whatever its v holds; a NaN or +inf LSE makes its row NaN, a
+    NaN in the v of a non-empty state that element; no states at all: every row empty."""
+    v = np.arange(5 * 2 * 1 * 3, dtype=np.float64).reshape(5, 2, 1, 3)
+    s = np.array([[0.0, 1.0], [-np.inf, 2.0], [np.nan, 1.0], [0.0, 1.0], [-np.inf, np.inf]])[..., None]
+    v[1, 0] = np.nan  # empty: ignored
+    v[3, 1, 0, 2] = np.nan  # non-empty: element 2 of row 3 is NaN
+    o, lse = R.merge_states(v, s)
+    w = np.array([1, 2]) / 3  # 2**0 : 2**1
+    np.testing.assert_allclose(o[0, 0], w @ v[0, :, 0], rtol=1e-6)
+    np.testing.assert_allclose(lse[0, 0], np.log2(3), rtol=1e-6)
+    np.testing.assert_allclose(o[1, 0], v[1, 1, 0])
+    np.testing.assert_allclose(lse[1, 0], 2.0)
+    assert np.isnan(o[2]).all() and np.isnan(lse[2]).all()
+    assert np.isnan(o[3, 0, 2]) and np.isfinite(o[3, 0, :2]).all() and np.isfinite(lse[3]).all()
+    np.testing.assert_allclose(o[3, 0, :2], w @ v[3, :, 0, :2], rtol=1e-6)
+    assert np.isnan(o[4]).all() and np.isnan(lse[4]).all()
+    o, lse = R.merge_states(np.zeros((3, 0, 2, 4)), np.zeros((3, 0, 2)))
+    assert o.shape == (3, 2, 4) and np.all(o == 0) and np.all(np.isneginf(lse))

@@ -7,7 +7,7 @@ import tvm
 
 from tvm_attn.build import target_of
 from tvm_attn.tir._builder import IRBuilder, T, buffer_param, local, loop, store
-from tvm_attn.tir.softmax import Ref, fold_partial, fold_states, neg_inf, online_update, zero
+from tvm_attn.tir.softmax import Ref, fold_partial, fold_states, inv_sum, lse_of, neg_inf, online_update, zero
 
 R, K, STEPS, U, V = 4, 3, 2, 4, 4  # rows, key groups, steps per group, logits per step, value width
 N = K * STEPS * U
@@ -91,9 +91,9 @@ def _fold_rows():
             rows = [k * UM + j for j in range(UM)]
             fold_partial(True, md, acc, (), V, [lse_in[r, row] for row in rows],
                          [lambda x, row=row: part[r, row, x] for row in rows])
-        with loop("x", V) as x:
-            store(o_out, acc[x] / md[1], r, x)
-        store(lse_out, md[0] + T.log2(md[1]), r)
+        with loop("x", V) as x:  # the kernels' epilogue
+            store(o_out, acc[x] * inv_sum(md[1]), r, x)
+        store(lse_out, lse_of(md[0], md[1]), r)
 
 
 def test_fold_partial_rows(rng):
@@ -113,3 +113,39 @@ def test_fold_partial_rows(rng):
     rlse = np.log2(w.sum(1)) + lse_in.max(1)
     np.testing.assert_allclose(o.numpy(), ro, atol=1e-5)
     np.testing.assert_allclose(lse.numpy(), rlse, atol=1e-5)
+
+
+def test_nan_logits_come_out_nan(rng):
+    """A NaN logit (a NaN in q or in a visible key) or a +inf one makes the row's o and LSE NaN, not
+    the o = 0, LSE = -inf of a row that saw no key; the other rows are untouched."""
+    s = (rng.standard_normal((R, N)) * 3).astype(np.float32)
+    s[1, 5] = np.nan  # one visible key
+    s[2] = np.nan  # a NaN query row: every logit
+    s[3, N - 1] = np.inf
+    v = rng.standard_normal((R, N, V)).astype(np.float32)
+    f = _build(_steps_then_fold, "softmax_steps_nan")
+    o, lse = tvm.runtime.tensor(np.zeros((R, V), np.float32)), tvm.runtime.tensor(np.zeros(R, np.float32))
+    f(tvm.runtime.tensor(s), tvm.runtime.tensor(v), o, lse)
+    assert np.isnan(o.numpy()[1:]).all() and np.isnan(lse.numpy()[1:]).all()
+    ro, rlse = _reference(s[:1], v[:1])
+    np.testing.assert_allclose(o.numpy()[:1], ro, atol=1e-5)
+    np.testing.assert_allclose(lse.numpy()[:1], rlse, atol=1e-5)
+
+
+def test_fold_partial_rows_nan(rng):
+    """A NaN partial LSE makes the folded row NaN, a NaN in a non-empty partial row that element; an
+    empty row's NaN (lse -inf) still adds nothing."""
+    lse_in = (rng.standard_normal((R, J)) * 3).astype(np.float32)
+    part = rng.standard_normal((R, J, V)).astype(np.float32)
+    lse_in[0, 1], part[0, 1] = -np.inf, np.nan  # empty, garbage in its row
+    lse_in[1, 4] = np.nan
+    lse_in[2, :] = -np.inf
+    lse_in[2, 3] = np.nan  # a NaN beside empty pieces only
+    part[3, 2, 1] = np.nan
+    f = _build(_fold_rows, "softmax_fold_rows_nan")
+    o, lse = tvm.runtime.tensor(np.zeros((R, V), np.float32)), tvm.runtime.tensor(np.zeros(R, np.float32))
+    f(tvm.runtime.tensor(lse_in), tvm.runtime.tensor(part), o, lse)
+    o, lse = o.numpy(), lse.numpy()
+    assert np.isfinite(o[0]).all() and np.isfinite(lse[0])
+    assert np.isnan(o[1:3]).all() and np.isnan(lse[1:3]).all()
+    assert np.isnan(o[3, 1]) and np.isfinite(np.delete(o[3], 1)).all() and np.isfinite(lse[3])

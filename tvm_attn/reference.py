@@ -186,14 +186,22 @@ def merge_state(v_a, s_a, v_b, s_b):
 
 
 def merge_states(v, s):
-    """Merge ``v (n, k, H, D)`` and ``s (n, k, H)`` over the ``k`` states."""
+    """Merge ``v (n, k, H, D)`` and ``s (n, k, H)`` over the ``k`` states (none: every row empty).
+
+    A state of weight 0 (``s = -inf``: no keys) adds nothing, whatever its ``v`` holds; a NaN
+    ``s`` (or a ``+inf`` one), or a NaN in the ``v`` of a state of weight > 0, makes the row NaN, as
+    in the kernels."""
     v = np.asarray(v).astype(np.float64)
     s = np.asarray(s).astype(np.float64)
-    m = s.max(axis=1)
-    seen = np.isfinite(m)
-    safe = np.where(seen, m, 0)
-    w = np.where(np.isfinite(s), np.exp2(s - safe[:, None]), 0)
-    denom = w.sum(axis=1)
-    out = (w[..., None] * v).sum(axis=1) / np.where(seen, denom, 1)[..., None]
-    lse = np.where(seen, safe + np.log2(np.where(seen, denom, 1)), -np.inf)
+    n, k, H, D = v.shape
+    if k == 0:
+        return np.zeros((n, H, D), np.float32), np.full((n, H), -np.inf, np.float32)
+    with np.errstate(invalid="ignore"):
+        m = s.max(axis=1)  # NaN if some s is
+        safe = np.where(m == -np.inf, 0, m)
+        w = np.exp2(s - safe[:, None])  # -inf: 0; NaN, or +inf - inf: NaN
+        denom = w.sum(axis=1)
+        seen = (denom > 0) | np.isnan(denom)
+        out = np.where(w[..., None] != 0, w[..., None] * v, 0).sum(axis=1) / np.where(seen, denom, 1)[..., None]
+        lse = np.where(seen, safe + np.log2(np.where(seen, denom, 1)), -np.inf)
     return np.where(seen[..., None], out, 0).astype(np.float32), lse.astype(np.float32)

@@ -13,9 +13,7 @@ from ..planner import WORK_FIELDS
 from ..variants.base import HookContext
 from ._builder import IRBuilder, T, buffer_param, loop, scalar_param, store, sym, when
 from .attention import declare_extra_params
-
-# re-exported for prefill_cuda, until it imports them from softmax
-from .softmax import f32, fold_partial, neg_inf, zero  # noqa: F401
+from .softmax import f32
 
 FULL_MASK = 0xFFFFFFFF
 

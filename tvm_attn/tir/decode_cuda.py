@@ -46,7 +46,18 @@ from ..schedule.decode import DecodeTiles, per_16_bytes
 from ..variants.base import HookContext
 from ._builder import IRBuilder, T, let, local, loop, store, when
 from ._cuda import KernelArgs, atomic_add, cp_async, kernel_params, shfl_xor, stage_tables, thread_fence
-from .softmax import LOG2E, Ref, f32, fold_partial, fold_states, neg_inf, online_update, rescaled, zero
+from .softmax import (
+    LOG2E,
+    Ref,
+    f32,
+    fold_partial,
+    fold_states,
+    neg_inf,
+    nonempty,
+    online_update,
+    rescaled,
+    zero,
+)
 
 #: the kernel's merge of a cut request: partial rows each thread loads, and then folds at once (one
 #: rescale). The merge waits on these loads (0.7-0.9 us a round on an H100 while other blocks still
@@ -397,7 +408,7 @@ def _merge_key_groups(b: _Block, pc: _Piece, out_row) -> None:
                     with loop("v", VEC, "unroll") as v:
                         val = b.variant.output_transform(octx, res[v], c * VEC + v)
                         if b.variant.use_softmax:
-                            val = tirx.if_then_else(tot[1] > 0, val, zero())
+                            val = tirx.if_then_else(nonempty(tot[1]), val, zero())
                         store(a.o, tirx.Cast(b.key.o_dtype, val), pc.req, h, c * VEC + v)
                     with when(c == 0):
                         store(a.lse, tot[0], pc.req, h)

@@ -2,7 +2,8 @@
 
 The state of attention over a union of disjoint key sets is the ``⊕`` of the states over each set:
 ``s = log2(sum 2**s_i)`` and ``v = sum 2**(s_i - s) v_i`` (paper §2.2; associative, commutative).
-A state with ``s = -inf`` (no keys) is the identity.
+A state with ``s = -inf`` (no keys) is the identity, whatever its ``v`` holds; a NaN ``s``, or a NaN
+in the ``v`` of a state that is not empty, makes the result NaN (NaN inputs must show).
 
 Kernels (CPU, any number of rows ``n``, heads ``H`` and ``head_dim``):
 
@@ -17,7 +18,7 @@ from tvm import tirx
 
 from ..config import MergeKey
 from ._builder import IRBuilder, T, buffer_param, let, local, loop, store, sym, when
-from .softmax import Ref, f32, loop_max, lse_of, seen, weight, zero
+from .softmax import Ref, f32, loop_max, lse_of, nonempty, safe_max, weight, zero
 
 
 def make_merge(key: MergeKey) -> tirx.PrimFunc:
@@ -56,8 +57,7 @@ def make_merge(key: MergeKey) -> tirx.PrimFunc:
                     acc = local("acc", 2)  # running max, then sum of weights
                     loop_max(Ref(acc, (0,)), num_states, lambda st: load_s(i, st, h), "st")
                     m = let("m", acc[0])
-                    m_seen = seen(m)
-                    safe_m = let("safe_m", tirx.if_then_else(m_seen, m, zero()))
+                    safe_m = let("safe_m", safe_max(m))
                     store(acc, zero(), 1)
                     with loop("st", num_states) as st:
                         store(acc, acc[1] + weight(load_s(i, st, h), safe_m), 1)
@@ -67,9 +67,10 @@ def make_merge(key: MergeKey) -> tirx.PrimFunc:
                         store(out, zero(), 0)
                         with loop("st", num_states) as st:
                             w = weight(load_s(i, st, h), safe_m)
-                            with when(w > 0):  # skips 0 * NaN from an empty state's garbage value
+                            # skips 0 * NaN from an empty state's garbage value; a NaN weight adds NaN
+                            with when(nonempty(w)):
                                 store(out, out[0] + w * load_v(i, st, h, d), 0)
-                        result = tirx.if_then_else(m_seen, out[0] / denom, zero())
+                        result = tirx.if_then_else(nonempty(denom), out[0] / denom, zero())
                         store(v_out, tirx.Cast(dt, result), i, h, d)
-                    store(s_out, lse_of(safe_m, denom, m_seen), i, h)
+                    store(s_out, lse_of(safe_m, denom), i, h)
     return ib.get()

@@ -13,7 +13,7 @@ They are pure streaming, so they are written for the memory bandwidth:
 * every lane of a group reads the item's LSEs itself (the same addresses: one transaction per warp),
   so a group needs no shuffle. It computes the merged LSE as the CPU kernel does (max, sum of
   ``exp2``, ``-inf`` for an item whose states are all empty) and the weights once per item; a state
-  of weight 0 adds nothing, whatever its ``v`` holds;
+  of weight 0 adds nothing, whatever its ``v`` holds, and a NaN LSE makes the item NaN;
 * a persistent grid (at most ``MAX_BLOCKS`` blocks of ``THREADS``) strides over the items, so any
   number of rows, heads and states runs. A ``head_dim`` that is not a multiple of the 16-byte
   width takes a scalar copy of the same loop (one element per chunk).
@@ -28,7 +28,7 @@ from tvm import tirx
 from ..config import MergeKey
 from ._builder import IRBuilder, T, buffer_param, let, local, loop, store, sym, when
 from ._cuda import syncwarp
-from .softmax import f32, neg_inf, safe_max, zero
+from .softmax import f32, neg_inf, nonempty, safe_max, zero
 
 THREADS = 256
 WARPS = THREADS // 32
@@ -216,7 +216,9 @@ def _state_weights(io, row, step, lse_out):
         store(md, zero(), 1)
         with loop("st", io.num_states) as st:
             store(md, md[1] + tirx.exp2(io.s[0][row + st * step] - md[2]), 1)
-    seen = md[0] != neg_inf()
+    # by the sum, not the max: CUDA's max drops a NaN operand, so a NaN LSE beside empty states
+    # leaves the max at -inf, but its weight, and so the sum, NaN
+    seen = nonempty(md[1])
     store(lse_out, tirx.if_then_else(seen, md[2] + tirx.log2(md[1]), neg_inf()), 0)
     store(md, tirx.if_then_else(seen, tirx.const(1.0, "float32") / md[1], zero()), 3)
     if isinstance(io.num_states, int):
@@ -276,9 +278,10 @@ def _merge_chunk(dtype, io, buf, row, step, at, out_at, vec: int, weights) -> No
 
 
 def _fold_block(acc, buf, vec: int, w) -> None:
-    """``acc += sum_u w[u] * buf[u]``; a state of weight 0 may hold anything: it adds 0."""
+    """``acc += sum_u w[u] * buf[u]``; a state of weight 0 may hold anything: it adds 0 (a NaN
+    weight adds NaN)."""
     with loop("v", vec, "unroll") as v:
         total = acc[v]
         for u in range(int(buf.shape[0])):
-            total = total + tirx.Select(w[u] > 0, w[u] * f32(buf[u, v]), zero())
+            total = total + tirx.Select(nonempty(w[u]), w[u] * f32(buf[u, v]), zero())
         store(acc, total, v)

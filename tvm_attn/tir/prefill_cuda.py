@@ -49,7 +49,7 @@ from ..planner import Work
 from ..schedule.prefill import PrefillTiles, check_key
 from ..variants.base import HookContext
 from ._builder import IRBuilder, T, let, local, loop, store, when
-from ._cuda import fold_partial, kernel_params, merge_params, stage_tables
+from ._cuda import kernel_params, merge_params, stage_tables
 from .mma import alias32, mma_m16n8k16
 from .prefill_stages import (
     commit_copies,
@@ -66,7 +66,7 @@ from .prefill_stages import (
     transform_keys,
     wait_copies,
 )
-from .softmax import LOG2E, lse_of, neg_inf, zero
+from .softmax import LOG2E, fold_partial, lse_of, neg_inf, nonempty, zero
 
 
 def tiles_for(key: AttentionKey) -> PrefillTiles:
@@ -337,7 +337,7 @@ def _write_merged(key: AttentionKey, acc, md, o, lse, tok, head, tx, vec: int):
     """o and lse of a merged row: the folded state normalized (without softmax, the sum as it is)."""
     softmax, denom = key.variant.use_softmax, md[1]
     with loop("v", vec, "unroll") as v:
-        val = tirx.if_then_else(denom > 0, acc[v] / denom, zero()) if softmax else acc[v]
+        val = tirx.if_then_else(nonempty(denom), acc[v] / denom, zero()) if softmax else acc[v]
         store(o, tirx.Cast(key.o_dtype, val), tok, head, tx * vec + v)
     with when(tx == 0):
         store(lse, lse_of(md[0], denom) if softmax else neg_inf(), tok, head)

@@ -19,7 +19,7 @@ from tvm import tirx
 from ._builder import T, let, local, loop, store, when
 from ._cuda import cp_async, shfl_xor, smem_ptr, syncwarp, warp_any
 from .mma import alias32, ldmatrix_x4, mma_pair
-from .softmax import LOG2E, f32, lse_of, neg_inf, safe_max, zero
+from .softmax import LOG2E, f32, inv_sum, lse_of, max_step, neg_inf, rescaled, safe_max, weight, zero
 
 if TYPE_CHECKING:
     from .prefill_cuda import Block, WorkTile
@@ -224,13 +224,12 @@ def _tile_row_max(b: Block, m_new, grow, mt, h2):
 
 def _rescale_row(b: Block, m_new, mt, h2):
     """m = max(m, m_new); l and the row's O scaled by exp2(m_old - m)."""
-    m_up = let("m_up", tirx.max(b.m_i[mt, h2], m_new[mt, h2]))
-    scale = let("scale", tirx.exp2(b.m_i[mt, h2] - safe_max(m_up)))
-    store(b.m_i, m_up, mt, h2)
-    store(b.l_i, b.l_i[mt, h2] * scale, mt, h2)
+    st = max_step(b.m_i[mt, h2], [m_new[mt, h2]], ("m_up", None, "scale"))
+    store(b.m_i, st.m_new, mt, h2)
+    store(b.l_i, rescaled(b.l_i[mt, h2], st.scale, []), mt, h2)
     with loop("nd", b.ND, "unroll") as nd:
         for j in (2 * h2, 2 * h2 + 1):
-            store(b.o_frag, b.o_frag[mt, nd, j] * scale, mt, nd, j)
+            store(b.o_frag, st.output(b.o_frag[mt, nd, j], []), mt, nd, j)
 
 
 def _exp_row(b: Block, mt, h2):
@@ -241,7 +240,7 @@ def _exp_row(b: Block, mt, h2):
     with loop("nb", b.NB, "unroll") as nb:
         for j in (2 * h2, 2 * h2 + 1):
             x = b.s_frag[mt, nb, j]
-            pv = tirx.exp2(x * b.scale2 - m_safe if b.fold_scale else x - m_safe)
+            pv = weight(x * b.scale2 if b.fold_scale else x, m_safe)
             store(b.s_frag, pv, mt, nb, j)
             store(rs, rs[0] + b.s_frag[mt, nb, j], 0)
     store(b.l_i, b.l_i[mt, h2] + rs[0], mt, h2)
@@ -295,7 +294,7 @@ def _finish_row(b: Block, ws: WorkTile, mt, h2, o_pair, o_pair32):
     store(tot, tot[0] + shfl_xor(tot[0], 2), 0)
     denom = let("denom", tot[0])
     if b.softmax:
-        inv = let("inv", tirx.if_then_else(denom > 0, 1.0 / denom, zero()))
+        inv = let("inv", inv_sum(denom))
         lse_val = lse_of(b.m_i[mt, h2], denom)
     else:
         inv = tirx.const(1.0, "float32")

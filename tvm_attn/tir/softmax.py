@@ -55,6 +55,14 @@ def seen(m):
     return m > neg_inf()
 
 
+def nonempty(l):
+    """A weight, or a state's sum of weights, ``l`` counts: ``l > 0``, or NaN (a NaN or +inf logit
+    came in, or a NaN partial state), which must come out as NaN, not as an empty row. (Not
+    ``l != 0``: TVM's LLVM code compares ordered, so NaN != 0 is false there.) Tested once per row
+    in the epilogues, never in the key loop."""
+    return tirx.any(l > 0, tirx.isnan(l))
+
+
 def weight(s, m_safe, natural: bool = False):
     """``2^(s - m_safe)``: the weight of logit ``s`` against the (safe) running max."""
     return tirx.exp2((s - m_safe) * LOG2E if natural else s - m_safe)
@@ -69,14 +77,15 @@ def rescaled(old, scale, terms):
 
 
 def inv_sum(l):
-    """``1 / l``, 0 for a state that has seen no key: one division, then a multiply per element."""
-    return tirx.if_then_else(l > 0, tirx.const(1.0, "float32") / l, zero())
+    """``1 / l``, 0 for a state that has seen no key (NaN for a NaN sum): one division, then a
+    multiply per element."""
+    return tirx.if_then_else(nonempty(l), tirx.const(1.0, "float32") / l, zero())
 
 
 def lse_of(m, l, valid=None):
     """The LSE (log2 units) of a state of safe max ``m`` and sum ``l``: ``-inf`` unless ``valid``
-    (by default ``l > 0``)."""
-    return tirx.if_then_else(l > 0 if valid is None else valid, m + tirx.log2(l), neg_inf())
+    (by default :func:`nonempty`: NaN for a NaN sum)."""
+    return tirx.if_then_else(nonempty(l) if valid is None else valid, m + tirx.log2(l), neg_inf())
 
 
 def _bind(name, value):
@@ -114,10 +123,10 @@ class Step:
     def output(self, old, values, skip_empty: bool = False):
         """An output element after the step: ``old * scale + sum weight_j * values[j]``. With
         ``skip_empty`` a term of weight 0 adds 0 whatever its value (a partial row of an empty
-        piece may hold anything, NaN included)."""
+        piece may hold anything, NaN included); a NaN weight (a NaN partial LSE) adds NaN."""
         terms = [w * x for w, x in zip(self.weights, values)]
         if skip_empty:
-            terms = [tirx.if_then_else(w > 0, t, zero()) for w, t in zip(self.weights, terms)]
+            terms = [tirx.if_then_else(nonempty(w), t, zero()) for w, t in zip(self.weights, terms)]
         return rescaled(old, self.scale, terms)
 
 

@@ -74,7 +74,7 @@ class RoPE(AttentionVariant):
     def _freq(self, ctx, i):
         from tvm import tirx
 
-        f32 = lambda x: tirx.Cast("float32", x)  # noqa: E731
+        from ..tir.softmax import f32
         scale, theta = ctx["rope_scale"], ctx["rope_theta"]
         base = tirx.pow(theta, f32(-2 * i) / f32(ctx.head_dim))
         if self.style == "llama":
