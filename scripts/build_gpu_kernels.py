@@ -117,6 +117,22 @@ def merge_keys(target: str) -> list:
             for dtype in DTYPES]
 
 
+def snippet_keys(target: str) -> list:
+    """Prefill kernels that tests other than the prefill cases run: the README's "CUDA prefill"
+    block (2 requests of 7 and 13 queries at group 4: the 64-row tile) and the run-time causal flag
+    of tests/gpu/test_prefill_cuda.py::test_runtime_causal_plans_every_key."""
+    import tvm_attn as ta
+    from tvm_attn.config import AttentionKey
+    from tvm_attn.variants import RuntimeCausal
+
+    return [
+        AttentionKey("prefill", ta.PagedKV(16, "NHD"), 32, 8, 128, variant=ta.Causal(), target=target,
+                     schedule="fa2q64k64w4s2b2"),
+        AttentionKey("prefill", ta.RaggedKV("NHD"), 32, 8, 128, variant=RuntimeCausal(), target=target,
+                     schedule="fa2q128k64w4s2b2"),
+    ]
+
+
 def gpu_keys(target: str, small: bool = False) -> tuple[list, list]:
     """The kernel keys the GPU tier and the benchmarks need, and the decode case of each (None for
     the others): every decode case, the benchmarks' decode keys, the ring schedules, every prefill
@@ -139,7 +155,7 @@ def gpu_keys(target: str, small: bool = False) -> tuple[list, list]:
     bench_decode = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench_decode)
     prefill = {k.uri: k for k in prefill_cases.build_keys(target) + bench_prefill.kernel_keys(target)
-               + bench_decode.prefill_kernel_keys(target)}
+               + bench_decode.prefill_kernel_keys(target) + snippet_keys(target)}
     prefill = list(prefill.values())
     if small:
         prefill = prefill[:1]

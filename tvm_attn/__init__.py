@@ -19,6 +19,7 @@ from .api import (  # noqa: E402
 )
 from .cache import KernelCache, KernelNotBuiltError, get_cache  # noqa: E402
 from .config import AttentionKey, MergeKey  # noqa: E402
+from .cuda_runtime import ensure_cuda  # noqa: E402
 from .kv import BlockSparseKV, PagedKV, RaggedKV  # noqa: E402
 from .variants import (  # noqa: E402
     ALiBi,
@@ -41,7 +42,7 @@ __all__ = [
     "BatchDecodeWithPagedKVCacheWrapper", "BatchPrefillWithPagedKVCacheWrapper",
     "BatchPrefillWithRaggedKVCacheWrapper", "BlockSparseAttentionWrapper", "merge_state",
     "merge_state_in_place", "merge_states", "single_decode_with_kv_cache", "single_prefill_with_kv_cache",
-    "KernelCache",
+    "KernelCache", "ensure_cuda",
     "KernelNotBuiltError", "get_cache", "AttentionKey", "MergeKey", "BlockSparseKV", "PagedKV", "RaggedKV",
     "ALiBi", "AttentionVariant", "Causal", "CustomMask", "DimTable", "LogitsSoftCap", "RoPE", "ScalarParam",
     "SigmoidAttention", "SlidingWindow", "TensorParam", "alibi_slopes", "compose", "pack_custom_mask",

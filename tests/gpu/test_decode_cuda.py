@@ -67,10 +67,13 @@ def test_cp_async_ring_schedule_matches_reference(heads, monkeypatch):
     """The cp.async ring of key steps (schedule suffix ``s<stages>``), which no default schedule
     picks (measured on the H100: 3 stages 0.5-5% slower than the register prefetch), on the skewed
     batch and on a long request cut into pieces."""
+    import dataclasses
+
     import tvm_attn.api.decode as api_decode
 
     case = {**CASES[0], "heads": heads, "schedule": RING_SCHEDULES[heads]}
-    monkeypatch.setattr(api_decode, "decode_schedule", lambda *a: case["schedule"])
+    monkeypatch.setattr(api_decode, "scheduled", lambda key, shape=None: dataclasses.replace(
+        key, schedule=case["schedule"]))
     rng = np.random.default_rng(17)
     check(case, [0, 1, 16, 17, 31, 37, 300, 1024, 3000], rng)
     check(case, [20000, 5], rng)
