@@ -71,10 +71,12 @@ def build_builtin(out: Path, arch: str) -> None:
 
     precompile(cuda_source(ex), arch, out / "cubin")
     prefill = {
-        "builtin_prefill_paged_h32x8": _attention_prefill(8, 32, 128, "float16", False, {}, target, page_size=16),
+        "builtin_prefill_paged_h32x8": _attention_prefill(8, 32, 128, "float16", False, {}, target,
+                                                          page_size=16),
         "builtin_prefill_ragged_h32x8": _attention_prefill_ragged(8, 32, 128, 128, "float16", {}, target),
     }
-    ex = tvm.compile(tvm.IRModule({n: f.with_attr("global_symbol", n) for n, f in prefill.items()}), target=target)
+    ex = tvm.compile(tvm.IRModule({n: f.with_attr("global_symbol", n) for n, f in prefill.items()}),
+                     target=target)
     ex.export_library(str(out / "tvm_builtin_prefill.so"))
     precompile(cuda_source(ex), arch, out / "cubin")
 
@@ -89,14 +91,16 @@ def build_read_ceiling(out: Path, arch: str) -> None:
     from tvm_attn.tir.stream import make_read_sum
 
     target = tvm.target.Target({"kind": "cuda", "arch": arch}, host={"kind": "llvm"})
-    ex = tvm.compile(tvm.IRModule({read_sum_name(t, u): make_read_sum(t, u) for t, u in READ_CONFIGS}), target=target)
+    ex = tvm.compile(tvm.IRModule({read_sum_name(t, u): make_read_sum(t, u) for t, u in READ_CONFIGS}),
+                     target=target)
     ex.export_library(str(out / "read_ceiling.so"))
     precompile(cuda_source(ex), arch, out / "cubin")
 
 
 #: tests/gpu/test_kv_cache_cuda.py's and test_kv_cache_graphs.py's models: the cache sends decode to
 #: the decode slot at GQA group 2 and to the paged-prefill slot at group 4
-GPU_TEST_MODELS = {"tiny_g2": {}, "tiny_g4": {"hidden_size": 512, "num_attention_heads": 8, "num_key_value_heads": 2}}
+GPU_TEST_MODELS = {"tiny_g2": {},
+                   "tiny_g4": {"hidden_size": 512, "num_attention_heads": 8, "num_key_value_heads": 2}}
 
 
 def build_models(out: Path, arch: str) -> None:
@@ -192,7 +196,8 @@ def main(small: bool = False, out: str | None = None, arch: str = "sm_90a") -> l
         rows.append(row)
         spills = sum(r.get("spill_stores", 0) + r.get("spill_loads", 0) for r in row.get("ptxas", []))
         regs = [r["registers"] for r in row.get("ptxas", []) if "registers" in r]
-        print(f"{row['case']:<40} build {row['build_s']:6.2f}s  regs {regs}  spills {spills}  sass {row.get('sass')}")
+        print(f"{row['case']:<40} build {row['build_s']:6.2f}s  regs {regs}  spills {spills}  "
+              f"sass {row.get('sass')}")
     if not small:
         build_builtin(out_dir, arch)
         build_read_ceiling(out_dir, arch)

@@ -39,8 +39,8 @@ def test_paged_prefill_slot(causal, rng):
     o, lse = tvm.runtime.empty(q.shape, "float16"), tvm.runtime.empty(q.shape[:2], "float32")
     f = _compile("prefill_paged", ta.LogitsSoftCap(8.0))
     zeros = np.zeros(len(lens), np.int32)
-    f(tvm.runtime.tensor(q), _view(qo_indptr), tvm.runtime.tensor(cache), _view(indptr), _view(indices), _view(last),
-      _view(zeros), _view(np.zeros(sum(qo), np.int32)), o, lse, causal, 0, 1.0, 10000.0, 0.125)
+    f(tvm.runtime.tensor(q), _view(qo_indptr), tvm.runtime.tensor(cache), _view(indptr), _view(indices),
+      _view(last), _view(zeros), _view(np.zeros(sum(qo), np.int32)), o, lse, causal, 0, 1.0, 10000.0, 0.125)
     ref = R.paged_attention(q, qo_indptr, cache, indptr, indices, last, kv_layout="HND", causal=bool(causal),
                             variant=ta.LogitsSoftCap(8.0), sm_scale=0.125)
     assert_attention_close(o.numpy(), lse.numpy(), *ref, "float16", f"causal={causal}")
@@ -49,7 +49,8 @@ def test_paged_prefill_slot(causal, rng):
 def test_decode_and_ragged_slots_and_inline_rope_refused(rng):
     q = randn(rng, (2, HQ, D), "float16")
     cache = randn(rng, (3, 2, HKV, PAGE, D), "float16")
-    indptr, indices, last = np.array([0, 1, 3], np.int32), np.array([2, 0, 1], np.int32), np.array([5, 16], np.int32)
+    indptr, indices = np.array([0, 1, 3], np.int32), np.array([2, 0, 1], np.int32)
+    last = np.array([5, 16], np.int32)
     o, lse = tvm.runtime.empty(q.shape, "float16"), tvm.runtime.empty(q.shape[:2], "float32")
     f = _compile("decode")
     args = [tvm.runtime.tensor(q), tvm.runtime.tensor(cache), _view(indptr), _view(indices), _view(last),
@@ -61,11 +62,12 @@ def test_decode_and_ragged_slots_and_inline_rope_refused(rng):
         f(*args, 1, 1.0, 10000.0, D**-0.5)
 
     qo_indptr = np.array([0, 3, 8], np.int32)
-    qr, k, v = randn(rng, (8, HQ, D), "float16"), randn(rng, (8, HKV, D), "float16"), randn(rng, (8, HKV, D), "float16")
+    qr = randn(rng, (8, HQ, D), "float16")
+    k, v = randn(rng, (8, HKV, D), "float16"), randn(rng, (8, HKV, D), "float16")
     o, lse = tvm.runtime.empty(qr.shape, "float16"), tvm.runtime.empty(qr.shape[:2], "float32")
-    _compile("prefill_ragged")(tvm.runtime.tensor(qr), _view(qo_indptr), tvm.runtime.tensor(k), tvm.runtime.tensor(v),
-                               _view(qo_indptr), _view(np.zeros(8, np.int32)), _view([0, 0]), o, lse, 1, 0, 1.0,
-                               10000.0, D**-0.5)
+    _compile("prefill_ragged")(tvm.runtime.tensor(qr), _view(qo_indptr), tvm.runtime.tensor(k),
+                               tvm.runtime.tensor(v), _view(qo_indptr), _view(np.zeros(8, np.int32)),
+                               _view([0, 0]), o, lse, 1, 0, 1.0, 10000.0, D**-0.5)
     ref = R.ragged_attention(qr, qo_indptr, k, v, qo_indptr, causal=True)
     assert_attention_close(o.numpy(), lse.numpy(), *ref, "float16", "ragged slot")
 

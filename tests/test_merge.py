@@ -25,7 +25,8 @@ TARGET = "cuda:sm_90a"
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
 def test_merge_state(dtype, rng):
     va, vb = randn(rng, (7, 3, 64), dtype), randn(rng, (7, 3, 64), dtype)
-    sa, sb = (rng.standard_normal((7, 3)) * 4).astype(np.float32), (rng.standard_normal((7, 3)) * 4).astype(np.float32)
+    sa = (rng.standard_normal((7, 3)) * 4).astype(np.float32)
+    sb = (rng.standard_normal((7, 3)) * 4).astype(np.float32)
     sa[0, 0] = -np.inf  # empty state a
     sa[1, 1] = sb[1, 1] = -np.inf  # both empty
     v, s = ta.merge_state(va, sa, vb, sb)
@@ -58,7 +59,8 @@ def test_merge_states_and_in_place(rng):
 
 def test_split_kv_merge_equals_full_attention(rng):
     """Attention over two KV halves, merged, equals attention over all keys (the split-KV identity)."""
-    q, k, v = randn(rng, (6, 4, 64), "float32"), randn(rng, (30, 2, 64), "float32"), randn(rng, (30, 2, 64), "float32")
+    q = randn(rng, (6, 4, 64), "float32")
+    k, v = randn(rng, (30, 2, 64), "float32"), randn(rng, (30, 2, 64), "float32")
     o_a, s_a = ta.single_prefill_with_kv_cache(q, k[:11], v[:11], return_lse=True)
     o_b, s_b = ta.single_prefill_with_kv_cache(q, k[11:], v[11:], return_lse=True)
     o, s = ta.merge_state(o_a, s_a, o_b, s_b)
@@ -110,7 +112,9 @@ def _serial(op: str, dtype: str):
 
 
 def _run_serial(op, dtype, v, s):
-    t = lambda x: tvm.runtime.tensor(np.ascontiguousarray(x))
+    def t(x):
+        return tvm.runtime.tensor(np.ascontiguousarray(x))
+
     n, _, H, D = v.shape
     if op == "merge_states":
         v_out, s_out = tvm.runtime.empty((n, H, D), dtype), tvm.runtime.empty((n, H), "float32")

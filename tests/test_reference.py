@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from tvm_attn import reference as R
-from tvm_attn.variants import ALiBi, Causal, LogitsSoftCap, SigmoidAttention, SlidingWindow, alibi_slopes, compose
+from tvm_attn.variants import (ALiBi, Causal, LogitsSoftCap, SigmoidAttention, SlidingWindow, alibi_slopes,
+                               compose)
 
 
 def naive(q, k, v, sm_scale, visible, bias=None, cap=None, sigmoid=False):

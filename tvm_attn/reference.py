@@ -42,11 +42,12 @@ def variant_params(variant: AttentionVariant, given: dict | None, **dims) -> dic
 
 
 def dense_attention(
-    q, k, v, *, variant: AttentionVariant | None = None, sm_scale: float | None = None, params: dict | None = None,
-    batch_idx: int = 0, qo_idx=None, kv_idx=None, qo_len: int | None = None, kv_len: int | None = None,
-    visible=None, accum: str = "float64",
+    q, k, v, *, variant: AttentionVariant | None = None, sm_scale: float | None = None,
+    params: dict | None = None, batch_idx: int = 0, qo_idx=None, kv_idx=None, qo_len: int | None = None,
+    kv_len: int | None = None, visible=None, accum: str = "float64",
 ):
-    """One request: ``q (Lq, Hq, D)``, ``k``/``v (Lk, Hkv, D)`` -> ``o (Lq, Hq, D)`` float32, ``lse (Lq, Hq)``.
+    """One request: ``q (Lq, Hq, D)``, ``k``/``v (Lk, Hkv, D)`` -> ``o (Lq, Hq, D)`` float32,
+    ``lse (Lq, Hq)``.
 
     ``qo_idx``/``kv_idx`` are the logical positions of the rows (default ``arange``), ``qo_len``/
     ``kv_len`` the lengths the hooks see (default: the array lengths), and ``visible`` an extra boolean
@@ -66,13 +67,13 @@ def dense_attention(
     lse = np.full((Lq, Hq), -np.inf, np.float32)
     with np.errstate(invalid="ignore", over="ignore"):  # non-finite data: see the module docstring
         for h in range(Hq):
-            _head(variant, q, k, v, h, group, sm_scale, params, batch_idx, qo_idx, kv_idx, qo_len, kv_len, visible,
-                  accum, o, lse)
+            _head(variant, q, k, v, h, group, sm_scale, params, batch_idx, qo_idx, kv_idx, qo_len, kv_len,
+                  visible, accum, o, lse)
     return o, lse
 
 
-def _head(variant, q, k, v, h, group, sm_scale, params, batch_idx, qo_idx, kv_idx, qo_len, kv_len, visible, accum,
-          o, lse):
+def _head(variant, q, k, v, h, group, sm_scale, params, batch_idx, qo_idx, kv_idx, qo_len, kv_len, visible,
+          accum, o, lse):
     """Query head ``h`` of :func:`dense_attention`, into ``o[:, h]`` and ``lse[:, h]``."""
     Lq, Lk, D = q.shape[0], k.shape[0], q.shape[2]
     hk = h // group
@@ -136,7 +137,8 @@ def _with_causal(variant, causal):
     return compose(Causal(), variant) if causal else variant
 
 
-def batch_attention(q, qo_indptr, kvs, *, variant=None, causal=False, sm_scale=None, params=None, accum="float64"):
+def batch_attention(q, qo_indptr, kvs, *, variant=None, causal=False, sm_scale=None, params=None,
+                    accum="float64"):
     """Requests with dense per-request ``kvs = [(k_b, v_b), ...]``.
 
     ``q`` is ``(total_qo, Hq, D)`` with ``qo_indptr``, or, for decode (``qo_indptr=None``), ``(B, Hq, D)``.
@@ -155,7 +157,8 @@ def batch_attention(q, qo_indptr, kvs, *, variant=None, causal=False, sm_scale=N
     return o, lse
 
 
-def paged_attention(q, qo_indptr, paged_kv_cache, kv_indptr, kv_indices, kv_last_page_len, kv_layout="NHD", **kw):
+def paged_attention(q, qo_indptr, paged_kv_cache, kv_indptr, kv_indices, kv_last_page_len, kv_layout="NHD",
+                    **kw):
     """Batch decode (``qo_indptr=None``) or prefill over a paged KV cache."""
     kvs = gather_paged(paged_kv_cache, kv_indptr, kv_indices, kv_last_page_len, kv_layout)
     return batch_attention(q, qo_indptr, kvs, **kw)
@@ -166,12 +169,14 @@ def ragged_attention(q, qo_indptr, k, v, kv_indptr, kv_layout="NHD", **kw):
     k, v = np.asarray(k), np.asarray(v)
     if kv_layout == "HND":
         k, v = k.transpose(1, 0, 2), v.transpose(1, 0, 2)
-    kvs = [(k[kv_indptr[b] : kv_indptr[b + 1]], v[kv_indptr[b] : kv_indptr[b + 1]]) for b in range(len(kv_indptr) - 1)]
+    kvs = [(k[kv_indptr[b] : kv_indptr[b + 1]], v[kv_indptr[b] : kv_indptr[b + 1]])
+           for b in range(len(kv_indptr) - 1)]
     return batch_attention(q, qo_indptr, kvs, **kw)
 
 
 def block_sparse_attention(q, k, v, indptr, indices, R, C, *, variant=None, causal=False, **kw):
-    """BSR attention: block row ``r`` of ``R`` query rows sees the ``C``-row key blocks ``indices[indptr[r]:indptr[r+1]]``."""
+    """BSR attention: block row ``r`` of ``R`` query rows sees the ``C``-row key blocks
+    ``indices[indptr[r]:indptr[r+1]]``."""
     M, N = q.shape[0], k.shape[0]
     visible = np.zeros((M, N), bool)
     for r in range(M // R):
@@ -202,6 +207,7 @@ def merge_states(v, s):
         w = np.exp2(s - safe[:, None])  # -inf: 0; NaN, or +inf - inf: NaN
         denom = w.sum(axis=1)
         seen = (denom > 0) | np.isnan(denom)
-        out = np.where(w[..., None] != 0, w[..., None] * v, 0).sum(axis=1) / np.where(seen, denom, 1)[..., None]
+        out = (np.where(w[..., None] != 0, w[..., None] * v, 0).sum(axis=1)
+               / np.where(seen, denom, 1)[..., None])
         lse = np.where(seen, safe + np.log2(np.where(seen, denom, 1)), -np.inf)
     return np.where(seen[..., None], out, 0).astype(np.float32), lse.astype(np.float32)

@@ -43,7 +43,8 @@ def _cases():
     for axis, values in [
         ("layout", ["HND"]), ("page_size", [1, 8, 32]), ("dtype", ["bfloat16"]), ("head_dim", [64, 256]),
         ("heads", [(32, 32), (8, 1), (64, 8), (12, 4)]),
-        ("variant", ["rope", "rope31", "window", "softcap", "alibi", "custom_mask", "sigmoid", "window_softcap"]),
+        ("variant", ["rope", "rope31", "window", "softcap", "alibi", "custom_mask", "sigmoid",
+                     "window_softcap"]),
     ]:
         for v in values:
             out.append({**BASE, axis: v})
@@ -54,7 +55,8 @@ CASES = _cases()
 
 
 def case_id(c) -> str:
-    return f"{c['layout']}-p{c['page_size']}-{c['dtype']}-d{c['head_dim']}-h{c['heads'][0]}x{c['heads'][1]}-{c['variant']}"
+    return (f"{c['layout']}-p{c['page_size']}-{c['dtype']}-d{c['head_dim']}"
+            f"-h{c['heads'][0]}x{c['heads'][1]}-{c['variant']}")
 
 
 def key_of(c, target: str = "cuda:sm_90a"):
@@ -64,7 +66,8 @@ def key_of(c, target: str = "cuda:sm_90a"):
 
     (hq, hkv), variant = c["heads"], variant_of(c["variant"]) or AttentionVariant()
     return AttentionKey(
-        "decode", ta.PagedKV(c["page_size"], c["layout"]), hq, hkv, c["head_dim"], c["dtype"], c["dtype"], variant,
+        "decode", ta.PagedKV(c["page_size"], c["layout"]), hq, hkv, c["head_dim"], c["dtype"], c["dtype"],
+        variant,
         target, c.get("schedule") or decode_schedule(c["head_dim"], c["dtype"], hq // hkv, variant),
     )
 

@@ -14,8 +14,8 @@ import tvm_attn as ta
 
 from .cases import variant_of
 
-BASE = dict(kv="ragged", layout="NHD", page_size=16, dtype="float16", head_dim=128, heads=(32, 8), causal=True,
-            variant="default")
+BASE = dict(kv="ragged", layout="NHD", page_size=16, dtype="float16", head_dim=128, heads=(32, 8),
+            causal=True, variant="default")
 
 #: (qo_len, kv_len) per request: empty queries, one token, tile and page boundaries, append, a long
 #: decode-like row, and a request whose keys are fewer than its queries (causal: early rows see nothing)
@@ -49,7 +49,8 @@ CASES = _cases()
 def case_id(c) -> str:
     kv = c["kv"] + (str(c["page_size"]) if c["kv"] == "paged" else "")
     causal = "causal" if c["causal"] else "full"
-    return f"{kv}-{c['layout']}-{c['dtype']}-d{c['head_dim']}-h{c['heads'][0]}x{c['heads'][1]}-{causal}-{c['variant']}"
+    return (f"{kv}-{c['layout']}-{c['dtype']}-d{c['head_dim']}-h{c['heads'][0]}x{c['heads'][1]}"
+            f"-{causal}-{c['variant']}")
 
 
 def variant(c):

@@ -50,7 +50,8 @@ def check(case, kv_lens, rng, **wrapper_kw):
     softmax = w.kernel_key.variant.use_softmax
     res = w.run(q, cache_dev, return_lse=softmax, **args)
     o, lse = res if softmax else (res, None)
-    ref_o, ref_lse = R.paged_attention(q, None, cache, indptr, indices, last, layout, variant=variant, params=args)
+    ref_o, ref_lse = R.paged_attention(q, None, cache, indptr, indices, last, layout, variant=variant,
+                                       params=args)
     assert_attention_close(o, lse, ref_o, ref_lse, dtype, case_id(case))
 
 
@@ -110,7 +111,8 @@ def test_a_window_given_at_plan_time_is_planned_for(variant):
     for args in ({}, {"window_left": 40}, {"window_left": 0}):
         params = {"window_left": 100, **extra, **args}
         o, lse = w.run(q, cache_dev, return_lse=True, **extra, **args)
-        ref_o, ref_lse = R.paged_attention(q, None, cache, indptr, indices, last, variant=variant, params=params)
+        ref_o, ref_lse = R.paged_attention(q, None, cache, indptr, indices, last, variant=variant,
+                                           params=params)
         assert_attention_close(o, lse, ref_o, ref_lse, "float16", f"window {params['window_left']}")
     for wider in (101, 5000, -1):
         with pytest.raises(ValueError, match="does not read"):
@@ -201,7 +203,8 @@ def test_cuda_graph_replay_after_lengths_change():
 @pytest.mark.parametrize("fault, message", [
     ("indptr0", "kv_indptr: must start at 0"), ("decrease", "kv_indptr: must be non-decreasing"),
     ("overrun", "exceeds len\\(kv_indices\\)"), ("last_big", "kv_last_page_len\\[1\\] = 17 must be in"),
-    ("last_empty", "must be 0 for a request with no pages"), ("negative", "kv_indices\\[3\\] = -1 is out of range"),
+    ("last_empty", "must be 0 for a request with no pages"),
+    ("negative", "kv_indices\\[3\\] = -1 is out of range"),
     ("count", "kv_last_page_len: has 2 entries"), ("cache", "refer to page 40"),
 ])
 def test_plan_refuses_a_bad_page_table(fault, message):

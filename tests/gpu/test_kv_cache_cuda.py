@@ -48,11 +48,13 @@ def test_cache_with_our_cuda_kernels_matches_numpy(name):
     worst = []
 
     def check(tokens, logits, what):
-        ref = llama.numpy_forward(cfg, {k: v.astype(np.float64) for k, v in weights.items()}, tokens)[-len(logits):]
+        ref = llama.numpy_forward(cfg, {k: v.astype(np.float64) for k, v in weights.items()},
+                                  tokens)[-len(logits):]
         err = float(np.abs(logits.astype(np.float64) - ref).max())
         scale = float(np.abs(ref).max())
         worst.append(err / (1 + scale))
-        assert err <= TOL * (1 + scale), f"{name} {what}: max |logits - numpy| = {err:.3e} (scale {scale:.2f})"
+        assert err <= TOL * (1 + scale), \
+            f"{name} {what}: max |logits - numpy| = {err:.3e} (scale {scale:.2f})"
 
     rng = np.random.default_rng(7)
     seqs = {i: rng.integers(0, cfg.vocab_size, n).tolist() for i, n in ((0, 5), (1, 23), (2, 141))}

@@ -51,7 +51,8 @@ def _decode(case, poison, args=None):
     w = ta.BatchDecodeWithPagedKVCacheWrapper(layout, device="cuda")
     w.plan(indptr, indices, last, Hq, Hkv, D, S, variant=variant, q_data_type=dtype)
     o, lse = w.run(q, tvm.runtime.tensor(cache, tvm.cuda(0)), return_lse=True, **args)
-    ref_o, ref_lse = R.paged_attention(q, None, cache, indptr, indices, last, layout, variant=variant, params=args)
+    ref_o, ref_lse = R.paged_attention(q, None, cache, indptr, indices, last, layout, variant=variant,
+                                       params=args)
     assert_attention_close(o, lse, ref_o, ref_lse, dtype, case["variant"])
     return np.asarray(o, np.float32), np.asarray(lse)
 

@@ -79,7 +79,8 @@ def check(case, lengths, rng, all_false_mask=False, **wrapper_kw):
         ulp = 2.0 ** (-11 if dtype == "float16" else -8)
         err = np.abs(np.asarray(o, np.float32) - ref_o)
         bound = TOL[dtype] * (1 + np.abs(ref_o)) + ulp * mass
-        assert np.all(err <= bound), f"{case_id(case)}: max |err| {err.max():.3e}, worst excess {(err - bound).max():.3e}"
+        assert np.all(err <= bound), \
+            f"{case_id(case)}: max |err| {err.max():.3e}, worst excess {(err - bound).max():.3e}"
     else:
         assert_attention_close(o, lse, ref_o, ref_lse if softmax else None, dtype, case_id(case))
     return o, lse
@@ -97,7 +98,8 @@ def test_query_tiles_and_split(lengths):
 
 
 def test_all_false_custom_mask_gives_zeros():
-    o, lse = check({**BASE, "variant": "custom_mask"}, LENGTHS, np.random.default_rng(13), all_false_mask=True)
+    o, lse = check({**BASE, "variant": "custom_mask"}, LENGTHS, np.random.default_rng(13),
+                   all_false_mask=True)
     assert np.all(o == 0) and np.all(np.isneginf(lse))
 
 
@@ -142,7 +144,8 @@ def test_block_sparse(M, N, Rb, C, causal):
 
 def test_single_calls():
     rng = np.random.default_rng(19)
-    q, k, v = randn(rng, (200, 32, 128), "float16"), randn(rng, (300, 8, 128), "float16"), randn(rng, (300, 8, 128), "float16")
+    q = randn(rng, (200, 32, 128), "float16")
+    k, v = randn(rng, (300, 8, 128), "float16"), randn(rng, (300, 8, 128), "float16")
     o, lse = ta.single_prefill_with_kv_cache(q, k, v, device="cuda", return_lse=True)
     ref_o, ref_lse = R.dense_attention(q, k, v)
     assert_attention_close(o, lse, ref_o, ref_lse, "float16", "single prefill")
@@ -183,7 +186,8 @@ def test_cuda_graph_replay_after_lengths_change():
         torch.cuda.synchronize()
         n = int(qo_indptr[-1])
         ref_o, ref_lse = R.paged_attention(q_host[:n], qo_indptr, cache, indptr, indices, last, causal=True)
-        assert_attention_close(o_dev.numpy()[:n], lse_dev.numpy()[:n], ref_o, ref_lse, "float16", str(lengths))
+        assert_attention_close(o_dev.numpy()[:n], lse_dev.numpy()[:n], ref_o, ref_lse, "float16",
+                               str(lengths))
 
 
 def _ragged_batch(rng, lengths):

@@ -28,8 +28,8 @@ def _global(name: str):
 
 
 class ModelSession:
-    def __init__(self, library, device: str = "cpu", weights: dict | list | None = None, max_batch_size: int = 8,
-                 max_total_seq_len: int = 4096, prefill_chunk_size: int = 2048):
+    def __init__(self, library, device: str = "cpu", weights: dict | list | None = None,
+                 max_batch_size: int = 8, max_total_seq_len: int = 4096, prefill_chunk_size: int = 2048):
         import tvm
         from tvm.runtime.vm import VirtualMachine
 
@@ -43,14 +43,16 @@ class ModelSession:
         self.vm = VirtualMachine(tvm.runtime.load_module(str(library)), self.device)
         if isinstance(weights, list):  # already on the device, in call order (shared between sessions)
             if len(weights) != len(self.meta["param_names"]):
-                raise ValueError(f"weights: {len(weights)} tensors for {len(self.meta['param_names'])} parameters")
+                raise ValueError(f"weights: {len(weights)} tensors for "
+                                 f"{len(self.meta['param_names'])} parameters")
             self.params = weights
         else:
             weights = self.default_weights() if weights is None else weights
             missing = [n for n in self.meta["param_names"] if n not in weights]
             if missing:
                 raise ValueError(f"weights: missing {missing[:3]}{'...' if len(missing) > 3 else ''}")
-            self.params = [tvm.runtime.tensor(np.asarray(weights[n]), self.device) for n in self.meta["param_names"]]
+            self.params = [tvm.runtime.tensor(np.asarray(weights[n]), self.device)
+                           for n in self.meta["param_names"]]
         shape = tvm.runtime.ShapeTuple
         self.cache = self.vm["create_paged_kv_cache"](shape([max_batch_size]), shape([max_total_seq_len]),
                                                       shape([prefill_chunk_size]))
@@ -145,7 +147,8 @@ def read_metadata(library) -> dict:
     """``<library>.json``, the metadata ``tvm-attn build-model`` writes beside the library."""
     meta_path = Path(library).with_suffix(".json")
     if not meta_path.exists():
-        raise FileNotFoundError(f"{meta_path}: the model's metadata (written by tvm-attn build-model) is missing")
+        raise FileNotFoundError(f"{meta_path}: the model's metadata (written by tvm-attn build-model) "
+                                "is missing")
     return json.loads(meta_path.read_text())
 
 
@@ -158,8 +161,9 @@ def reference_config(meta: dict):
     from ..variants import compose, variant_from_spec
 
     if "variant_spec" not in meta or meta["variant_spec"] is None:
-        raise ValueError(f"model metadata: variant {meta.get('variant')!r} has no variant_spec to rebuild it from "
-                         "(a variant class that is not importable by name, or built by an older tvm-attn)")
+        raise ValueError(f"model metadata: variant {meta.get('variant')!r} has no variant_spec to rebuild "
+                         "it from (a variant class that is not importable by name, or built by an older "
+                         "tvm-attn)")
     variant = compose(variant_from_spec(meta["variant_spec"]))
     if variant.uri() != meta.get("variant"):
         raise ValueError(f"model metadata: variant_spec {meta['variant_spec']!r} is {variant.uri()!r}, "

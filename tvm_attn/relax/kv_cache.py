@@ -122,7 +122,8 @@ class AttnPagedKVCache(PagedKVCache):
         hq, hkv, d, dt = c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.dtype
 
         def tir(func, name):
-            return rx.Tuple([tvm.ir.StringImm("tirx"), bb.add_func(func.with_attr("global_symbol", name), name)])
+            return rx.Tuple([tvm.ir.StringImm("tirx"),
+                             bb.add_func(func.with_attr("global_symbol", name), name)])
 
         if c.target == "llvm":
             ours = {slot: kv_cache_kernel(slot, hq, hkv, d, dt, c.page_size, variant)
@@ -150,10 +151,13 @@ class AttnPagedKVCache(PagedKVCache):
             "global_symbol", "tvm_attn_merge_state_in_place"), "tvm_attn_merge_state_in_place")
         window = (tvm_kv._attention_prefill_cpu(hkv, hq, d, dt, True, rope_scaling, page_size=c.page_size)
                   if cpu else
-                  tvm_kv._attention_prefill(hkv, hq, d, dt, True, rope_scaling, target, page_size=c.page_size))
-        window_decode = (tvm_kv._attention_decode_cpu(hkv, hq, d, dt, True, rope_scaling, page_size=c.page_size)
+                  tvm_kv._attention_prefill(hkv, hq, d, dt, True, rope_scaling, target,
+                                            page_size=c.page_size))
+        window_decode = (tvm_kv._attention_decode_cpu(hkv, hq, d, dt, True, rope_scaling,
+                                                      page_size=c.page_size)
                          if cpu else
-                         tvm_kv._attention_decode(hkv, hq, d, dt, True, rope_scaling, target, page_size=c.page_size))
+                         tvm_kv._attention_decode(hkv, hq, d, dt, True, rope_scaling, target,
+                                                  page_size=c.page_size))
         # Slot 20 is the paged tree-mask kernel and 21 the ragged one (paged_kv_cache.cc). TVM's CPU
         # branch of TIRPagedKVCache passes them the other way round; here each goes to its own slot.
         # The tree kernels never apply RoPE (the runtime refuses tree attention with inline RoPE), so
@@ -161,19 +165,23 @@ class AttnPagedKVCache(PagedKVCache):
         # fails to compile (CSE: "variable cse_v21 has been used before definition").
         tree_paged = (tvm_kv.tree_attn_with_paged_kv_cache_cpu(hkv, hq, d, dt, {}) if cpu
                       else tvm_kv.tree_attn_with_paged_kv_cache(hkv, hq, d, dt, {}, target))
-        tree_ragged = (tvm_kv.tree_attn_cpu(hkv, hq, d, dt, {}) if cpu else tvm_kv.tree_attn(hkv, hq, d, dt, {}, target))
+        tree_ragged = (tvm_kv.tree_attn_cpu(hkv, hq, d, dt, {}) if cpu
+                       else tvm_kv.tree_attn(hkv, hq, d, dt, {}, target))
         copy_page = (tvm_kv._copy_single_page_cpu(hkv, c.page_size, d, dt) if cpu
                      else tvm_kv._copy_single_page(hkv, c.page_size, d, dt, target))
-        compact = (tvm_kv._compact_kv_copy_cpu(hkv, d, dt) if cpu else tvm_kv._compact_kv_copy(hkv, d, dt, target))
+        compact = (tvm_kv._compact_kv_copy_cpu(hkv, d, dt) if cpu
+                   else tvm_kv._compact_kv_copy(hkv, d, dt, target))
+        # no sliding-window support; the last field is its (unused) size
         config_shape = rx.ShapeExpr([max_batch_size, max_total_seq_len, prefill_chunk_size, c.page_size,
-                                     0, 1024])  # no sliding-window support; the last field is its (unused) size
+                                     0, 1024])
         args = [
             config_shape,
             rx.ShapeExpr([0, c.num_hidden_layers]),                       # layer partition: one group
             rx.prim_value(hq), rx.prim_value(hkv), rx.prim_value(d), rx.prim_value(d),
             rx.ShapeExpr([int(tvm_kv.AttnKind.MHA)] * c.num_hidden_layers),
             rx.prim_value(False),                                          # no KV transfer (disaggregation)
-            rx.prim_value(int(c.rope_mode)), rx.prim_value(float(c.rope_scale)), rx.prim_value(float(c.rope_theta)),
+            rx.prim_value(int(c.rope_mode)), rx.prim_value(float(c.rope_scale)),
+            rx.prim_value(float(c.rope_theta)),
             rx.prim_value(0),                                              # no rope extension factors
             rx.op.zeros((), dt),                                           # carries the dtype and device
             bb.add_func(tvm_kv._kv_cache_transpose_append(hkv, d, dt), "kv_cache_transpose_append"),
@@ -185,10 +193,12 @@ class AttnPagedKVCache(PagedKVCache):
             tir(tree_ragged, "tir_attention_prefill_with_tree_mask"),
             rx.Tuple([]),                                                  # no MLA
             rx.Tuple([merge]),
-            bb.add_func(tvm_kv.llama_rope_with_position_map(c.rope_theta, c.rope_scale, d, hq, hkv, dt, rope_scaling, d),
+            bb.add_func(tvm_kv.llama_rope_with_position_map(c.rope_theta, c.rope_scale, d, hq, hkv, dt,
+                                                            rope_scaling, d),
                         "tir_split_rotary"),
             bb.add_func(copy_page, "kv_cache_copy_single_page"),
-            bb.add_func(tvm_kv._kv_cache_debug_get_kv(c.num_hidden_layers, hkv, d, dt), "kv_cache_debug_get_kv"),
+            bb.add_func(tvm_kv._kv_cache_debug_get_kv(c.num_hidden_layers, hkv, d, dt),
+                        "kv_cache_debug_get_kv"),
             bb.add_func(compact, "kv_cache_compact_kv_copy"),
         ]
         super().__init__(_expr=rx.call_pure_packed("vm.builtin.paged_attention_kv_cache_create", *args,
@@ -205,7 +215,8 @@ def tree_kernels_without_rope_scaling():
     cse_v21 has been used before definition"); this lets the built-in baseline compile for Llama-3.1.
     """
     saved = tvm_kv.tree_attn, tvm_kv.tree_attn_with_paged_kv_cache
-    tvm_kv.tree_attn = lambda h_kv, h_q, d, dtype, _rope_scaling, target: saved[0](h_kv, h_q, d, dtype, {}, target)
+    tvm_kv.tree_attn = (
+        lambda h_kv, h_q, d, dtype, _rope_scaling, target: saved[0](h_kv, h_q, d, dtype, {}, target))
     tvm_kv.tree_attn_with_paged_kv_cache = (
         lambda h_kv, h_q, d, dtype, _rope_scaling, target: saved[1](h_kv, h_q, d, dtype, {}, target))
     try:

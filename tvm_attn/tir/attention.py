@@ -302,4 +302,5 @@ def _write_output(key: AttentionKey, ctx: HookContext, state, o_local, o, lse, r
     with loop("d", D) as d:
         out = variant.output_transform(ctx, o_local[d] / state[1], d)
         store(o, tirx.Cast(key.o_dtype, tirx.if_then_else(seen, out, tirx.const(0.0, "float32"))), row, h, d)
-    store(lse, tirx.if_then_else(seen, state[0] * LOG2E + tirx.log2(state[1]), tirx.const(NEG_INF, "float32")), row, h)
+    store(lse, tirx.if_then_else(seen, state[0] * LOG2E + tirx.log2(state[1]),
+                                 tirx.const(NEG_INF, "float32")), row, h)

@@ -38,7 +38,8 @@ def make_merge(key: MergeKey) -> tirx.PrimFunc:
                 load_v = lambda i, st, h, d: f32(v[i, st, h, d])  # noqa: E731
                 load_s = lambda i, st, h: s[i, st, h]  # noqa: E731
             else:
-                names = ("v_a", "s_a", "v_b", "s_b") if key.op == "merge_state" else ("v", "s", "v_other", "s_other")
+                names = (("v_a", "s_a", "v_b", "s_b") if key.op == "merge_state"
+                         else ("v", "s", "v_other", "s_other"))
                 va = buffer_param(names[0], (n, H, D), dt)
                 sa = buffer_param(names[1], (n, H), "float32")
                 vb = buffer_param(names[2], (n, H, D), dt)

@@ -164,7 +164,9 @@ def _merge_items(key, io, items, chunks, vec: int, blocks, bx, tx, in_place: boo
             row_reg = local("row", 1, "int32")  # a register: a let would be substituted into every use
             store(row_reg, first_row, 0)
             row = row_reg[0]
-            at = lambda r, c: (r * chunks + c) * vec  # provably a multiple of vec
+            def at(r, c):
+                return (r * chunks + c) * vec  # provably a multiple of vec
+
             # the first states of the lane's first chunk are loaded before the LSEs are read, so
             # both are in flight at once (a lane past the row's end loads the last chunk again: no
             # extra traffic; it stores nothing)

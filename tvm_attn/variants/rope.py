@@ -41,7 +41,8 @@ class RoPE(AttentionVariant):
         high_freq_factor = check_positive_float("high_freq_factor", high_freq_factor)
         if not high_freq_factor > low_freq_factor > 0:
             raise ValueError(
-                f"RoPE: need high_freq_factor > low_freq_factor > 0, got {high_freq_factor}, {low_freq_factor}"
+                "RoPE: need high_freq_factor > low_freq_factor > 0, "
+                f"got {high_freq_factor}, {low_freq_factor}"
             )
         self.style = style
         if style == "llama3.1":
@@ -122,7 +123,8 @@ class RoPE(AttentionVariant):
         out = np.where(
             wavelen < omax / hi,
             base,
-            np.where(wavelen > omax / lo, base / rope_scale, (1 - smooth) * base / rope_scale + smooth * base),
+            np.where(wavelen > omax / lo, base / rope_scale,
+                     (1 - smooth) * base / rope_scale + smooth * base),
         )
         return out.astype(np.float32)
 
