@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from _tensors import DLPackView, unaligned
 
 #: outcomes that pass, and the ones the test requires to be absent
 GOOD = ("correct", "error_named")
@@ -98,26 +99,8 @@ def _readonly(x):
     return x
 
 
-class DLPackView:
-    """Another library's DLPack tensor (its data need not be 64-byte aligned, as a torch slice)."""
-
-    def __init__(self, arr):
-        self.arr, self.shape, self.dtype = arr, arr.shape, arr.dtype
-
-    def __dlpack__(self, **kw):
-        return self.arr.__dlpack__(**kw)
-
-    def __dlpack_device__(self):
-        return self.arr.__dlpack_device__()
-
-
 def _unaligned(x):
-    x = np.asarray(x)
-    buf = np.zeros(x.size + 64, x.dtype)
-    off = next(i for i in range(1, 64) if (buf.ctypes.data + i * x.itemsize) % 64)
-    view = buf[off: off + x.size].reshape(x.shape)
-    view[...] = x
-    return DLPackView(view)
+    return DLPackView(unaligned(x))
 
 
 def _poison(rng, x):

@@ -5,6 +5,7 @@ import pytest
 
 import tvm_attn as ta
 
+from _tensors import DLPackView, unaligned
 from conftest import randn
 
 D = 64
@@ -303,32 +304,12 @@ def test_read_only_numpy_inputs_accepted(rng):
     np.testing.assert_array_equal(ta.single_prefill_with_kv_cache(q, k, v), ref)
 
 
-class _DLPackView:
-    """A DLPack tensor of another library (as a torch slice can be: data not 64-byte aligned)."""
-
-    def __init__(self, arr):
-        self.arr, self.shape, self.dtype = arr, arr.shape, arr.dtype
-
-    def __dlpack__(self, **kw):
-        return self.arr.__dlpack__(**kw)
-
-    def __dlpack_device__(self):
-        return self.arr.__dlpack_device__()
-
-
-def _unaligned(x):
-    buf = np.zeros(x.size + 64, x.dtype)
-    off = next(i for i in range(1, 64) if (buf.ctypes.data + i * x.itemsize) % 64)
-    view = buf[off : off + x.size].reshape(x.shape)
-    view[...] = x
-    assert view.ctypes.data % 64
-    return view
 
 
 def test_unaligned_dlpack_inputs_accepted(rng):
     q, k, v = _qkv(rng)
     ref = ta.single_prefill_with_kv_cache(q, k, v)
-    o = ta.single_prefill_with_kv_cache(*(_DLPackView(_unaligned(x)) for x in (q, k, v)))
+    o = ta.single_prefill_with_kv_cache(*(DLPackView(unaligned(x)) for x in (q, k, v)))
     np.testing.assert_array_equal(np.from_dlpack(o), ref)
 
 
@@ -343,7 +324,7 @@ def test_bad_out_refused_before_the_kernel_runs(rng):
     with pytest.raises(ValueError, match=r"out: the numpy array is read-only"):
         w.run(q, cache, out=out)
     with pytest.raises(ValueError, match=r"out: cannot be written in place"):
-        w.run(q, cache, out=_DLPackView(_unaligned(np.zeros((2, 4, D), np.float16))))
+        w.run(q, cache, out=DLPackView(unaligned(np.zeros((2, 4, D), np.float16))))
     lse = np.zeros((2, 4), np.float32)
     lse.flags.writeable = False
     with pytest.raises(ValueError, match=r"lse: the numpy array is read-only"):

@@ -23,10 +23,11 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 
 import numpy as np
 import pytest
+
+from .test_kv_cache_cuda import _library
 
 pytestmark = pytest.mark.gpu
 
@@ -164,14 +165,6 @@ class Workload:
             self._check(self.seqs[i], logits[k : k + 1], f"step {self.counts['steps']} slot {k} seq {i} "
                         f"({len(self.seqs[i])} tokens)")
         self.counts["steps"] += 1
-
-
-def _library(name: str) -> Path:
-    root = Path(os.environ.get("TVM_ATTN_CACHE_DIR", Path(__file__).resolve().parents[2] / ".kernels"))
-    path = root / "models" / f"{name}.so"
-    if not path.exists():
-        pytest.skip(f"{path} not built (scripts/build_gpu_kernels.py builds it)")
-    return path
 
 
 @pytest.mark.parametrize("name", MODELS)
