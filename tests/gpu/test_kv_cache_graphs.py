@@ -27,7 +27,6 @@ import os
 import numpy as np
 import pytest
 
-from .test_kv_cache_cuda import _library
 
 pytestmark = pytest.mark.gpu
 
@@ -175,6 +174,8 @@ def test_one_captured_decode_step_replays_random_steps(name):
 
     from tvm_attn.models import llama
     from tvm_attn.models.runtime import ModelSession, config_from_json
+
+    from .test_kv_cache_cuda import _library  # here: tests/test_kv_backend.py loads this file by path
 
     library = _library(name)
     meta = json.loads(library.with_suffix(".json").read_text())
