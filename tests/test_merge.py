@@ -15,6 +15,7 @@ from tvm_attn.build import compile_key, cuda_source
 from tvm_attn.config import MergeKey
 from tvm_attn.tir.merge_cuda import MAX_BLOCKS, THREADS, make_merge_cuda, vec_width
 
+from _merge_inputs import merge_inputs, nan_merge_inputs
 from conftest import assert_attention_close, randn
 
 OPS = ("merge_state", "merge_state_in_place", "merge_states")
@@ -78,18 +79,6 @@ def test_empty_inputs():
 
 # -- the CUDA kernels, on the build machine ----------------------------------------------------------
 
-def _states(rng, dtype, n, k, H, D):
-    """``k`` states with empty ones: row 0 head 0 has none at all, state 0 is empty in row 1, and an
-    empty state's v holds NaN (a kernel must not read it: weight 0)."""
-    v = randn(rng, (n, k, H, D), dtype)
-    s = (rng.standard_normal((n, k, H)) * 4).astype(np.float32)
-    s[0, :, 0] = -np.inf
-    if n > 1 and k:
-        s[1, 0] = -np.inf
-    v[np.isneginf(s)] = np.nan
-    return v, s
-
-
 def _reference(v, s):
     return R.merge_states(v.astype(np.float32), s)
 
@@ -128,25 +117,13 @@ def _run_serial(op, dtype, v, s):
     return out[0].numpy(), out[1].numpy()
 
 
-def _nan_states(rng, dtype, n, k, H, D):
-    """:func:`_states` (``n >= 6``) with NaN inputs in head 0: row 2 has a NaN LSE, row 3 a NaN in
-    element 5 of a non-empty state's v, row 4 a NaN LSE beside empty states, row 5 a +inf LSE."""
-    v, s = _states(rng, dtype, n, k, H, D)
-    s[2, 0, 0] = np.nan
-    v[3, k - 1, 0, min(5, D - 1)] = np.nan
-    s[4, :, 0] = -np.inf
-    s[4, k // 2, 0] = np.nan
-    s[5, k - 1, 0] = np.inf
-    return v, s
-
-
 @pytest.mark.parametrize("op", OPS)
 def test_nan_propagates(op, rng):
     """A NaN (or +inf) LSE, or a NaN in the v of a non-empty state, comes out as NaN, in the CPU
     kernels and in the CUDA kernels' math run on the CPU; an empty state's NaN v still weighs 0."""
     for n, H, D in [(7, 3, 128), (6, 2, 36), (6, 2, 7)]:
         for k in ((1, 2, 3, 6, 9) if op == "merge_states" else (2,)):
-            v, s = _nan_states(rng, "float32", n, k, H, D)
+            v, s = nan_merge_inputs(rng, "float32", n, k, H, D)
             ref = _reference(v, s)
             what = f"{op} n{n} k{k} H{H} D{D}"
             assert_attention_close(*_run_serial(op, "float32", v, s), *ref, "float32", what + " (CUDA math)")
@@ -171,7 +148,7 @@ def test_cuda_kernel_math_on_cpu(op, dtype, rng):
     """The CUDA kernel's grid, lane groups, chunks and -inf handling, run on the CPU."""
     for n, H, D in SHAPES:
         for k in ((0, 1, 3, 6, 9) if op == "merge_states" else (2,)):
-            v, s = _states(rng, dtype, n, k, H, D)
+            v, s = merge_inputs(rng, dtype, n, k, H, D)
             got_v, got_s = _run_serial(op, dtype, v, s)
             ref_v, ref_s = _reference(v, s)
             assert_attention_close(got_v, got_s, ref_v, ref_s, dtype, f"{op} {dtype} n{n} k{k} H{H} D{D}")
@@ -181,7 +158,7 @@ def test_cuda_kernel_strides_over_a_large_grid(rng):
     """More items than the grid has lane groups: each group takes several in turn."""
     n, H, D = 1100, 32, 128  # float32: 32 chunks, one item per warp, 4096 blocks of 8 warps
     assert n * H > MAX_BLOCKS * THREADS // 32
-    v, s = _states(rng, "float32", n, 2, H, D)
+    v, s = merge_inputs(rng, "float32", n, 2, H, D)
     got_v, got_s = _run_serial("merge_state", "float32", v, s)
     assert_attention_close(got_v, got_s, *_reference(v, s), "float32", "grid stride")
 

@@ -15,7 +15,8 @@ import tvm
 import tvm_attn as ta
 from tvm_attn import reference as R
 
-from conftest import assert_attention_close, randn
+from _merge_inputs import merge_inputs
+from conftest import assert_attention_close
 
 pytestmark = pytest.mark.gpu
 
@@ -30,12 +31,7 @@ STATES = (1, 2, 5, 9)
 def _states(rng, dtype, n, k, H, D):
     """``k`` states; row 0 head 0 has no keys in any state, state 0 of row 1 is empty, and every
     empty state's v holds NaN (weight 0: the kernel must not let it in)."""
-    v = randn(rng, (n, k, H, D), dtype)
-    s = (rng.standard_normal((n, k, H)) * 4).astype(np.float32)
-    s[0, :, 0] = -np.inf
-    if n > 1:
-        s[1, 0] = -np.inf
-    v[np.isneginf(s)] = np.nan
+    v, s = merge_inputs(rng, dtype, n, k, H, D)
     ref = R.merge_states(np.where(np.isneginf(s)[..., None], 0, v.astype(np.float32)), s)
     return v, s, ref
 

@@ -16,8 +16,8 @@ import pytest
 import tvm_attn as ta
 from tvm_attn import reference as R
 
+from _merge_inputs import nan_merge_inputs
 from conftest import assert_attention_close, randn
-from test_merge import _nan_states
 from . import prefill_cases as P
 from .cases import CASES, page_table, variant_of
 from .test_merge_cuda import DTYPES, OPS, _run
@@ -160,7 +160,7 @@ def test_merge_nan(op, dtype):
     rng = np.random.default_rng(21)
     for n, H, D in [(7, 3, 128), (6, 2, 36), (6, 2, 7)]:
         for k in ((1, 2, 5, 9) if op == "merge_states" else (2,)):
-            v, s = _nan_states(rng, dtype, n, k, H, D)
+            v, s = nan_merge_inputs(rng, dtype, n, k, H, D)
             ref_v, ref_s = R.merge_states(v.astype(np.float32), s)
             got_v, got_s = _run(op, "tvm", v, s)
             assert_attention_close(got_v, got_s, ref_v, ref_s, dtype, f"{op} {dtype} n{n} k{k} H{H} D{D}")
