@@ -21,6 +21,30 @@ from ._builder import IRBuilder, T, buffer_param, let, local, loop, store, sym, 
 from .softmax import Ref, f32, loop_max, lse_of, nonempty, safe_max, weight, zero
 
 
+def merge_params(key: MergeKey, n, H, D):
+    """The merge kernels' arguments, declared in their call order (the CPU and CUDA kernels share
+    it): ``(num_states, vs, ss, v_out, s_out)``. ``merge_states`` has one ``v`` ``[n, k, H, D]`` and
+    ``s`` ``[n, k, H]`` holding every state; the two-state ops a buffer per state; in place, the
+    outputs are the first state's buffers."""
+    dt = key.dtype
+    if key.op == "merge_states":
+        k = sym("num_states")
+        v = buffer_param("v", (n, k, H, D), dt)
+        s = buffer_param("s", (n, k, H), "float32")
+        v_out = buffer_param("v_out", (n, H, D), dt)
+        s_out = buffer_param("s_out", (n, H), "float32")
+        return k, [v], [s], v_out, s_out
+    names = ("v_a", "s_a", "v_b", "s_b") if key.op == "merge_state" else ("v", "s", "v_other", "s_other")
+    va, sa = buffer_param(names[0], (n, H, D), dt), buffer_param(names[1], (n, H), "float32")
+    vb, sb = buffer_param(names[2], (n, H, D), dt), buffer_param(names[3], (n, H), "float32")
+    if key.op == "merge_state":
+        v_out = buffer_param("v_out", (n, H, D), dt)
+        s_out = buffer_param("s_out", (n, H), "float32")
+    else:
+        v_out, s_out = va, sa
+    return 2, [va, vb], [sa, sb], v_out, s_out
+
+
 def make_merge(key: MergeKey) -> tirx.PrimFunc:
     n, H, D = sym("n"), sym("num_heads"), sym("head_dim")
     dt = key.dtype
@@ -28,28 +52,13 @@ def make_merge(key: MergeKey) -> tirx.PrimFunc:
         with T.prim_func():
             T.func_name(key.uri)
             T.func_attr({"global_symbol": key.uri, "tir.noalias": key.op != "merge_state_in_place"})
+            num_states, vs, ss, v_out, s_out = merge_params(key, n, H, D)
             if key.op == "merge_states":
-                k = sym("num_states")
-                v = buffer_param("v", (n, k, H, D), dt)
-                s = buffer_param("s", (n, k, H), "float32")
-                v_out = buffer_param("v_out", (n, H, D), dt)
-                s_out = buffer_param("s_out", (n, H), "float32")
-                num_states = k
+                (v,), (s,) = vs, ss
                 load_v = lambda i, st, h, d: f32(v[i, st, h, d])  # noqa: E731
                 load_s = lambda i, st, h: s[i, st, h]  # noqa: E731
             else:
-                names = (("v_a", "s_a", "v_b", "s_b") if key.op == "merge_state"
-                         else ("v", "s", "v_other", "s_other"))
-                va = buffer_param(names[0], (n, H, D), dt)
-                sa = buffer_param(names[1], (n, H), "float32")
-                vb = buffer_param(names[2], (n, H, D), dt)
-                sb = buffer_param(names[3], (n, H), "float32")
-                if key.op == "merge_state":
-                    v_out = buffer_param("v_out", (n, H, D), dt)
-                    s_out = buffer_param("s_out", (n, H), "float32")
-                else:
-                    v_out, s_out = va, sa
-                num_states = 2
+                (va, vb), (sa, sb) = vs, ss
                 load_v = lambda i, st, h, d: f32(tirx.if_then_else(st == 0, va[i, h, d], vb[i, h, d]))  # noqa: E731
                 load_s = lambda i, st, h: tirx.if_then_else(st == 0, sa[i, h], sb[i, h])  # noqa: E731
 

@@ -26,7 +26,8 @@ from __future__ import annotations
 from tvm import tirx
 
 from ..config import MergeKey
-from ._builder import IRBuilder, T, buffer_param, let, local, loop, store, sym, when
+from .merge import merge_params
+from ._builder import IRBuilder, T, let, local, loop, store, sym, when
 from ._cuda import syncwarp
 from .softmax import f32, neg_inf, nonempty, safe_max, zero
 
@@ -77,31 +78,15 @@ class _States:
     (``v[0]``, ``s[0]`` for every state of ``merge_states``); ``num_states`` an int for two states."""
 
     def __init__(self, key: MergeKey, n, H, D):
-        dt = key.dtype
         self.H = H
-        if key.op == "merge_states":
-            k = sym("num_states")
-            v = buffer_param("v", (n, k, H, D), dt)
-            s = buffer_param("s", (n, k, H), "float32")
-            v_out = buffer_param("v_out", (n, H, D), dt)
-            s_out = buffer_param("s_out", (n, H), "float32")
-            self.num_states = k
-            self.v, self.s = [_flat(v, "v_flat")], [_flat(s, "s_flat")]
-            self.v_out, self.s_out = _flat(v_out, "v_out_flat"), _flat(s_out, "s_out_flat")
-            return
-        names = ("v_a", "s_a", "v_b", "s_b") if key.op == "merge_state" else ("v", "s", "v_other", "s_other")
-        va, sa = buffer_param(names[0], (n, H, D), dt), buffer_param(names[1], (n, H), "float32")
-        vb, sb = buffer_param(names[2], (n, H, D), dt), buffer_param(names[3], (n, H), "float32")
-        if key.op == "merge_state":
-            v_out = buffer_param("v_out", (n, H, D), dt)
-            s_out = buffer_param("s_out", (n, H), "float32")
-        self.num_states = 2
-        self.v = [_flat(va, names[0] + "_flat"), _flat(vb, names[2] + "_flat")]
-        self.s = [_flat(sa, names[1] + "_flat"), _flat(sb, names[3] + "_flat")]
-        if key.op == "merge_state":
-            self.v_out, self.s_out = _flat(v_out, "v_out_flat"), _flat(s_out, "s_out_flat")
-        else:  # in place: the same views, so the kernel has one pointer to v (and to s), read and written
+        self.num_states, vs, ss, v_out, s_out = merge_params(key, n, H, D)
+        self.v = [_flat(v, v.name + "_flat") for v in vs]
+        self.s = [_flat(s, s.name + "_flat") for s in ss]
+        if key.op == "merge_state_in_place":
+            # the same views, so the kernel has one pointer to v (and to s), read and written
             self.v_out, self.s_out = self.v[0], self.s[0]
+        else:
+            self.v_out, self.s_out = _flat(v_out, "v_out_flat"), _flat(s_out, "s_out_flat")
 
     def rows(self, item):
         """(row of the item's first state, row step from one state to the next)."""
