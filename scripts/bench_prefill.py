@@ -58,7 +58,8 @@ def kernel_keys(target: str = "cuda:sm_90a", small: bool = False) -> list:
     """The prefill kernels this benchmark runs (built ahead by scripts/build_gpu_kernels.py)."""
     import tvm_attn as ta
     from tvm_attn.config import AttentionKey
-    from tvm_attn.schedule.prefill import prefill_schedule
+    from tvm_attn.api.prefill import BACKENDS
+    from tvm_attn.registry import scheduled
     from tvm_attn.variants import AttentionVariant
 
     keys = {}
@@ -66,10 +67,65 @@ def kernel_keys(target: str = "cuda:sm_90a", small: bool = False) -> list:
         kv = ta.PagedKV(page, "NHD") if fmt == "paged" else ta.RaggedKV("NHD")
         packed = int(np.mean([q for q, _ in reqs]) * (hq // hkv))
         v = ta.Causal() if causal else AttentionVariant()
-        k = AttentionKey("prefill", kv, hq, hkv, d, "float16", "float16", v, target,
-                         prefill_schedule(d, packed))
-        keys[k.uri] = k
+        for backend in BENCH_BACKENDS:
+            k = scheduled(AttentionKey("prefill", kv, hq, hkv, d, "float16", "float16", v, target), packed,
+                          family=BACKENDS[backend])
+            keys[k.uri] = k
     return list(keys.values())
+
+
+#: the wrapper backends timed: the registry's choice ("tvm_attn") and the FA2-class kernel
+#: ("tvm_attn_fa2", when the choice is another family)
+BENCH_BACKENDS = ("auto", "fa2")
+
+
+def run_ours(workload, kname, backend, reqs, hq, hkv, d, causal, fmt, page, q_t, k_t, v_t, q_d, rows0, ref_o,
+             flops, add, matches, rows, dev):
+    """Time tvm_attn's wrapper with ``backend`` (kernel + merge, with the plan it makes); a row only if
+    its output matched, and for a non-auto backend only if it planned another kernel than auto."""
+    import torch
+    import tvm
+
+    import tvm_attn as ta
+
+    qo_lens, kv_lens = [q for q, _ in reqs], [k for _, k in reqs]
+    qo_indptr = np.cumsum([0] + qo_lens).astype(np.int32)
+    kv_indptr = np.cumsum([0] + kv_lens).astype(np.int32)
+    if fmt == "paged":
+        pages = [(n + page - 1) // page for n in kv_lens]
+        p_indptr = np.cumsum([0] + pages).astype(np.int32)
+        perm = torch.randperm(int(p_indptr[-1]), device="cuda")
+        cache_t = torch.empty(int(p_indptr[-1]), 2, page, hkv, d, dtype=torch.float16, device="cuda")
+        for bi, n in enumerate(kv_lens):  # scatter each request's rows into its (permuted) pages
+            ids = perm[p_indptr[bi]: p_indptr[bi + 1]]
+            padded = torch.zeros(pages[bi] * page, 2, hkv, d, dtype=torch.float16, device="cuda")
+            kv_rows = slice(kv_indptr[bi], kv_indptr[bi + 1])
+            padded[:n, 0], padded[:n, 1] = k_t[kv_rows], v_t[kv_rows]
+            cache_t[ids] = padded.view(pages[bi], page, 2, hkv, d).transpose(1, 2)
+        indices = perm.int().cpu().numpy()
+        last = np.array([n - (p - 1) * page for n, p in zip(kv_lens, pages)], np.int32)
+        w = ta.BatchPrefillWithPagedKVCacheWrapper("NHD", device="cuda", backend=backend)
+        w.plan(qo_indptr, p_indptr, indices, last, hq, hkv, d, page, causal=causal)
+        data = [("paged_kv_cache", tvm.runtime.from_dlpack(cache_t))]
+    else:
+        w = ta.BatchPrefillWithRaggedKVCacheWrapper("NHD", device="cuda", backend=backend)
+        w.plan(qo_indptr, kv_indptr, hq, hkv, d, causal=causal)
+        data = [("k", tvm.runtime.from_dlpack(k_t)), ("v", tvm.runtime.from_dlpack(v_t))]
+    inputs = {"data": data, **({"cache_t": cache_t, "p_indptr": p_indptr, "indices": indices, "last": last}
+                               if fmt == "paged" else {})}
+    if backend != "auto" and any(r["workload"] == workload and r.get("schedule") == w.kernel_key.schedule
+                                 for r in rows):
+        return inputs
+    o = w.run(q_d, *[x for _, x in data])
+    if matches(f"{workload} {kname}", o.numpy()[rows0], ref_o):
+        main_args, merge_args, _, _ = w._call.launch_args(q_d, data, {})
+        mod = w._cache.module(w.kernel_key)
+        ms = time_tvm(mod, w.kernel_key.uri, dev, main_args, number=5, repeat=7)
+        if merge_args is not None and w._call.merge_fn is not None:
+            ms += time_tvm(mod, w.kernel_key.uri + "_merge", dev, merge_args, number=5, repeat=7)
+        add(workload, kname, ms, flops)
+        rows[-1]["schedule"] = w.kernel_key.schedule
+    return inputs
 
 
 def visible_pairs(reqs, causal: bool) -> int:
@@ -139,36 +195,13 @@ def main(small: bool = False, out: str | None = None) -> list[dict]:
         ref_o, _ = R.dense_attention(q0, k0, v0, variant=ta.Causal() if causal else None)
         q_d = tvm.runtime.from_dlpack(q_t)
 
-        # tvm_attn
+        for backend in BENCH_BACKENDS:
+            kname = "tvm_attn" if backend == "auto" else f"tvm_attn_{backend}"
+            inputs = run_ours(workload, kname, backend, reqs, hq, hkv, d, causal, fmt, page, q_t, k_t, v_t,
+                              q_d, rows0, ref_o, flops, add, matches, rows, dev)
+        data = inputs["data"]
         if fmt == "paged":
-            pages = [(n + page - 1) // page for n in kv_lens]
-            p_indptr = np.cumsum([0] + pages).astype(np.int32)
-            perm = torch.randperm(int(p_indptr[-1]), device="cuda")
-            cache_t = torch.empty(int(p_indptr[-1]), 2, page, hkv, d, dtype=torch.float16, device="cuda")
-            for bi, n in enumerate(kv_lens):  # scatter each request's rows into its (permuted) pages
-                ids = perm[p_indptr[bi]: p_indptr[bi + 1]]
-                padded = torch.zeros(pages[bi] * page, 2, hkv, d, dtype=torch.float16, device="cuda")
-                kv_rows = slice(kv_indptr[bi], kv_indptr[bi + 1])
-                padded[:n, 0], padded[:n, 1] = k_t[kv_rows], v_t[kv_rows]
-                cache_t[ids] = padded.view(pages[bi], page, 2, hkv, d).transpose(1, 2)
-            indices = perm.int().cpu().numpy()
-            last = np.array([n - (p - 1) * page for n, p in zip(kv_lens, pages)], np.int32)
-            w = ta.BatchPrefillWithPagedKVCacheWrapper("NHD", device="cuda")
-            w.plan(qo_indptr, p_indptr, indices, last, hq, hkv, d, page, causal=causal)
-            data = [("paged_kv_cache", tvm.runtime.from_dlpack(cache_t))]
-        else:
-            w = ta.BatchPrefillWithRaggedKVCacheWrapper("NHD", device="cuda")
-            w.plan(qo_indptr, kv_indptr, hq, hkv, d, causal=causal)
-            data = [("k", tvm.runtime.from_dlpack(k_t)), ("v", tvm.runtime.from_dlpack(v_t))]
-        o = w.run(q_d, *[x for _, x in data])
-        if matches(f"{workload} tvm_attn", o.numpy()[rows0], ref_o):
-            main_args, merge_args, _, _ = w._call.launch_args(q_d, data, {})
-            mod = w._cache.module(w.kernel_key)
-            ms = time_tvm(mod, w.kernel_key.uri, dev, main_args, number=5, repeat=7)
-            if merge_args is not None and w._call.merge_fn is not None:
-                ms += time_tvm(mod, w.kernel_key.uri + "_merge", dev, merge_args, number=5, repeat=7)
-            add(workload, "tvm_attn", ms, flops)
-            rows[-1]["schedule"] = w.kernel_key.schedule
+            cache_t, p_indptr, indices, last = (inputs[n] for n in ("cache_t", "p_indptr", "indices", "last"))
 
         # torch SDPA: per-request calls when lengths differ (summed), one batched call otherwise
         rep = hq // hkv
@@ -225,7 +258,7 @@ def main(small: bool = False, out: str | None = None) -> list[dict]:
             if matches(f"{workload} tvm_builtin_tir", o_b.numpy()[rows0], ref_o):
                 add(workload, "tvm_builtin_tir", time_tvm(builtin, fname, dev, args, number=1, repeat=3),
                     flops)
-        del q_t, k_t, v_t, data, w
+        del q_t, k_t, v_t, data, inputs
         torch.cuda.empty_cache()
 
     result = {**result_header(device_name,

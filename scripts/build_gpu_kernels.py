@@ -122,19 +122,26 @@ def merge_keys(target: str) -> list:
 
 
 def snippet_keys(target: str) -> list:
-    """Prefill kernels that tests other than the prefill cases run: the README's "CUDA prefill"
-    block (2 requests of 7 and 13 queries at group 4: the 64-row tile) and the run-time causal flag
-    of tests/gpu/test_prefill_cuda.py::test_runtime_causal_plans_every_key."""
+    """Prefill kernels that tests other than the prefill cases run, as the wrappers schedule them: the
+    README's "CUDA prefill" block (2 requests of 7 and 13 queries at group 4: the 64-row tile), and
+    tests/gpu/test_prefill_cuda.py's run-time causal flag, planned window and batch-invariance tests
+    on both prefill families."""
     import tvm_attn as ta
+    from tvm_attn.api._common import flashinfer_variant
     from tvm_attn.config import AttentionKey
+    from tvm_attn.registry import scheduled
     from tvm_attn.variants import RuntimeCausal
 
-    return [
-        AttentionKey("prefill", ta.PagedKV(16, "NHD"), 32, 8, 128, variant=ta.Causal(), target=target,
-                     schedule="fa2q64k64w4s2b2"),
-        AttentionKey("prefill", ta.RaggedKV("NHD"), 32, 8, 128, variant=RuntimeCausal(), target=target,
-                     schedule="fa2q128k64w4s2b2"),
-    ]
+    def key(kv, variant, packed, family=None):
+        return scheduled(AttentionKey("prefill", kv, 32, 8, 128, variant=variant, target=target), packed,
+                         family=family)
+
+    keys = [key(ta.PagedKV(16, "NHD"), ta.Causal(), 40)]
+    window = flashinfer_variant(ta.SlidingWindow(100), causal=True)
+    for variant, packed in ((RuntimeCausal(), 511), (window, 523), (ta.Causal(), 256), (ta.Causal(), 393)):
+        for family in (None, "cuda_prefill_fa2"):
+            keys.append(key(ta.RaggedKV("NHD"), variant, packed, family))
+    return keys
 
 
 def gpu_keys(target: str, small: bool = False) -> tuple[list, list]:

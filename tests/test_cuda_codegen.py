@@ -130,7 +130,7 @@ def test_prefill_key_stages_shrink_for_register_hungry_logits_hooks():
         assert choose_prefill_tiles(64, None, variant).kv_tile == 64
         assert choose_prefill_tiles(128, 16, variant) == choose_prefill_tiles(128, 16)
     assert [logits_weight(v) for v in (None, ta.LogitsSoftCap(), ta.ALiBi())] == [0, 1, 2]
-    cuda_key = ta.BatchPrefillWithRaggedKVCacheWrapper("NHD", device="cpu")._cuda_key
+    cuda_key = ta.BatchPrefillWithRaggedKVCacheWrapper("NHD", device="cpu", backend="fa2")._cuda_key
     for variant, kv_tile in cases:
         v = variant if variant is not None else ta.Causal()
         key = AttentionKey("prefill", RaggedKV("NHD"), 32, 8, 128, "float16", "float16", v, TARGET, "default")

@@ -1,6 +1,7 @@
 """The kernel-family registry (which family builds a key, its default schedule, its launch bounds)
 and specs that round-trip: every key and variant -> to_json / spec -> key_from_spec -> the same key."""
 
+import dataclasses
 import json
 import re
 import os
@@ -191,6 +192,7 @@ def test_family_of():
         AttentionKey("prefill", ta.RaggedKV(), 4, 4, 64): "cpu_generic",
         AttentionKey("decode", ta.PagedKV(16), 4, 4, 64, target="cuda:sm_90a"): "cuda_decode",
         AttentionKey("prefill", ta.RaggedKV(), 4, 4, 64, target="cuda:sm_80"): "cuda_prefill_fa2",
+        AttentionKey("prefill", ta.RaggedKV(), 4, 4, 64, target="cuda:sm_90a"): "cuda_prefill_sm90",
         AttentionKey("bsr", ta.BlockSparseKV(16, 16), 4, 4, 64, target="cuda:sm_90a"): "cuda_prefill_fa2",
         MergeKey("merge_states"): "cpu_merge",
         MergeKey("merge_state_in_place", "bfloat16", "cuda:sm_90a"): "cuda_merge",
@@ -335,3 +337,27 @@ def test_cli_build_refuses_bad_specs_before_building(tmp_path, capsys):
                  str(tmp_path / "out")]) == 2
     assert "no kernel family builds attn_decode_raggednhd" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_hopper_family_takes_what_it_builds_and_prefers():
+    """On sm_90a ragged prefill of long queries goes to the Hopper family; short queries, paged KV,
+    sm_90 without "a", and variants it does not implement go to the FA2-class family; a backend the
+    key cannot use is a ValueError naming why."""
+    ragged = AttentionKey("prefill", ta.RaggedKV(), 32, 8, 128, variant=ta.Causal(), target="cuda:sm_90a")
+    assert registry.scheduled(ragged, 4096).schedule == "wsq128k128s2"
+    assert registry.scheduled(ragged).schedule == "wsq128k128s2"
+    assert registry.scheduled(dataclasses.replace(ragged, variant=ta.ALiBi()), 4096).schedule == "wsq128k64s2"
+    assert registry.scheduled(ragged, 40).schedule.startswith("fa2")
+    assert registry.scheduled(ragged, 4096, family="cuda_prefill_fa2").schedule.startswith("fa2")
+    assert registry.scheduled(ragged, 40, family="cuda_prefill_sm90").schedule == "wsq128k128s2"
+    changes = ({"kv": ta.PagedKV(16)}, {"target": "cuda:sm_90"}, {"variant": ta.RoPE()}, {"num_qo_heads": 24},
+               {"head_dim": 256})
+    for other in (dataclasses.replace(ragged, **c) for c in changes):
+        assert registry.scheduled(other, 4096).schedule.startswith("fa2"), other.uri
+        with pytest.raises(ValueError, match="cuda_prefill_sm90 cannot build"):
+            registry.scheduled(other, 4096, family="cuda_prefill_sm90")
+    hopper = registry.scheduled(ragged, 4096)
+    assert registry.family_of(hopper).name == "cuda_prefill_sm90"
+    assert registry.launch_bounds(hopper.uri) == (384, 1)
+    with pytest.raises(ValueError, match="backend: must be one of"):
+        ta.BatchPrefillWithRaggedKVCacheWrapper(backend="fa4")

@@ -26,6 +26,7 @@ from .config import KINDS, KV_FORMATS, MERGE_OPS, AttentionKey, MergeKey, Planne
 from .kv.formats import BlockSparseKV, PagedKV, RaggedKV
 from .planner import PLAN, PLAN_DECODE
 from .schedule import decode as decode_tiles
+from .schedule import hopper as hopper_tiles
 from .schedule import prefill as prefill_tiles
 
 
@@ -55,6 +56,9 @@ class KernelFamily:
     limits: Callable[[object], str | None] | None = None
     #: the default schedule: ``(key, arch, shape) -> str``; without one, "default"
     chooser: Callable[..., str] | None = None
+    #: ``(key, arch, shape) -> bool``: whether this family is the better choice for work of ``shape``
+    #: (see :meth:`choose`) among the families that build the key; without one, always
+    prefers: Callable[..., bool] | None = None
 
     def supports(self, key, arch: str | None = None) -> str | None:
         """None if this family builds ``key`` for ``arch`` (default: the key's target's), else why not."""
@@ -132,6 +136,14 @@ FAMILIES: tuple[KernelFamily, ...] = (
     KernelFamily("cuda_decode", AttentionKey, ("decode",), "cuda", formats=(PagedKV,), min_sm=80,
                  tiles=decode_tiles.DecodeTiles, chooser=decode_tiles.default_schedule,
                  kernels=(("{uri}", "tvm_attn.tir.decode_cuda:make_batch_decode_cuda"),), host=_HOST_PLAN),
+    # asked before the FA2-class family: on sm_90a it takes the ragged prefill keys it supports, but
+    # not short queries (schedule.hopper.prefers)
+    KernelFamily("cuda_prefill_sm90", AttentionKey, ("prefill",), "cuda", formats=(RaggedKV,), min_sm=90,
+                 limits=hopper_tiles.unsupported, tiles=hopper_tiles.HopperTiles,
+                 chooser=hopper_tiles.default_schedule, prefers=hopper_tiles.prefers,
+                 kernels=(("{uri}", "tvm_attn.tir.prefill_hopper:make_prefill_hopper"),
+                          ("{uri}_merge", "tvm_attn.tir.prefill_cuda:make_prefill_merge_cuda")),
+                 host=_HOST_PLAN),
     KernelFamily("cuda_prefill_fa2", AttentionKey, ("prefill", "bsr"), "cuda",
                  formats=(PagedKV, RaggedKV, BlockSparseKV), min_sm=80, limits=prefill_tiles.unsupported,
                  tiles=prefill_tiles.PrefillTiles, chooser=prefill_tiles.default_schedule,
@@ -166,11 +178,38 @@ def family_of(key, arch: str | None = None) -> KernelFamily:
                      f"On {target}: {', '.join(here)}")
 
 
-def scheduled(key, shape=None):
-    """``key`` with its family's default schedule (``shape``: see :meth:`KernelFamily.choose`)."""
+def family_named(name: str) -> KernelFamily:
+    for family in FAMILIES:
+        if family.name == name:
+            return family
+    raise ValueError(f"no kernel family is named {name!r}; families: {', '.join(f.name for f in FAMILIES)}")
+
+
+def preferred_family(key, shape=None) -> KernelFamily:
+    """The first family that builds ``key`` and prefers work of ``shape`` (the planned query rows, see
+    :meth:`KernelFamily.choose`); else the first that builds it (:func:`family_of`)."""
+    arch = arch_of(key.target) if key.target.startswith("cuda") else None
+    for family in FAMILIES:
+        prefers = family.prefers is None or family.prefers(key, arch, shape)
+        if prefers and family.supports(key, arch) is None:
+            return family
+    return family_of(key)
+
+
+def scheduled(key, shape=None, family: str | None = None):
+    """``key`` with the default schedule of its preferred family for ``shape`` (see
+    :meth:`KernelFamily.choose`), or of the family named ``family`` (a ValueError if that one cannot
+    build it)."""
     if not isinstance(key, AttentionKey):
         return key
-    schedule = family_of(key).choose(key, shape=shape)
+    if family is None:
+        fam = preferred_family(key, shape)
+    else:
+        fam = family_named(family)
+        reason = fam.supports(key)
+        if reason is not None:
+            raise ValueError(f"kernel family {family} cannot build {key.uri}: {reason}")
+    schedule = fam.choose(key, shape=shape)
     return key if schedule == key.schedule else dataclasses.replace(key, schedule=schedule)
 
 

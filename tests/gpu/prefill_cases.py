@@ -25,6 +25,15 @@ SHORT = [(1, 500), (2, 100), (3, 1000), (0, 5), (2, 1)]
 MEDIUM = [(10, 500), (12, 600), (17, 17), (9, 2000)]
 #: one request with few query tiles and many keys: the planner cuts its tiles over the CTAs
 LONG = [(64, 20000)]
+#: lengths at the Hopper kernel's tile edges (128 query rows / 32 tokens of group 4, 128 keys),
+#: an empty request and one with no keys
+HOPPER_EDGES = [(128, 128), (127, 129), (129, 256), (0, 40), (32, 0), (255, 383), (256, 1024), (40, 4000)]
+#: the Hopper kernel's own axes, each with backend="fa3": dtype, head_dim, grouping, causal, variants
+HOPPER_CASES = [{**BASE, **change} for change in (
+    {}, {"causal": False}, {"dtype": "bfloat16"}, {"head_dim": 64}, {"heads": (32, 32)},
+    {"heads": (64, 4)}, {"layout": "HND"}, {"variant": "softcap"}, {"variant": "window"},
+    {"variant": "alibi"}, {"variant": "custom_mask"}, {"variant": "sigmoid"},
+)]
 
 
 def _cases():
@@ -58,24 +67,31 @@ def variant(c):
     return ta.Causal() + v if c["causal"] and v is not None else (ta.Causal() if c["causal"] else v)
 
 
-def schedule_for(c, lengths) -> str:
-    """The schedule the wrapper picks for these lengths (mean GQA-packed rows of non-empty requests)."""
-    from tvm_attn.schedule.prefill import prefill_schedule
-
+def packed_rows(c, lengths):
+    """The wrapper's shape for the schedule choice: mean GQA-packed rows of the non-empty requests."""
     qo = np.array([q for q, _ in lengths])
     qo = qo[qo > 0]
     hq, hkv = c["heads"]
-    return prefill_schedule(c["head_dim"], int(qo.mean() * (hq // hkv)) if qo.size else None, variant(c))
+    return int(qo.mean() * (hq // hkv)) if qo.size else None
 
 
-def key_of(c, lengths, target: str = "cuda:sm_90a"):
+def key_of(c, lengths, target: str = "cuda:sm_90a", backend: str = "auto"):
+    """The key the wrapper plans for these lengths with ``backend`` (its ``backend`` argument)."""
+    from tvm_attn.api.prefill import BACKENDS
     from tvm_attn.config import AttentionKey
+    from tvm_attn.registry import scheduled
     from tvm_attn.variants import AttentionVariant
 
     (hq, hkv) = c["heads"]
     fmt = ta.PagedKV(c["page_size"], c["layout"]) if c["kv"] == "paged" else ta.RaggedKV(c["layout"])
-    return AttentionKey("prefill", fmt, hq, hkv, c["head_dim"], c["dtype"], c["dtype"],
-                        variant(c) or AttentionVariant(), target, schedule_for(c, lengths))
+    key = AttentionKey("prefill", fmt, hq, hkv, c["head_dim"], c["dtype"], c["dtype"],
+                       variant(c) or AttentionVariant(), target)
+    return scheduled(key, packed_rows(c, lengths), family=BACKENDS[backend])
+
+
+def backends(c):
+    """The wrapper backends a case runs with: ragged KV on both prefill families, the rest on auto."""
+    return ("auto", "fa2") if c["kv"] == "ragged" else ("auto",)
 
 
 #: block-sparse cases: (M, N, R, C, causal)
@@ -96,10 +112,15 @@ def build_keys(target: str = "cuda:sm_90a") -> list:
     """Every prefill kernel the gpu tier uses."""
     keys = {}
     for c in CASES:
-        k = key_of(c, LENGTHS, target)
-        keys[k.uri] = k
-    for lengths in (SHORT, MEDIUM, LONG):
-        k = key_of(BASE, lengths, target)
+        for backend in backends(c):
+            k = key_of(c, LENGTHS, target, backend)
+            keys[k.uri] = k
+    for lengths in (SHORT, MEDIUM, LONG, HOPPER_EDGES):
+        for backend in backends(BASE):
+            k = key_of(BASE, lengths, target, backend)
+            keys[k.uri] = k
+    for c in HOPPER_CASES:
+        k = key_of(c, HOPPER_EDGES, target, "fa3")
         keys[k.uri] = k
     k = key_of({**BASE, "causal": False}, [(200, 300)], target)  # single prefill
     keys[k.uri] = k

@@ -15,7 +15,9 @@ from tvm_attn import reference as R
 
 from conftest import TOL, assert_attention_close, randn
 from .cases import capture_graph, page_table, variant_of
-from .prefill_cases import BASE, BSR, CASES, LENGTHS, LONG, MEDIUM, SHORT, case_id, key_of
+from .prefill_cases import (
+    BASE, BSR, CASES, HOPPER_CASES, HOPPER_EDGES, LENGTHS, LONG, MEDIUM, SHORT, backends, case_id, key_of,
+)
 
 pytestmark = pytest.mark.gpu
 
@@ -66,7 +68,8 @@ def check(case, lengths, rng, all_false_mask=False, **wrapper_kw):
         data = (tvm.runtime.tensor(k, _dev()), tvm.runtime.tensor(v, _dev()))
         ref = lambda v=v: R.ragged_attention(q, qo_indptr, k, v, kv_indptr, layout,  # noqa: E731
                                              variant=w.kernel_key.variant, params=args)
-    assert w.kernel_key.uri == key_of(case, lengths, w.kernel_key.target).uri
+    backend = wrapper_kw.get("backend", "auto")
+    assert w.kernel_key.uri == key_of(case, lengths, w.kernel_key.target, backend).uri
     softmax = w.kernel_key.variant.use_softmax
     res = w.run(q, *data, return_lse=softmax, **args)
     o, lse = res if softmax else (res, None)
@@ -86,9 +89,18 @@ def check(case, lengths, rng, all_false_mask=False, **wrapper_kw):
     return o, lse
 
 
-@pytest.mark.parametrize("case", CASES, ids=case_id)
-def test_prefill_matches_reference(case):
-    check(case, LENGTHS, np.random.default_rng(11))
+@pytest.mark.parametrize("case,backend", [(c, b) for c in CASES for b in backends(c)],
+                         ids=[f"{case_id(c)}-{b}" for c in CASES for b in backends(c)])
+def test_prefill_matches_reference(case, backend):
+    check(case, LENGTHS, np.random.default_rng(11), backend=backend)
+
+
+@pytest.mark.parametrize("case", HOPPER_CASES, ids=case_id)
+def test_hopper_prefill_tile_edges(case):
+    """The Hopper kernel (backend="fa3") at its tile edges, with split-KV on and off."""
+    check(case, HOPPER_EDGES, np.random.default_rng(13), backend="fa3")
+    assert "wsq" in key_of(case, HOPPER_EDGES, "cuda:sm_90a", "fa3").schedule
+    check(case, HOPPER_EDGES, np.random.default_rng(13), backend="fa3", disable_split_kv=True)
 
 
 @pytest.mark.parametrize("lengths", [SHORT, MEDIUM, LONG], ids=["tile16", "tile64", "long-split"])

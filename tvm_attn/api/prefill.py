@@ -20,6 +20,10 @@ from ._common import (
 from .decode import check_paged_cache
 
 
+#: the wrappers' ``backend`` argument -> the kernel family it asks for (None: the registry chooses)
+BACKENDS = {"auto": None, "fa2": "cuda_prefill_fa2", "fa3": "cuda_prefill_sm90"}
+
+
 class CudaPrefillPlan(Wrapper):
     """The CUDA side of the prefill-family wrappers (prefill over paged or ragged KV, block-sparse).
 
@@ -32,6 +36,9 @@ class CudaPrefillPlan(Wrapper):
     so a graph captured around ``run`` (with ``out`` and ``lse`` given) replays after the lengths
     change; ``q`` then has ``max_num_tokens`` rows, and rows past the planned ones are not written.
     ``disable_split_kv`` gives batch-invariant, deterministic results (no tile is cut).
+    ``backend`` (CUDA): ``"auto"`` lets the kernel-family registry choose by the queries' lengths,
+    ``"fa2"`` takes the mma.sync kernel (every GPU from sm_80), ``"fa3"`` the Hopper kernel (sm_90a,
+    ragged KV; plan raises a ValueError for what it cannot build).
 
     The plan reads only the keys the variant shows at plan time
     (:meth:`~tvm_attn.variants.AttentionVariant.key_range`: causal, a sliding window); ``run``, on
@@ -40,8 +47,11 @@ class CudaPrefillPlan(Wrapper):
 
     def __init__(self, kv_layout: str = "NHD", *, device=None, cache=None, use_cuda_graph: bool = False,
                  max_batch_size: int | None = None, max_num_tokens: int | None = None,
-                 max_num_pages: int | None = None, disable_split_kv: bool = False):
+                 max_num_pages: int | None = None, disable_split_kv: bool = False, backend: str = "auto"):
         super().__init__(kv_layout, device=device, cache=cache)
+        if not isinstance(backend, str) or backend not in BACKENDS:
+            raise ValueError(f"backend: must be one of {', '.join(map(repr, BACKENDS))}, got {backend!r}")
+        self._family = BACKENDS[backend]
         self._graph = bool(use_cuda_graph)
         if self._graph:
             if self._target == "llvm":
@@ -72,7 +82,7 @@ class CudaPrefillPlan(Wrapper):
         lens = np.diff(qo_indptr)
         lens = lens[lens > 0]
         packed = None if self._graph or not lens.size else int(lens.mean() * key.group_size)
-        return scheduled(key, packed)
+        return scheduled(key, packed, family=self._family)
 
     def _plan_cuda(self, key, sm_scale, qo_indptr, kv_indptr, last, page_size, order, num_q_rows,
                    indices=None):
@@ -82,12 +92,12 @@ class CudaPrefillPlan(Wrapper):
         from ..planner import (
             NO_WINDOW, PLAN, PREFILL_PACK_SLACK_DIV, prefill_work_overhead, prefill_workspace,
         )
-        from ..schedule.prefill import PrefillTiles
+        from ..registry import family_of
 
         key = self._cuda_key(key, qo_indptr)
         lengths = planned_lengths(key, qo_indptr, kv_indptr, last, page_size,
                                   (self._M, self._N) if key.kind == "bsr" else None)
-        tiles = PrefillTiles.parse(key.schedule)
+        tiles = family_of(key).tiles.of(key)
         batch = qo_indptr.size - 1
         if self._graph:
             if batch > self._max_batch or qo_indptr[-1] > self._max_tokens:

@@ -1,0 +1,41 @@
+"""The Hopper prefill kernels (tvm_attn.tir.prefill_hopper) as generated, without a GPU: every kernel
+the GPU tier runs with backend="fa3" is generated and its CUDA source checked for the recipe (TMA
+loads through tensor-map parameters, wgmma from shared memory for Q K^T and from registers for P V,
+register reallocation, no block barrier after the warpgroups split); where nvcc is installed, ptxas
+compiles each for sm_90a with no spills and no serialized wgmma. The kernels run in tests/gpu."""
+
+import re
+
+import pytest
+
+from gpu.prefill_cases import HOPPER_CASES, HOPPER_EDGES, case_id, key_of
+from tvm_attn.build import compile_key, cuda_source
+from tvm_attn.cuda_runtime import find_nvcc, nvcc_compile
+from tvm_attn.schedule.hopper import HopperTiles
+
+from test_cuda_codegen import _kernel_body
+
+
+@pytest.mark.parametrize("case", HOPPER_CASES, ids=case_id)
+def test_hopper_kernel_source_and_ptxas(case):
+    key = key_of(case, HOPPER_EDGES, "cuda:sm_90a", "fa3")
+    tiles = HopperTiles.of(key)
+    src = cuda_source(compile_key(key))
+    body = _kernel_body(src, key.uri)
+    head = body[: body.index("{")]
+    assert head.count("__grid_constant__ CUtensorMap") == 3, "q, k and v tensor maps"
+    assert len(re.findall(r"cp_async_bulk_tensor\w*3d\w*\(", body)) == 3 * key.head_dim // 64
+    ss = len(re.findall(r"wgmma_\w+_ss_mma_async\w*\(", body))
+    rs = len(re.findall(r"wgmma_\w+_rs_mma_async\w*\(", body))
+    assert (ss, rs) == (key.head_dim // 16, tiles.kv_tile // 16), (ss, rs)
+    assert "setmaxnreg_dec_sync_aligned_u32_24()" in body and "setmaxnreg_inc_sync_aligned_u32_240()" in body
+    # one block barrier, after the barriers' init and before the producer / consumer split
+    assert body.count("__syncthreads()") == 1
+    assert body.index("__syncthreads()") < body.index("setmaxnreg")
+    if find_nvcc() is None:
+        pytest.skip("nvcc is not installed: the source was checked, ptxas was not run")
+    _, log = nvcc_compile(src, "sm_90a")
+    report = re.search(rf"Function properties for {key.uri}_kernel\n\s*(.*)\n.*Used (\d+) registers", log)
+    assert report, log
+    assert "0 bytes spill stores, 0 bytes spill loads" in report.group(1), report.group(0)
+    assert "serialized" not in log, [line for line in log.splitlines() if "serialized" in line]

@@ -1,0 +1,131 @@
+"""Tile choices of the Hopper (sm_90a) prefill kernel (:mod:`tvm_attn.tir.prefill_hopper`).
+
+The kernel is FlashAttention-3's shape: one producer warpgroup that streams the query tile and the
+K/V tiles into shared memory through TMA, and ``consumers`` warpgroups of 64 query rows each that
+run ``wgmma`` on them. The choices:
+
+* ``tile_q = 64 * consumers`` GQA-packed query rows per CTA (128 with two consumer warpgroups).
+* ``kv_tile``: keys per pipeline stage, the N of ``S = Q K^T`` (``wgmma.m64n<kv_tile>k16``). Each
+  consumer thread holds ``kv_tile / 2`` logits and ``head_dim / 2`` output floats, so head_dim 256
+  takes 64-key stages and the others 128.
+* ``stages``: K/V tiles in the shared-memory ring (the producer runs that far ahead).
+* One CTA per SM (``blocks_per_sm`` 1): the consumers raise their register budget to 240 with
+  ``setmaxnreg`` and the producer lowers its own to 24, which fills the register file.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+_NAME = re.compile(r"wsq(\d+)k(\d+)s(\d+)(p?)")
+
+#: TMA boxes and the 128-byte swizzle of wgmma's operands work on 64-element (128-byte) columns
+CHUNK = 64
+
+
+@dataclass(frozen=True)
+class HopperTiles:
+    consumers: int = 2
+    kv_tile: int = 128
+    stages: int = 2
+    #: the two consumer warpgroups take turns at S = Q K^T (named barriers), so that one's softmax
+    #: runs while the other's GEMM has the tensor cores (FA3's ping-pong)
+    pingpong: bool = False
+
+    def __post_init__(self):
+        if self.consumers not in (1, 2):
+            raise ValueError(f"hopper tiles: consumers must be 1 or 2, got {self.consumers}")
+        if self.kv_tile % 16 or not 16 <= self.kv_tile <= 256:
+            raise ValueError(f"hopper tiles: kv_tile must be a multiple of 16 in [16, 256], "
+                             f"got {self.kv_tile}")
+        if not 2 <= self.stages <= 4:
+            raise ValueError(f"hopper tiles: stages must be 2, 3 or 4, got {self.stages}")
+        if self.pingpong and self.consumers != 2:
+            raise ValueError("hopper tiles: ping-pong takes two consumer warpgroups")
+
+    @property
+    def tile_q(self) -> int:
+        return 64 * self.consumers
+
+    @property
+    def threads(self) -> int:
+        return 128 * (1 + self.consumers)
+
+    blocks_per_sm = 1
+
+    def uri(self) -> str:
+        return f"wsq{self.tile_q}k{self.kv_tile}s{self.stages}{'p' if self.pingpong else ''}"
+
+    @staticmethod
+    def parse(schedule: str) -> HopperTiles:
+        m = _NAME.fullmatch(schedule)
+        if m is None:
+            raise ValueError(f"schedule: {schedule!r} is not a Hopper prefill schedule like 'wsq128k128s2'")
+        tq, kv, s = (int(x) for x in m.groups()[:3])
+        if tq % 64:
+            raise ValueError(f"schedule {schedule!r}: the query tile must be 64 x consumer warpgroups")
+        return HopperTiles(consumers=tq // 64, kv_tile=kv, stages=s, pingpong=m.group(4) == "p")
+
+    @staticmethod
+    def of(key) -> HopperTiles:
+        return HopperTiles.parse(key.schedule)
+
+    @staticmethod
+    def launch_bounds(schedule: str) -> tuple[int, int] | None:
+        if _NAME.fullmatch(schedule) is None:
+            return None
+        return HopperTiles.parse(schedule).threads, 1
+
+    def smem_bytes(self, head_dim: int) -> int:
+        return 2 * head_dim * (self.tile_q + 2 * self.stages * self.kv_tile)
+
+
+#: shared memory a CTA may use on sm_90 (227 KiB), less what the barriers take
+SMEM_LIMIT = 227 * 1024 - 1024
+
+
+def unsupported(key) -> str | None:
+    """Why the Hopper kernel cannot build ``key`` (None: it can); the FA2-class family takes it then."""
+    from ..registry import arch_of
+
+    if arch_of(key.target) != "sm_90a":
+        return f"wgmma and TMA need sm_90a, not {arch_of(key.target)}"
+    if key.q_dtype != key.kv_dtype or key.kv_dtype not in ("float16", "bfloat16"):
+        return f"q and kv must both be float16 or both bfloat16, got {key.q_dtype} / {key.kv_dtype}"
+    if key.head_dim not in (64, 128):
+        # head_dim 256: the 128 output floats per consumer thread spill 32 bytes in ptxas (nvcc 13)
+        return f"head_dim must be 64 or 128, got {key.head_dim}"
+    g = key.group_size
+    if g & (g - 1) or g > 64:
+        # the query tile's TMA box is (64 columns, g heads, tile_q / g tokens)
+        return f"the GQA group size must be a power of two up to 64, got {g}"
+    for hook in ("query_transform", "key_transform"):
+        if key.variant.overrides(hook):
+            # Q and K reach shared memory through TMA only; the FA2-class kernel applies these
+            return f"variants with a {hook} are not implemented here ({key.variant.name})"
+    return None
+
+
+def choose_hopper_tiles(head_dim: int, variant=None) -> HopperTiles:
+    """128-key stages; 64 for logits hooks that read a tensor (ALiBi's slopes, a custom mask:
+    :func:`tvm_attn.schedule.prefill.logits_weight` 2), whose index math spills at 128 keys (ptxas,
+    nvcc 13, sm_90a: 176 bytes for ALiBi)."""
+    from .prefill import logits_weight
+
+    return HopperTiles(consumers=2, kv_tile=64 if logits_weight(variant) >= 2 else 128, stages=2)
+
+
+#: at most this many GQA-packed query rows per request, the 128-row tile is mostly empty and the
+#: FA2-class kernel's 16- and 64-row tiles are preferred
+MIN_PACKED_ROWS = 64
+
+
+def prefers(key, arch: str | None, shape: int | None = None) -> bool:
+    """The Hopper kernel is the better choice for requests of ``shape`` GQA-packed query rows
+    (None: long queries)."""
+    return shape is None or shape > MIN_PACKED_ROWS
+
+
+def default_schedule(key, arch: str, shape: int | None = None) -> str:
+    return choose_hopper_tiles(key.head_dim, key.variant).uri()

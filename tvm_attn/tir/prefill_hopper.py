@@ -1,0 +1,377 @@
+"""Hopper (sm_90a) prefill over ragged K/V: TMA, wgmma and warp specialization (FA3's recipe).
+
+Lineage: FlashAttention-3 (a producer warpgroup feeds consumer warpgroups through an mbarrier ring;
+``S = Q K^T`` and ``O += P V`` on wgmma with P from registers; register reallocation) over the
+same planner, work records, variant hooks and online softmax as the FA2-class kernel
+(:mod:`tvm_attn.tir.prefill_cuda`, whose mask, softmax and partial-state stages run here
+unchanged: a wgmma accumulator holds, per warp, exactly an mma.sync m16n8 fragment per 8 columns).
+
+Grid ``(num_ctas, num_kv_heads)``, ``128 * (1 + consumers)`` threads. Warpgroup 0 is the producer:
+its first thread walks the CTA's works and, per work, loads the GQA-packed query tile (one TMA box
+of ``64 columns x group heads x tile_q / group tokens`` per 64-column chunk) and then each K/V tile
+into the next stage of the ring::
+
+    producer (1 thread)                       consumers (warpgroup c: query rows 64c .. 64c + 63)
+    wait q_empty; Q -> q_smem (q_full)        wait q_full
+    for each KV tile:                         for each KV tile:
+        wait empty[s]                             wait full[s]
+        K, V -> stage s (full[s])                 S = Q K^T (wgmma, A and B from shared memory)
+                                                  logits transform / mask, online softmax (registers)
+                                                  O += P V (wgmma, P from registers, V MN-major)
+                                                  arrive empty[s]   (and q_empty after the last S)
+                                              o = O / l, lse -> global (or the partial state)
+
+Every shared-memory tile is 128-byte swizzled (:mod:`tvm_attn.tir.hopper`). Keys past a work's end
+in its last tile are loaded (the next request's, or zeros past the tensor) and masked.
+
+Arguments: as the FA2-class kernel (:func:`tvm_attn.tir._cuda.kernel_params`), so the wrappers and
+the planner serve both.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tvm import tirx
+
+from ..config import AttentionKey
+from ..kv.formats import RaggedKV
+from ..schedule.hopper import CHUNK, SMEM_LIMIT, HopperTiles, unsupported
+from ..variants.base import HookContext
+from ._builder import IRBuilder, T, let, local, loop, store, when
+from ._cuda import kernel_params, shfl_xor, smem_ptr, stage_tables
+from .hopper import (
+    Barriers, advance, descriptor, fence_barrier_init, named_barrier_arrive, named_barrier_sync, pin,
+    set_max_registers, smem, tensor_map, tma_load, wgmma, wgmma_commit_and_wait, wgmma_fence,
+)
+from .mma import alias32
+from .prefill_cuda import open_work
+from .prefill_stages import _write_partial_row, init_state, logits_and_mask, online_softmax_update
+from .softmax import LOG2E, inv_sum, lse_of, neg_inf
+
+PRODUCER_REGS, CONSUMER_REGS = 24, 240
+#: the ping-pong's named barriers: consumer warpgroup c waits at TURN + c for its turn at Q K^T
+TURN = 1
+
+
+@dataclass
+class HopperBlock:
+    """One CTA of the Hopper kernel, with the fields the shared prefill stages read (see
+    :class:`tvm_attn.tir.prefill_cuda.Block`): one m-tile of 16 rows per consumer warp."""
+
+    key: AttentionKey
+    tiles: HopperTiles
+    D: int
+    G: int
+    dt: str
+    TK: int
+    TQ: int
+    has_mask: bool
+    softmax: bool
+    fold_scale: bool
+    idx: object
+    params: dict
+    sm_scale: tirx.Var
+    o: tirx.Buffer
+    lse: tirx.Buffer
+    tmp_o: tirx.Buffer
+    tmp_lse: tirx.Buffer
+    kv_head: tirx.Var
+    tid: tirx.Var
+    smem: tirx.Buffer  # Q chunks, then K stages, then V stages (elements of dt)
+    s_frag: tirx.Buffer | None = None
+    o_frag: tirx.Buffer | None = None
+    m_i: tirx.Buffer | None = None
+    l_i: tirx.Buffer | None = None
+    p_frag32: tirx.Buffer | None = None
+    p_frag: tirx.Buffer | None = None
+    warp: tirx.PrimExpr | None = None  # the consumer warp: 0 .. 4 * consumers - 1
+    lane: tirx.PrimExpr | None = None
+    consumer: tirx.PrimExpr | None = None
+    g: tirx.PrimExpr | None = None
+    t4: tirx.PrimExpr | None = None
+    scale2: tirx.Var | None = None
+    tables: dict | None = None
+
+    MT = 1
+
+    @property
+    def variant(self):
+        return self.key.variant
+
+    NB = property(lambda self: self.TK // 8)
+    ND = property(lambda self: self.D // 8)
+    KD = property(lambda self: self.D // 16)
+    KK = property(lambda self: self.TK // 16)
+    chunks = property(lambda self: self.D // CHUNK)
+    stages = property(lambda self: self.tiles.stages)
+
+    # shared memory, in elements: Q's chunks of tile_q rows, K's then V's stages of kv_tile rows
+    def q_at(self, c):
+        return c * self.TQ * CHUNK
+
+    def k_at(self, stage, c):
+        return self.TQ * self.D + (stage * self.chunks + c) * self.TK * CHUNK
+
+    def v_at(self, stage, c):
+        return self.TQ * self.D + (self.stages * self.chunks + stage * self.chunks + c) * self.TK * CHUNK
+
+    @property
+    def smem_elems(self):
+        return self.D * (self.TQ + 2 * self.stages * self.TK)
+
+    def token_head(self, p):
+        return p // self.G, self.kv_head * self.G + p % self.G
+
+    def frag_row(self, mt, h):
+        return self.warp * 16 + self.g + h * 8
+
+
+# barrier indices: full[s], empty[s], then the query tile's
+def _full(s):
+    return s
+
+
+def _empty(b: HopperBlock, s):
+    return b.stages + s
+
+
+def _q_full(b: HopperBlock):
+    return 2 * b.stages
+
+
+def _q_empty(b: HopperBlock):
+    return 2 * b.stages + 1
+
+
+def make_prefill_hopper(key: AttentionKey, tiles: HopperTiles | None = None) -> tirx.PrimFunc:
+    reason = unsupported(key)
+    if reason is not None or not isinstance(key.kv, RaggedKV):
+        raise ValueError(f"{key.uri}: the Hopper prefill kernel cannot build it: "
+                         f"{reason or 'it reads ragged KV only'}")
+    tiles = tiles or HopperTiles.of(key)
+    D, TK, TQ, G = key.head_dim, tiles.kv_tile, tiles.tile_q, key.group_size
+    if tiles.smem_bytes(D) > SMEM_LIMIT:
+        raise ValueError(f"schedule {key.schedule}: {tiles.smem_bytes(D)} bytes of shared memory at "
+                         f"head_dim {D}, more than {SMEM_LIMIT}")
+    with IRBuilder() as ib, T.prim_func():
+        idx, num_ctas, work_info, cta_indptr, tmp_o, tmp_lse, _, o, lse, sm_scale, params = kernel_params(
+            key, key.num_kv_heads)
+        maps = _tensor_maps(key, idx, tiles)
+        with T.thread_binding(0, num_ctas, "blockIdx.x") as cta, \
+                T.thread_binding(0, key.num_kv_heads, "blockIdx.y") as kv_head, \
+                T.thread_binding(0, tiles.threads, "threadIdx.x") as tid:
+            variant = key.variant
+            buf = T.alloc_buffer((D * (TQ + 2 * tiles.stages * TK),), key.kv_dtype, scope="shared.dyn",
+                                 align=1024)
+            IRBuilder.name("tiles_smem", buf)
+            b = HopperBlock(key=key, tiles=tiles, D=D, G=G, dt=key.kv_dtype, TK=TK, TQ=TQ,
+                            has_mask=variant.overrides("logits_mask"), softmax=variant.use_softmax,
+                            fold_scale=variant.use_softmax and not variant.overrides("logits_transform"),
+                            idx=idx, params=params, sm_scale=sm_scale, o=o, lse=lse, tmp_o=tmp_o,
+                            tmp_lse=tmp_lse, kv_head=kv_head, tid=tid, smem=buf)
+            bars = Barriers("bars", 2 * tiles.stages + 2)
+            b.tables = stage_tables(variant, D, params, tid, tiles.threads)
+            consumer_warps = 4 * tiles.consumers
+            with when(tid == 0):
+                for s in range(tiles.stages):
+                    bars.init(_full(s), 1)
+                    bars.init(_empty(b, s), consumer_warps)
+                bars.init(_q_full(b), 1)
+                bars.init(_q_empty(b), consumer_warps)
+            fence_barrier_init()
+            T.evaluate(tirx.op.tvm_storage_sync("shared"))
+            first_work = let("first_work", cta_indptr[cta])
+            n_works = let("n_works", cta_indptr[cta + 1] - first_work)
+            tiles_done = local("tiles_done", 1, "int32")  # KV tiles through the ring so far
+            store(tiles_done, tirx.const(0, "int32"), 0)
+            with T.If(tid < 128):
+                with T.Then():
+                    set_max_registers(PRODUCER_REGS, False)
+                    with when(tid == 0):
+                        _produce(b, bars, maps, work_info, first_work, n_works, tiles_done)
+                with T.Else():
+                    set_max_registers(CONSUMER_REGS, True)
+                    _consume(b, bars, work_info, first_work, n_works, tiles_done)
+    return ib.get()
+
+
+def _tensor_maps(key: AttentionKey, idx, tiles: HopperTiles) -> dict:
+    """Host side: TMA maps of q (boxes of the GQA-packed query tile) and of k and v (one head's
+    kv_tile rows), 64 columns per box."""
+    D, G, dt = key.head_dim, key.group_size, key.kv_dtype
+    total_q = tirx.max(idx.num_q_rows, 1)
+    total_kv = tirx.max(idx.k.shape[0 if key.kv.layout == "NHD" else 1], 1)
+    q_map = tensor_map("q_map", idx.q.data, (D, key.num_qo_heads, total_q), (CHUNK, G, tiles.tile_q // G), dt)
+    if key.kv.layout == "NHD":
+        kv_dims, kv_box = (D, key.num_kv_heads, total_kv), (CHUNK, 1, tiles.kv_tile)
+    else:
+        kv_dims, kv_box = (D, total_kv, key.num_kv_heads), (CHUNK, tiles.kv_tile, 1)
+    return {"q": q_map, "k": tensor_map("k_map", idx.k.data, kv_dims, kv_box, dt),
+            "v": tensor_map("v_map", idx.v.data, kv_dims, kv_box, dt)}
+
+
+def _kv_coords(b: HopperBlock, c, row):
+    if b.key.kv.layout == "NHD":
+        return (c * CHUNK, b.kv_head, row)
+    return (c * CHUNK, row, b.kv_head)
+
+
+# -- the producer ------------------------------------------------------------------------------------
+
+def _produce(b: HopperBlock, bars: Barriers, maps: dict, work_info, first_work, n_works, tiles_done):
+    """One thread: per work, the query tile, then its K/V tiles through the ring."""
+    elem = 2
+    with loop("wi", n_works) as wi:
+        ws = open_work(b, work_info, let("w", first_work + wi), tiles_done)
+        bars.wait(_q_empty(b), (wi % 2) ^ 1)
+        bars.expect_tx(_q_full(b), b.TQ * b.D * elem)
+        tok0 = ws.q_row_begin + ws.row0 // b.G
+        for c in range(b.chunks):
+            tma_load(smem(b.smem, b.q_at(c), b.TQ * CHUNK), maps["q"], (c * CHUNK, b.kv_head * b.G, tok0),
+                     bars.ptr(_q_full(b)))
+        with loop("it", ws.n_tiles) as it:
+            n = tiles_done[0] + it
+            stage = let("stage", n % b.stages)
+            bars.wait(_empty(b, stage), ((n // b.stages) % 2) ^ 1)
+            bars.expect_tx(_full(stage), 2 * b.TK * b.D * elem)
+            (row,) = b.idx.kv_addr(ws.req, ws.begin + it * b.TK)
+            row = let("kv_row", row)
+            for c in range(b.chunks):
+                tma_load(smem(b.smem, b.k_at(stage, c), b.TK * CHUNK), maps["k"], _kv_coords(b, c, row),
+                         bars.ptr(_full(stage)))
+                tma_load(smem(b.smem, b.v_at(stage, c), b.TK * CHUNK), maps["v"], _kv_coords(b, c, row),
+                         bars.ptr(_full(stage)))
+        store(tiles_done, tiles_done[0] + ws.n_tiles, 0)
+
+
+# -- the consumers -----------------------------------------------------------------------------------
+
+def _open_consumer(b: HopperBlock):
+    """The consumer thread's registers: S and O accumulators, the row states, P as wgmma A operands."""
+    ctid = b.tid - 128
+    b.consumer = ctid // 128
+    b.warp = ctid // 32
+    b.lane = ctid % 32
+    b.g, b.t4 = b.lane // 4, b.lane % 4
+    b.s_frag = local("s_acc", (1, b.NB, 4))
+    b.o_frag = local("o_acc", (1, b.ND, 4))
+    b.m_i, b.l_i = local("m_i", (1, 2)), local("l_i", (1, 2))
+    b.p_frag = local("pf", (b.KK * 8,), b.dt)
+    b.p_frag32 = alias32(b.p_frag, b.KK * 4)
+    b.scale2 = let("scale_log2", b.sm_scale * LOG2E)
+
+
+def _consume(b: HopperBlock, bars: Barriers, work_info, first_work, n_works, tiles_done):
+    _open_consumer(b)
+    k_desc = descriptor("k_desc", smem(b.smem, 0, b.smem_elems), 16)
+    v_desc = descriptor("v_desc", smem(b.smem, 0, b.smem_elems), b.TK * CHUNK * 2)
+    first_lane = b.lane == 0
+    pingpong = b.tiles.pingpong
+    if pingpong:  # warpgroup 0 takes the first turn
+        with when(b.consumer == 1):
+            named_barrier_arrive(TURN, 256)
+    with loop("wi", n_works) as wi:
+        ws = open_work(b, work_info, let("w", first_work + wi), tiles_done)
+        bars.wait(_q_full(b), wi % 2)
+        init_state(b)
+        with loop("it", ws.n_tiles) as it:
+            n = tiles_done[0] + it
+            stage = let("stage", n % b.stages)
+            bars.wait(_full(stage), (n // b.stages) % 2)
+            if pingpong:
+                named_barrier_sync(TURN + b.consumer, 256)
+            _qk(b, k_desc, stage)
+            if pingpong:
+                # hand the turn over; warpgroup 1's last S of the CTA has no turn of 0 left to open
+                last = tirx.all(b.consumer == 1, wi == n_works - 1, it == ws.n_tiles - 1)
+                with when(tirx.Not(last)):
+                    named_barrier_arrive(TURN + 1 - b.consumer, 256)
+            with when(tirx.all(it == ws.n_tiles - 1, first_lane)):
+                bars.arrive(_q_empty(b))
+            logits_and_mask(b, ws, ws.begin + it * b.TK)
+            if b.softmax:
+                online_softmax_update(b)
+            _pv(b, v_desc, stage)
+            with when(first_lane):
+                bars.arrive(_empty(b, stage))
+        with when(tirx.all(ws.n_tiles == 0, first_lane)):
+            bars.arrive(_q_empty(b))
+        _epilogue(b, ws)
+        store(tiles_done, tiles_done[0] + ws.n_tiles, 0)
+
+
+def _acc(buf, n_blocks):
+    return [buf[0, nb, j] for nb in range(n_blocks) for j in range(4)]
+
+
+def _qk(b: HopperBlock, desc, stage):
+    """s_frag = Q K^T for this warpgroup's 64 rows: D / 16 wgmmas over the swizzled Q and K chunks."""
+    acc = _acc(b.s_frag, b.NB)
+    pin(acc)
+    wgmma_fence()
+    elem = 2
+    for kd in range(b.KD):
+        c, kin = divmod(kd, CHUNK // 16)
+        a = advance(desc, (b.q_at(c) + b.consumer * 64 * CHUNK + kin * 16) * elem)
+        kb = advance(desc, (b.k_at(stage, c) + kin * 16) * elem)
+        wgmma(b.dt, acc, b.TK, kb, kd > 0, a_desc=a)
+    wgmma_commit_and_wait(0)
+    pin(acc)
+
+
+def _pv(b: HopperBlock, desc, stage):
+    """O += P V: P (s_frag in dt) as four A registers per 16 keys, V's stage as the MN-major B."""
+    for kk in range(b.KK):
+        for half in range(2):
+            for j in range(4):
+                store(b.p_frag, tirx.Cast(b.dt, b.s_frag[0, kk * 2 + half, j]), kk * 8 + half * 4 + j)
+    acc = _acc(b.o_frag, b.ND)
+    pin(acc)
+    wgmma_fence()
+    for kk in range(b.KK):
+        vb = advance(desc, (b.v_at(stage, 0) + kk * 16 * CHUNK) * 2)
+        wgmma(b.dt, acc, b.D, vb, True, a_regs=[b.p_frag32[kk * 4 + j] for j in range(4)], trans_b=1)
+    wgmma_commit_and_wait(0)
+    pin(acc)
+
+
+# -- epilogue ----------------------------------------------------------------------------------------
+
+def _epilogue(b: HopperBlock, ws):
+    """o = O / l and lse of the work's rows straight from registers, or the partial state."""
+    o_pair = local("o_pair", (2,), b.key.o_dtype)
+    o_pair32 = alias32(o_pair, 1)
+    for h2 in range(2):
+        r = let("r", b.frag_row(0, h2))
+        tok, head = b.token_head(ws.row0 + r)
+        tot = local("tot", 1)
+        store(tot, b.l_i[0, h2], 0)
+        store(tot, tot[0] + shfl_xor(tot[0], 1), 0)
+        store(tot, tot[0] + shfl_xor(tot[0], 2), 0)
+        denom = let("denom", tot[0])
+        if b.softmax:
+            inv, lse_val = let("inv", inv_sum(denom)), lse_of(b.m_i[0, h2], denom)
+        else:
+            inv, lse_val = tirx.const(1.0, "float32"), neg_inf()
+        with when(r < ws.rows):
+            with T.If(ws.out_row < 0):
+                with T.Then():
+                    _write_o_row(b, ws, h2, tok, head, inv, o_pair, o_pair32)
+                    with when(b.t4 == 0):
+                        store(b.lse, lse_val, ws.q_row_begin + tok, head)
+                with T.Else():
+                    _write_partial_row(b, ws, 0, h2, r, inv, lse_val)
+
+
+def _write_o_row(b: HopperBlock, ws, h2, tok, head, inv, o_pair, o_pair32):
+    """This lane's column pairs of the row (the variant's output transform applied), 4 bytes each."""
+    octx = HookContext(ws.batch, b.idx.qo_idx(ws.req, tok), None, head, b.kv_head, ws.hook_qo_len,
+                       ws.kv_len, b.D, b.params, b.tables)
+    qrow = let("o_row", ws.q_row_begin + tok)
+    with loop("nd", b.ND, "unroll") as nd:
+        d0 = nd * 8 + b.t4 * 2
+        for j in range(2):
+            val = b.variant.output_transform(octx, b.o_frag[0, nd, h2 * 2 + j] * inv, d0 + j)
+            store(o_pair, tirx.Cast(b.key.o_dtype, val), j)
+        T.evaluate(T.ptx["st.global.b32"](smem_ptr(b.o, (qrow, head, d0), "w", 2), o_pair32[0]))
