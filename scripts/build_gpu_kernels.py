@@ -127,14 +127,15 @@ def snippet_keys(target: str) -> list:
     of tests/gpu/test_prefill_cuda.py::test_runtime_causal_plans_every_key."""
     import tvm_attn as ta
     from tvm_attn.config import AttentionKey
+    from tvm_attn.registry import scheduled
     from tvm_attn.variants import RuntimeCausal
 
-    return [
-        AttentionKey("prefill", ta.PagedKV(16, "NHD"), 32, 8, 128, variant=ta.Causal(), target=target,
-                     schedule="fa2q64k64w4s2b2"),
-        AttentionKey("prefill", ta.RaggedKV("NHD"), 32, 8, 128, variant=RuntimeCausal(), target=target,
-                     schedule="fa2q128k64w4s2b2"),
-    ]
+    def key(fmt, variant, qo_lens):  # the wrappers' schedule: by the requests' mean GQA-packed rows
+        k = AttentionKey("prefill", fmt, 32, 8, 128, variant=variant, target=target)
+        return scheduled(k, int(sum(qo_lens) / len(qo_lens) * k.group_size))
+
+    return [key(ta.PagedKV(16, "NHD"), ta.Causal(), (7, 13)),
+            key(ta.RaggedKV("NHD"), RuntimeCausal(), (130, 17, 64, 300))]
 
 
 def fuzz_keys(target: str) -> list:
