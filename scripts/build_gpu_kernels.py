@@ -144,10 +144,19 @@ def snippet_keys(target: str) -> list:
     return keys
 
 
+def fuzz_keys(target: str) -> list:
+    """The kernels of the fuzz test's CUDA subset (``python tests/test_fuzz.py --device cuda``: 4/2
+    heads, head_dim 64, page 4), from the fuzz module's own list of them."""
+    sys.path.insert(0, str(ROOT / "tests"))  # the fuzz module imports its helpers from there
+    from tests.test_fuzz import cuda_kernel_keys
+
+    return cuda_kernel_keys(target)
+
+
 def gpu_keys(target: str, small: bool = False) -> tuple[list, list]:
     """The kernel keys the GPU tier and the benchmarks need, and the decode case of each (None for
     the others): every decode case, the benchmarks' decode keys, the ring schedules, every prefill
-    key of the tier and the benchmarks, and the merge kernels."""
+    key of the tier and the benchmarks, the merge kernels, and the fuzz test's CUDA kernels."""
     from tests.gpu import prefill_cases
     from tests.gpu.cases import CASES, RING_SCHEDULES, key_of
 
@@ -171,7 +180,10 @@ def gpu_keys(target: str, small: bool = False) -> tuple[list, list]:
     if small:
         prefill = prefill[:1]
     merge = merge_keys(target)[:1] if small else merge_keys(target)
-    return keys + bench + prefill + merge, cases + [None] * (len(bench) + len(prefill) + len(merge))
+    have = {k.uri for k in keys + bench + prefill}
+    fuzz = [] if small else [k for k in fuzz_keys(target) if k.uri not in have]
+    extra = bench + prefill + merge + fuzz
+    return keys + extra, cases + [None] * len(extra)
 
 
 def main(small: bool = False, out: str | None = None, arch: str = "sm_90a") -> list[dict]:

@@ -40,8 +40,8 @@ def test_disk_cache_hit_skips_compile(tmp_path):
     key = AttentionKey("decode", ta.PagedKV(4), 4, 2, 64)
     first = KernelCache(tmp_path)
     first.get(key)
-    assert key.uri in first.build_seconds and (tmp_path / f"{key.uri}.so").exists()
-    meta = json.loads((tmp_path / f"{key.uri}.json").read_text())
+    assert key.uri in first.build_seconds and first.path(key).exists()
+    meta = json.loads(first.path(key).with_suffix(".json").read_text())
     assert meta["uri"] == key.uri and meta["build_seconds"] > 0
     second = KernelCache(tmp_path)
     second.get(key)
@@ -94,3 +94,45 @@ def test_no_compile_mode_reports_missing_kernel(tmp_path, monkeypatch):
     monkeypatch.setenv("TVM_ATTN_NO_COMPILE", "1")
     with pytest.raises(KernelNotBuiltError, match="tvm-attn build"):
         KernelCache(tmp_path).get(AttentionKey("decode", ta.PagedKV(2), 4, 4, 64))
+
+
+def test_cpu_kernels_are_filed_under_the_cpu_they_were_built_for(tmp_path, monkeypatch):
+    """A CPU kernel built for this host's CPU is filed under its tag and never loaded on a CPU of
+    another tag; there a runtime-only process takes the portable kernel (TVM_ATTN_CPU_TARGET=generic),
+    or names both files when neither is there."""
+    import tvm_attn.cpu_target as cpu_target
+
+    key = AttentionKey("decode", ta.PagedKV(4), 4, 2, 64)
+    tag = cpu_target.host_tag()
+    if tag is None:
+        pytest.skip("no /proc/cpuinfo: the portable kernels only")
+    cache = KernelCache(tmp_path)
+    assert cache.path(key).name == f"{key.uri}_{tag}.so"
+    cache.get(key)
+    meta = json.loads((tmp_path / f"{key.uri}_{tag}.json").read_text())
+    assert meta["uri"] == key.uri and '"mcpu"' in meta["target"] and "mattr" in meta["target"]
+    assert not (tmp_path / f"{key.uri}.so").exists()
+
+    monkeypatch.setenv("TVM_ATTN_NO_COMPILE", "1")  # a runtime-only process on a CPU of another tag
+    monkeypatch.setattr(cpu_target, "host_tag", lambda: "cpu000000000000")
+    with pytest.raises(KernelNotBuiltError, match=r"TVM_ATTN_CPU_TARGET=generic"):
+        KernelCache(tmp_path).get(key)
+    monkeypatch.setenv("TVM_ATTN_CPU_TARGET", "generic")
+    monkeypatch.delenv("TVM_ATTN_NO_COMPILE")
+    generic = KernelCache(tmp_path)
+    assert generic.path(key).name == f"{key.uri}.so"
+    generic.get(key)
+    assert '"mcpu"' not in json.loads((tmp_path / f"{key.uri}.json").read_text())["target"]
+    monkeypatch.delenv("TVM_ATTN_CPU_TARGET")
+    monkeypatch.setenv("TVM_ATTN_NO_COMPILE", "1")
+    other = KernelCache(tmp_path)
+    assert other.module(key) is not None  # the portable kernel, which runs on any CPU
+    assert other.path(key).name == f"{key.uri}_cpu000000000000.so" and not other.path(key).exists()
+
+
+def test_cpu_target_setting_is_checked(monkeypatch):
+    from tvm_attn.cpu_target import mode
+
+    monkeypatch.setenv("TVM_ATTN_CPU_TARGET", "native")
+    with pytest.raises(ValueError, match=r"TVM_ATTN_CPU_TARGET: must be one of .*, got 'native'"):
+        mode()

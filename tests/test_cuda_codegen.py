@@ -111,14 +111,17 @@ def test_prefill_key_staging_has_two_barriers_per_tile():
 
 
 def test_prefill_key_stages_shrink_for_register_hungry_logits_hooks():
-    """At head_dim 128 the 128-row tile takes 64-key stages, 32 for a soft-cap, and 16 for logits
-    hooks that read tensors (ALiBi, a custom mask): the stages ptxas compiles without spills. The
-    wrappers and the runtime KV cache's tile table pick the same."""
+    """At head_dim 128 the 128-row tile takes 64-key stages, 32 for a soft-cap or a mask that reads
+    a run-time scalar (RuntimeCausal spilled 48 bytes with 64), and 16 for logits hooks that read
+    tensors (ALiBi, a custom mask): the stages ptxas compiles without spills. The wrappers and the
+    runtime KV cache's tile table pick the same."""
     import tvm_attn as ta
     from tvm_attn.relax.kv_backend import prefill_tile_table
     from tvm_attn.schedule.prefill import logits_weight
+    from tvm_attn.variants import RuntimeCausal
 
-    cases = [(None, 64), (ta.Causal(), 64), (ta.Causal() + ta.SlidingWindow(), 64),
+    cases = [(None, 64), (ta.Causal(), 64), (ta.Causal() + ta.SlidingWindow(), 32), (RuntimeCausal(), 32),
+             (RuntimeCausal() + ta.RoPE(), 32),
              (ta.SigmoidAttention(), 64), (ta.RoPE(), 64), (ta.Causal() + ta.LogitsSoftCap(), 32),
              (ta.ALiBi(), 16),
              (ta.Causal() + ta.CustomMask(), 16), (ta.LogitsSoftCap() + ta.ALiBi(), 16)]
@@ -129,7 +132,8 @@ def test_prefill_key_stages_shrink_for_register_hungry_logits_hooks():
         # only the 128-row tile at head_dim 128 changes
         assert choose_prefill_tiles(64, None, variant).kv_tile == 64
         assert choose_prefill_tiles(128, 16, variant) == choose_prefill_tiles(128, 16)
-    assert [logits_weight(v) for v in (None, ta.LogitsSoftCap(), ta.ALiBi())] == [0, 1, 2]
+    weights = [logits_weight(v) for v in (None, ta.Causal(), ta.LogitsSoftCap(), RuntimeCausal(), ta.ALiBi())]
+    assert weights == [0, 0, 1, 1, 2]
     cuda_key = ta.BatchPrefillWithRaggedKVCacheWrapper("NHD", device="cpu", backend="fa2")._cuda_key
     for variant, kv_tile in cases:
         v = variant if variant is not None else ta.Causal()

@@ -746,6 +746,64 @@ CUDA_TEMPLATES = {t_decode_index, t_decode_run, t_decode_variant_scalars, t_cust
                   t_ragged, t_block_sparse, t_single}
 
 
+def cuda_kernel_keys(target: str = "cuda:sm_90a") -> list:
+    """The kernels the ``--device cuda`` cases run, for scripts/build_gpu_kernels.py to build ahead
+    (the GPU host has TVM's runtime alone). :func:`test_cuda_kernel_keys` checks the list against the
+    keys the cases look up."""
+    import tvm_attn as ta
+    from tvm_attn.config import AttentionKey
+    from tvm_attn.registry import scheduled
+
+    def keys(kind, fmt, variants, qo_lens=(1, 1)):
+        # the prefill wrappers pick the query tile from the requests' mean GQA-packed rows, for
+        # requests of qo_lens[0]..qo_lens[1] query rows (None: no request has a query row)
+        lo, hi = qo_lens
+        group = Hq // Hkv
+        shapes = [None] if kind == "decode" else (
+            ([None] if lo == 0 else []) + list(range(max(lo, 1) * group, hi * group + 1)))
+        return [scheduled(AttentionKey(kind, fmt, Hq, Hkv, D, DTYPE, DTYPE, v, target), shape)
+                for v in variants for shape in shapes]
+
+    default, causal = ta.AttentionVariant(), ta.Causal()
+    out = keys("decode", ta.PagedKV(PAGE, "NHD"),  # t_decode_*, t_custom_mask
+               [default, ta.SlidingWindow(6) + ta.LogitsSoftCap(30.0), ta.CustomMask()])
+    out += keys("prefill", ta.PagedKV(PAGE, "NHD"), [default, causal], (0, 3))  # t_prefill_paged
+    out += keys("prefill", ta.RaggedKV("NHD"), [default, causal], (1, 3))  # t_ragged, t_single
+    out += keys("prefill", ta.RaggedKV("HND"), [default], (1, 3))  # t_ragged
+    out += keys("bsr", ta.BlockSparseKV(2, 2), [default], (2, 2))  # t_block_sparse: block rows of R = 2
+    return list({k.uri: k for k in out}.values())
+
+
+def cuda_case_keys(count: int, seed: int = 0, target: str = "cuda:sm_90a") -> set[str]:
+    """The uris of the kernels the first ``count`` ``--device cuda`` cases look up, found on this host:
+    "cuda" resolves to the CPU with a CUDA target and every lookup records its key and raises
+    ``KernelNotBuiltError`` (so a case ends at its lookup; inputs the wrappers refuse look up nothing)."""
+    from unittest import mock
+
+    import tvm
+    from tvm_attn.api import _common, cascade
+    from tvm_attn.cache import KernelCache, KernelNotBuiltError
+
+    seen = set()
+
+    class Recording(KernelCache):
+        def module(self, key):
+            seen.add(key.uri)
+            raise KernelNotBuiltError(key.uri)
+
+    cache = Recording()
+    resolve = lambda device: (tvm.cpu(0), target)  # noqa: E731
+    with contextlib.ExitStack() as stack:
+        for patch in (mock.patch.object(_common, "resolve_device", resolve),
+                      mock.patch.object(cascade, "resolve_device", resolve),
+                      mock.patch.object(_common, "get_cache", lambda directory=None: cache),
+                      mock.patch.object(type(tvm.cpu(0)), "multi_processor_count", 132)):
+            stack.enter_context(patch)
+        for i in range(count):
+            run_case(make_case(seed, i, "cuda"))
+    return seen
+
+
 def _selftest_case(i: int) -> Case:
     """With ``TVM_ATTN_FUZZ_SELFTEST=1``: a crash, a hang, then a pass (to test the harness)."""
     import time
@@ -874,6 +932,22 @@ def test_fuzz_api_and_cli(cache_dir):
     # the cases reach every outcome the test claims to check: errors, and results compared with the reference
     counts = collections.Counter(r["outcome"] for r in records)
     assert counts["error_named"] >= 350 and counts["correct"] >= 80, counts
+
+
+def test_cuda_kernel_keys():
+    """Every kernel the GPU host's fuzz run looks up is in scripts/build_gpu_kernels.py's list."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "build_gpu_kernels", Path(__file__).resolve().parent.parent / "scripts" / "build_gpu_kernels.py")
+    build = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(build)
+    built = {k.uri for k in build.gpu_keys("cuda:sm_90a")[0]}
+    listed = {k.uri for k in cuda_kernel_keys()}
+    seen = cuda_case_keys(1000)
+    assert seen == listed, f"looked up, not listed: {sorted(seen - listed)}; listed, not looked up: " \
+                           f"{sorted(listed - seen)}"
+    assert listed <= built, sorted(listed - built)
 
 
 def test_harness_catches_crashes_and_hangs(monkeypatch):

@@ -450,3 +450,105 @@ def test_minus_inf_logit_weighs_zero(rng, first):
     assert np.isfinite(o).all() and np.isfinite(lse).all()
     np.testing.assert_allclose(o, ref_o, atol=1e-5)
     np.testing.assert_allclose(lse, ref_lse, atol=1e-5)
+
+
+class _NoKernels:
+    """A kernel cache that holds no kernel and cannot build one (a runtime-only GPU host)."""
+
+    looked_up: list
+
+    def __init__(self):
+        self.looked_up = []
+
+    def module(self, key):
+        from tvm_attn.cache import KernelNotBuiltError
+
+        self.looked_up.append(key.uri)
+        raise KernelNotBuiltError(f"kernel {key.uri} is not in the cache (test)")
+
+    def get(self, key, name=None):
+        return self.module(key)[name or key.uri]
+
+
+@pytest.fixture
+def cuda_without_kernels(monkeypatch):
+    """The CUDA code paths of the wrappers and merges on this host: "cuda" resolves to the CPU device
+    with a CUDA target, and the kernel cache (a :class:`_NoKernels`, returned) has no kernel."""
+    import tvm
+
+    from tvm_attn.api import _common, cascade
+
+    def resolve(device):
+        return tvm.cpu(0), "cuda:sm_90a"
+
+    monkeypatch.setattr(_common, "resolve_device", resolve)
+    monkeypatch.setattr(cascade, "resolve_device", resolve)
+    monkeypatch.setattr(type(tvm.cpu(0)), "multi_processor_count", property(lambda self: 132))
+    monkeypatch.setattr(_common, "get_cache", lambda directory=None: cache)
+    cache = _NoKernels()
+    return cache
+
+
+def _cuda_plans():
+    """(name, plan(**over)) of each CUDA wrapper on a valid small problem (4/2 heads, head_dim 64)."""
+    table = dict(indptr=np.array([0, 1, 3], np.int32), indices=np.array([0, 1, 2], np.int32),
+                 last=np.array([4, 2], np.int32))
+    qo = np.array([0, 2, 5], np.int32)
+
+    def decode(**over):
+        a = {**table, **over}
+        ta.BatchDecodeWithPagedKVCacheWrapper(device="cuda").plan(
+            a["indptr"], a["indices"], a["last"], 4, 2, D, 4, sm_scale=a.get("sm_scale"))
+
+    def paged(**over):
+        a = {**table, **over}
+        ta.BatchPrefillWithPagedKVCacheWrapper(device="cuda").plan(
+            a.get("qo_indptr", qo), a["indptr"], a["indices"], a["last"], 4, 2, D, 4, causal=True,
+            sm_scale=a.get("sm_scale"))
+
+    def ragged(**over):
+        a = {**table, **over}
+        ta.BatchPrefillWithRaggedKVCacheWrapper(device="cuda").plan(
+            a.get("qo_indptr", qo), a["indptr"], 4, 2, D, sm_scale=a.get("sm_scale"))
+
+    def bsr(**over):
+        a = {**table, **over}
+        ta.BlockSparseAttentionWrapper(device="cuda").plan(
+            a["indptr"], a["indices"], 4, 6, 2, 2, 4, 2, D, sm_scale=a.get("sm_scale"))
+
+    return [("decode", decode), ("paged", paged), ("ragged", ragged), ("bsr", bsr)]
+
+
+@pytest.mark.parametrize("name, plan", _cuda_plans(), ids=[n for n, _ in _cuda_plans()])
+def test_cuda_plans_check_inputs_before_the_kernel_lookup(cuda_without_kernels, name, plan):
+    """On a GPU host without the kernel, bad input is still the ValueError/TypeError naming it
+    (the kernel is looked up only after every input is checked)."""
+    from tvm_attn.cache import KernelNotBuiltError
+
+    with pytest.raises(KernelNotBuiltError):  # valid input reaches the lookup
+        plan()
+    assert cuda_without_kernels.looked_up
+    decreasing = np.array([0, 2, 1], np.int32)
+    with pytest.raises(ValueError, match=r"(kv_)?indptr: must be non-decreasing"):
+        plan(indptr=decreasing)
+    with pytest.raises(TypeError, match=r"sm_scale: expected a positive finite number, got 'abc'"):
+        plan(sm_scale="abc")
+    with pytest.raises(ValueError, match=r"sm_scale: must be a positive finite number"):
+        plan(sm_scale=-1.0)
+
+
+def test_cuda_merges_check_inputs_before_the_kernel_lookup(cuda_without_kernels, rng):
+    from tvm_attn.cache import KernelNotBuiltError
+
+    v, s = randn(rng, (3, 2, D), "float32"), np.zeros((3, 2), np.float32)
+    with pytest.raises(KernelNotBuiltError):  # valid input reaches the lookup
+        ta.merge_state(v, s, v, s, device="cuda")
+    read_only = s.copy()
+    read_only.flags.writeable = False
+    with pytest.raises(ValueError, match=r"s: the numpy array is read-only"):
+        ta.merge_state_in_place(v.copy(), read_only, v, s, device="cuda")
+    # the kernels' 32-bit indexing (a broadcast view: no memory behind it)
+    big_v = np.broadcast_to(np.float32(0), (2**15, 2, 2**8, 2**8))
+    big_s = np.broadcast_to(np.float32(0), (2**15, 2, 2**8))
+    with pytest.raises(ValueError, match=r"v: 4294967296 elements"):
+        ta.merge_states(big_v, big_s, device="cuda")

@@ -30,8 +30,21 @@ def generate(key: AttentionKey | MergeKey | PlannerKey) -> tvm.IRModule:
     return tvm.IRModule(family_of(key).generate(key))
 
 
+def kernel_target(key: AttentionKey | MergeKey | PlannerKey) -> tvm.target.Target:
+    """The target ``key``'s module is compiled for: a CPU key's is this host's CPU or the portable one
+    (:mod:`tvm_attn.cpu_target`); a CUDA key's host code stays portable (it runs on the GPU host)."""
+    if key.target == "llvm":
+        from .cpu_target import llvm_target_config
+
+        return tvm.target.Target(llvm_target_config())
+    return target_of(key.target)
+
+
 def compile_key(key: AttentionKey | MergeKey | PlannerKey) -> tvm.runtime.Executable:
-    return tvm.compile(generate(key), target=target_of(key.target))
+    target = kernel_target(key)
+    with target:  # the CPU generators widen float16 in hardware where the target can (F16C)
+        mod = generate(key)
+    return tvm.compile(mod, target=target)
 
 
 def cuda_source(executable) -> str | None:

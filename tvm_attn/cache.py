@@ -130,8 +130,17 @@ class KernelCache:
         #: seconds spent generating + compiling, by uri (this process only)
         self.build_seconds: dict[str, float] = {}
 
+    def name(self, key) -> str:
+        """The file name (without ``.so``) of ``key``'s module: its uri, and for a CPU key built for
+        this host's CPU that CPU's tag (:mod:`tvm_attn.cpu_target`), so that kernels compiled for one
+        CPU's features are never loaded on another."""
+        from .cpu_target import cache_tag
+
+        tag = cache_tag() if key.target == "llvm" else None
+        return key.uri if tag is None else f"{key.uri}_{tag}"
+
     def path(self, key) -> Path:
-        return self.directory / f"{key.uri}.so"
+        return self.directory / f"{self.name(key)}.so"
 
     def get(self, key: AttentionKey | MergeKey, name: str | None = None):
         """The function ``name`` (default: the kernel ``key.uri``) of ``key``'s module, building the
@@ -141,28 +150,33 @@ class KernelCache:
     def module(self, key: AttentionKey | MergeKey):
         """``key``'s loaded module (the kernel, and for CUDA its planner, decode plan and, for
         prefill, merge kernel)."""
-        uri = key.uri
-        mod = self._functions.get(uri)
+        name = self.name(key)
+        mod = self._functions.get(name)
         if mod is not None:
             return mod
         with self._lock:
-            mod = self._functions.get(uri)
+            mod = self._functions.get(name)
             if mod is None:
                 path = self.path(key)
-                if not path.exists():
-                    if not compiler_available():
-                        raise KernelNotBuiltError(
-                            f"kernel {uri} is not in the cache {self.directory} and TVM's compiler is not "
-                            f"available here; build it first, where TVM's compiler is, with "
-                            f"`{build_command(key, self.directory)}`"
-                        )
+                portable = self.directory / f"{key.uri}.so"  # built for the generic CPU: runs on any
+                if path.exists():
+                    pass
+                elif compiler_available():
                     self._build(key)
+                elif portable.exists():
+                    path = portable
+                else:
+                    raise KernelNotBuiltError(
+                        f"kernel {key.uri} is not in the cache {self.directory} and TVM's compiler is not "
+                        f"available here; build it first, where TVM's compiler is, with "
+                        f"`{build_command(key, self.directory)}`{_cpu_hint(key, name)}"
+                    )
                 if key.target.startswith("cuda"):
                     from .cuda_runtime import ensure_cuda
 
                     ensure_cuda(self.directory / "cubin")
                 mod = tvm.runtime.load_module(str(path))
-                self._functions[uri] = mod
+                self._functions[name] = mod
         return mod
 
     def build(self, key: AttentionKey | MergeKey, force: bool = False) -> float:
@@ -173,7 +187,7 @@ class KernelCache:
             return self._build(key)
 
     def _build(self, key) -> float:
-        from .build import compile_key, cuda_source
+        from .build import compile_key, cuda_source, kernel_target
 
         start = time.perf_counter()
         executable = compile_key(key)
@@ -192,11 +206,12 @@ class KernelCache:
             if os.path.exists(tmp):
                 os.unlink(tmp)
         seconds = time.perf_counter() - start
-        meta = {"uri": key.uri, "key": key.to_json(), "build_seconds": round(seconds, 4),
-                "tvm_attn": __version__, "source_digest": source_digest(), "tvm": tvm.__version__}
-        (self.directory / f"{key.uri}.json").write_text(json.dumps(meta, indent=1))
+        meta = {"uri": key.uri, "key": key.to_json(), "target": str(kernel_target(key)),
+                "build_seconds": round(seconds, 4), "tvm_attn": __version__, "source_digest": source_digest(),
+                "tvm": tvm.__version__}
+        (self.directory / f"{self.name(key)}.json").write_text(json.dumps(meta, indent=1))
         self.build_seconds[key.uri] = seconds
-        self._functions.pop(key.uri, None)
+        self._functions.pop(self.name(key), None)
         return seconds
 
     def entries(self) -> list[dict]:
@@ -208,6 +223,13 @@ class KernelCache:
             except (OSError, ValueError):
                 continue
         return out
+
+
+def _cpu_hint(key, name: str) -> str:
+    if name == key.uri:
+        return ""
+    return (f" (CPU kernels built for this host's CPU are filed as {name}.so; kernels built with "
+            f"TVM_ATTN_CPU_TARGET=generic, {key.uri}.so, run on any CPU)")
 
 
 _DEFAULT: dict[str, KernelCache] = {}

@@ -17,10 +17,11 @@ MAX_ELEMENTS = 2**31 - 1
 CUDA_ALIGNMENT = 16
 
 
-def _setup(v, device, cache, op):
+def _setup(v, device, op):
+    """(device, the merge kernel's key). The kernel is looked up only after every input is checked,
+    so that bad input is the ValueError naming it even on a host without that kernel."""
     dev, target = resolve_device(device)
-    key = MergeKey(op, dtype_of(v), target)
-    return dev, kernel_cache(cache).get(key)
+    return dev, MergeKey(op, dtype_of(v), target)
 
 
 def _inputs(dev, named) -> list:
@@ -47,8 +48,9 @@ def merge_state(v_a, s_a, v_b, s_b, *, device=None, cache=None):
     n, H, D = _check_pair(v_a, s_a, "v_a", "s_a")
     check_tensor("v_b", v_b, (n, H, D), dtype_of(v_a))
     check_tensor("s_b", s_b, (n, H), "float32")
-    dev, fn = _setup(v_a, device, cache, "merge_state")
+    dev, key = _setup(v_a, device, "merge_state")
     args = _inputs(dev, (("v_a", v_a), ("s_a", s_a), ("v_b", v_b), ("s_b", s_b)))
+    fn = kernel_cache(cache).get(key)
     v_out, s_out = empty((n, H, D), dtype_of(v_a), dev), empty((n, H), "float32", dev)
     if n * H:
         fn(*args, v_out, s_out)
@@ -61,12 +63,13 @@ def merge_state_in_place(v, s, v_other, s_other, *, device=None, cache=None) -> 
     n, H, D = _check_pair(v, s, "v", "s")
     check_tensor("v_other", v_other, (n, H, D), dtype_of(v))
     check_tensor("s_other", s_other, (n, H), "float32")
-    dev, fn = _setup(v, device, cache, "merge_state_in_place")
+    dev, key = _setup(v, device, "merge_state_in_place")
     for given, name in ((v, "v"), (s, "s")):
         check_writable(given, name)
     # v and s are written in place: a tensor TVM cannot take without a copy is refused, not copied
     v_t, s_t, vo_t, so_t = _inputs(dev, (("v", v, True), ("s", s, True), ("v_other", v_other),
                                          ("s_other", s_other)))
+    fn = kernel_cache(cache).get(key)
     if not n * H:
         return
     fn(v_t, s_t, vo_t, so_t)
@@ -81,8 +84,9 @@ def merge_states(v, s, *, device=None, cache=None):
     if len(vs) != 4:
         raise ValueError(f"v: expected shape (n, num_states, num_heads, head_dim), got {vs}")
     check_tensor("s", s, vs[:3], "float32")
-    dev, fn = _setup(v, device, cache, "merge_states")
+    dev, key = _setup(v, device, "merge_states")
     args = _inputs(dev, (("v", v), ("s", s)))
+    fn = kernel_cache(cache).get(key)
     v_out, s_out = empty((vs[0], vs[2], vs[3]), dtype_of(v), dev), empty((vs[0], vs[2]), "float32", dev)
     if vs[0] * vs[2]:
         fn(*args, v_out, s_out)

@@ -103,7 +103,7 @@ class BatchDecodeWithPagedKVCacheWrapper(Wrapper):
             ("kv_indptr", indptr), ("kv_indices", indices), ("kv_last_page_len", last_page_len)))
         if last_page_len.size != indptr.size - 1:
             key.kv.validate(indptr, indices, last_page_len)  # raises: says which length is off
-        self._plan_cuda(key, self._static(key), sm_scale, indptr, indices, last_page_len, planned)
+        self._plan_cuda(key, sm_scale, indptr, indices, last_page_len, planned)
         self._plan_range = planned
 
     def _key(self, options, variant) -> AttentionKey:
@@ -118,10 +118,11 @@ class BatchDecodeWithPagedKVCacheWrapper(Wrapper):
         return scheduled(AttentionKey("decode", fmt, num_qo_heads, num_kv_heads, head_dim, q_dtype, kv_dtype,
                                       v, self._target))
 
-    def _plan_cuda(self, key, st, sm_scale, indptr, indices, last_page_len, planned) -> None:
+    def _plan_cuda(self, key, sm_scale, indptr, indices, last_page_len, planned) -> None:
         batch, used = indptr.size - 1, int(indptr[-1])
         if not 0 <= used <= indices.size:
             key.kv.validate(indptr, indices, last_page_len)  # raises: says what is wrong
+        scale = default_sm_scale(sm_scale, key.head_dim)
         pad = None
         if self._graph:  # every buffer stays put: pad the table to the wrapper's maxima
             if batch > self._max_batch:
@@ -130,6 +131,13 @@ class BatchDecodeWithPagedKVCacheWrapper(Wrapper):
             if used > self._max_pages:
                 raise ValueError(f"plan: {used} page-table entries exceed max_num_pages {self._max_pages}")
             pad = (self._max_batch, self._max_pages)
+        st = self._statics
+        if st is None or (st.key is not key and st.key != key):
+            # a new key: check the whole table before the kernel lookup, so that bad input is the
+            # ValueError naming it even on a host without that kernel (for the plans that follow,
+            # the module's decode plan checks the table in the same host call that stages it)
+            key.kv.validate(indptr, indices, last_page_len)
+            st = self._static(key)
         rows = self._max_batch if self._graph else max(batch, self._max_batch or 0, 1)
         slots = (pad[0] + 1, pad[1], pad[0]) if pad else (batch + 1, used, batch)
         bufs = self._bufs
@@ -149,7 +157,6 @@ class BatchDecodeWithPagedKVCacheWrapper(Wrapper):
                                                  self._allow_split, pad,
                                                  NO_WINDOW if window is None else window)
         self._batch_size = pad[0] if pad else batch
-        scale = default_sm_scale(sm_scale, key.head_dim)
         call = self._call
         # a steady batch plans the same arguments step after step (the index views are kept while
         # their shapes repeat): the kernel call stays
@@ -165,12 +172,10 @@ class BatchDecodeWithPagedKVCacheWrapper(Wrapper):
     def _static(self, key):
         """What a plan of ``key`` needs besides the lengths (the schedule, the kernel functions, the
         variant's default tensors), kept while the key stays the same, as it does step after step."""
-        st = self._statics
-        if st is None or (st.key is not key and st.key != key):
-            module = self._cache.module(key)
-            st = self._statics = PlanStatics(
-                key, DecodeTiles.parse(key.schedule, key.head_dim, key.kv_dtype), module[PLAN_DECODE],
-                module[key.uri], default_tensors(key, self._device))
+        module = self._cache.module(key)
+        st = self._statics = PlanStatics(
+            key, DecodeTiles.parse(key.schedule, key.head_dim, key.kv_dtype), module[PLAN_DECODE],
+            module[key.uri], default_tensors(key, self._device))
         return st
 
     def run(self, q, paged_kv_cache, *, out=None, lse=None, return_lse: bool = False, **variant_args):

@@ -95,6 +95,7 @@ class CudaPrefillPlan(Wrapper):
         from ..registry import family_of
 
         key = self._cuda_key(key, qo_indptr)
+        scale = default_sm_scale(sm_scale, key.head_dim)  # every input is checked before the kernel lookup
         lengths = planned_lengths(key, qo_indptr, kv_indptr, last, page_size,
                                   (self._M, self._N) if key.kind == "bsr" else None)
         tiles = family_of(key).tiles.of(key)
@@ -137,8 +138,7 @@ class CudaPrefillPlan(Wrapper):
         qo_dev, index = (dev[:1], dev[1:]) if key.kind == "prefill" else ((), dev)
         merge = self._graph or bufs.num_partials > 0
         self._call = KernelCall(
-            key, module[key.uri], self._device, qo_dev, index, num_q_rows,
-            default_sm_scale(sm_scale, key.head_dim),
+            key, module[key.uri], self._device, qo_dev, index, num_q_rows, scale,
             workspace_args=(bufs.work_info, bufs.cta_indptr, bufs.tmp_o, bufs.tmp_lse),
             merge_fn=module[key.uri + "_merge"] if merge else None,
             merge_args=(bufs.merge_indptr, bufs.tmp_o, bufs.tmp_lse), lengths=lengths,

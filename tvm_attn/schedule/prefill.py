@@ -101,20 +101,33 @@ def check_key(key) -> None:
 
 def logits_weight(variant) -> int:
     """What a variant's logits hooks add to the registers of the tensor-core loop, where every
-    thread holds ``m_tiles * kv_tile / 2`` logits: 0 for none, an index-only mask (causal, sliding
-    window) or weights without softmax (sigmoid); 1 for a logits transform under softmax (soft-cap);
-    2 for logits hooks that read a tensor (ALiBi's slopes, a custom mask)."""
+    thread holds ``m_tiles * kv_tile / 2`` logits: 0 for none, an index-only mask (causal) or weights
+    without softmax (sigmoid); 1 for a logits transform under softmax (soft-cap) or a mask that reads
+    a run-time scalar (RuntimeCausal's ``is_causal``, SlidingWindow's ``window_left``: the scalar and
+    the bounds it selects stay live across the tile loop); 2 for logits hooks that read a tensor
+    (ALiBi's slopes, a custom mask)."""
     if variant is None:
         return 0
     logits = variant.overrides("logits_transform") or variant.overrides("logits_mask")
     if logits and variant.reads_tensors():
         return 2
-    return int(variant.overrides("logits_transform") and variant.use_softmax)
+    transform = variant.overrides("logits_transform") and variant.use_softmax
+    return int(transform or _mask_reads_scalars(variant))
+
+
+def _mask_reads_scalars(variant) -> bool:
+    """Whether a part of ``variant`` with a logits mask takes run-time scalars."""
+    from ..variants.base import ScalarParam
+
+    return any(part.overrides("logits_mask") and any(isinstance(p, ScalarParam) for p in part.extra_params())
+               for part in getattr(variant, "parts", (variant,)))
 
 
 #: head_dim 128, the 128-row tile: keys per stage by :func:`logits_weight`. ptxas (nvcc 13.0,
 #: sm_90a) spills 48 bytes for soft-cap, 184 for ALiBi and 16 for a custom mask with 64-key stages
-#: (255 registers), none with 32-key stages for soft-cap and none with 16-key stages for the others.
+#: (255 registers), none with 32-key stages for soft-cap and none with 16-key stages for the others;
+#: RuntimeCausal spills 48 bytes with 64-key stages, none with 32 (251 registers); causal +
+#: SlidingWindow, at 254 registers with 64-key stages, is on that edge.
 #: Measured on the H100 (4 x 4096 tokens, causal, 32/8 heads): soft-cap 32 keys 1870 us against
 #: 1890 spilling; ALiBi 16 keys 2420 us against 2272 spilling (8 warps x 16 rows over 32 keys, also
 #: spill-free: 2382); a custom mask 16 keys 4953 us against 4600 spilling

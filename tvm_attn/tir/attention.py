@@ -20,7 +20,8 @@ Query rows in blocks, keys in tiles staged in float32, online softmax per row (s
         o[row] = output_transform(o / d);  lse = m * log2(e) + log2(d)
 
 Widening to float32 once per tile, not in the inner products, is what makes float16 and bfloat16
-as fast as float32: float16 widens by integer operations (:func:`widen_half`), which vectorize.
+as fast as float32: float16 widens in hardware where the target has it (F16C, :func:`native_half`),
+else by integer operations (:func:`widen_half`), which vectorize.
 
 Arguments, in order: the format's query/KV arguments, ``o``, ``lse`` (float32, log2 units),
 ``sm_scale`` (float32), then the variant's extra tensors and scalars
@@ -31,6 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import tvm
 from tvm import tirx
 
 from ..config import AttentionKey
@@ -243,9 +245,20 @@ def _stage_keys(key, idx, tiles, b, j0, n_keys, kv_head, qo_len, kv_len, params)
             store(tiles.v, _load_f32(idx.v_elem(addr, kv_head, d), key.kv_dtype, v_bits), c * D + d)
 
 
+def native_half() -> bool:
+    """Whether the target being generated for (``with target:``, as :func:`tvm_attn.build.compile_key`
+    does) widens float16 in hardware: x86's F16C, where a cast is one ``vcvtph2ps`` per vector. Without
+    a target, or on LLVM's generic x86-64 (SSE2), float16 widens by integer operations."""
+    target = tvm.target.Target.current(allow_none=True)
+    if target is None or target.kind.name != "llvm":
+        return False
+    return bool(tvm.target.codegen.llvm_cpu_has_features("f16c", target))
+
+
 def _half_bits(buf, dtype: str):
-    """A uint16 view of a float16 buffer (None for other dtypes), for :func:`widen_half`."""
-    if dtype != "float16":
+    """A uint16 view of a float16 buffer, for :func:`widen_half`; None for other dtypes, and where
+    the target widens float16 in hardware (:func:`native_half`)."""
+    if dtype != "float16" or native_half():
         return None
     return T.decl_buffer(buf.shape, "uint16", data=buf.data, strides=buf.strides, elem_offset=buf.elem_offset)
 
