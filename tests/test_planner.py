@@ -499,3 +499,39 @@ def test_run_refuses_keys_its_plan_did_not_read(kind, rng):
     for wider in (5, -1):
         with pytest.raises(ValueError, match="window_left: .* does not read"):
             w.run(*args, window_left=wider)
+
+
+def _off_boundary(a: np.ndarray) -> np.ndarray:
+    """A copy of ``a`` whose data starts 4 bytes past a 64-byte boundary."""
+    raw = np.zeros(a.size + 32, a.dtype)
+    at = (-raw.ctypes.data % 64) // a.itemsize + 1
+    out = raw[at: at + a.size]
+    out[:] = a
+    assert out.ctypes.data % 64 == 4
+    return out
+
+
+def test_host_arrays_off_the_64_byte_boundary_are_planned_the_same():
+    """The compiled planner assumes 64-byte aligned arguments (the host-CPU build's AVX-512 loads
+    fault otherwise, as numpy's 16-byte alignment gave in CI): page tables that numpy placed
+    elsewhere are copied to an aligned buffer and give the same plan."""
+    from tvm_attn.cache import get_cache
+    from tvm_attn.config import PlannerKey
+    from tvm_attn.kv.formats import PagedKV
+    from tvm_attn.planner import PLAN_DECODE, PlanBuffers, _host_arg
+
+    assert _host_arg(_off_boundary(np.arange(9, dtype=np.int32))).data_ptr() % 64 == 0
+    plan_decode = get_cache().module(PlannerKey())[PLAN_DECODE]
+    rng = np.random.default_rng(3)
+    pages = [3, 0, 5, 1, 4]
+    indptr = np.cumsum([0] + pages).astype(np.int32)
+    indices = rng.integers(0, 50, int(indptr[-1])).astype(np.int32)
+    last = np.array([rng.integers(1, 17) if p else 0 for p in pages], np.int32)
+    plans = []
+    for arrays in ((indptr, indices, last), tuple(_off_boundary(a) for a in (indptr, indices, last))):
+        for pad in (None, (10, 45)):
+            bufs = PlanBuffers(_decode_ws(10, 3), tvm.cpu(), (11, 45, 10))
+            bufs.plan_decode(plan_decode, PagedKV(16, "NHD"), *arrays, True, pad)
+            plans.append(bufs.host.copy())
+    np.testing.assert_array_equal(plans[0], plans[2])
+    np.testing.assert_array_equal(plans[1], plans[3])

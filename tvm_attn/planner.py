@@ -34,6 +34,7 @@ import tvm
 import tvm_ffi
 
 from .schedule.decode import DecodeTiles
+from .tensor import aligned_zeros, is_aligned
 
 
 class Work(enum.IntEnum):
@@ -332,24 +333,25 @@ def _staging(n: int, device):
     returns once a copy from page-locked memory is done, so the next plan may rewrite the array.
     Falls back to numpy memory where the runtime has no page-locked allocator."""
     if device.dlpack_device_type() != 2:
-        return np.zeros(n, np.int32), None
+        return aligned_zeros(n), None
     try:
         pinned = tvm.runtime.empty((n,), "int32", tvm.runtime.Device(_CUDA_HOST, device.index))
         host = np.ctypeslib.as_array((ctypes.c_int32 * n).from_address(pinned.data_ptr()))
         host[:] = np.arange(n, dtype=np.int32)
         if not np.array_equal(pinned.numpy(), host):  # the address is not where TVM's tensor lives
-            return np.zeros(n, np.int32), None
+            return aligned_zeros(n), None
         host[:] = 0
         return host, pinned
     except Exception:  # noqa: BLE001 -- no page-locked memory here: plain memory works, slower
-        return np.zeros(n, np.int32), None
+        return aligned_zeros(n), None
 
 
 def _host_arg(a: np.ndarray):
     """A host int32 array as a TVM function argument: the array itself, which TVM takes through
     DLPack without a copy (~0.1 us faster per array than ``tvm_ffi.from_dlpack``), else a copy:
-    numpy shares no read-only array, and gives an empty one strides TVM does not take as compact."""
-    if a.size and a.flags.writeable:
+    numpy shares no read-only array, gives an empty one strides TVM does not take as compact, and
+    may place an array off the 64-byte boundary the compiled planner assumes (:func:`aligned_zeros`)."""
+    if a.size and a.flags.writeable and is_aligned(a):
         return a
     return tvm.runtime.tensor(np.ascontiguousarray(a), tvm.cpu())
 
@@ -380,7 +382,7 @@ class PlanBuffers:
         self.host_work = self.host[starts[0]: starts[0] + sizes[0]].reshape(WORK_FIELDS, ws.max_works)
         self.host_cta = self.host[starts[1]: starts[1] + sizes[1]]
         self.host_merge = self.host[starts[2]: starts[2] + sizes[2]]
-        self.host_stats = np.zeros(PLAN_STATS, np.int32)
+        self.host_stats = aligned_zeros(PLAN_STATS)
         #: the planner's output arguments (work_info, cta_indptr, merge_indptr, stats): zero-copy views
         self.planner_outputs = tuple(tvm_ffi.from_dlpack(a) for a in (self.host_work, self.host_cta,
                                                                        self.host_merge, self.host_stats))
@@ -441,8 +443,9 @@ class PlanBuffers:
             fields = dict(work_at=at[0], max_works=ws.max_works, cta_at=at[1], merge_at=at[2],
                           max_rows=ws.max_rows, indptr_at=at[4], indices_at=at[5], last_at=at[6],
                           max_partials=ws.max_partials)
-            self._layout = np.array([fields[f] for f in DECODE_LAYOUT], np.int32)
-            self._decode_stats = np.zeros(DECODE_PLAN_STATS, np.int32)
+            self._layout = aligned_zeros(len(DECODE_LAYOUT))
+            self._layout[:] = [fields[f] for f in DECODE_LAYOUT]
+            self._decode_stats = aligned_zeros(DECODE_PLAN_STATS)
             args = self._decode_args = tuple(tvm_ffi.from_dlpack(a) for a in (self.host, self._layout,
                                                                               self._decode_stats))
         scalars = DecodePlanParams(num_ctas=self.ws.num_ctas, page_size=fmt.page_size,

@@ -93,6 +93,21 @@ def to_tvm(x, device: tvm.runtime.Device, name: str = "tensor", copy: bool = Tru
 ALIGNMENT = 64
 
 
+def aligned_zeros(shape, dtype=np.int32) -> np.ndarray:
+    """numpy zeros whose data starts on an :data:`ALIGNMENT`-byte boundary. TVM's compiled functions
+    assume it of every array argument: LLVM emits aligned vector accesses, and the AVX-512 ones of
+    the host-CPU kernels fault on numpy's 16-byte-aligned memory."""
+    n = int(np.prod(shape))
+    nbytes = n * np.dtype(dtype).itemsize
+    raw = np.zeros(nbytes + ALIGNMENT, np.uint8)
+    at = -raw.ctypes.data % ALIGNMENT
+    return raw[at: at + nbytes].view(dtype).reshape(shape)
+
+
+def is_aligned(a: np.ndarray) -> bool:
+    return a.ctypes.data % ALIGNMENT == 0
+
+
 def _copied(x, device, name: str, err: Exception) -> tvm.runtime.Tensor:
     """An aligned copy of a DLPack tensor that TVM cannot take zero-copy (unaligned data)."""
     if hasattr(x, "clone"):  # torch and friends: a fresh allocation on the same device is aligned
