@@ -289,10 +289,11 @@ def t_decode_run(rng, device):
         extra = ["window_left", "windw_left", "custom_mask", "alibi_slopes"][rng.integers(4)]
         kw[extra], names = 1, (extra,)
     elif kind == 11:  # valid: out / lse buffers of every kind
-        out = [np.zeros((batch, Hq, D), DTYPE), ta_tensor(np.zeros((batch, Hq, D), DTYPE))][rng.integers(2)]
+        out = [np.zeros((batch, Hq, D), DTYPE), ta_tensor(np.zeros((batch, Hq, D), DTYPE), device)][
+            rng.integers(2)]
         kw.update(out=out, lse=np.zeros((batch, Hq), np.float32), return_lse=True)
     elif kind == 12:  # valid: inputs of other kinds
-        form = [_readonly, _unaligned, ta_tensor][rng.integers(3)]
+        form = [_readonly, _unaligned, functools.partial(ta_tensor, device=device)][rng.integers(3)]
         run_q, run_cache = form(q), form(cache)
     else:  # valid: NaN / inf data
         if rng.random() < 0.5:
@@ -312,10 +313,13 @@ def t_decode_run(rng, device):
     return Case(f"decode run case {kind}", call, names, check)
 
 
-def ta_tensor(x):
+def ta_tensor(x, device: str = "cpu"):
+    """``x`` as a TVM tensor on the case's device (a CUDA wrapper refuses host TVM tensors; where no
+    GPU is, as when :func:`cuda_case_keys` lists the kernels, the host)."""
     import tvm
 
-    return tvm.runtime.tensor(np.asarray(x))
+    on_gpu = device.startswith("cuda") and tvm.cuda(0).exist
+    return tvm.runtime.tensor(np.asarray(x), tvm.cuda(0) if on_gpu else tvm.cpu())
 
 
 def t_run_before_plan(rng, device):
