@@ -16,6 +16,7 @@ Usage (GPU host, after `source .gpu/setup.sh`):
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 from pathlib import Path
@@ -71,7 +72,22 @@ def kernel_keys(target: str = "cuda:sm_90a", small: bool = False) -> list:
             k = scheduled(AttentionKey("prefill", kv, hq, hkv, d, "float16", "float16", v, target), packed,
                           family=BACKENDS[backend])
             keys[k.uri] = k
+            if backend == "auto" and _times_hopper_loops(k):
+                for schedule in HOPPER_LOOPS:
+                    pinned = dataclasses.replace(k, schedule=schedule)
+                    keys[pinned.uri] = pinned
     return list(keys.values())
+
+
+#: the Hopper consumer loops timed side by side on the dense head_dim-128 workloads, as
+#: ``tvm_attn_sm90_<schedule>`` (serial or overlapped GEMMs, with or without the ping-pong; 128- or
+#: 176-key stages)
+HOPPER_LOOPS = ("wsq128k128s2", "wsq128k128s2p", "wsq128k128s2o", "wsq128k128s2po", "wsq128k176s2o",
+               "wsq128k176s2po")
+
+
+def _times_hopper_loops(key) -> bool:
+    return key.schedule.startswith("wsq128k128") and key.head_dim == 128
 
 
 #: the wrapper backends timed: the registry's choice ("tvm_attn") and the FA2-class kernel
@@ -80,9 +96,10 @@ BENCH_BACKENDS = ("auto", "fa2")
 
 
 def run_ours(workload, kname, backend, reqs, hq, hkv, d, causal, fmt, page, q_t, k_t, v_t, q_d, rows0, ref_o,
-             flops, add, matches, rows, dev):
-    """Time tvm_attn's wrapper with ``backend`` (kernel + merge, with the plan it makes); a row only if
-    its output matched, and for a non-auto backend only if it planned another kernel than auto."""
+             flops, add, matches, rows, dev, schedule=None):
+    """Time tvm_attn's wrapper with ``backend`` (kernel + merge, with the plan it makes; its schedule
+    pinned to ``schedule`` if given); a row only if its output matched, and for a non-auto backend only
+    if it planned another kernel than auto."""
     import torch
     import tvm
 
@@ -109,6 +126,9 @@ def run_ours(workload, kname, backend, reqs, hq, hkv, d, causal, fmt, page, q_t,
         data = [("paged_kv_cache", tvm.runtime.from_dlpack(cache_t))]
     else:
         w = ta.BatchPrefillWithRaggedKVCacheWrapper("NHD", device="cuda", backend=backend)
+        if schedule is not None:
+            choose = w._cuda_key
+            w._cuda_key = lambda key, qo: dataclasses.replace(choose(key, qo), schedule=schedule)
         w.plan(qo_indptr, kv_indptr, hq, hkv, d, causal=causal)
         data = [("k", tvm.runtime.from_dlpack(k_t)), ("v", tvm.runtime.from_dlpack(v_t))]
     inputs = {"data": data, **({"cache_t": cache_t, "p_indptr": p_indptr, "indices": indices, "last": last}
@@ -199,6 +219,12 @@ def main(small: bool = False, out: str | None = None) -> list[dict]:
             kname = "tvm_attn" if backend == "auto" else f"tvm_attn_{backend}"
             inputs = run_ours(workload, kname, backend, reqs, hq, hkv, d, causal, fmt, page, q_t, k_t, v_t,
                               q_d, rows0, ref_o, flops, add, matches, rows, dev)
+            chosen = rows[-1].get("schedule", "") if rows and rows[-1]["workload"] == workload else ""
+            if backend == "auto" and fmt == "ragged" and d == 128 and chosen.startswith("wsq128k128"):
+                for schedule in HOPPER_LOOPS:
+                    run_ours(workload, f"tvm_attn_sm90_{schedule}", "fa3", reqs, hq, hkv, d, causal, fmt,
+                             page, q_t, k_t, v_t, q_d, rows0, ref_o, flops, add, matches, rows, dev,
+                             schedule=schedule)
         data = inputs["data"]
         if fmt == "paged":
             cache_t, p_indptr, indices, last = (inputs[n] for n in ("cache_t", "p_indptr", "indices", "last"))

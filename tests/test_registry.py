@@ -344,14 +344,14 @@ def test_hopper_family_takes_what_it_builds_and_prefers():
     sm_90 without "a", and variants it does not implement go to the FA2-class family; a backend the
     key cannot use is a ValueError naming why."""
     ragged = AttentionKey("prefill", ta.RaggedKV(), 32, 8, 128, variant=ta.Causal(), target="cuda:sm_90a")
-    assert registry.scheduled(ragged, 4096).schedule == "wsq128k128s2"
-    assert registry.scheduled(ragged).schedule == "wsq128k128s2"
-    assert registry.scheduled(dataclasses.replace(ragged, variant=ta.ALiBi()), 4096).schedule == "wsq128k64s2"
+    assert registry.scheduled(ragged, 4096).schedule == "wsq128k128s2o"
+    assert registry.scheduled(ragged).schedule == "wsq128k128s2o"
+    for change in ({"variant": ta.ALiBi()}, {"head_dim": 256}):  # 64-key stages
+        assert registry.scheduled(dataclasses.replace(ragged, **change), 4096).schedule == "wsq128k64s2o"
     assert registry.scheduled(ragged, 40).schedule.startswith("fa2")
     assert registry.scheduled(ragged, 4096, family="cuda_prefill_fa2").schedule.startswith("fa2")
-    assert registry.scheduled(ragged, 40, family="cuda_prefill_sm90").schedule == "wsq128k128s2"
-    changes = ({"kv": ta.PagedKV(16)}, {"target": "cuda:sm_90"}, {"variant": ta.RoPE()}, {"num_qo_heads": 24},
-               {"head_dim": 256})
+    assert registry.scheduled(ragged, 40, family="cuda_prefill_sm90").schedule == "wsq128k128s2o"
+    changes = ({"kv": ta.PagedKV(16)}, {"target": "cuda:sm_90"}, {"variant": ta.RoPE()}, {"num_qo_heads": 24})
     for other in (dataclasses.replace(ragged, **c) for c in changes):
         assert registry.scheduled(other, 4096).schedule.startswith("fa2"), other.uri
         with pytest.raises(ValueError, match="cuda_prefill_sm90 cannot build"):

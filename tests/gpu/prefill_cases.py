@@ -8,6 +8,8 @@ picks it, so each test's lengths name the kernels it needs (:func:`build_keys`).
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
 import tvm_attn as ta
@@ -30,7 +32,7 @@ LONG = [(64, 20000)]
 HOPPER_EDGES = [(128, 128), (127, 129), (129, 256), (0, 40), (32, 0), (255, 383), (256, 1024), (40, 4000)]
 #: the Hopper kernel's own axes, each with backend="fa3": dtype, head_dim, grouping, causal, variants
 HOPPER_CASES = [{**BASE, **change} for change in (
-    {}, {"causal": False}, {"dtype": "bfloat16"}, {"head_dim": 64}, {"heads": (32, 32)},
+    {}, {"causal": False}, {"dtype": "bfloat16"}, {"head_dim": 64}, {"head_dim": 256}, {"heads": (32, 32)},
     {"heads": (64, 4)}, {"layout": "HND"}, {"variant": "softcap"}, {"variant": "window"},
     {"variant": "alibi"}, {"variant": "custom_mask"}, {"variant": "sigmoid"},
 )]
@@ -75,8 +77,9 @@ def packed_rows(c, lengths):
     return int(qo.mean() * (hq // hkv)) if qo.size else None
 
 
-def key_of(c, lengths, target: str = "cuda:sm_90a", backend: str = "auto"):
-    """The key the wrapper plans for these lengths with ``backend`` (its ``backend`` argument)."""
+def key_of(c, lengths, target: str = "cuda:sm_90a", backend: str = "auto", schedule: str | None = None):
+    """The key the wrapper plans for these lengths with ``backend`` (its ``backend`` argument), or
+    with its schedule pinned to ``schedule`` (:func:`pin_schedule`)."""
     from tvm_attn.api.prefill import BACKENDS
     from tvm_attn.config import AttentionKey
     from tvm_attn.registry import scheduled
@@ -86,7 +89,22 @@ def key_of(c, lengths, target: str = "cuda:sm_90a", backend: str = "auto"):
     fmt = ta.PagedKV(c["page_size"], c["layout"]) if c["kv"] == "paged" else ta.RaggedKV(c["layout"])
     key = AttentionKey("prefill", fmt, hq, hkv, c["head_dim"], c["dtype"], c["dtype"],
                        variant(c) or AttentionVariant(), target)
-    return scheduled(key, packed_rows(c, lengths), family=BACKENDS[backend])
+    key = scheduled(key, packed_rows(c, lengths), family=BACKENDS[backend])
+    return key if schedule is None else dataclasses.replace(key, schedule=schedule)
+
+
+def pin_schedule(wrapper, schedule: str):
+    """``wrapper`` plans its kernel with ``schedule`` instead of the registry's choice (the tests and
+    the benchmark time and check each Hopper schedule this way)."""
+    choose = wrapper._cuda_key
+    wrapper._cuda_key = lambda key, qo_indptr: dataclasses.replace(choose(key, qo_indptr), schedule=schedule)
+    return wrapper
+
+
+#: every Hopper consumer loop (serial or overlapped GEMMs, with or without the ping-pong), and
+#: 176-key stages
+HOPPER_SCHEDULES = ("wsq128k128s2", "wsq128k128s2p", "wsq128k128s2o", "wsq128k128s2po", "wsq128k176s2o",
+                    "wsq128k176s2po")
 
 
 def backends(c):
@@ -122,6 +140,10 @@ def build_keys(target: str = "cuda:sm_90a") -> list:
     for c in HOPPER_CASES:
         k = key_of(c, HOPPER_EDGES, target, "fa3")
         keys[k.uri] = k
+    for schedule in HOPPER_SCHEDULES:
+        for causal in (True, False):
+            k = key_of({**BASE, "causal": causal}, HOPPER_EDGES, target, "fa3", schedule)
+            keys[k.uri] = k
     k = key_of({**BASE, "causal": False}, [(200, 300)], target)  # single prefill
     keys[k.uri] = k
     k = key_of({**BASE, "causal": False}, [(1, 300)], target)  # single decode on CUDA

@@ -6,7 +6,10 @@ row matches the reference exactly as in the other GPU tests. The merge kernels: 
 or a NaN in the v of a non-empty state, comes out NaN; an empty state's NaN v still weighs 0.
 
 Keys only, never values, are poisoned where a row must not see them: a hidden key's weight is 0, and
-``0 * NaN`` in P.V is NaN in torch and FlashInfer too. Uses kernels that
+``0 * NaN`` in P.V is NaN in torch and FlashInfer too. The exception is the next request's values,
+which a request's last KV tile overhangs: the prefill kernels load zeros in their place (FA2: the
+cp.async zero fill; Hopper: the consumers clear the rows TMA loaded), so a NaN there stays in its
+own request. Uses kernels that
 scripts/build_gpu_kernels.py builds (the decode base case, the window case, the prefill base kernels).
 """
 
@@ -152,6 +155,33 @@ def test_prefill_nan_key_reaches_the_rows_that_see_it(lengths):
     seeing = rows[qo_len // 3:]
     assert np.isnan(o[np.ix_(seeing, heads)]).all() and np.isnan(lse[np.ix_(seeing, heads)]).all()
     assert np.isfinite(o[rows[: qo_len // 3]]).all() and np.isfinite(np.delete(o, heads, axis=1)).all()
+
+
+@pytest.mark.parametrize("backend", ["fa3", "fa2"])
+def test_prefill_nan_value_stays_in_its_request(backend):
+    """A NaN in the V of request 1's first key: request 0's last tile overhangs onto that row, and
+    only request 1's rows (of that KV head's query heads, in that column) come out NaN."""
+    import tvm
+
+    rng = np.random.default_rng(7)
+    c = P.BASE
+    (Hq, Hkv), D, dtype = c["heads"], c["head_dim"], c["dtype"]
+    lengths = [(100, 100), (130, 130), (70, 300)]  # none a multiple of a KV tile
+    qo_indptr = np.cumsum([0] + [q for q, _ in lengths]).astype(np.int32)
+    kv_indptr = np.cumsum([0] + [k for _, k in lengths]).astype(np.int32)
+    q = randn(rng, (int(qo_indptr[-1]), Hq, D), dtype)
+    k, v = (randn(rng, (int(kv_indptr[-1]), Hkv, D), dtype) for _ in range(2))
+    v[kv_indptr[1], 2, 5] = np.nan
+    v[kv_indptr[2], 1, 9] = np.nan
+    w = ta.BatchPrefillWithRaggedKVCacheWrapper("NHD", device="cuda", backend=backend)
+    w.plan(qo_indptr, kv_indptr, Hq, Hkv, D, causal=True, q_data_type=dtype)
+    dev = tvm.cuda(0)
+    o, lse = w.run(q, tvm.runtime.tensor(k, dev), tvm.runtime.tensor(v, dev), return_lse=True)
+    ref_o, ref_lse = R.ragged_attention(q, qo_indptr, k, v, kv_indptr, "NHD", variant=w.kernel_key.variant)
+    assert_attention_close(o, lse, ref_o, ref_lse, dtype, f"prefill {backend}")
+    o = np.asarray(o, np.float32)
+    assert np.isfinite(o[: qo_indptr[1]]).all()
+    assert np.isnan(o[qo_indptr[1]: qo_indptr[2], 2 * Hq // Hkv: 3 * Hq // Hkv, 5]).all()
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

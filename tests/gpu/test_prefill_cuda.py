@@ -16,7 +16,8 @@ from tvm_attn import reference as R
 from conftest import TOL, assert_attention_close, randn
 from .cases import capture_graph, page_table, variant_of
 from .prefill_cases import (
-    BASE, BSR, CASES, HOPPER_CASES, HOPPER_EDGES, LENGTHS, LONG, MEDIUM, SHORT, backends, case_id, key_of,
+    BASE, BSR, CASES, HOPPER_CASES, HOPPER_EDGES, HOPPER_SCHEDULES, LENGTHS, LONG, MEDIUM, SHORT, backends,
+    case_id, key_of, pin_schedule,
 )
 
 pytestmark = pytest.mark.gpu
@@ -40,7 +41,7 @@ def variant_args(name, rng, lengths, all_false=False):
     return {}
 
 
-def check(case, lengths, rng, all_false_mask=False, **wrapper_kw):
+def check(case, lengths, rng, all_false_mask=False, schedule=None, **wrapper_kw):
     import tvm
 
     Hq, Hkv = case["heads"]
@@ -55,6 +56,8 @@ def check(case, lengths, rng, all_false_mask=False, **wrapper_kw):
         indptr, indices, last, num_pages = page_table(rng, kv_lens, S, spare=3)
         cache = randn(rng, ta.PagedKV(S, layout).cache_shape(num_pages, Hkv, D), dtype)
         w = ta.BatchPrefillWithPagedKVCacheWrapper(layout, device="cuda", **wrapper_kw)
+        if schedule:
+            pin_schedule(w, schedule)
         w.plan(qo_indptr, indptr, indices, last, Hq, Hkv, D, S, **plan_kw)
         data = (tvm.runtime.tensor(cache, _dev()),)
         ref = lambda: R.paged_attention(q, qo_indptr, cache, indptr, indices, last, layout,  # noqa: E731
@@ -64,12 +67,14 @@ def check(case, lengths, rng, all_false_mask=False, **wrapper_kw):
         shape = ta.RaggedKV(layout).kv_shape(int(kv_indptr[-1]), Hkv, D)
         k, v = randn(rng, shape, dtype), randn(rng, shape, dtype)
         w = ta.BatchPrefillWithRaggedKVCacheWrapper(layout, device="cuda", **wrapper_kw)
+        if schedule:
+            pin_schedule(w, schedule)
         w.plan(qo_indptr, kv_indptr, Hq, Hkv, D, **plan_kw)
         data = (tvm.runtime.tensor(k, _dev()), tvm.runtime.tensor(v, _dev()))
         ref = lambda v=v: R.ragged_attention(q, qo_indptr, k, v, kv_indptr, layout,  # noqa: E731
                                              variant=w.kernel_key.variant, params=args)
     backend = wrapper_kw.get("backend", "auto")
-    assert w.kernel_key.uri == key_of(case, lengths, w.kernel_key.target, backend).uri
+    assert w.kernel_key.uri == key_of(case, lengths, w.kernel_key.target, backend, schedule).uri
     softmax = w.kernel_key.variant.use_softmax
     res = w.run(q, *data, return_lse=softmax, **args)
     o, lse = res if softmax else (res, None)
@@ -101,6 +106,17 @@ def test_hopper_prefill_tile_edges(case):
     check(case, HOPPER_EDGES, np.random.default_rng(13), backend="fa3")
     assert "wsq" in key_of(case, HOPPER_EDGES, "cuda:sm_90a", "fa3").schedule
     check(case, HOPPER_EDGES, np.random.default_rng(13), backend="fa3", disable_split_kv=True)
+
+
+@pytest.mark.parametrize("schedule", HOPPER_SCHEDULES)
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+def test_hopper_schedules(schedule, causal):
+    """Each Hopper consumer loop (serial or overlapped, with or without the ping-pong) at the tile
+    edges, with split-KV on and off."""
+    case = {**BASE, "causal": causal}
+    for split_off in (False, True):
+        check(case, HOPPER_EDGES, np.random.default_rng(17), schedule=schedule, backend="fa3",
+              disable_split_kv=split_off)
 
 
 @pytest.mark.parametrize("lengths", [SHORT, MEDIUM, LONG], ids=["tile16", "tile64", "long-split"])
@@ -198,6 +214,46 @@ def test_cuda_graph_replay_after_lengths_change():
         torch.cuda.synchronize()
         n = int(qo_indptr[-1])
         ref_o, ref_lse = R.paged_attention(q_host[:n], qo_indptr, cache, indptr, indices, last, causal=True)
+        assert_attention_close(o_dev.numpy()[:n], lse_dev.numpy()[:n], ref_o, ref_lse, "float16",
+                               str(lengths))
+
+
+def test_hopper_cuda_graph_replay_after_lengths_change():
+    """The Hopper kernel under a CUDA graph: captured once over fixed buffers, replayed after plans
+    of other lengths (the tensor maps cover the whole buffers, the work lists change in place)."""
+    torch = pytest.importorskip("torch")
+    import tvm
+
+    rng = np.random.default_rng(19)
+    Hq, Hkv, D = 32, 8, 128
+    max_batch, max_tokens, max_kv = 5, 2048, 12000
+    dev = _dev()
+    q_host = randn(rng, (max_tokens, Hq, D), "float16")
+    k_host, v_host = randn(rng, (max_kv, Hkv, D), "float16"), randn(rng, (max_kv, Hkv, D), "float16")
+    q_dev, k_dev, v_dev = (tvm.runtime.tensor(x, dev) for x in (q_host, k_host, v_host))
+    o_dev = tvm.runtime.empty((max_tokens, Hq, D), "float16", dev)
+    lse_dev = tvm.runtime.empty((max_tokens, Hq), "float32", dev)
+    # ragged KV under CUDA graphs: max_num_pages is the K/V buffers' row count
+    w = ta.BatchPrefillWithRaggedKVCacheWrapper(device="cuda", backend="fa3", use_cuda_graph=True,
+                                               max_batch_size=max_batch, max_num_tokens=max_tokens,
+                                               max_num_pages=max_kv)
+
+    def plan(lengths):
+        qo_indptr = np.cumsum([0] + [q for q, _ in lengths]).astype(np.int32)
+        kv_indptr = np.cumsum([0] + [k for _, k in lengths]).astype(np.int32)
+        w.plan(qo_indptr, kv_indptr, Hq, Hkv, D, causal=True)
+        return qo_indptr, kv_indptr
+
+    plan([(100, 300), (7, 2000), (1, 5)])
+    assert "wsq" in w.kernel_key.schedule
+    graph = capture_graph(lambda: w.run(q_dev, k_dev, v_dev, out=o_dev, lse=lse_dev))
+    for lengths in ([(300, 3000), (1, 1), (500, 700), (64, 64), (0, 9)], [(1, 9000)],
+                    [(1000, 1000), (3, 200)], [(2048, 11000)]):
+        qo_indptr, kv_indptr = plan(lengths)
+        graph.replay()
+        torch.cuda.synchronize()
+        n = int(qo_indptr[-1])
+        ref_o, ref_lse = R.ragged_attention(q_host[:n], qo_indptr, k_host, v_host, kv_indptr, causal=True)
         assert_attention_close(o_dev.numpy()[:n], lse_dev.numpy()[:n], ref_o, ref_lse, "float16",
                                str(lengths))
 

@@ -8,9 +8,12 @@ run ``wgmma`` on them. The choices:
 * ``kv_tile``: keys per pipeline stage, the N of ``S = Q K^T`` (``wgmma.m64n<kv_tile>k16``). Each
   consumer thread holds ``kv_tile / 2`` logits and ``head_dim / 2`` output floats, so head_dim 256
   takes 64-key stages and the others 128.
+* ``overlap``: the consumer loop that keeps a GEMM in flight through the softmax (``o`` in the name).
 * ``stages``: K/V tiles in the shared-memory ring (the producer runs that far ahead).
-* One CTA per SM (``blocks_per_sm`` 1): the consumers raise their register budget to 240 with
-  ``setmaxnreg`` and the producer lowers its own to 24, which fills the register file.
+* One CTA per SM (``blocks_per_sm`` 1): the consumers raise their register budget to 232 with
+  ``setmaxnreg`` and the producer lowers its own to 40, which fills the register file. ptxas
+  allocates each warpgroup's code within its budget; at 24 the producer's barrier and tensor-map
+  addresses spilled (28 bytes, nvcc 13).
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-_NAME = re.compile(r"wsq(\d+)k(\d+)s(\d+)(p?)")
+_NAME = re.compile(r"wsq(\d+)k(\d+)s(\d+)(p?)(o?)")
 
 #: TMA boxes and the 128-byte swizzle of wgmma's operands work on 64-element (128-byte) columns
 CHUNK = 64
@@ -32,6 +35,10 @@ class HopperTiles:
     #: the two consumer warpgroups take turns at S = Q K^T (named barriers), so that one's softmax
     #: runs while the other's GEMM has the tensor cores (FA3's ping-pong)
     pingpong: bool = False
+    #: each consumer issues the next tile's S = Q K^T before the softmax of this one, and this tile's
+    #: O += P V after it, so that the tensor cores work through the softmax (FA3's intra-warpgroup
+    #: overlap); O's rescale waits for the P V in flight
+    overlap: bool = False
 
     def __post_init__(self):
         if self.consumers not in (1, 2):
@@ -55,17 +62,20 @@ class HopperTiles:
     blocks_per_sm = 1
 
     def uri(self) -> str:
-        return f"wsq{self.tile_q}k{self.kv_tile}s{self.stages}{'p' if self.pingpong else ''}"
+        return (f"wsq{self.tile_q}k{self.kv_tile}s{self.stages}{'p' if self.pingpong else ''}"
+                f"{'o' if self.overlap else ''}")
 
     @staticmethod
     def parse(schedule: str) -> HopperTiles:
         m = _NAME.fullmatch(schedule)
         if m is None:
-            raise ValueError(f"schedule: {schedule!r} is not a Hopper prefill schedule like 'wsq128k128s2'")
+            raise ValueError(f"schedule: {schedule!r} is not a Hopper prefill schedule like 'wsq128k128s2' "
+                             "(p: ping-pong, o: overlap)")
         tq, kv, s = (int(x) for x in m.groups()[:3])
         if tq % 64:
             raise ValueError(f"schedule {schedule!r}: the query tile must be 64 x consumer warpgroups")
-        return HopperTiles(consumers=tq // 64, kv_tile=kv, stages=s, pingpong=m.group(4) == "p")
+        return HopperTiles(consumers=tq // 64, kv_tile=kv, stages=s, pingpong=m.group(4) == "p",
+                           overlap=m.group(5) == "o")
 
     @staticmethod
     def of(key) -> HopperTiles:
@@ -93,9 +103,8 @@ def unsupported(key) -> str | None:
         return f"wgmma and TMA need sm_90a, not {arch_of(key.target)}"
     if key.q_dtype != key.kv_dtype or key.kv_dtype not in ("float16", "bfloat16"):
         return f"q and kv must both be float16 or both bfloat16, got {key.q_dtype} / {key.kv_dtype}"
-    if key.head_dim not in (64, 128):
-        # head_dim 256: the 128 output floats per consumer thread spill 32 bytes in ptxas (nvcc 13)
-        return f"head_dim must be 64 or 128, got {key.head_dim}"
+    if key.head_dim not in (64, 128, 256):
+        return f"head_dim must be 64, 128 or 256, got {key.head_dim}"
     g = key.group_size
     if g & (g - 1) or g > 64:
         # the query tile's TMA box is (64 columns, g heads, tile_q / g tokens)
@@ -108,12 +117,14 @@ def unsupported(key) -> str | None:
 
 
 def choose_hopper_tiles(head_dim: int, variant=None) -> HopperTiles:
-    """128-key stages; 64 for logits hooks that read a tensor (ALiBi's slopes, a custom mask:
+    """128-key stages; 64 at head_dim 256 (128 output floats per consumer thread) and for logits
+    hooks that read a tensor (ALiBi's slopes, a custom mask:
     :func:`tvm_attn.schedule.prefill.logits_weight` 2), whose index math spills at 128 keys (ptxas,
-    nvcc 13, sm_90a: 176 bytes for ALiBi)."""
+    nvcc 13, sm_90a: 212 bytes for ALiBi)."""
     from .prefill import logits_weight
 
-    return HopperTiles(consumers=2, kv_tile=64 if logits_weight(variant) >= 2 else 128, stages=2)
+    narrow = head_dim == 256 or logits_weight(variant) >= 2
+    return HopperTiles(consumers=2, kv_tile=64 if narrow else 128, stages=2, overlap=True)
 
 
 #: at most this many GQA-packed query rows per request, the 128-row tile is mostly empty and the

@@ -50,9 +50,13 @@ def smem_ptr(buf, indices, mode: str, extent: int = 8):
     return buf.access_ptr(mask, offset=buf.offset_of(list(indices))[0], extent=extent)
 
 
-def cp_async(dst, dst_ix, src, src_ix):
-    """16-byte global -> shared copy that bypasses L1 (``cp.async.cg``)."""
-    T.evaluate(T.ptx["cp.async.cg.shared.global"](smem_ptr(dst, dst_ix, "w"), smem_ptr(src, src_ix, "r"), 16))
+def cp_async(dst, dst_ix, src, src_ix, valid=None):
+    """16-byte global -> shared copy that bypasses L1 (``cp.async.cg``); where ``valid`` is false it
+    reads nothing and writes 16 zero bytes (the src-size form with size 0)."""
+    args = [smem_ptr(dst, dst_ix, "w"), smem_ptr(src, src_ix, "r"), 16]
+    if valid is not None:
+        args.append(tirx.Cast("uint32", tirx.Select(valid, tirx.const(16, "int32"), tirx.const(0, "int32"))))
+    T.evaluate(T.ptx["cp.async.cg.shared.global"](*args))
 
 
 def warp_any(pred):

@@ -79,6 +79,11 @@ class Barriers:
 
 def fence_barrier_init():
     """Make mbarrier.init visible to the async proxy (TMA) before any copy signals it."""
+    fence_proxy_async()
+
+
+def fence_proxy_async():
+    """Order this thread's shared-memory stores before later reads by the async proxy (wgmma, TMA)."""
     T.evaluate(T.ptx.fence.proxy.async_.shared__cta())
 
 
@@ -144,8 +149,13 @@ def wgmma_fence():
     T.evaluate(T.ptx.wgmma.fence.sync.aligned())
 
 
-def wgmma_commit_and_wait(pending: int = 0):
+def wgmma_commit():
+    """Close the wgmma group issued since the last commit (``wgmma.wait_group`` counts groups)."""
     T.evaluate(T.ptx.wgmma.commit_group.sync.aligned())
+
+
+def wgmma_wait(pending: int = 0):
+    """Until at most ``pending`` committed wgmma groups are in flight."""
     T.evaluate(T.ptx.wgmma.wait_group.sync.aligned(pending))
 
 
@@ -172,6 +182,7 @@ def set_max_registers(n: int, increase: bool):
     T.evaluate(T.ptx[f"setmaxnreg.{'inc' if increase else 'dec'}.sync.aligned.u32"](n))
 
 
-__all__ = ["CHUNK", "Barriers", "advance", "descriptor", "fence_barrier_init", "loop", "named_barrier_arrive",
+__all__ = ["CHUNK", "Barriers", "advance", "descriptor", "fence_barrier_init", "fence_proxy_async", "loop",
+           "named_barrier_arrive",
            "named_barrier_sync", "pin", "set_max_registers", "smem", "tensor_map", "tma_load", "wgmma",
-           "wgmma_commit_and_wait", "wgmma_fence"]
+           "wgmma_commit", "wgmma_fence", "wgmma_wait"]

@@ -75,8 +75,31 @@ def tiles_for(key: AttentionKey) -> PrefillTiles:
     return PrefillTiles.parse(key.schedule)
 
 
+class CtaGeometry:
+    """What the shared prefill stages (:mod:`tvm_attn.tir.prefill_stages`) read off a CTA of either
+    prefill kernel (this one's :class:`Block`, the Hopper kernel's ``HopperBlock``): the fragments'
+    sizes and the rows a lane holds. Needs the fields ``key, D, G, TK, MT, kv_head, warp, g``."""
+
+    @property
+    def variant(self):
+        return self.key.variant
+
+    NB = property(lambda self: self.TK // 8)
+    ND = property(lambda self: self.D // 8)
+    KD = property(lambda self: self.D // 16)
+    KK = property(lambda self: self.TK // 16)
+
+    def token_head(self, p):
+        """The token and query head of GQA-packed row ``p`` of this block's KV head."""
+        return p // self.G, self.kv_head * self.G + p % self.G
+
+    def frag_row(self, mt, h):
+        """The tile row of this lane's accumulator row ``h`` (0: ``g``, 1: ``g + 8``) of m-tile ``mt``."""
+        return self.warp * (16 * self.MT) + mt * 16 + self.g + h * 8
+
+
 @dataclass
-class Block:
+class Block(CtaGeometry):
     """One CTA: the schedule's sizes, the variant's choices, the kernel's arguments, the thread's
     place, and the tiles' buffers. Sizes: ``TQ`` packed query rows, ``TK`` keys per KV tile, ``NT``
     threads; ``NB``/``ND`` 8-column blocks of S/O, ``KD``/``KK`` 16-deep k-steps of Q K^T / P V,
@@ -126,14 +149,6 @@ class Block:
     scale2: tirx.Var  # sm_scale in log2 units
     tables: dict  # the variant's tables in shared memory (HookContext.tables)
 
-    @property
-    def variant(self):
-        return self.key.variant
-
-    NB = property(lambda self: self.TK // 8)
-    ND = property(lambda self: self.D // 8)
-    KD = property(lambda self: self.D // 16)
-    KK = property(lambda self: self.TK // 16)
     CH = property(lambda self: self.D // 8)
 
     @classmethod
@@ -180,13 +195,6 @@ class Block:
                    v_frag32=v_frag32, p_frag=p_frag, p_frag32=p_frag32,
                    lane=lane, warp=warp, g=lane // 4, t4=lane % 4, scale2=scale2, tables=tables)
 
-    def token_head(self, p):
-        """The token and query head of GQA-packed row ``p`` of this block's KV head."""
-        return p // self.G, self.kv_head * self.G + p % self.G
-
-    def frag_row(self, mt, h):
-        """The tile row of this lane's accumulator row ``h`` (0: ``g``, 1: ``g + 8``) of m-tile ``mt``."""
-        return self.warp * (16 * self.MT) + mt * 16 + self.g + h * 8
 
 
 @dataclass

@@ -13,16 +13,26 @@ into the next stage of the ring::
 
     producer (1 thread)                       consumers (warpgroup c: query rows 64c .. 64c + 63)
     wait q_empty; Q -> q_smem (q_full)        wait q_full
-    for each KV tile:                         for each KV tile:
-        wait empty[s]                             wait full[s]
-        K, V -> stage s (full[s])                 S = Q K^T (wgmma, A and B from shared memory)
+    for each KV tile:                         for each KV tile (the serial loop):
+        wait k_empty[s]; K -> stage s             wait k_full[s]; S = Q K^T (wgmma, A and B from
+        wait v_empty[s]; V -> stage s                 shared memory); arrive k_empty[s] (and
+                                                      q_empty after the work's last S)
                                                   logits transform / mask, online softmax (registers)
-                                                  O += P V (wgmma, P from registers, V MN-major)
-                                                  arrive empty[s]   (and q_empty after the last S)
+                                                  wait v_full[s]; O += P V (wgmma, P from registers,
+                                                      V MN-major); arrive v_empty[s]
                                               o = O / l, lse -> global (or the partial state)
 
+The overlapped loop (schedule suffix ``o``, the default) issues tile ``it``'s ``S`` and tile
+``it - 1``'s ``P V`` back to back and runs tile ``it``'s softmax while both are in flight; the softmax
+then leaves O's rescale for the next tile, after that ``P V`` has landed (FA3's intra-warpgroup
+overlap). The ping-pong (``p``) makes the two consumer warpgroups take turns at issuing their GEMMs.
+On the H200 the overlap took dense head_dim-128 prefill from 508-578 to 416-683 TFLOP/s; the
+ping-pong alone changed nothing, and with the overlap it is within a run's noise
+(``bench/results/prefill-h200.json``, rows ``tvm_attn_sm90_*``).
+
 Every shared-memory tile is 128-byte swizzled (:mod:`tvm_attn.tir.hopper`). Keys past a work's end
-in its last tile are loaded (the next request's, or zeros past the tensor) and masked.
+in its last tile are loaded (the next request's, or zeros past the tensor) and masked, and their V
+rows zeroed before ``P V`` (0 times an inf would be NaN).
 
 Arguments: as the FA2-class kernel (:func:`tvm_attn.tir._cuda.kernel_params`), so the wrappers and
 the planner serve both.
@@ -41,21 +51,26 @@ from ..variants.base import HookContext
 from ._builder import IRBuilder, T, let, local, loop, store, when
 from ._cuda import kernel_params, shfl_xor, smem_ptr, stage_tables
 from .hopper import (
-    Barriers, advance, descriptor, fence_barrier_init, named_barrier_arrive, named_barrier_sync, pin,
-    set_max_registers, smem, tensor_map, tma_load, wgmma, wgmma_commit_and_wait, wgmma_fence,
+    Barriers, advance, descriptor, fence_barrier_init, fence_proxy_async, named_barrier_arrive,
+    named_barrier_sync, pin, set_max_registers, smem, tensor_map, tma_load, wgmma, wgmma_commit,
+    wgmma_fence, wgmma_wait,
 )
 from .mma import alias32
-from .prefill_cuda import open_work
-from .prefill_stages import _write_partial_row, init_state, logits_and_mask, online_softmax_update
+from .prefill_cuda import CtaGeometry, open_work
+from .prefill_stages import (
+    _write_partial_row, init_state, logits_and_mask, online_softmax_update, rescale_o,
+)
 from .softmax import LOG2E, inv_sum, lse_of, neg_inf
 
-PRODUCER_REGS, CONSUMER_REGS = 24, 240
+PRODUCER_REGS, CONSUMER_REGS = 40, 232
 #: the ping-pong's named barriers: consumer warpgroup c waits at TURN + c for its turn at Q K^T
 TURN = 1
+#: the named barrier of both consumer warpgroups after they zeroed the V rows past a work's end
+V_TAIL = 3
 
 
 @dataclass
-class HopperBlock:
+class HopperBlock(CtaGeometry):
     """One CTA of the Hopper kernel, with the fields the shared prefill stages read (see
     :class:`tvm_attn.tir.prefill_cuda.Block`): one m-tile of 16 rows per consumer warp."""
 
@@ -92,17 +107,11 @@ class HopperBlock:
     t4: tirx.PrimExpr | None = None
     scale2: tirx.Var | None = None
     tables: dict | None = None
+    o_scale: tirx.Buffer | None = None  # O's deferred rescale (the overlapped loop)
+    o_rescale: tirx.Buffer | None = None
 
     MT = 1
 
-    @property
-    def variant(self):
-        return self.key.variant
-
-    NB = property(lambda self: self.TK // 8)
-    ND = property(lambda self: self.D // 8)
-    KD = property(lambda self: self.D // 16)
-    KK = property(lambda self: self.TK // 16)
     chunks = property(lambda self: self.D // CHUNK)
     stages = property(lambda self: self.tiles.stages)
 
@@ -120,28 +129,27 @@ class HopperBlock:
     def smem_elems(self):
         return self.D * (self.TQ + 2 * self.stages * self.TK)
 
-    def token_head(self, p):
-        return p // self.G, self.kv_head * self.G + p % self.G
 
-    def frag_row(self, mt, h):
-        return self.warp * 16 + self.g + h * 8
-
-
-# barrier indices: full[s], empty[s], then the query tile's
-def _full(s):
-    return s
+# barrier indices: K's full[s] and empty[s], V's, then the query tile's. K and V of a stage have their
+# own barriers: the overlapped loop is done with a tile's K (after its S) a softmax before its V.
+def _full(s, part="k"):
+    return s if part == "k" else _STAGE_BARS + s
 
 
-def _empty(b: HopperBlock, s):
-    return b.stages + s
+def _empty(b: HopperBlock, s, part="k"):
+    return _full(s, part) + b.stages
 
 
 def _q_full(b: HopperBlock):
-    return 2 * b.stages
+    return 2 * _STAGE_BARS
 
 
 def _q_empty(b: HopperBlock):
-    return 2 * b.stages + 1
+    return 2 * _STAGE_BARS + 1
+
+
+#: barriers per part (K or V): full[s] and empty[s] for up to four stages
+_STAGE_BARS = 8
 
 
 def make_prefill_hopper(key: AttentionKey, tiles: HopperTiles | None = None) -> tirx.PrimFunc:
@@ -170,13 +178,14 @@ def make_prefill_hopper(key: AttentionKey, tiles: HopperTiles | None = None) -> 
                             fold_scale=variant.use_softmax and not variant.overrides("logits_transform"),
                             idx=idx, params=params, sm_scale=sm_scale, o=o, lse=lse, tmp_o=tmp_o,
                             tmp_lse=tmp_lse, kv_head=kv_head, tid=tid, smem=buf)
-            bars = Barriers("bars", 2 * tiles.stages + 2)
+            bars = Barriers("bars", 2 * _STAGE_BARS + 2)
             b.tables = stage_tables(variant, D, params, tid, tiles.threads)
             consumer_warps = 4 * tiles.consumers
             with when(tid == 0):
                 for s in range(tiles.stages):
-                    bars.init(_full(s), 1)
-                    bars.init(_empty(b, s), consumer_warps)
+                    for part in ("k", "v"):
+                        bars.init(_full(s, part), 1)
+                        bars.init(_empty(b, s, part), consumer_warps)
                 bars.init(_q_full(b), 1)
                 bars.init(_q_empty(b), consumer_warps)
             fence_barrier_init()
@@ -233,15 +242,14 @@ def _produce(b: HopperBlock, bars: Barriers, maps: dict, work_info, first_work, 
         with loop("it", ws.n_tiles) as it:
             n = tiles_done[0] + it
             stage = let("stage", n % b.stages)
-            bars.wait(_empty(b, stage), ((n // b.stages) % 2) ^ 1)
-            bars.expect_tx(_full(stage), 2 * b.TK * b.D * elem)
             (row,) = b.idx.kv_addr(ws.req, ws.begin + it * b.TK)
             row = let("kv_row", row)
-            for c in range(b.chunks):
-                tma_load(smem(b.smem, b.k_at(stage, c), b.TK * CHUNK), maps["k"], _kv_coords(b, c, row),
-                         bars.ptr(_full(stage)))
-                tma_load(smem(b.smem, b.v_at(stage, c), b.TK * CHUNK), maps["v"], _kv_coords(b, c, row),
-                         bars.ptr(_full(stage)))
+            for part, at in (("k", b.k_at), ("v", b.v_at)):
+                bars.wait(_empty(b, stage, part), ((n // b.stages) % 2) ^ 1)
+                bars.expect_tx(_full(stage, part), b.TK * b.D * elem)
+                for c in range(b.chunks):
+                    tma_load(smem(b.smem, at(stage, c), b.TK * CHUNK), maps[part], _kv_coords(b, c, row),
+                             bars.ptr(_full(stage, part)))
         store(tiles_done, tiles_done[0] + ws.n_tiles, 0)
 
 
@@ -260,53 +268,187 @@ def _open_consumer(b: HopperBlock):
     b.p_frag = local("pf", (b.KK * 8,), b.dt)
     b.p_frag32 = alias32(b.p_frag, b.KK * 4)
     b.scale2 = let("scale_log2", b.sm_scale * LOG2E)
+    if b.tiles.overlap and b.softmax:
+        b.o_scale, b.o_rescale = local("o_scale", (1, 2)), local("o_rescale", 1, "int32")
 
 
 def _consume(b: HopperBlock, bars: Barriers, work_info, first_work, n_works, tiles_done):
     _open_consumer(b)
-    k_desc = descriptor("k_desc", smem(b.smem, 0, b.smem_elems), 16)
-    v_desc = descriptor("v_desc", smem(b.smem, 0, b.smem_elems), b.TK * CHUNK * 2)
-    first_lane = b.lane == 0
-    pingpong = b.tiles.pingpong
-    if pingpong:  # warpgroup 0 takes the first turn
+    descs = (descriptor("k_desc", smem(b.smem, 0, b.smem_elems), 16),
+             descriptor("v_desc", smem(b.smem, 0, b.smem_elems), b.TK * CHUNK * 2))
+    if b.tiles.pingpong:  # warpgroup 0 takes the first turn
         with when(b.consumer == 1):
             named_barrier_arrive(TURN, 256)
     with loop("wi", n_works) as wi:
         ws = open_work(b, work_info, let("w", first_work + wi), tiles_done)
         bars.wait(_q_full(b), wi % 2)
         init_state(b)
-        with loop("it", ws.n_tiles) as it:
-            n = tiles_done[0] + it
-            stage = let("stage", n % b.stages)
-            bars.wait(_full(stage), (n // b.stages) % 2)
-            if pingpong:
-                named_barrier_sync(TURN + b.consumer, 256)
-            _qk(b, k_desc, stage)
-            if pingpong:
-                # hand the turn over; warpgroup 1's last S of the CTA has no turn of 0 left to open
-                last = tirx.all(b.consumer == 1, wi == n_works - 1, it == ws.n_tiles - 1)
-                with when(tirx.Not(last)):
-                    named_barrier_arrive(TURN + 1 - b.consumer, 256)
-            with when(tirx.all(it == ws.n_tiles - 1, first_lane)):
-                bars.arrive(_q_empty(b))
-            logits_and_mask(b, ws, ws.begin + it * b.TK)
-            if b.softmax:
-                online_softmax_update(b)
-            _pv(b, v_desc, stage)
-            with when(first_lane):
-                bars.arrive(_empty(b, stage))
-        with when(tirx.all(ws.n_tiles == 0, first_lane)):
+        loop_ = _Loop(b, bars, ws, descs, tiles_done, last_work=wi == n_works - 1)
+        if b.tiles.overlap:
+            _overlapped_tiles(loop_)
+        else:
+            _serial_tiles(loop_)
+        with when(tirx.all(ws.n_tiles == 0, b.lane == 0)):
             bars.arrive(_q_empty(b))
         _epilogue(b, ws)
         store(tiles_done, tiles_done[0] + ws.n_tiles, 0)
+
+
+@dataclass
+class _Loop:
+    """A consumer's walk over one work's KV tiles: the ring's stages and barrier phases of tile
+    ``it``, the ping-pong's turns, and the GEMMs issued on them."""
+
+    b: HopperBlock
+    bars: Barriers
+    ws: object
+    descs: tuple
+    tiles_done: tirx.Buffer
+    last_work: tirx.PrimExpr
+
+    def stage(self, it):
+        return let("stage", (self.tiles_done[0] + it) % self.b.stages)
+
+    def wait(self, it, part):
+        n = self.tiles_done[0] + it
+        self.bars.wait(_full(n % self.b.stages, part), (n // self.b.stages) % 2)
+
+    def release(self, it, part):
+        """This warp is done with tile ``it``'s K (and, after the work's last S, with Q) or V."""
+        with when(self.b.lane == 0):
+            self.bars.arrive(_empty(self.b, (self.tiles_done[0] + it) % self.b.stages, part))
+            if part == "k":
+                with when(it == self.ws.n_tiles - 1):
+                    self.bars.arrive(_q_empty(self.b))
+
+    def turn(self):
+        """Wait for this warpgroup's turn at the tensor cores (ping-pong)."""
+        if self.b.tiles.pingpong:
+            named_barrier_sync(TURN + self.b.consumer, 256)
+
+    def hand_over(self, it):
+        """Give the other warpgroup its turn; warpgroup 1's last turn of the CTA has none to open."""
+        if self.b.tiles.pingpong:
+            last = tirx.all(self.b.consumer == 1, self.last_work, it == self.ws.n_tiles - 1)
+            with when(tirx.Not(last)):
+                named_barrier_arrive(TURN + 1 - self.b.consumer, 256)
+
+    def clear_v_tail(self, it):
+        """Zero tile ``it``'s V rows past the work's end (the next request's, which TMA loaded): their
+        weights are 0, but 0 times an inf there would put NaN in this request's rows. Both consumer
+        warpgroups share the rows, then meet before either reads the stage."""
+        b = self.b
+        valid = let("valid_rows", self.ws.end - (self.ws.begin + it * b.TK))
+        with when(valid < b.TK):
+            units = b.D // 8  # 16-byte units of a row, over its 64-column chunks
+            v0 = let("v_stage", b.v_at(self.stage(it), 0))
+            ctid = b.tid - 128
+            with loop("z", b.TK * units // 256, "unroll") as z:
+                u = z * 256 + ctid
+                row, c, part = u // units, (u % units) // 8, u % 8
+                with when(row >= valid):
+                    at = v0 + c * b.TK * CHUNK + row * CHUNK + part * 8
+                    store(b.smem, tirx.Broadcast(tirx.const(0, b.dt), 8), tirx.Ramp(at, 1, 8))
+            fence_proxy_async()
+            named_barrier_sync(V_TAIL, 256)
+
+    def qk(self, it):
+        _issue_qk(self.b, self.descs[0], self.stage(it))
+
+    def pv(self, it):
+        _issue_pv(self.b, self.descs[1], self.stage(it))
+
+    def softmax(self, it, defer_o=False):
+        logits_and_mask(self.b, self.ws, self.ws.begin + it * self.b.TK)
+        if self.b.softmax:
+            online_softmax_update(self.b, defer_o)
+
+
+def _serial_tiles(lp: _Loop):
+    """Per tile: S = Q K^T, the softmax, O += P V, each waiting for the one before."""
+    b = lp.b
+    with loop("it", lp.ws.n_tiles) as it:
+        lp.wait(it, "k")
+        lp.turn()
+        lp.qk(it)
+        _wait_gemms(0, _acc(b.s_frag, b.NB))
+        lp.hand_over(it)
+        lp.release(it, "k")
+        lp.softmax(it)
+        _to_p(b)
+        lp.wait(it, "v")
+        lp.clear_v_tail(it)
+        lp.pv(it)
+        _wait_gemms(0, _acc(b.o_frag, b.ND))
+        lp.release(it, "v")
+
+
+def _overlapped_tiles(lp: _Loop):
+    """S of tile it + 1 and P V of tile it are in flight together while the softmax of it + 1 runs:
+
+        S_0; softmax_0
+        for it in 1 .. n - 1:  issue S_it; O *= scale_{it-1}; issue O += P_{it-1} V_{it-1}
+                               wait S_it; softmax_it (O's scale deferred); wait P V
+        O *= scale_{n-1}; O += P_{n-1} V_{n-1}
+    """
+    b, n = lp.b, lp.ws.n_tiles
+    s_regs, o_regs = _acc(b.s_frag, b.NB), _acc(b.o_frag, b.ND)
+    with when(n > 0):
+        lp.wait(0, "k")
+        lp.turn()
+        lp.qk(0)
+        _wait_gemms(0, s_regs)
+        lp.hand_over(0)
+        lp.release(0, "k")
+        lp.softmax(0, defer_o=True)
+        _to_p(b)
+        with loop("it1", n - 1) as j:
+            it = j + 1
+            lp.wait(it, "k")
+            lp.turn()
+            lp.qk(it)
+            _rescale_o(b)
+            lp.wait(j, "v")
+            lp.pv(j)
+            lp.hand_over(it)
+            _wait_gemms(1, s_regs)
+            lp.release(it, "k")
+            lp.softmax(it, defer_o=True)
+            _wait_gemms(0, o_regs)
+            lp.release(j, "v")
+            _to_p(b)
+        _rescale_o(b)
+        lp.wait(n - 1, "v")
+        lp.clear_v_tail(n - 1)
+        lp.pv(n - 1)
+        _wait_gemms(0, o_regs)
+        lp.release(n - 1, "v")
+
+
+def _rescale_o(b: HopperBlock):
+    """O's deferred rescale; a variant without softmax (sigmoid) has none."""
+    if b.softmax:
+        rescale_o(b)
 
 
 def _acc(buf, n_blocks):
     return [buf[0, nb, j] for nb in range(n_blocks) for j in range(4)]
 
 
-def _qk(b: HopperBlock, desc, stage):
-    """s_frag = Q K^T for this warpgroup's 64 rows: D / 16 wgmmas over the swizzled Q and K chunks."""
+def _p_regs(b: HopperBlock):
+    return [b.p_frag32[i] for i in range(b.KK * 4)]
+
+
+def _wait_gemms(pending: int, regs):
+    """Until at most ``pending`` wgmma groups are in flight; ``regs`` (the landed group's registers)
+    stay where the wgmma wrote or read them."""
+    wgmma_wait(pending)
+    pin(regs)
+
+
+def _issue_qk(b: HopperBlock, desc, stage):
+    """Issue s_frag = Q K^T for this warpgroup's 64 rows: D / 16 wgmmas over the swizzled Q and K
+    chunks, one commit group."""
     acc = _acc(b.s_frag, b.NB)
     pin(acc)
     wgmma_fence()
@@ -316,23 +458,27 @@ def _qk(b: HopperBlock, desc, stage):
         a = advance(desc, (b.q_at(c) + b.consumer * 64 * CHUNK + kin * 16) * elem)
         kb = advance(desc, (b.k_at(stage, c) + kin * 16) * elem)
         wgmma(b.dt, acc, b.TK, kb, kd > 0, a_desc=a)
-    wgmma_commit_and_wait(0)
+    wgmma_commit()
     pin(acc)
 
 
-def _pv(b: HopperBlock, desc, stage):
-    """O += P V: P (s_frag in dt) as four A registers per 16 keys, V's stage as the MN-major B."""
+def _to_p(b: HopperBlock):
+    """P (s_frag in dt) as four A registers per 16 keys."""
     for kk in range(b.KK):
         for half in range(2):
             for j in range(4):
                 store(b.p_frag, tirx.Cast(b.dt, b.s_frag[0, kk * 2 + half, j]), kk * 8 + half * 4 + j)
+
+
+def _issue_pv(b: HopperBlock, desc, stage):
+    """Issue O += P V: P from registers, V's stage as the MN-major B; one commit group."""
     acc = _acc(b.o_frag, b.ND)
     pin(acc)
     wgmma_fence()
     for kk in range(b.KK):
         vb = advance(desc, (b.v_at(stage, 0) + kk * 16 * CHUNK) * 2)
         wgmma(b.dt, acc, b.D, vb, True, a_regs=[b.p_frag32[kk * 4 + j] for j in range(4)], trans_b=1)
-    wgmma_commit_and_wait(0)
+    wgmma_commit()
     pin(acc)
 
 

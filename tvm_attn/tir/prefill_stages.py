@@ -74,8 +74,9 @@ def _transform_q_chunk(b: Block, ws: WorkTile, r, col, tok, head):
 
 
 def issue_kv(b: Block, ws: WorkTile, tile, stage, parts=("k", "v")):
-    """cp.async of KV tile ``tile`` (its K and/or V rows) into ``stage`` (rows past the keys repeat
-    the last)."""
+    """cp.async of KV tile ``tile`` (its K and/or V rows) into ``stage``. V rows past the keys are
+    zeros: their weights are 0, and 0 times a neighbour's inf would be NaN; K rows there repeat the
+    last key (their logits are masked)."""
     t0, idx = ws.begin + tile * b.TK, b.idx
     with loop("i", b.TK * b.CH // b.NT, "unroll") as i:
         c = i * b.NT + b.tid
@@ -86,7 +87,7 @@ def issue_kv(b: Block, ws: WorkTile, tile, stage, parts=("k", "v")):
             cp_async(b.k_smem, (stage, kr, col), kb, kix)
         if "v" in parts:
             vb, vix = idx.v_elem(addr, b.kv_head, col)
-            cp_async(b.v_smem, (stage, kr, col), vb, vix)
+            cp_async(b.v_smem, (stage, kr, col), vb, vix, valid=t0 + kr < ws.end)
 
 
 def issue_next_kv(b: Block, ws: WorkTile, it, stage, point: str):
@@ -194,8 +195,12 @@ def logits_and_mask(b: Block, ws: WorkTile, t0):
 # fp16 and fp32), so O and l are rescaled only when some row of the warp grows past that -- rarely
 # after the first tiles.
 
-def online_softmax_update(b: Block):
-    """Fold the tile's logits (s_frag) into the running states m_i, l_i, O; s_frag becomes P."""
+def online_softmax_update(b: Block, defer_o: bool = False):
+    """Fold the tile's logits (s_frag) into the running states m_i, l_i, O; s_frag becomes P.
+
+    ``defer_o``: O is left as it is and its factor kept in ``b.o_scale`` (``b.o_rescale`` says
+    whether any row of the warp has one), for :func:`rescale_o` to apply once the P V of the previous
+    tile, still in flight on the accumulators, has landed (the Hopper kernel's overlapped loop)."""
     m_new = local("m_new", (b.MT, 2))
     grow = local("grow", 1, "int32")
     store(grow, tirx.const(0, "int32"), 0)
@@ -203,12 +208,23 @@ def online_softmax_update(b: Block):
         for h2 in range(2):
             _tile_row_max(b, m_new, grow, mt, h2)
     rescale = let("rescale", warp_any(grow[0]))
+    if defer_o:
+        store(b.o_rescale, rescale, 0)
     with when(rescale != 0), loop("mt", b.MT, "unroll") as mt:
         for h2 in range(2):
-            _rescale_row(b, m_new, mt, h2)
+            _rescale_row(b, m_new, mt, h2, defer_o)
     with loop("mt", b.MT, "unroll") as mt:
         for h2 in range(2):
             _exp_row(b, mt, h2)
+
+
+def rescale_o(b: Block):
+    """O *= the factors a deferred :func:`online_softmax_update` left, where it left any."""
+    with when(b.o_rescale[0] != 0), loop("mt", b.MT, "unroll") as mt:
+        for h2 in range(2):
+            with loop("nd", b.ND, "unroll") as nd:
+                for j in (2 * h2, 2 * h2 + 1):
+                    store(b.o_frag, b.o_frag[mt, nd, j] * b.o_scale[mt, h2], mt, nd, j)
 
 
 def _tile_row_max(b: Block, m_new, grow, mt, h2):
@@ -222,11 +238,14 @@ def _tile_row_max(b: Block, m_new, grow, mt, h2):
     store(grow, grow[0] | tirx.Cast("int32", grows), 0)
 
 
-def _rescale_row(b: Block, m_new, mt, h2):
-    """m = max(m, m_new); l and the row's O scaled by exp2(m_old - m)."""
+def _rescale_row(b: Block, m_new, mt, h2, defer_o: bool = False):
+    """m = max(m, m_new); l and the row's O scaled by exp2(m_old - m) (O's factor kept: defer_o)."""
     st = max_step(b.m_i[mt, h2], [m_new[mt, h2]], ("m_up", None, "scale"))
     store(b.m_i, st.m_new, mt, h2)
     store(b.l_i, rescaled(b.l_i[mt, h2], st.scale, []), mt, h2)
+    if defer_o:
+        store(b.o_scale, st.scale, mt, h2)
+        return
     with loop("nd", b.ND, "unroll") as nd:
         for j in (2 * h2, 2 * h2 + 1):
             store(b.o_frag, st.output(b.o_frag[mt, nd, j], []), mt, nd, j)
