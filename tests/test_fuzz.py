@@ -318,7 +318,15 @@ def ta_tensor(x, device: str = "cpu"):
     GPU is, as when :func:`cuda_case_keys` lists the kernels, the host)."""
     import tvm
 
-    on_gpu = device.startswith("cuda") and tvm.cuda(0).exist
+    on_gpu = False
+    if device.startswith("cuda"):
+        from tvm_attn.cuda_runtime import ensure_cuda
+
+        try:
+            ensure_cuda()  # a runtime-only TVM loads its CUDA runtime on demand
+            on_gpu = tvm.cuda(0).exist
+        except Exception:  # noqa: BLE001 -- no CUDA runtime here
+            on_gpu = False
     return tvm.runtime.tensor(np.asarray(x), tvm.cuda(0) if on_gpu else tvm.cpu())
 
 
