@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from gpu.prefill_cases import HOPPER_CASES, HOPPER_EDGES, case_id, key_of
+from gpu.prefill_cases import BASE, HOPPER_CASES, HOPPER_EDGES, HOPPER_SCHEDULES, case_id, key_of
 from tvm_attn.build import compile_key, cuda_source
 from tvm_attn.cuda_runtime import find_nvcc, nvcc_compile
 from tvm_attn.schedule.hopper import HopperTiles
@@ -17,9 +17,14 @@ from tvm_attn.tir.prefill_hopper import CONSUMER_REGS, PRODUCER_REGS
 from test_cuda_codegen import _kernel_body
 
 
-@pytest.mark.parametrize("case", HOPPER_CASES, ids=case_id)
-def test_hopper_kernel_source_and_ptxas(case):
-    key = key_of(case, HOPPER_EDGES, "cuda:sm_90a", "fa3")
+_KERNELS = [(c, None) for c in HOPPER_CASES] + [(BASE, s) for s in HOPPER_SCHEDULES]
+
+
+@pytest.mark.parametrize("case, schedule", _KERNELS,
+                         ids=[case_id(c) + (f"-{s}" if s else "") for c, s in _KERNELS])
+def test_hopper_kernel_source_and_ptxas(case, schedule):
+    """Every Hopper kernel of the GPU tier: its variant cases, and the schedules timed side by side."""
+    key = key_of(case, HOPPER_EDGES, "cuda:sm_90a", "fa3", schedule)
     tiles = HopperTiles.of(key)
     src = cuda_source(compile_key(key))
     body = _kernel_body(src, key.uri)
