@@ -79,7 +79,7 @@ def packed_rows(c, lengths):
 
 def key_of(c, lengths, target: str = "cuda:sm_90a", backend: str = "auto", schedule: str | None = None):
     """The key the wrapper plans for these lengths with ``backend`` (its ``backend`` argument), or
-    with its schedule pinned to ``schedule`` (:func:`pin_schedule`)."""
+    with its schedule pinned to ``schedule`` (:func:`tvm_attn.api.prefill.pin_schedule`)."""
     from tvm_attn.api.prefill import BACKENDS
     from tvm_attn.config import AttentionKey
     from tvm_attn.registry import scheduled
@@ -91,14 +91,6 @@ def key_of(c, lengths, target: str = "cuda:sm_90a", backend: str = "auto", sched
                        variant(c) or AttentionVariant(), target)
     key = scheduled(key, packed_rows(c, lengths), family=BACKENDS[backend])
     return key if schedule is None else dataclasses.replace(key, schedule=schedule)
-
-
-def pin_schedule(wrapper, schedule: str):
-    """``wrapper`` plans its kernel with ``schedule`` instead of the registry's choice (the tests and
-    the benchmark time and check each Hopper schedule this way)."""
-    choose = wrapper._cuda_key
-    wrapper._cuda_key = lambda key, qo_indptr: dataclasses.replace(choose(key, qo_indptr), schedule=schedule)
-    return wrapper
 
 
 #: every Hopper consumer loop (serial or overlapped GEMMs, with or without the ping-pong), and

@@ -17,8 +17,9 @@ from conftest import TOL, assert_attention_close, randn
 from .cases import capture_graph, page_table, variant_of
 from .prefill_cases import (
     BASE, BSR, CASES, HOPPER_CASES, HOPPER_EDGES, HOPPER_SCHEDULES, LENGTHS, LONG, MEDIUM, SHORT, backends,
-    case_id, key_of, pin_schedule,
+    case_id, key_of,
 )
+from tvm_attn.api.prefill import pin_schedule
 
 pytestmark = pytest.mark.gpu
 

@@ -6,6 +6,8 @@ query rows are aligned to the end of the KV (``kv_idx <= qo_idx + kv_len - qo_le
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
 from ..config import AttentionKey
@@ -22,6 +24,15 @@ from .decode import check_paged_cache
 
 #: the wrappers' ``backend`` argument -> the kernel family it asks for (None: the registry chooses)
 BACKENDS = {"auto": None, "fa2": "cuda_prefill_fa2", "fa3": "cuda_prefill_sm90"}
+
+
+def pin_schedule(wrapper: CudaPrefillPlan, schedule: str) -> CudaPrefillPlan:
+    """``wrapper``'s later plans take the kernel schedule ``schedule`` (e.g. ``"wsq128k128s2po"``)
+    instead of the registry's choice, for tuning scripts: the benchmark and the GPU tier time and
+    check each Hopper schedule this way. The family the wrapper's backend picks must build it."""
+    choose = wrapper._cuda_key
+    wrapper._cuda_key = lambda key, qo_indptr: dataclasses.replace(choose(key, qo_indptr), schedule=schedule)
+    return wrapper
 
 
 class CudaPrefillPlan(Wrapper):
