@@ -72,7 +72,7 @@ def kernel_keys(target: str = "cuda:sm_90a", small: bool = False) -> list:
             k = scheduled(AttentionKey("prefill", kv, hq, hkv, d, "float16", "float16", v, target), packed,
                           family=BACKENDS[backend])
             keys[k.uri] = k
-            if backend == "auto" and _times_hopper_loops(k.schedule, d):
+            if backend == "auto" and _times_hopper_loops(k.schedule, d, fmt):
                 for schedule in HOPPER_LOOPS:
                     pinned = dataclasses.replace(k, schedule=schedule)
                     keys[pinned.uri] = pinned
@@ -86,9 +86,10 @@ HOPPER_LOOPS = ("wsq128k128s2", "wsq128k128s2p", "wsq128k128s2o", "wsq128k128s2p
                "wsq128k176s2po")
 
 
-def _times_hopper_loops(schedule: str, head_dim: int) -> bool:
-    """The registry chose the 128-key Hopper kernel at head_dim 128: its other loops are timed too."""
-    return schedule.startswith("wsq128k128") and head_dim == 128
+def _times_hopper_loops(schedule: str, head_dim: int, fmt: str) -> bool:
+    """The registry chose the 128-key Hopper kernel at head_dim 128 over ragged KV: its other loops
+    are timed too."""
+    return schedule.startswith("wsq128k128") and head_dim == 128 and fmt == "ragged"
 
 
 #: the wrapper backends timed: the registry's choice ("tvm_attn") and the FA2-class kernel
@@ -221,7 +222,7 @@ def main(small: bool = False, out: str | None = None) -> list[dict]:
             inputs = run_ours(workload, kname, backend, reqs, hq, hkv, d, causal, fmt, page, q_t, k_t, v_t,
                               q_d, rows0, ref_o, flops, add, matches, rows, dev)
             chosen = rows[-1].get("schedule", "") if rows and rows[-1]["workload"] == workload else ""
-            if backend == "auto" and _times_hopper_loops(chosen, d):
+            if backend == "auto" and _times_hopper_loops(chosen, d, fmt):
                 for schedule in HOPPER_LOOPS:
                     run_ours(workload, f"tvm_attn_sm90_{schedule}", "fa3", reqs, hq, hkv, d, causal, fmt,
                              page, q_t, k_t, v_t, q_d, rows0, ref_o, flops, add, matches, rows, dev,

@@ -29,8 +29,16 @@ def test_hopper_kernel_source_and_ptxas(case, schedule):
     src = cuda_source(compile_key(key))
     body = _kernel_body(src, key.uri)
     head = body[: body.index("{")]
-    assert head.count("__grid_constant__ CUtensorMap") == 3, "q, k and v tensor maps"
-    assert len(re.findall(r"cp_async_bulk_tensor\w*3d\w*\(", body)) == 3 * key.head_dim // 64
+    chunks = key.head_dim // 64
+    paged = case["kv"] == "paged"
+    if paged:
+        # one map of the cache; per tile, K and V boxes of a page (or the tile) per 64-column chunk
+        boxes = tiles.kv_tile // min(key.kv.page_size, tiles.kv_tile)
+        assert head.count("__grid_constant__ CUtensorMap") == 2, "q and kv tensor maps"
+        assert len(re.findall(r"cp_async_bulk_tensor\w*4d\w*\(", body)) == 2 * chunks * boxes
+    else:
+        assert head.count("__grid_constant__ CUtensorMap") == 3, "q, k and v tensor maps"
+    assert len(re.findall(r"cp_async_bulk_tensor\w*3d\w*\(", body)) == chunks * (1 if paged else 3)
     ss = len(re.findall(r"wgmma_\w+_ss_mma_async\w*\(", body))
     rs = len(re.findall(r"wgmma_\w+_rs_mma_async\w*\(", body))
     issues = 2 if tiles.overlap else 1  # the overlapped loop peels the first S and the last P V

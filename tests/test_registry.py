@@ -181,8 +181,10 @@ def test_cuda_spec_without_schedule_gets_the_default(arch):
                             "variant": {"name": "sliding_window", "window_left": 64}})
     assert window.schedule == "w4u4g4b4"
     prefill = key_from_spec({**DECODE_SPEC, "kind": "prefill", "variant": "causal", "target": target})
-    assert prefill.schedule == "fa2q128k64w4s2b2"
-    assert registry.family_of(prefill).choose(prefill, arch, shape=8) == "fa2q16k64w1s2b8"
+    # paged prefill: the Hopper kernel on sm_90a (page-sized TMA boxes), the FA2-class one on sm_80
+    assert prefill.schedule == ("wsq128k128s2o" if arch == "sm_90a" else "fa2q128k64w4s2b2")
+    short = registry.scheduled(dataclasses.replace(prefill, schedule="default"), 8)
+    assert short.schedule == "fa2q16k64w1s2b8"
     assert key_from_spec({**DECODE_SPEC, "schedule": "w4u4g4b4", "target": target}).schedule == "w4u4g4b4"
     assert key_from_spec(DECODE_SPEC).schedule == "default"  # CPU kernels have one schedule
 
@@ -193,6 +195,8 @@ def test_family_of():
         AttentionKey("decode", ta.PagedKV(16), 4, 4, 64, target="cuda:sm_90a"): "cuda_decode",
         AttentionKey("prefill", ta.RaggedKV(), 4, 4, 64, target="cuda:sm_80"): "cuda_prefill_fa2",
         AttentionKey("prefill", ta.RaggedKV(), 4, 4, 64, target="cuda:sm_90a"): "cuda_prefill_sm90",
+        AttentionKey("prefill", ta.PagedKV(16), 4, 4, 64, target="cuda:sm_90a"): "cuda_prefill_sm90",
+        AttentionKey("prefill", ta.PagedKV(1), 4, 4, 64, target="cuda:sm_90a"): "cuda_prefill_fa2",
         AttentionKey("bsr", ta.BlockSparseKV(16, 16), 4, 4, 64, target="cuda:sm_90a"): "cuda_prefill_fa2",
         MergeKey("merge_states"): "cpu_merge",
         MergeKey("merge_state_in_place", "bfloat16", "cuda:sm_90a"): "cuda_merge",
@@ -278,7 +282,7 @@ RUNTIME_ONLY = textwrap.dedent(
     from tvm_attn.config import key_from_spec
     key = key_from_spec({"kind": "prefill", "kv": {"format": "paged", "page_size": 16}, "num_qo_heads": 32,
                          "num_kv_heads": 8, "head_dim": 128, "target": "cuda:sm_90a"})
-    assert registry.family_of(key).name == "cuda_prefill_fa2" and registry.launch_bounds(key.uri) == (128, 2)
+    assert registry.family_of(key).name == "cuda_prefill_sm90" and registry.launch_bounds(key.uri) == (384, 1)
     assert ir() == before, sorted(ir() - before)
     print("REGISTRY_OK", key.schedule)
     """
@@ -290,7 +294,7 @@ def test_registry_needs_only_the_runtime():
     run = subprocess.run([sys.executable, "-c", RUNTIME_ONLY], capture_output=True, text=True, env=env,
                          timeout=300, check=False)
     assert run.returncode == 0, run.stdout + run.stderr
-    assert "REGISTRY_OK fa2q128k64w4s2b2" in run.stdout
+    assert "REGISTRY_OK wsq128k128s2o" in run.stdout
 
 
 @pytest.fixture
@@ -310,7 +314,7 @@ def test_cli_build_cuda_default_list(tmp_path, capsys, no_nvcc):
     out = capsys.readouterr().out
     assert "building 2 kernels for cuda:sm_90a" in out
     keys = _built_keys(tmp_path)
-    assert {k.schedule for k in keys.values()} == {"w4u2g4b4p", "fa2q128k64w4s2b2"}
+    assert {k.schedule for k in keys.values()} == {"w4u2g4b4p", "wsq128k128s2o"}
     assert all(uri == k.uri and (tmp_path / f"{uri}.so").exists() for uri, k in keys.items())
 
 
@@ -340,8 +344,9 @@ def test_cli_build_refuses_bad_specs_before_building(tmp_path, capsys):
 
 
 def test_hopper_family_takes_what_it_builds_and_prefers():
-    """On sm_90a ragged prefill of long queries goes to the Hopper family; short queries, paged KV,
-    sm_90 without "a", and variants it does not implement go to the FA2-class family; a backend the
+    """On sm_90a ragged and paged prefill of long queries goes to the Hopper family; short queries,
+    pages of fewer than 8 keys (or not a power of two), sm_90 without "a", and variants it does not
+    implement go to the FA2-class family; a backend the
     key cannot use is a ValueError naming why."""
     ragged = AttentionKey("prefill", ta.RaggedKV(), 32, 8, 128, variant=ta.Causal(), target="cuda:sm_90a")
     assert registry.scheduled(ragged, 4096).schedule == "wsq128k128s2o"
@@ -351,7 +356,11 @@ def test_hopper_family_takes_what_it_builds_and_prefers():
     assert registry.scheduled(ragged, 40).schedule.startswith("fa2")
     assert registry.scheduled(ragged, 4096, family="cuda_prefill_fa2").schedule.startswith("fa2")
     assert registry.scheduled(ragged, 40, family="cuda_prefill_sm90").schedule == "wsq128k128s2o"
-    changes = ({"kv": ta.PagedKV(16)}, {"target": "cuda:sm_90"}, {"variant": ta.RoPE()}, {"num_qo_heads": 24})
+    for page in (8, 16, 256):
+        paged = dataclasses.replace(ragged, kv=ta.PagedKV(page, "HND"))
+        assert registry.scheduled(paged, 4096).schedule == "wsq128k128s2o", page
+    changes = ({"kv": ta.PagedKV(1)}, {"kv": ta.PagedKV(4)}, {"kv": ta.PagedKV(24)}, {"target": "cuda:sm_90"},
+               {"variant": ta.RoPE()}, {"num_qo_heads": 24})
     for other in (dataclasses.replace(ragged, **c) for c in changes):
         assert registry.scheduled(other, 4096).schedule.startswith("fa2"), other.uri
         with pytest.raises(ValueError, match="cuda_prefill_sm90 cannot build"):

@@ -35,6 +35,9 @@ HOPPER_CASES = [{**BASE, **change} for change in (
     {}, {"causal": False}, {"dtype": "bfloat16"}, {"head_dim": 64}, {"head_dim": 256}, {"heads": (32, 32)},
     {"heads": (64, 4)}, {"layout": "HND"}, {"variant": "softcap"}, {"variant": "window"},
     {"variant": "alibi"}, {"variant": "custom_mask"}, {"variant": "sigmoid"},
+    # paged KV: page-sized TMA boxes, a page longer than the tile, and a window's first key mid-page
+    {"kv": "paged"}, {"kv": "paged", "layout": "HND"}, {"kv": "paged", "layout": "HND", "page_size": 256},
+    {"kv": "paged", "variant": "window"},
 )]
 
 
@@ -100,8 +103,9 @@ HOPPER_SCHEDULES = ("wsq128k128s2", "wsq128k128s2p", "wsq128k128s2o", "wsq128k12
 
 
 def backends(c):
-    """The wrapper backends a case runs with: ragged KV on both prefill families, the rest on auto."""
-    return ("auto", "fa2") if c["kv"] == "ragged" else ("auto",)
+    """The wrapper backends a case runs with: ragged KV and pages the Hopper kernel reads on both
+    prefill families, the rest (page 1) on auto."""
+    return ("auto", "fa2") if c["kv"] == "ragged" or c["page_size"] >= 8 else ("auto",)
 
 
 #: block-sparse cases: (M, N, R, C, causal)

@@ -5,7 +5,8 @@ arrays and its ``run`` once per layer (``attn_backend.h``). That is tvm_attn's p
 CUDA slots run the same kernels and the same planner as the wrappers:
 
 * the kernels (:mod:`tvm_attn.tir.prefill_cuda` for ragged and paged prefill at each query tile
-  the schedule may pick, with their merge kernels, and :mod:`tvm_attn.tir.decode_cuda` for decode,
+  the schedule may pick, and on sm_90a :mod:`tvm_attn.tir.prefill_hopper` for steps of long queries
+  where the registry prefers it, with their merge kernels, and :mod:`tvm_attn.tir.decode_cuda` for decode,
   which merges the requests it cuts itself) and the planner (:mod:`tvm_attn.tir.plan`) are added
   to the model's IRModule and compiled with it;
 * ``kv_backend.cc`` (C++, linked into the model's library) holds the six plan/run functions the
@@ -56,6 +57,42 @@ def prefill_tile_table(head_dim: int, variant=None, max_rows: int = 1 << 12) -> 
             table.append((rows, tiles))
     table[-1] = ((1 << 31) - 1, table[-1][1])
     return table
+
+
+def _slot_keys(config, variant, schedule: str = "default") -> tuple:
+    """The paged-prefill (HND pages) and ragged-prefill (NHD) keys of a KV-cache configuration."""
+    c = config
+    heads = (c.num_attention_heads, c.num_key_value_heads)
+    return tuple(AttentionKey("prefill", kv, *heads, c.head_dim, c.dtype, c.dtype, variant, c.target,
+                              schedule)
+                 for kv in (PagedKV(c.page_size, "HND"), RaggedKV("NHD")))
+
+
+def hopper_tiles(config, variant):
+    """The Hopper kernel's tiles for the cache's long-query prefill steps, when the registry prefers
+    that family for both slots' keys (sm_90a, pages it reads, a variant it has); else None."""
+    from ..registry import preferred_family
+    from ..schedule.hopper import MIN_PACKED_ROWS, HopperTiles, default_schedule
+
+    keys = _slot_keys(config, variant)
+    if not config.target.startswith("cuda"):
+        return None
+    if any(preferred_family(k, MIN_PACKED_ROWS + 1).name != "cuda_prefill_sm90" for k in keys):
+        return None
+    return HopperTiles.parse(default_schedule(keys[0], "sm_90a"))
+
+
+def with_long_queries(table, tiles) -> list:
+    """``table`` (:func:`prefill_tile_table`) with ``tiles`` for every mean above the Hopper family's
+    short-query bound (:data:`tvm_attn.schedule.hopper.MIN_PACKED_ROWS`)."""
+    from ..schedule.hopper import MIN_PACKED_ROWS
+
+    short = []
+    for rows, t in table:
+        short.append((min(rows, MIN_PACKED_ROWS), t))
+        if rows >= MIN_PACKED_ROWS:
+            break
+    return short + [((1 << 31) - 1, tiles)]
 
 
 def _camel(name: str) -> str:
@@ -160,11 +197,15 @@ class CudaKVBackend:
             raise ValueError(f"dtype: tvm_attn's CUDA KV-cache kernels take float16 or bfloat16, got {dt!r}")
         prefill_variant = compose(RuntimeCausal(), user)
         self.tiles = prefill_tile_table(d, prefill_variant)
+        hopper = hopper_tiles(c, prefill_variant)
+        if hopper is not None:
+            self.tiles = with_long_queries(self.tiles, hopper)
         self.prefill_keys = []
         for _, tiles in self.tiles:
             pair = tuple(AttentionKey("prefill", kv, hq, hkv, d, dt, dt, prefill_variant, c.target,
                                       tiles.uri()) for kv in (PagedKV(c.page_size, "HND"), RaggedKV("NHD")))
-            check_key(pair[0])
+            if tiles is not hopper:
+                check_key(pair[0])
             self.prefill_keys.append(pair)
         group = hq // hkv
         self.decode_key = AttentionKey("decode", PagedKV(c.page_size, "HND"), hq, hkv, d, dt, dt, user,

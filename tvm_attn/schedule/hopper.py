@@ -109,6 +109,11 @@ def unsupported(key) -> str | None:
     if g & (g - 1) or g > 64:
         # the query tile's TMA box is (64 columns, g heads, tile_q / g tokens)
         return f"the GQA group size must be a power of two up to 64, got {g}"
+    page = getattr(key.kv, "page_size", None)
+    if page is not None and (page < 8 or page & (page - 1)):
+        # a page is a TMA box of the 128-byte swizzled tile: whole 8-row swizzle atoms; smaller pages
+        # would need a gather (cp.async) producer
+        return f"pages must be a power of two of at least 8 keys, got page_size {page}"
     for hook in ("query_transform", "key_transform"):
         if key.variant.overrides(hook):
             # Q and K reach shared memory through TMA only; the FA2-class kernel applies these

@@ -212,6 +212,9 @@ class WorkTile:
     hook_qo_len: tirx.Var
     begin: tirx.Var | None = None
     end: tirx.Var | None = None
+    #: keys before this are hidden: the work's own first key when ``begin`` was aligned down to the
+    #: boxes a TMA producer loads (:func:`open_work`'s ``align``); None: ``begin`` is it
+    lo: tirx.Var | None = None
     n_tiles: tirx.Var | None = None
     range_skip: bool = False  # the variant bounds each row's keys (kv_range): keys outside are skipped
     full_lo: tirx.Var | None = None  # keys [full_lo, full_hi) are seen by every row of the tile
@@ -231,8 +234,12 @@ class WorkTile:
                            self.kv_len, b.D, b.params, b.tables)
 
 
-def open_work(b: Block, work_info, w, tiles_done) -> WorkTile:
-    """Read work ``w``'s record; narrow its keys to those some row of the tile sees (kv_range)."""
+def open_work(b: Block, work_info, w, tiles_done, align: int = 1) -> WorkTile:
+    """Read work ``w``'s record; narrow its keys to those some row of the tile sees (kv_range).
+
+    ``align``: the tiles start at a multiple of this many keys (a page-sized TMA box must start at a
+    page boundary, and the planner cuts works at any key); the keys before the work's own first key
+    are then masked (``ws.lo``)."""
     idx, variant = b.idx, b.variant
     req = let("req", tirx.max(work_info[Work.REQUEST, w], 0))
     row0 = let("row0", work_info[Work.ROW_BEGIN, w])
@@ -247,9 +254,16 @@ def open_work(b: Block, work_info, w, tiles_done) -> WorkTile:
         last = variant.kv_range(ws.ctx(b, (row0 + ws.rows - 1) // b.G))
         begin, end = tirx.max(begin, first[0]), tirx.min(end, last[1])
         ws.full_lo, ws.full_hi = let("full_lo", last[0]), let("full_hi", first[1])
-    ws.begin = let("kv_begin", begin)
-    ws.end = let("kv_end", tirx.max(end, ws.begin))
-    ws.n_tiles = let("n_tiles", tirx.ceildiv(ws.end - ws.begin, b.TK))
+    if align > 1:
+        ws.lo = let("kv_lo", begin)
+        ws.begin = let("kv_begin", ws.lo - ws.lo % align)
+        ws.end = let("kv_end", tirx.max(end, ws.lo))
+        tiles = tirx.ceildiv(ws.end - ws.begin, b.TK)
+        ws.n_tiles = let("n_tiles", tirx.if_then_else(ws.end > ws.lo, tiles, 0))
+    else:
+        ws.begin = let("kv_begin", begin)
+        ws.end = let("kv_end", tirx.max(end, ws.begin))
+        ws.n_tiles = let("n_tiles", tirx.ceildiv(ws.end - ws.begin, b.TK))
     # tiles that need no mask work: inside the keys and, for range masks, inside every row's range
     ws.mask_free = not b.has_mask or bool(variant.mask_is_range() and ws.range_skip)
     ws.out_row = let("out_row", work_info[Work.OUT_ROW, w])

@@ -1,4 +1,4 @@
-"""Hopper (sm_90a) prefill over ragged K/V: TMA, wgmma and warp specialization (FA3's recipe).
+"""Hopper (sm_90a) prefill over ragged or paged K/V: TMA, wgmma and warp specialization (FA3's recipe).
 
 Lineage: FlashAttention-3 (a producer warpgroup feeds consumer warpgroups through an mbarrier ring;
 ``S = Q K^T`` and ``O += P V`` on wgmma with P from registers; register reallocation) over the
@@ -31,6 +31,12 @@ On the H200 the overlap is 1.12-1.23x the serial loop on dense head_dim-128 pref
 noise between runs, either way by shape (``bench/results/prefill-h200.json``, rows
 ``tvm_attn_sm90_*``).
 
+Paged KV: one tensor map over the whole cache (its page and K/V dimensions as one), and per KV tile
+one TMA box per page (or the tile, of pages longer than it), whose page id the producer reads from
+the page table. A box must start at a page boundary, so a work whose first key is inside a page
+(the planner cuts works at any key; a window starts anywhere) starts its tiles at the page and masks
+the keys before its own (:func:`tvm_attn.tir.prefill_cuda.open_work`'s ``align``).
+
 Every shared-memory tile is 128-byte swizzled (:mod:`tvm_attn.tir.hopper`). Keys past a work's end
 in its last tile are loaded (the next request's, or zeros past the tensor) and masked, and their V
 rows zeroed before ``P V`` (0 times an inf would be NaN).
@@ -46,7 +52,7 @@ from dataclasses import dataclass
 from tvm import tirx
 
 from ..config import AttentionKey
-from ..kv.formats import RaggedKV
+from ..kv.formats import PagedKV, RaggedKV
 from ..schedule.hopper import CHUNK, SMEM_LIMIT, HopperTiles, unsupported
 from ..variants.base import HookContext
 from ._builder import IRBuilder, T, let, local, loop, store, when
@@ -127,6 +133,19 @@ class HopperBlock(CtaGeometry):
         return self.TQ * self.D + (self.stages * self.chunks + stage * self.chunks + c) * self.TK * CHUNK
 
     @property
+    def box_rows(self):
+        """Keys per TMA box of K or V: the whole tile of ragged KV, a page (or the tile, of pages
+        longer than it) of paged KV."""
+        if isinstance(self.key.kv, PagedKV):
+            return min(self.key.kv.page_size, self.TK)
+        return self.TK
+
+    @property
+    def kv_align(self):
+        """Tiles start at a multiple of this many keys: page-sized boxes start at a page boundary."""
+        return self.box_rows if isinstance(self.key.kv, PagedKV) else 1
+
+    @property
     def smem_elems(self):
         return self.D * (self.TQ + 2 * self.stages * self.TK)
 
@@ -155,11 +174,14 @@ _STAGE_BARS = 8
 
 def make_prefill_hopper(key: AttentionKey, tiles: HopperTiles | None = None) -> tirx.PrimFunc:
     reason = unsupported(key)
-    if reason is not None or not isinstance(key.kv, RaggedKV):
+    if reason is not None or not isinstance(key.kv, (RaggedKV, PagedKV)):
         raise ValueError(f"{key.uri}: the Hopper prefill kernel cannot build it: "
-                         f"{reason or 'it reads ragged KV only'}")
+                         f"{reason or 'it reads ragged or paged KV only'}")
     tiles = tiles or HopperTiles.of(key)
     D, TK, TQ, G = key.head_dim, tiles.kv_tile, tiles.tile_q, key.group_size
+    if isinstance(key.kv, PagedKV) and TK % key.kv.page_size and key.kv.page_size % TK:
+        raise ValueError(f"schedule {key.schedule}: {TK}-key tiles are neither whole pages of "
+                         f"{key.kv.page_size} keys nor inside one")
     if tiles.smem_bytes(D) > SMEM_LIMIT:
         raise ValueError(f"schedule {key.schedule}: {tiles.smem_bytes(D)} bytes of shared memory at "
                          f"head_dim {D}, more than {SMEM_LIMIT}")
@@ -211,8 +233,18 @@ def _tensor_maps(key: AttentionKey, idx, tiles: HopperTiles) -> dict:
     kv_tile rows), 64 columns per box."""
     D, G, dt = key.head_dim, key.group_size, key.kv_dtype
     total_q = tirx.max(idx.num_q_rows, 1)
-    total_kv = tirx.max(idx.k.shape[0 if key.kv.layout == "NHD" else 1], 1)
     q_map = tensor_map("q_map", idx.q.data, (D, key.num_qo_heads, total_q), (CHUNK, G, tiles.tile_q // G), dt)
+    if isinstance(key.kv, PagedKV):
+        # one map of K and V: the cache's (page, K/V) dimensions as one, K of page p at 2p, V at 2p + 1
+        page, rows = key.kv.page_size, min(key.kv.page_size, tiles.kv_tile)
+        halves = 2 * tirx.max(idx.cache.shape[0], 1)
+        if key.kv.layout == "NHD":
+            dims, box = (D, key.num_kv_heads, page, halves), (CHUNK, 1, rows, 1)
+        else:
+            dims, box = (D, page, key.num_kv_heads, halves), (CHUNK, rows, 1, 1)
+        kv_map = tensor_map("kv_map", idx.cache.data, dims, box, dt)
+        return {"q": q_map, "k": kv_map, "v": kv_map}
+    total_kv = tirx.max(idx.k.shape[0 if key.kv.layout == "NHD" else 1], 1)
     if key.kv.layout == "NHD":
         kv_dims, kv_box = (D, key.num_kv_heads, total_kv), (CHUNK, 1, tiles.kv_tile)
     else:
@@ -227,13 +259,20 @@ def _kv_coords(b: HopperBlock, c, row):
     return (c * CHUNK, row, b.kv_head)
 
 
+def _page_coords(b: HopperBlock, c, page, slot, part):
+    half = page * 2 + (0 if part == "k" else 1)
+    if b.key.kv.layout == "NHD":
+        return (c * CHUNK, b.kv_head, slot, half)
+    return (c * CHUNK, slot, b.kv_head, half)
+
+
 # -- the producer ------------------------------------------------------------------------------------
 
 def _produce(b: HopperBlock, bars: Barriers, maps: dict, work_info, first_work, n_works, tiles_done):
     """One thread: per work, the query tile, then its K/V tiles through the ring."""
     elem = 2
     with loop("wi", n_works) as wi:
-        ws = open_work(b, work_info, let("w", first_work + wi), tiles_done)
+        ws = open_work(b, work_info, let("w", first_work + wi), tiles_done, b.kv_align)
         bars.wait(_q_empty(b), (wi % 2) ^ 1)
         bars.expect_tx(_q_full(b), b.TQ * b.D * elem)
         tok0 = ws.q_row_begin + ws.row0 // b.G
@@ -243,15 +282,35 @@ def _produce(b: HopperBlock, bars: Barriers, maps: dict, work_info, first_work, 
         with loop("it", ws.n_tiles) as it:
             n = tiles_done[0] + it
             stage = let("stage", n % b.stages)
-            (row,) = b.idx.kv_addr(ws.req, ws.begin + it * b.TK)
-            row = let("kv_row", row)
+            boxes = _tile_boxes(b, ws, it)
             for part, at in (("k", b.k_at), ("v", b.v_at)):
                 bars.wait(_empty(b, stage, part), ((n // b.stages) % 2) ^ 1)
                 bars.expect_tx(_full(stage, part), b.TK * b.D * elem)
-                for c in range(b.chunks):
-                    tma_load(smem(b.smem, at(stage, c), b.TK * CHUNK), maps[part], _kv_coords(b, c, row),
-                             bars.ptr(_full(stage, part)))
+                for i, box in enumerate(boxes):
+                    for c in range(b.chunks):
+                        dst = smem(b.smem, at(stage, c) + i * b.box_rows * CHUNK, b.box_rows * CHUNK)
+                        tma_load(dst, maps[part], box(c, part), bars.ptr(_full(stage, part)))
         store(tiles_done, tiles_done[0] + ws.n_tiles, 0)
+
+
+def _tile_boxes(b: HopperBlock, ws, it) -> list:
+    """The TMA boxes of KV tile ``it``, as functions (chunk, part) -> coordinates: one box of ragged
+    KV; per box of paged KV, its page, read once for K and V. Boxes past the request's last page
+    take that page again (their keys are masked, their V rows zeroed: _Loop.clear_v_tail)."""
+    t0 = ws.begin + it * b.TK
+    if not isinstance(b.key.kv, PagedKV):
+        (row,) = b.idx.kv_addr(ws.req, t0)
+        row = let("kv_row", row)
+        return [lambda c, part: _kv_coords(b, c, row)]
+    P, idx = b.key.kv.page_size, b.idx
+    last = let("last_page", idx.indptr[ws.req + 1] - 1)
+    boxes = []
+    for i in range(b.TK // b.box_rows):
+        pos = t0 + i * b.box_rows
+        page = let(f"page{i}", idx.indices[tirx.min(idx.indptr[ws.req] + pos // P, last)])
+        slot = let(f"slot{i}", pos % P) if P > b.box_rows else 0
+        boxes.append(lambda c, part, page=page, slot=slot: _page_coords(b, c, page, slot, part))
+    return boxes
 
 
 # -- the consumers -----------------------------------------------------------------------------------
@@ -281,7 +340,7 @@ def _consume(b: HopperBlock, bars: Barriers, work_info, first_work, n_works, til
         with when(b.consumer == 1):
             named_barrier_arrive(TURN, 256)
     with loop("wi", n_works) as wi:
-        ws = open_work(b, work_info, let("w", first_work + wi), tiles_done)
+        ws = open_work(b, work_info, let("w", first_work + wi), tiles_done, b.kv_align)
         bars.wait(_q_full(b), wi % 2)
         init_state(b)
         loop_ = _Loop(b, bars, ws, descs, tiles_done, last_work=wi == n_works - 1)

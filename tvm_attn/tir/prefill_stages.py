@@ -156,7 +156,7 @@ def _logit(b: Block, ws: WorkTile, t0, mt, nb, j, masked: bool):
         val = b.variant.logits_transform(sctx, x * b.sm_scale)
         val = val * LOG2E if b.softmax else val
     if masked:
-        vis = pos < ws.end
+        vis = pos < ws.end if ws.lo is None else tirx.all(pos >= ws.lo, pos < ws.end)
         m = b.variant.logits_mask(sctx)
         if m is not None:
             vis = tirx.all(vis, m)
@@ -175,6 +175,8 @@ def logits_and_mask(b: Block, ws: WorkTile, t0):
     full = None
     if ws.mask_free:
         full = t0 + b.TK <= ws.end
+        if ws.lo is not None:
+            full = tirx.all(full, t0 >= ws.lo)
         if ws.range_skip:
             full = tirx.all(full, t0 >= ws.full_lo, t0 + b.TK <= ws.full_hi)
     if full is None:
