@@ -77,3 +77,15 @@ def pytest_collection_modifyitems(config, items):
         for item in items:
             if "gpu" in item.keywords:
                 item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    """The tiny Llama model built once for the CPU tests that run it (``tvm-attn build-model --config
+    tiny --seed 3``, our kernels in TVM's KV cache): the path of its library, model.json beside it.
+    Tests only read it (each opens its own ModelSession)."""
+    from tvm_attn.cli import main
+
+    path = tmp_path_factory.mktemp("tiny_model") / "tiny.so"
+    assert main(["build-model", "--config", "tiny", "-o", str(path), "--seed", "3", "--quiet"]) == 0
+    return path

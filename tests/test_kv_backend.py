@@ -37,7 +37,30 @@ def test_header_names_every_kernel():
         assert f"__tvm_ffi_{name}(" in header, name
     assert PLAN in funcs and "kNumQoHeads = 32, kNumKvHeads = 8" in header
     assert "kDType = {kDLFloat, 16, 1}" in header
-    assert len(b.prefill_keys) == 3  # 16-, 64- and 128-row query tiles at head_dim 128
+    assert len(b.prefill_keys) == 3  # 16- and 64-row query tiles, then the Hopper kernel's 128 rows
+
+
+@pytest.mark.parametrize("target, page_size, hopper", [("cuda:sm_90a", 16, True), ("cuda:sm_80", 16, False),
+                                                       ("cuda:sm_90a", 4, False)])
+def test_long_prefill_steps_take_the_hopper_kernel_where_the_registry_does(target, page_size, hopper):
+    """Above the Hopper family's short-query bound the cache's prefill slots run its kernel on sm_90a
+    (both slots' keys: HND pages, NHD ragged); short steps keep the FA2-class tiles. On sm_80, and for
+    pages the Hopper kernel does not read, the table is the FA2-class schedule's."""
+    from tvm_attn.schedule.hopper import MIN_PACKED_ROWS, HopperTiles
+
+    b = _backend(target=target, page_size=page_size)
+    rows = [m for m, _ in b.tiles]
+    assert rows == sorted(rows) and rows[-1] == (1 << 31) - 1
+    last = b.tiles[-1][1]
+    assert isinstance(last, HopperTiles) == hopper
+    for paged, ragged in b.prefill_keys:
+        assert paged.schedule == ragged.schedule
+    if hopper:
+        assert rows[-2] == MIN_PACKED_ROWS
+        assert all(not isinstance(t, HopperTiles) for _, t in b.tiles[:-1])
+        assert b.prefill_keys[-1][0].schedule == last.uri() and "wsq128" in b.header()
+    else:
+        assert b.tiles == prefill_tile_table(128, b.prefill_keys[0][0].variant)
 
 
 def test_refusals():
@@ -123,42 +146,3 @@ int main() {{
     want += [prefill_workspace(tok, bt, *heads, tiles, s) for s, bt, tok in cases for _, tiles in b.tiles]
     got = [[int(x) for x in line.split()] for line in out[1:]]
     assert got == [[*dataclasses.astuple(w), w.int_bytes // 4, w.float_bytes // 4] for w in want]
-
-
-def _graph_test():
-    """tests/gpu/test_kv_cache_graphs.py as a module (its workload runs on the CPU model too)."""
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).with_name("gpu") / "test_kv_cache_graphs.py"
-    spec = importlib.util.spec_from_file_location("kv_cache_graphs", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_graph_workload_runs_eagerly_on_the_cpu_model(tmp_path):
-    """The GPU graph test's workload, with the decode run eagerly on the CPU model: every step's logits
-    match numpy through sequences added and removed while each slot keeps its page count (what a replay
-    needs from TVM's cache), and begin_step's early plan leaves the step runnable."""
-    import numpy as np
-    import tvm
-
-    from tvm_attn.cli import main
-    from tvm_attn.models import llama
-    from tvm_attn.models.runtime import ModelSession
-
-    graphs = _graph_test()
-    path = tmp_path / "tiny.so"
-    assert main(["build-model", "--config", "tiny", "-o", str(path), "--seed", "3", "--quiet"]) == 0
-    cfg = llama.get_config("tiny")
-    weights = llama.random_weights(cfg, 3)
-    s = ModelSession(path, weights=weights)
-    ids = tvm.runtime.tensor(np.zeros((graphs.BATCH, 1), np.int32), s.device)
-    work = graphs.Workload(s, cfg, weights, np.random.default_rng(11), ids)
-    steps = 40
-    for _ in range(steps):
-        work.step(lambda: s.vm["decode"](ids, s.cache, s.params))
-    c = work.counts
-    assert c["steps"] == steps and c["removed"] > 0 and c["forked"] > 0 and c["added"] > graphs.BATCH, c
-    assert work.worst < 1e-4  # the float32 model (the GPU test's bound is float16's)

@@ -9,18 +9,10 @@ import json
 import numpy as np
 import pytest
 
-from tvm_attn.cli import main
 from tvm_attn.models import llama
 from tvm_attn.models.runtime import ModelSession
 
 TOL = 1e-4  # float32 model; the numpy pass is float64
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    path = tmp_path_factory.mktemp("model") / "tiny.so"
-    assert main(["build-model", "--config", "tiny", "-o", str(path), "--seed", "3", "--quiet"]) == 0
-    return path
 
 
 def _check(config, weights, tokens, logits, what):
@@ -29,12 +21,12 @@ def _check(config, weights, tokens, logits, what):
     assert err <= TOL * (1 + np.abs(ref).max()), f"{what}: max |logits - numpy| = {err:.2e}"
 
 
-def test_prefill_fork_decode_matches_numpy(tiny):
-    meta = json.loads(tiny.with_suffix(".json").read_text())
+def test_prefill_fork_decode_matches_numpy(tiny_model):
+    meta = json.loads(tiny_model.with_suffix(".json").read_text())
     assert meta["kv_cache_slots"]["decode_paged"] == "tvm_attn"
     assert meta["weights"] == {"kind": "random", "seed": 3}
     cfg = llama.get_config("tiny")
-    s = ModelSession(tiny)
+    s = ModelSession(tiny_model)
     weights = llama.random_weights(cfg, 3)
     rng = np.random.default_rng(7)
     seqs = {i: rng.integers(0, cfg.vocab_size, n).tolist() for i, n in ((0, 5), (1, 23), (2, 41))}

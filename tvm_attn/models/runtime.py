@@ -11,11 +11,14 @@ the weights, creates the KV cache and drives it the way MLC-LLM's engine does::
 
 Each ``forward`` is ``begin_forward`` -> the model's ``prefill`` (several tokens in some sequence) or
 ``decode`` (one token in each) -> ``end_forward``; it returns each sequence's logits rows.
+:meth:`ModelSession.decode_graph_key` says which decode steps one captured CUDA graph replays.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +28,23 @@ def _global(name: str):
     import tvm
 
     return tvm.get_global_func(name)
+
+
+#: TVM's cache starts each index array of its packed device buffer on 16 bytes: 4 int32
+_AUX_ALIGN = 4
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+@dataclass(frozen=True)
+class DecodeGraphKey:
+    """What fixes the device addresses a captured decode step reads (:meth:`ModelSession.decode_graph_key`):
+    the batch size and the batch's page count after the step's append, rounded up to a multiple of 4."""
+
+    batch_size: int
+    pages: int
 
 
 class ModelSession:
@@ -58,6 +78,9 @@ class ModelSession:
                                                       shape([prefill_chunk_size]))
         self._begin = _global("vm.builtin.kv_state_begin_forward")
         self._end = _global("vm.builtin.kv_state_end_forward")
+        self._live: set[int] = set()  # the sequences in the cache (added or forked, not removed)
+        # each sequence that took part in a fork: the ids it was forked from or into (see decode_graph_key)
+        self._fork_relatives: dict[int, set[int]] = {}
 
     def default_weights(self) -> dict:
         """The weights ``build-model`` recorded: random from a seed, or a local safetensors file."""
@@ -77,19 +100,67 @@ class ModelSession:
     # -- sequences (TVM's runtime KV-state functions) -------------------------------------------------
     def add_sequence(self, seq_id: int) -> None:
         _global("vm.builtin.kv_state_add_sequence")(self.cache, seq_id)
+        self._live.add(seq_id)
 
     def remove_sequence(self, seq_id: int) -> None:
         _global("vm.builtin.kv_state_remove_sequence")(self.cache, seq_id)
+        self._live.discard(seq_id)
+        # a later sequence of the same id is a new one; its relatives keep their record (decode_graph_key)
+        self._fork_relatives.pop(seq_id, None)
 
     def fork_sequence(self, parent: int, child: int, fork_pos: int = -1) -> None:
         """``child`` starts as ``parent``'s first ``fork_pos`` tokens (all of them with -1)."""
         _global("vm.builtin.kv_state_fork_sequence")(self.cache, parent, child, fork_pos)
+        self._live.add(child)
+        self._fork_relatives.setdefault(parent, set()).add(child)
+        self._fork_relatives.setdefault(child, set()).add(parent)
 
     def popn(self, seq_id: int, n: int) -> None:
         _global("vm.builtin.kv_state_popn")(self.cache, seq_id, n)
 
     def sequence_length(self, seq_id: int) -> int:
         return int(_global("vm.builtin.attention_kv_cache_get_sequence_length")(self.cache, seq_id))
+
+    @cached_property
+    def page_size(self) -> int:
+        """Tokens per page of the model's KV cache (its config's ``page_size``)."""
+        return config_from_json(self.meta["config"]).page_size
+
+    # -- CUDA graphs -----------------------------------------------------------------------------------
+    def decode_graph_key(self, seq_ids) -> DecodeGraphKey | None:
+        """The key of the next decode step of ``seq_ids`` (one new token each; call it before the step's
+        :meth:`begin_step`): two decode steps with equal keys can share one captured CUDA graph of the
+        model's ``decode``, and None says that no captured graph may replay this step.
+
+        TVM's cache packs a step's index arrays back to back into one device buffer
+        (``SyncAuxArrayToDevice`` through ``CachedPagedKVCacheAuxDataManager``), each start rounded up
+        to 4 int32, and a captured kernel keeps the addresses it was given. In a decode batch of one
+        cascade depth only the page indices vary in size, so the batch size and its page count after
+        the append, rounded up to 4, fix every address a replay reads (:class:`DecodeGraphKey`).
+
+        A sequence that was forked, from or into another, gives None: the fork splits its pages into a
+        chain of blocks, one cascade depth each (``GetBlockIdsOnDepth``), whose sizes depend on the
+        cache's block tree, and the chain stays after the relative is removed. Raises ``ValueError``
+        for an empty batch, repeated ids or ids not in the cache."""
+        seq_ids = self._check_batch(seq_ids)
+        if any(i in self._fork_relatives for i in seq_ids):
+            return None
+        pages = sum(_ceil_div(self.sequence_length(i) + 1, self.page_size) for i in seq_ids)
+        return DecodeGraphKey(len(seq_ids), _ceil_div(pages, _AUX_ALIGN) * _AUX_ALIGN)
+
+    def _check_batch(self, seq_ids) -> list[int]:
+        """``seq_ids`` as a list: a non-empty batch of distinct sequences of the cache."""
+        ids = [int(i) for i in seq_ids]
+        if not ids:
+            raise ValueError(f"seq_ids: an empty batch ({seq_ids!r})")
+        repeated = sorted({i for i in ids if ids.count(i) > 1})
+        if repeated:
+            raise ValueError(f"seq_ids: {seq_ids!r} names {repeated} more than once")
+        unknown = [i for i in ids if i not in self._live]
+        if unknown:
+            raise ValueError(f"seq_ids: {seq_ids!r} names {unknown}, not in the cache (never added, or "
+                             "removed)")
+        return ids
 
     # -- one step --------------------------------------------------------------------------------------
     def begin_step(self, seq_ids, lengths, plan: bool = False) -> None:

@@ -28,21 +28,24 @@ can replay:
 * its per-step host work (packing the index arrays, the upload on its copy stream, the slots'
   plans: ``ComputeStreamWaitForCopyStream``) runs lazily in the step's first attention call, not in
   ``BeginForward``; ``vm.builtin.attention_kv_cache_get_query_positions`` runs it earlier, outside a
-  capture (:meth:`tvm_attn.models.runtime.ModelSession.prepare_step`);
-* ``CachedPagedKVCacheAuxDataManager`` packs the index arrays one after the other into one device
-  buffer, each at the aligned end of the one before (``CopyAttnAuxVecToCache``): the query positions
-  first, then per depth the qo and page indptrs, the page indices, the last-page lengths, ... and the
-  append positions, each start rounded up to 16 bytes. The addresses that the captured kernels were
-  given (ours: the last-page lengths, and the page indices of the second depth; TVM's
-  transpose-append: the append positions) move whenever the batch's page count, rounded up to 4,
-  changes;
-* the number of cascade depths (sequences of the batch that share a forked prefix) decides how many
-  attention calls and merges a layer makes, and the compute stream is the one current when the
-  cache was created.
+  capture (:meth:`tvm_attn.models.runtime.ModelSession.begin_step` with ``plan=True``);
+* ``SyncAuxArrayToDevice`` packs the index arrays one after the other into one device buffer
+  (``CachedPagedKVCacheAuxDataManager``, ``CopyAttnAuxVecToCache``), each start rounded up to 16
+  bytes (4 int32): the query positions first, then per depth the qo and page indptrs, the page
+  indices, the last-page lengths, ... and the append positions. The addresses that the captured
+  kernels were given (ours: the last-page lengths, and the page indices of the second depth; TVM's
+  transpose-append: the append positions) move whenever the batch size or the batch's page count
+  after the step's append, rounded up to 4, changes;
+* the number of cascade depths (sequences of the batch that share a forked prefix, see
+  ``GetBlockIdsOnDepth``) decides how many attention calls and merges a layer makes and the sizes of
+  each depth's arrays, and the compute stream is the one current when the cache was created.
 
-So a captured decode step replays correctly while the batch keeps its size, its total page count
-and its depth structure; tests/gpu/test_kv_cache_graphs.py replays one capture over random steps
-that keep those fixed while lengths change and sequences come and go.
+So a captured decode step replays correctly for a later step of the same batch size and the same
+rounded page count, over one depth. :meth:`tvm_attn.models.runtime.ModelSession.decode_graph_key`
+gives that pair for a step (a ``DecodeGraphKey``), or None for a batch with a sequence that was
+forked from or into another (its pages sit in several depths); a caller keeps its captured graphs by
+that key, captures one for a new key and runs None steps eagerly. tests/gpu/test_kv_cache_graphs.py
+does so over random steps in which lengths grow across pages and sequences come and go.
 """
 
 from __future__ import annotations
