@@ -239,3 +239,32 @@ def test_plan_refuses_a_bad_page_table(fault, message):
     w.plan(np.array([0, 2, 5, 5], np.int32), np.arange(7, dtype=np.int32), np.array([16, 3, 0], np.int32),
            32, 8, 128, 16)
     assert w.run(q, cache).shape == (3, 32, 128)
+
+
+def test_torch_views_off_the_alignment_are_taken():
+    """torch CUDA views that start 2 bytes into their storage (TVM takes 64-byte aligned data only)
+    are copied and give the same result; an ``out=`` view that would be a copy is refused by name."""
+    torch = pytest.importorskip("torch")
+
+    rng = np.random.default_rng(13)
+    Hq, Hkv, D, S = 32, 8, 128, 16
+    lens = [300, 17, 1]
+    indptr, indices, last, num_pages = page_table(rng, lens, S)
+    cache = randn(rng, (num_pages, 2, S, Hkv, D), "float16")
+    q = randn(rng, (len(lens), Hq, D), "float16")
+
+    def off_by_one_element(x):
+        buf = torch.empty(x.size + 1, dtype=torch.float16, device="cuda")
+        view = buf[1:].view(x.shape)
+        view.copy_(torch.from_numpy(x))
+        assert view.data_ptr() % 64
+        return view
+
+    w = ta.BatchDecodeWithPagedKVCacheWrapper(device="cuda")
+    w.plan(indptr, indices, last, Hq, Hkv, D, S)
+    o, lse = w.run(off_by_one_element(q), off_by_one_element(cache), return_lse=True)
+    assert o.is_cuda, "a torch input gives a torch output"
+    ref_o, ref_lse = R.paged_attention(q, None, cache, indptr, indices, last)
+    assert_attention_close(o.float().cpu().numpy(), lse.cpu().numpy(), ref_o, ref_lse, "float16", "views")
+    with pytest.raises(ValueError, match="out"):
+        w.run(q, cache, out=off_by_one_element(np.zeros_like(q)))
