@@ -74,9 +74,9 @@ def hopper_tiles(config, variant):
     from ..registry import preferred_family
     from ..schedule.hopper import MIN_PACKED_ROWS, HopperTiles, default_schedule
 
-    keys = _slot_keys(config, variant)
     if not config.target.startswith("cuda"):
         return None
+    keys = _slot_keys(config, variant)
     if any(preferred_family(k, MIN_PACKED_ROWS + 1).name != "cuda_prefill_sm90" for k in keys):
         return None
     return HopperTiles.parse(default_schedule(keys[0], "sm_90a"))
@@ -202,8 +202,7 @@ class CudaKVBackend:
             self.tiles = with_long_queries(self.tiles, hopper)
         self.prefill_keys = []
         for _, tiles in self.tiles:
-            pair = tuple(AttentionKey("prefill", kv, hq, hkv, d, dt, dt, prefill_variant, c.target,
-                                      tiles.uri()) for kv in (PagedKV(c.page_size, "HND"), RaggedKV("NHD")))
+            pair = _slot_keys(c, prefill_variant, tiles.uri())
             if tiles is not hopper:
                 check_key(pair[0])
             self.prefill_keys.append(pair)
