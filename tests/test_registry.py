@@ -196,8 +196,9 @@ def test_family_of():
         AttentionKey("prefill", ta.RaggedKV(), 4, 4, 64, target="cuda:sm_80"): "cuda_prefill_fa2",
         AttentionKey("prefill", ta.RaggedKV(), 4, 4, 64, target="cuda:sm_90a"): "cuda_prefill_sm90",
         AttentionKey("prefill", ta.PagedKV(16), 4, 4, 64, target="cuda:sm_90a"): "cuda_prefill_sm90",
-        AttentionKey("prefill", ta.PagedKV(1), 4, 4, 64, target="cuda:sm_90a"): "cuda_prefill_fa2",
-        AttentionKey("bsr", ta.BlockSparseKV(16, 16), 4, 4, 64, target="cuda:sm_90a"): "cuda_prefill_fa2",
+        AttentionKey("prefill", ta.PagedKV(1), 4, 4, 64, target="cuda:sm_90a"): "cuda_prefill_sm90",
+        AttentionKey("bsr", ta.BlockSparseKV(16, 16), 4, 4, 64, target="cuda:sm_90a"): "cuda_prefill_sm90",
+        AttentionKey("bsr", ta.BlockSparseKV(16, 16), 4, 4, 64, target="cuda:sm_80"): "cuda_prefill_fa2",
         MergeKey("merge_states"): "cpu_merge",
         MergeKey("merge_state_in_place", "bfloat16", "cuda:sm_90a"): "cuda_merge",
         PlannerKey(): "planner",
@@ -344,10 +345,10 @@ def test_cli_build_refuses_bad_specs_before_building(tmp_path, capsys):
 
 
 def test_hopper_family_takes_what_it_builds_and_prefers():
-    """On sm_90a ragged and paged prefill of long queries goes to the Hopper family; short queries,
-    pages of fewer than 8 keys (or not a power of two), sm_90 without "a", and variants it does not
-    implement go to the FA2-class family; a backend the
-    key cannot use is a ValueError naming why."""
+    """On sm_90a ragged, paged and block-sparse prefill of long queries goes to the Hopper family, with
+    the gather producer where TMA boxes cannot address the keys (pages under 8 keys or not a power of
+    two, block columns); short queries, sm_90 without "a", and variants it does not implement go to
+    the FA2-class family; a backend the key cannot use is a ValueError naming why."""
     ragged = AttentionKey("prefill", ta.RaggedKV(), 32, 8, 128, variant=ta.Causal(), target="cuda:sm_90a")
     assert registry.scheduled(ragged, 4096).schedule == "wsq128k128s2o"
     assert registry.scheduled(ragged).schedule == "wsq128k128s2o"
@@ -359,8 +360,16 @@ def test_hopper_family_takes_what_it_builds_and_prefers():
     for page in (8, 16, 256):
         paged = dataclasses.replace(ragged, kv=ta.PagedKV(page, "HND"))
         assert registry.scheduled(paged, 4096).schedule == "wsq128k128s2o", page
-    changes = ({"kv": ta.PagedKV(1)}, {"kv": ta.PagedKV(4)}, {"kv": ta.PagedKV(24)}, {"target": "cuda:sm_90"},
-               {"variant": ta.RoPE()}, {"num_qo_heads": 24})
+    for kv in (ta.PagedKV(1), ta.PagedKV(4, "HND"), ta.PagedKV(24)):
+        gathered = registry.scheduled(dataclasses.replace(ragged, kv=kv), 4096)
+        assert gathered.schedule == "wsq128k128s2og", kv
+        with pytest.raises(ValueError, match="loads K/V through TMA; the gather producer"):
+            registry.family_of(dataclasses.replace(gathered, schedule="wsq128k128s2o"))
+    bsr = AttentionKey("bsr", ta.BlockSparseKV(64, 16), 32, 8, 128, target="cuda:sm_90a")
+    assert registry.scheduled(bsr, 256).schedule == "wsq128k128s2og"
+    assert registry.scheduled(bsr, 64).schedule.startswith("fa2")  # 16-row block rows
+    assert registry.scheduled(ragged, 4096, family="cuda_prefill_sm90").schedule == "wsq128k128s2o"
+    changes = ({"target": "cuda:sm_90"}, {"variant": ta.RoPE()}, {"num_qo_heads": 24})
     for other in (dataclasses.replace(ragged, **c) for c in changes):
         assert registry.scheduled(other, 4096).schedule.startswith("fa2"), other.uri
         with pytest.raises(ValueError, match="cuda_prefill_sm90 cannot build"):

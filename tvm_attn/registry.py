@@ -136,9 +136,10 @@ FAMILIES: tuple[KernelFamily, ...] = (
     KernelFamily("cuda_decode", AttentionKey, ("decode",), "cuda", formats=(PagedKV,), min_sm=80,
                  tiles=decode_tiles.DecodeTiles, chooser=decode_tiles.default_schedule,
                  kernels=(("{uri}", "tvm_attn.tir.decode_cuda:make_batch_decode_cuda"),), host=_HOST_PLAN),
-    # asked before the FA2-class family: on sm_90a it takes the ragged and paged prefill keys it
+    # asked before the FA2-class family: on sm_90a it takes the prefill and block-sparse keys it
     # supports, but not short queries (schedule.hopper.prefers)
-    KernelFamily("cuda_prefill_sm90", AttentionKey, ("prefill",), "cuda", formats=(RaggedKV, PagedKV),
+    KernelFamily("cuda_prefill_sm90", AttentionKey, ("prefill", "bsr"), "cuda",
+                 formats=(RaggedKV, PagedKV, BlockSparseKV),
                  min_sm=90,
                  limits=hopper_tiles.unsupported, tiles=hopper_tiles.HopperTiles,
                  chooser=hopper_tiles.default_schedule, prefers=hopper_tiles.prefers,

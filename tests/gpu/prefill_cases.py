@@ -38,6 +38,12 @@ HOPPER_CASES = [{**BASE, **change} for change in (
     # paged KV: page-sized TMA boxes, a page longer than the tile, and a window's first key mid-page
     {"kv": "paged"}, {"kv": "paged", "layout": "HND"}, {"kv": "paged", "layout": "HND", "page_size": 256},
     {"kv": "paged", "variant": "window"},
+    # the gather producer (cp.async through the page table): one-key pages at every head_dim, pages
+    # that are not a power of two, a window over one-key pages
+    {"kv": "paged", "page_size": 1}, {"kv": "paged", "page_size": 1, "head_dim": 64},
+    {"kv": "paged", "page_size": 1, "head_dim": 256}, {"kv": "paged", "page_size": 12, "layout": "HND"},
+    {"kv": "paged", "page_size": 1, "variant": "window"},
+    {"kv": "paged", "page_size": 1, "dtype": "bfloat16"},
 )]
 
 
@@ -96,30 +102,33 @@ def key_of(c, lengths, target: str = "cuda:sm_90a", backend: str = "auto", sched
     return key if schedule is None else dataclasses.replace(key, schedule=schedule)
 
 
-#: every Hopper consumer loop (serial or overlapped GEMMs, with or without the ping-pong), and
-#: 176-key stages
+#: every Hopper consumer loop (serial or overlapped GEMMs, with or without the ping-pong), 176-key
+#: stages, and the gather producer over ragged KV (serial and overlapped loops)
 HOPPER_SCHEDULES = ("wsq128k128s2", "wsq128k128s2p", "wsq128k128s2o", "wsq128k128s2po", "wsq128k176s2o",
-                    "wsq128k176s2po")
+                    "wsq128k176s2po", "wsq128k128s2og", "wsq128k128s2g")
 
 
 def backends(c):
-    """The wrapper backends a case runs with: ragged KV and pages the Hopper kernel reads on both
-    prefill families, the rest (page 1) on auto."""
-    return ("auto", "fa2") if c["kv"] == "ragged" or c["page_size"] >= 8 else ("auto",)
+    """The wrapper backends a case runs with: both prefill families (on sm_90a, auto is the Hopper
+    kernel for the long queries of LENGTHS)."""
+    return ("auto", "fa2")
 
 
-#: block-sparse cases: (M, N, R, C, causal)
-BSR = [(256, 512, 16, 16, False), (256, 512, 16, 1, True), (64, 300, 1, 4, False)]
+#: block-sparse cases: (M, N, R, C, causal); block rows of 16 rows (64 GQA-packed) and fewer take the
+#: FA2-class kernel, of 32 and 64 the Hopper kernel's gather producer
+BSR = [(256, 512, 16, 16, False), (256, 512, 16, 1, True), (64, 300, 1, 4, False), (256, 512, 64, 16, True),
+       (512, 640, 32, 1, False)]
 
 
 def bsr_key(M, N, R, C, causal, target: str = "cuda:sm_90a"):
+    """The key BlockSparseAttentionWrapper plans (a block row is a request of R query rows)."""
     from tvm_attn.config import AttentionKey
-    from tvm_attn.schedule.prefill import prefill_schedule
+    from tvm_attn.registry import scheduled
     from tvm_attn.variants import AttentionVariant
 
     v = ta.Causal() if causal else AttentionVariant()
-    return AttentionKey("bsr", ta.BlockSparseKV(R, C), 32, 8, 128, "float16", "float16", v, target,
-                        prefill_schedule(128, R * 4))
+    return scheduled(AttentionKey("bsr", ta.BlockSparseKV(R, C), 32, 8, 128, "float16", "float16", v, target),
+                     R * 4)
 
 
 def build_keys(target: str = "cuda:sm_90a") -> list:

@@ -17,7 +17,7 @@ from conftest import TOL, assert_attention_close, randn
 from .cases import capture_graph, page_table, variant_of
 from .prefill_cases import (
     BASE, BSR, CASES, HOPPER_CASES, HOPPER_EDGES, HOPPER_SCHEDULES, LENGTHS, LONG, MEDIUM, SHORT, backends,
-    case_id, key_of,
+    bsr_key, case_id, key_of,
 )
 from tvm_attn.api.prefill import pin_schedule
 
@@ -166,6 +166,7 @@ def test_block_sparse(M, N, Rb, C, causal):
     q, k, v = (randn(rng, (n, h, 128), "float16") for n, h in ((M, 32), (N, 8), (N, 8)))
     w = ta.BlockSparseAttentionWrapper(device="cuda")
     w.plan(indptr, indices, M, N, Rb, C, 32, 8, 128, causal=causal)
+    assert w.kernel_key.uri == bsr_key(M, N, Rb, C, causal, w.kernel_key.target).uri
     o, lse = w.run(q, tvm.runtime.tensor(k, _dev()), tvm.runtime.tensor(v, _dev()), return_lse=True)
     ref_o, ref_lse = R.block_sparse_attention(q, k, v, indptr, indices, Rb, C, causal=causal)
     assert_attention_close(o, lse, ref_o, ref_lse, "float16", f"bsr{Rb}x{C}")

@@ -21,10 +21,15 @@ class BlockSparseAttentionWrapper(CudaPrefillPlan):
         >>> w = BlockSparseAttentionWrapper()
         >>> w.plan(indptr, indices, M=1024, N=1024, R=16, C=16, num_qo_heads=32, num_kv_heads=8, head_dim=128)
         >>> o = w.run(q, k, v)     # q [M, 32, 128], k/v [N, 8, 128]
+
+    ``backend`` (CUDA) as for the prefill wrappers: ``"auto"`` takes the Hopper kernel on sm_90a for
+    block rows of more than 64 GQA-packed query rows (``R * num_qo_heads / num_kv_heads``), else the
+    mma.sync kernel; ``"fa2"`` / ``"fa3"`` pin one.
     """
 
-    def __init__(self, *, device=None, cache=None, disable_split_kv: bool = False):
-        super().__init__("NHD", device=device, cache=cache, disable_split_kv=disable_split_kv)
+    def __init__(self, *, device=None, cache=None, disable_split_kv: bool = False, backend: str = "auto"):
+        super().__init__("NHD", device=device, cache=cache, disable_split_kv=disable_split_kv,
+                         backend=backend)
 
     def plan(
         self, indptr, indices, M: int, N: int, R: int, C: int, num_qo_heads: int, num_kv_heads: int,

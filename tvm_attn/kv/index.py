@@ -7,7 +7,8 @@ Every kernel generator asks :func:`declare_layout` for an index object while it 
 * ``num_segments`` and, per segment ``b``: ``row_begin(b)``/``num_rows(b)`` (query rows),
   ``qo_idx(b, i)``, ``qo_len(b)``, ``batch_idx(b)``, ``kv_steps(b)``, ``kv_len(b)``
   (a segment is a request; for block-sparse attention, a block row);
-* ``kv_addr(b, j)``: the address of the ``j``-th key of the segment, bound once per step, then
+* ``kv_addr(b, j)``: the address of the ``j``-th key of the segment (a tuple of ``addr_size`` int32
+  expressions), bound once per step, then
   ``kv_idx(b, j, addr)`` (the logical key position), ``load_k(addr, head, d)`` and
   ``load_v(addr, head, d)``.
 
@@ -82,6 +83,8 @@ class _Queries(_Loads):
 
 
 class PagedIndex(_Queries):
+    addr_size = 2  # kv_addr: (page, slot)
+
     def __init__(self, key: AttentionKey, offsets: bool = False):
         fmt: PagedKV = key.kv
         self.page_size, self.layout = fmt.page_size, fmt.layout
@@ -120,6 +123,8 @@ class PagedIndex(_Queries):
 
 
 class RaggedIndex(_Queries):
+    addr_size = 1  # kv_addr: (row,)
+
     def __init__(self, key: AttentionKey, offsets: bool = False):
         self.layout = key.kv.layout
         super().__init__(key, offsets)
@@ -154,6 +159,7 @@ class BlockSparseIndex(_Loads):
     """Block row ``r`` is a segment of ``R`` query rows; its keys are ``C``-row column blocks."""
 
     steps_are_positions = False  # steps walk the block list, not positions
+    addr_size = 1  # kv_addr: (row,)
 
     def __init__(self, key: AttentionKey, offsets: bool = False):
         fmt: BlockSparseKV = key.kv

@@ -10,6 +10,9 @@ run ``wgmma`` on them. The choices:
   takes 64-key stages and the others 128.
 * ``overlap``: the consumer loop that keeps a GEMM in flight through the softmax (``o`` in the name).
 * ``stages``: K/V tiles in the shared-memory ring (the producer runs that far ahead).
+* ``gather`` (``g`` in the name): the producer's 128 threads copy K/V rows with ``cp.async``
+  through the format's index, for what TMA boxes cannot address (pages under 8 keys or not a power
+  of two, block-sparse columns: :func:`tma_reason`); the default there, never elsewhere.
 * One CTA per SM (``blocks_per_sm`` 1): the consumers raise their register budget to 232 with
   ``setmaxnreg`` and the producer lowers its own to 40, which fills the register file. ptxas
   allocates each warpgroup's code within its budget; at 24 the producer's barrier and tensor-map
@@ -21,7 +24,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-_NAME = re.compile(r"wsq(\d+)k(\d+)s(\d+)(p?)(o?)")
+_NAME = re.compile(r"wsq(\d+)k(\d+)s(\d+)(p?)(o?)(g?)")
 
 #: TMA boxes and the 128-byte swizzle of wgmma's operands work on 64-element (128-byte) columns
 CHUNK = 64
@@ -39,6 +42,9 @@ class HopperTiles:
     #: O += P V after it, so that the tensor cores work through the softmax (FA3's intra-warpgroup
     #: overlap); O's rescale waits for the P V in flight
     overlap: bool = False
+    #: the producer warpgroup's 128 threads gather K/V rows with cp.async through the format's index
+    #: (any page size, block-sparse) instead of one thread issuing TMA boxes (pages of at least 8 keys)
+    gather: bool = False
 
     def __post_init__(self):
         if self.consumers not in (1, 2):
@@ -48,6 +54,10 @@ class HopperTiles:
                              f"got {self.kv_tile}")
         if not 2 <= self.stages <= 4:
             raise ValueError(f"hopper tiles: stages must be 2, 3 or 4, got {self.stages}")
+        if self.gather and self.kv_tile > 128:
+            # one index entry per producer thread covers 128 rows; a second one spills the producer's
+            # 40 registers (ptxas, nvcc 13, sm_90a: 4 bytes at 176 keys)
+            raise ValueError(f"hopper tiles: the gather producer takes kv_tile up to 128, got {self.kv_tile}")
         if self.pingpong and self.consumers != 2:
             raise ValueError("hopper tiles: ping-pong takes two consumer warpgroups")
 
@@ -63,19 +73,19 @@ class HopperTiles:
 
     def uri(self) -> str:
         return (f"wsq{self.tile_q}k{self.kv_tile}s{self.stages}{'p' if self.pingpong else ''}"
-                f"{'o' if self.overlap else ''}")
+                f"{'o' if self.overlap else ''}{'g' if self.gather else ''}")
 
     @staticmethod
     def parse(schedule: str) -> HopperTiles:
         m = _NAME.fullmatch(schedule)
         if m is None:
             raise ValueError(f"schedule: {schedule!r} is not a Hopper prefill schedule like 'wsq128k128s2' "
-                             "(p: ping-pong, o: overlap)")
+                             "(p: ping-pong, o: overlap, g: gather producer)")
         tq, kv, s = (int(x) for x in m.groups()[:3])
         if tq % 64:
             raise ValueError(f"schedule {schedule!r}: the query tile must be 64 x consumer warpgroups")
         return HopperTiles(consumers=tq // 64, kv_tile=kv, stages=s, pingpong=m.group(4) == "p",
-                           overlap=m.group(5) == "o")
+                           overlap=m.group(5) == "o", gather=m.group(6) == "g")
 
     @staticmethod
     def of(key) -> HopperTiles:
@@ -109,11 +119,10 @@ def unsupported(key) -> str | None:
     if g & (g - 1) or g > 64:
         # the query tile's TMA box is (64 columns, g heads, tile_q / g tokens)
         return f"the GQA group size must be a power of two up to 64, got {g}"
-    page = getattr(key.kv, "page_size", None)
-    if page is not None and (page < 8 or page & (page - 1)):
-        # a page is a TMA box of the 128-byte swizzled tile: whole 8-row swizzle atoms; smaller pages
-        # would need a gather (cp.async) producer
-        return f"pages must be a power of two of at least 8 keys, got page_size {page}"
+    tma = tma_reason(key.kv)
+    if tma is not None and key.schedule != "default" and not HopperTiles.of(key).gather:
+        return (f"{tma}: schedule {key.schedule} loads K/V through TMA; the gather producer (suffix g) "
+                "reads them")
     for hook in ("query_transform", "key_transform"):
         if key.variant.overrides(hook):
             # Q and K reach shared memory through TMA only; the FA2-class kernel applies these
@@ -121,7 +130,20 @@ def unsupported(key) -> str | None:
     return None
 
 
-def choose_hopper_tiles(head_dim: int, variant=None) -> HopperTiles:
+def tma_reason(kv) -> str | None:
+    """Why TMA boxes cannot load K/V of format ``kv`` (the gather producer then does), or None."""
+    from ..kv.formats import BlockSparseKV
+
+    if isinstance(kv, BlockSparseKV):
+        return f"block-sparse KV ({kv.R} x {kv.C} blocks) is a gather of block columns"
+    page = getattr(kv, "page_size", None)
+    if page is not None and (page < 8 or page & (page - 1)):
+        # a page is a TMA box of the 128-byte swizzled tile: whole 8-row swizzle atoms
+        return f"pages of {page} keys are not a power of two of at least 8"
+    return None
+
+
+def choose_hopper_tiles(head_dim: int, variant=None, kv=None) -> HopperTiles:
     """128-key stages; 64 at head_dim 256 (128 output floats per consumer thread) and for logits
     hooks that read a tensor (ALiBi's slopes, a custom mask:
     :func:`tvm_attn.schedule.prefill.logits_weight` 2), whose index math spills at 128 keys (ptxas,
@@ -129,7 +151,8 @@ def choose_hopper_tiles(head_dim: int, variant=None) -> HopperTiles:
     from .prefill import logits_weight
 
     narrow = head_dim == 256 or logits_weight(variant) >= 2
-    return HopperTiles(consumers=2, kv_tile=64 if narrow else 128, stages=2, overlap=True)
+    return HopperTiles(consumers=2, kv_tile=64 if narrow else 128, stages=2, overlap=True,
+                       gather=kv is not None and tma_reason(kv) is not None)
 
 
 #: at most this many GQA-packed query rows per request, the 128-row tile is mostly empty and the
@@ -144,4 +167,4 @@ def prefers(key, arch: str | None, shape: int | None = None) -> bool:
 
 
 def default_schedule(key, arch: str, shape: int | None = None) -> str:
-    return choose_hopper_tiles(key.head_dim, key.variant).uri()
+    return choose_hopper_tiles(key.head_dim, key.variant, key.kv).uri()

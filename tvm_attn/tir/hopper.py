@@ -72,6 +72,11 @@ class Barriers:
         """Arrive, and expect ``nbytes`` of TMA traffic before the phase completes."""
         T.evaluate(T.ptx.mbarrier.arrive.expect_tx.shared.b64(self.ptr(i), T.uint32(nbytes)))
 
+    def arrive_on_copies(self, i):
+        """Arrive at barrier ``i`` once this thread's cp.async copies issued so far have landed; the
+        arrival is one of the count the barrier was initialized with (``.noinc``)."""
+        T.evaluate(T.ptx["cp.async.mbarrier.arrive.noinc.shared.b64"](self.ptr(i)))
+
     def wait(self, i, parity):
         """Until the phase of parity ``parity`` (0/1) of barrier ``i`` has completed."""
         T.evaluate(T.cuda.mbarrier_wait(self.ptr(i), parity))

@@ -1,4 +1,5 @@
-"""Hopper (sm_90a) prefill over ragged or paged K/V: TMA, wgmma and warp specialization (FA3's recipe).
+"""Hopper (sm_90a) prefill over ragged, paged or block-sparse K/V: TMA, wgmma and warp specialization
+(FA3's recipe).
 
 Lineage: FlashAttention-3 (a producer warpgroup feeds consumer warpgroups through an mbarrier ring;
 ``S = Q K^T`` and ``O += P V`` on wgmma with P from registers; register reallocation) over the
@@ -37,6 +38,16 @@ the page table. A box must start at a page boundary, so a work whose first key i
 (the planner cuts works at any key; a window starts anywhere) starts its tiles at the page and masks
 the keys before its own (:func:`tvm_attn.tir.prefill_cuda.open_work`'s ``align``).
 
+Gather producer (schedule suffix ``g``; the default where TMA boxes cannot address the keys: pages
+under 8 keys or not a power of two, block-sparse columns). All 128 producer threads walk the works;
+thread 0 still loads the query tile through TMA. Per KV tile each thread reads one row's index entry
+(the format's ``kv_addr``: a page and slot, a block column's row), the eight lanes of a row group hand
+their entries round with shuffles, and each copies one 16-byte unit of every 64-column chunk of 8 of
+the tile's rows with ``cp.async``, into the swizzled layout TMA would write. The stage's full
+barrier counts one arrival per thread once its copies have landed (``cp.async.mbarrier.arrive``),
+and the consumers fence the async proxy before their wgmma reads what the generic proxy wrote. V
+rows past the work's end are zero-filled by the copies themselves, and tiles start at any key.
+
 Every shared-memory tile is 128-byte swizzled (:mod:`tvm_attn.tir.hopper`). Keys past a work's end
 in its last tile are loaded (the next request's, or zeros past the tensor) and masked, and their V
 rows zeroed before ``P V`` (0 times an inf would be NaN).
@@ -52,13 +63,13 @@ from dataclasses import dataclass
 from tvm import tirx
 
 from ..config import AttentionKey
-from ..kv.formats import PagedKV, RaggedKV
+from ..kv.formats import BlockSparseKV, PagedKV, RaggedKV
 from ..schedule.hopper import CHUNK, SMEM_LIMIT, HopperTiles, unsupported
 from ..variants.base import HookContext
 from ._builder import IRBuilder, T, let, local, loop, store, when
-from ._cuda import kernel_params, shfl_xor, smem_ptr, stage_tables
+from ._cuda import FULL_MASK, cp_async, kernel_params, shfl_xor, smem_ptr, stage_tables
 from .hopper import (
-    Barriers, advance, descriptor, fence_barrier_init, fence_proxy_async, named_barrier_arrive,
+    SWIZZLE_ROWS, Barriers, advance, descriptor, fence_barrier_init, fence_proxy_async, named_barrier_arrive,
     named_barrier_sync, pin, set_max_registers, smem, tensor_map, tma_load, wgmma, wgmma_commit,
     wgmma_fence, wgmma_wait,
 )
@@ -133,6 +144,11 @@ class HopperBlock(CtaGeometry):
         return self.TQ * self.D + (self.stages * self.chunks + stage * self.chunks + c) * self.TK * CHUNK
 
     @property
+    def gather(self):
+        """The producer's threads copy K/V rows (cp.async) rather than issue TMA boxes."""
+        return self.tiles.gather
+
+    @property
     def box_rows(self):
         """Keys per TMA box of K or V: the whole tile of ragged KV, a page (or the tile, of pages
         longer than it) of paged KV."""
@@ -143,7 +159,7 @@ class HopperBlock(CtaGeometry):
     @property
     def kv_align(self):
         """Tiles start at a multiple of this many keys: page-sized boxes start at a page boundary."""
-        return self.box_rows if isinstance(self.key.kv, PagedKV) else 1
+        return self.box_rows if isinstance(self.key.kv, PagedKV) and not self.gather else 1
 
     @property
     def smem_elems(self):
@@ -174,12 +190,12 @@ _STAGE_BARS = 8
 
 def make_prefill_hopper(key: AttentionKey, tiles: HopperTiles | None = None) -> tirx.PrimFunc:
     reason = unsupported(key)
-    if reason is not None or not isinstance(key.kv, (RaggedKV, PagedKV)):
+    if reason is not None or not isinstance(key.kv, (RaggedKV, PagedKV, BlockSparseKV)):
         raise ValueError(f"{key.uri}: the Hopper prefill kernel cannot build it: "
-                         f"{reason or 'it reads ragged or paged KV only'}")
+                         f"{reason or 'it reads ragged, paged or block-sparse KV only'}")
     tiles = tiles or HopperTiles.of(key)
     D, TK, TQ, G = key.head_dim, tiles.kv_tile, tiles.tile_q, key.group_size
-    if isinstance(key.kv, PagedKV) and TK % key.kv.page_size and key.kv.page_size % TK:
+    if not tiles.gather and isinstance(key.kv, PagedKV) and TK % key.kv.page_size and key.kv.page_size % TK:
         raise ValueError(f"schedule {key.schedule}: {TK}-key tiles are neither whole pages of "
                          f"{key.kv.page_size} keys nor inside one")
     if tiles.smem_bytes(D) > SMEM_LIMIT:
@@ -204,10 +220,13 @@ def make_prefill_hopper(key: AttentionKey, tiles: HopperTiles | None = None) -> 
             bars = Barriers("bars", 2 * _STAGE_BARS + 2)
             b.tables = stage_tables(variant, D, params, tid, tiles.threads)
             consumer_warps = 4 * tiles.consumers
+            # a stage's K or V is full after one TMA arrive (with its bytes), or after each gather
+            # thread's copies completed (cp.async.mbarrier.arrive.noinc)
+            fillers = GATHER_THREADS if tiles.gather else 1
             with when(tid == 0):
                 for s in range(tiles.stages):
                     for part in ("k", "v"):
-                        bars.init(_full(s, part), 1)
+                        bars.init(_full(s, part), fillers)
                         bars.init(_empty(b, s, part), consumer_warps)
                 bars.init(_q_full(b), 1)
                 bars.init(_q_empty(b), consumer_warps)
@@ -220,8 +239,11 @@ def make_prefill_hopper(key: AttentionKey, tiles: HopperTiles | None = None) -> 
             with T.If(tid < 128):
                 with T.Then():
                     set_max_registers(PRODUCER_REGS, False)
-                    with when(tid == 0):
-                        _produce(b, bars, maps, work_info, first_work, n_works, tiles_done)
+                    if tiles.gather:
+                        _produce_gather(b, bars, maps, work_info, first_work, n_works, tiles_done)
+                    else:
+                        with when(tid == 0):
+                            _produce(b, bars, maps, work_info, first_work, n_works, tiles_done)
                 with T.Else():
                     set_max_registers(CONSUMER_REGS, True)
                     _consume(b, bars, work_info, first_work, n_works, tiles_done)
@@ -234,6 +256,8 @@ def _tensor_maps(key: AttentionKey, idx, tiles: HopperTiles) -> dict:
     D, G, dt = key.head_dim, key.group_size, key.kv_dtype
     total_q = tirx.max(idx.num_q_rows, 1)
     q_map = tensor_map("q_map", idx.q.data, (D, key.num_qo_heads, total_q), (CHUNK, G, tiles.tile_q // G), dt)
+    if tiles.gather:
+        return {"q": q_map}
     if isinstance(key.kv, PagedKV):
         # one map of K and V: the cache's (page, K/V) dimensions as one, K of page p at 2p, V at 2p + 1
         page, rows = key.kv.page_size, min(key.kv.page_size, tiles.kv_tile)
@@ -273,12 +297,7 @@ def _produce(b: HopperBlock, bars: Barriers, maps: dict, work_info, first_work, 
     elem = 2
     with loop("wi", n_works) as wi:
         ws = open_work(b, work_info, let("w", first_work + wi), tiles_done, b.kv_align)
-        bars.wait(_q_empty(b), (wi % 2) ^ 1)
-        bars.expect_tx(_q_full(b), b.TQ * b.D * elem)
-        tok0 = ws.q_row_begin + ws.row0 // b.G
-        for c in range(b.chunks):
-            tma_load(smem(b.smem, b.q_at(c), b.TQ * CHUNK), maps["q"], (c * CHUNK, b.kv_head * b.G, tok0),
-                     bars.ptr(_q_full(b)))
+        _load_q(b, bars, maps, ws, wi)
         with loop("it", ws.n_tiles) as it:
             n = tiles_done[0] + it
             stage = let("stage", n % b.stages)
@@ -291,6 +310,16 @@ def _produce(b: HopperBlock, bars: Barriers, maps: dict, work_info, first_work, 
                         dst = smem(b.smem, at(stage, c) + i * b.box_rows * CHUNK, b.box_rows * CHUNK)
                         tma_load(dst, maps[part], box(c, part), bars.ptr(_full(stage, part)))
         store(tiles_done, tiles_done[0] + ws.n_tiles, 0)
+
+
+def _load_q(b: HopperBlock, bars: Barriers, maps: dict, ws, wi):
+    """Work ``wi``'s GQA-packed query tile through TMA, once the consumers are done with the last."""
+    bars.wait(_q_empty(b), (wi % 2) ^ 1)
+    bars.expect_tx(_q_full(b), b.TQ * b.D * 2)
+    tok0 = ws.q_row_begin + ws.row0 // b.G
+    for c in range(b.chunks):
+        tma_load(smem(b.smem, b.q_at(c), b.TQ * CHUNK), maps["q"], (c * CHUNK, b.kv_head * b.G, tok0),
+                 bars.ptr(_q_full(b)))
 
 
 def _tile_boxes(b: HopperBlock, ws, it) -> list:
@@ -311,6 +340,75 @@ def _tile_boxes(b: HopperBlock, ws, it) -> list:
         slot = let(f"slot{i}", pos % P) if P > b.box_rows else 0
         boxes.append(lambda c, part, page=page, slot=slot: _page_coords(b, c, page, slot, part))
     return boxes
+
+
+# -- the gather producer ----------------------------------------------------------------------------
+
+#: the gather producer's threads (its whole warpgroup), and the lanes that share a key row: each
+#: copies one 16-byte unit of every 64-column chunk of the row, so a warp's copy covers four rows'
+#: 128-byte segments
+GATHER_THREADS, ROW_LANES = 128, 8
+ROWS_PER_PASS = GATHER_THREADS // ROW_LANES
+
+
+def _produce_gather(b: HopperBlock, bars: Barriers, maps: dict, work_info, first_work, n_works, tiles_done):
+    """The producer warpgroup's 128 threads: per work, thread 0 loads the query tile (TMA); per KV
+    tile, every thread looks up its share of the tile's index entries, then copies its units of K,
+    then of V, with cp.async into the swizzled layout TMA would write. A stage's full barrier
+    completes when every thread's copies into it have landed."""
+    with loop("wi", n_works) as wi:
+        ws = open_work(b, work_info, let("w", first_work + wi), tiles_done)
+        with when(b.tid == 0):
+            _load_q(b, bars, maps, ws, wi)
+        with loop("it", ws.n_tiles) as it:
+            n = tiles_done[0] + it
+            stage = let("stage", n % b.stages)
+            t0 = let("t0", ws.begin + it * b.TK)
+            entries = _row_entries(b, ws, t0)
+            for part in ("k", "v"):
+                bars.wait(_empty(b, stage, part), ((n // b.stages) % 2) ^ 1)
+                _gather_rows(b, ws, entries, t0, stage, part)
+                bars.arrive_on_copies(_full(stage, part))
+        store(tiles_done, tiles_done[0] + ws.n_tiles, 0)
+
+
+def _row_entries(b: HopperBlock, ws, t0):
+    """This thread's index entry of the tile at key ``t0``: the address of row ``16 (tid % 8) + tid // 8``
+    (the format's ``kv_addr``), so that the eight lanes of a row group read eight rows' entries at
+    once and hand them round (FA3's split of the page-table reads). Rows past the work's end take
+    its last key's address (their logits are masked). Returns the entry and, per address part, its
+    value where it is a constant (the slot of a one-key page), which is not handed round."""
+    lane8, group = b.tid % ROW_LANES, b.tid // ROW_LANES
+    ent = local("kv_entry", (b.idx.addr_size,), "int32")
+    consts = [None] * b.idx.addr_size
+    row = lane8 * ROWS_PER_PASS + group
+    with when(None if b.TK == GATHER_THREADS else row < b.TK):
+        addr = b.idx.kv_addr(ws.req, tirx.min(t0 + row, ws.end - 1))
+        for c, a in enumerate(addr):
+            if isinstance(a, (int, tirx.IntImm)):
+                consts[c] = a
+            else:
+                store(ent, a, c)
+    return ent, consts
+
+
+def _gather_rows(b: HopperBlock, ws, entries, t0, stage, part):
+    """This thread's cp.async copies of the tile's K or V into ``stage``: in pass ``m``, unit
+    ``tid % 8`` of each 64-column chunk of row ``16 m + tid // 8``, whose address lane ``m`` of the
+    row group holds. V rows past the work's end are zeros (0 times a neighbour's inf is NaN)."""
+    ent, consts = entries
+    lane8, group = b.tid % ROW_LANES, b.tid // ROW_LANES
+    at, elem = (b.k_at, b.idx.k_elem) if part == "k" else (b.v_at, b.idx.v_elem)
+    # 128-byte swizzle: unit u of row r sits at u ^ (r % 8); every pass starts at a multiple of 8 rows
+    unit = (lane8 ^ (group % SWIZZLE_ROWS)) * 8
+    for m in range(b.TK // ROWS_PER_PASS):
+        row = m * ROWS_PER_PASS + group
+        addr = tuple(k if k is not None else let(f"{part}_addr{c}", tirx.op.tvm_warp_shuffle(
+            FULL_MASK, ent[c], m, ROW_LANES, 32)) for c, k in enumerate(consts))
+        valid = t0 + row < ws.end if part == "v" else None
+        for c in range(b.chunks):
+            src, ix = elem(addr, b.kv_head, c * CHUNK + lane8 * 8)
+            cp_async(b.smem, (at(stage, c) + row * CHUNK + unit,), src, ix, valid)
 
 
 # -- the consumers -----------------------------------------------------------------------------------
@@ -372,6 +470,9 @@ class _Loop:
     def wait(self, it, part):
         n = self.tiles_done[0] + it
         self.bars.wait(_full(n % self.b.stages, part), (n // self.b.stages) % 2)
+        if self.b.gather:
+            # the gather's cp.async writes went through the generic proxy; wgmma reads the async one
+            fence_proxy_async()
 
     def release(self, it, part):
         """This warp is done with tile ``it``'s K (and, after the work's last S, with Q) or V."""
@@ -398,6 +499,8 @@ class _Loop:
         weights are 0, but 0 times an inf there would put NaN in this request's rows. Both consumer
         warpgroups share the rows, then meet before either reads the stage."""
         b = self.b
+        if b.gather:  # the gather wrote zeros there
+            return
         valid = let("valid_rows", self.ws.end - (self.ws.begin + it * b.TK))
         with when(valid < b.TK):
             units = b.D // 8  # 16-byte units of a row, over its 64-column chunks
