@@ -70,11 +70,7 @@ def tiles_for(key: AttentionKey) -> DecodeTiles:
     """The tiles named by the key's schedule (``decode_schedule`` picks it; a tuned name works too)."""
     if key.schedule == "default":
         raise ValueError("CUDA decode keys name their schedule (tvm_attn.schedule.decode.decode_schedule)")
-    tiles = DecodeTiles.parse(key.schedule, key.head_dim, key.kv_dtype)
-    if key.group_size % tiles.heads_per_block:
-        raise ValueError(f"schedule {key.schedule}: heads_per_block must divide the group size "
-                         f"{key.group_size}")
-    return tiles
+    return DecodeTiles.of(key)
 
 
 def _thread(extent, tag):
