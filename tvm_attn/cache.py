@@ -193,10 +193,11 @@ class KernelCache:
         executable = compile_key(key)
         self.directory.mkdir(parents=True, exist_ok=True)
         source = cuda_source(executable)
+        ptxas = None
         if source is not None:  # compile the cubin here, so the GPU host needs no compiler
-            from .cuda_runtime import precompile
+            from .cuda_runtime import precompile, ptxas_report
 
-            precompile(source, key.target.partition(":")[2], self.directory / "cubin")
+            ptxas = ptxas_report(precompile(source, key.target.partition(":")[2], self.directory / "cubin"))
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=self.directory)
         os.close(fd)
         try:
@@ -209,6 +210,8 @@ class KernelCache:
         meta = {"uri": key.uri, "key": key.to_json(), "target": str(kernel_target(key)),
                 "build_seconds": round(seconds, 4), "tvm_attn": __version__, "source_digest": source_digest(),
                 "tvm": tvm.__version__}
+        if ptxas is not None:  # registers, shared memory and spills of the cubin's kernels
+            meta["ptxas"] = ptxas
         (self.directory / f"{self.name(key)}.json").write_text(json.dumps(meta, indent=1))
         self.build_seconds[key.uri] = seconds
         self._functions.pop(self.name(key), None)

@@ -86,17 +86,53 @@ def nvcc_compile(code: str, arch: str, fmt: str = "cubin", extra=()) -> tuple[by
 
 
 def precompile(code: str, arch: str, directory: Path) -> Path | None:
-    """Write the cubin of ``code`` into ``directory`` (None if this machine has no nvcc)."""
+    """Write the cubin of ``code`` into ``directory`` (None if this machine has no nvcc), and ptxas's
+    report of it beside it (:func:`ptxas_report` reads it)."""
     if find_nvcc() is None:
         return None
     path = Path(directory) / cubin_name(code, arch)
     if not path.exists():
-        data, _ = nvcc_compile(code, arch)
+        data, log = nvcc_compile(code, arch)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
+        for dest, write in ((path.with_suffix(".ptxas"), lambda p: p.write_text(log)),
+                            (path, lambda p: p.write_bytes(data))):
+            tmp = dest.with_name(dest.name + ".tmp")  # atomic: readers never see half a file
+            write(tmp)
+            os.replace(tmp, dest)
     return path
+
+
+def ptxas_summary(log: str) -> list[dict]:
+    """Per kernel of a ptxas report (``-Xptxas -v``): ``{"function", "registers", "smem_bytes"}`` and
+    ``{"function", "spill_stores", "spill_loads"}``."""
+    out, name = [], None
+    for line in log.splitlines():
+        m = re.search(r"Compiling entry function '(\w+)'", line)
+        if m:
+            name = m.group(1)
+        m = re.search(r"Used (\d+) registers", line)
+        if m and name:
+            smem = re.search(r"(\d+) bytes smem", line)
+            out.append({"function": name, "registers": int(m.group(1)),
+                        "smem_bytes": int(smem.group(1)) if smem else 0})
+        m = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", line)
+        if m and name:
+            out.append({"function": name, "spill_stores": int(m.group(1)), "spill_loads": int(m.group(2))})
+    return out
+
+
+def ptxas_report(cubin: Path | None) -> list[dict] | None:
+    """:func:`ptxas_summary` of the report :func:`precompile` kept beside ``cubin``; None where there
+    is none (no nvcc, or a cubin precompiled before reports were kept)."""
+    if cubin is None:
+        return None
+    log = Path(cubin).with_suffix(".ptxas")
+    return ptxas_summary(log.read_text()) if log.exists() else None
+
+
+def spill_bytes(summary: list[dict]) -> int:
+    """Spill stores plus loads over the kernels of a :func:`ptxas_summary`."""
+    return sum(r.get("spill_stores", 0) + r.get("spill_loads", 0) for r in summary)
 
 
 def _load_cuda_library() -> None:
