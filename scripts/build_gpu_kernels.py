@@ -3,7 +3,7 @@ the benchmarks', plus TVM's built-in decode and prefill kernels as baselines. Al
 kernel's ptxas report (spills) and SASS (LDG.E.128 / LDGSTS, LDSM, HMMA, local memory) when
 nvcc/cuobjdump are here.
 
-Usage: python scripts/build_gpu_kernels.py [--out .kernels] [--arch sm_90a] [--small]
+Usage: python scripts/build_gpu_kernels.py [--out .kernels] [--arch sm_90a] [--gpu "NVIDIA H200"] [--small]
 Writes: <out>/*.so + cubin/ (precompiled), <out>/tvm_builtin_{decode,prefill}.so, <out>/read_ceiling.so
 (the decode benchmark's streaming read), <out>/models/ (the GPU tier's tiny models), <out>/kernel_report.json
 """
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -35,21 +36,6 @@ def sass_counts(cubin: bytes) -> dict | None:
         text = subprocess.run([exe, "--dump-sass", f.name], capture_output=True, text=True).stdout
     ops = ["LDG.E.128", "LDGSTS", "LDSM", "SHFL.BFLY", "MUFU.EX2", "LDL", "STL", "HMMA"]
     return {op: len(re.findall(r"\b" + re.escape(op) + r"\b", text)) for op in ops}
-
-
-def ptxas_summary(log: str) -> list[dict]:
-    out, name = [], None
-    for line in log.splitlines():
-        m = re.search(r"Compiling entry function '(\w+)'", line)
-        if m:
-            name = m.group(1)
-        m = re.search(r"Used (\d+) registers", line)
-        if m and name:
-            out.append({"function": name, "registers": int(m.group(1))})
-        m = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", line)
-        if m and name:
-            out.append({"function": name, "spill_stores": int(m.group(1)), "spill_loads": int(m.group(2))})
-    return out
 
 
 def build_builtin(out: Path, arch: str) -> None:
@@ -186,12 +172,18 @@ def gpu_keys(target: str, small: bool = False) -> tuple[list, list]:
     return keys + extra, cases + [None] * len(extra)
 
 
-def main(small: bool = False, out: str | None = None, arch: str = "sm_90a") -> list[dict]:
+def main(small: bool = False, out: str | None = None, arch: str = "sm_90a", gpu: str | None = None
+         ) -> list[dict]:
     from tests.gpu.cases import case_id
     from tvm_attn.build import compile_key, cuda_source
     from tvm_attn.cache import KernelCache
-    from tvm_attn.cuda_runtime import find_nvcc, nvcc_compile
+    from tvm_attn.cuda_runtime import find_nvcc, nvcc_compile, ptxas_summary, spill_bytes
+    from tvm_attn.schedule.tuned import GPU_ENV
 
+    if gpu is not None:
+        # every key list below (the GPU tier's, the benchmarks') asks the registry, which reads the
+        # GPU from here: the kernels get the schedules a wrapper on that GPU picks
+        os.environ[GPU_ENV] = gpu
     target = f"cuda:{arch}"
     out_dir = Path(out) if out else ROOT / ".kernels"
     keys, cases = gpu_keys(target, small)
@@ -213,7 +205,7 @@ def main(small: bool = False, out: str | None = None, arch: str = "sm_90a") -> l
             row["ptxas"] = ptxas_summary(log)
             row["sass"] = sass_counts(cubin)
         rows.append(row)
-        spills = sum(r.get("spill_stores", 0) + r.get("spill_loads", 0) for r in row.get("ptxas", []))
+        spills = spill_bytes(row.get("ptxas", []))
         regs = [r["registers"] for r in row.get("ptxas", []) if "registers" in r]
         print(f"{row['case']:<40} build {row['build_s']:6.2f}s  regs {regs}  spills {spills}  "
               f"sass {row.get('sass')}")
@@ -230,5 +222,7 @@ if __name__ == "__main__":
     p.add_argument("--out", default=None)
     p.add_argument("--arch", default="sm_90a")
     p.add_argument("--small", action="store_true")
+    p.add_argument("--gpu", help="the GPU the kernels are for, e.g. 'NVIDIA H200': its tuned decode "
+                                 "schedules (tvm_attn.schedule.tuned; the same as TVM_ATTN_GPU=...)")
     a = p.parse_args()
-    main(a.small, a.out, a.arch)
+    main(a.small, a.out, a.arch, a.gpu)

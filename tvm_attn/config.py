@@ -134,7 +134,7 @@ class PlannerKey:
         return {"planner": "split_kv", "target": self.target}
 
 
-def key_from_spec(spec: dict) -> AttentionKey | MergeKey | PlannerKey:
+def key_from_spec(spec: dict, gpu: str | None = None) -> AttentionKey | MergeKey | PlannerKey:
     """A kernel key from a JSON-able spec (the format of ``tvm-attn build --kernels``, and what
     ``to_json`` writes)::
 
@@ -145,7 +145,8 @@ def key_from_spec(spec: dict) -> AttentionKey | MergeKey | PlannerKey:
         {"planner": "split_kv"}
 
     ``target`` defaults to ``"llvm"``, ``kv_dtype`` to ``q_dtype``, and ``schedule`` to the one the
-    kernel's family chooses (:mod:`tvm_attn.registry`).
+    kernel's family chooses (:mod:`tvm_attn.registry`) for ``gpu`` (a tuned table's, see
+    :mod:`tvm_attn.schedule.tuned`).
     """
     if not isinstance(spec, dict):
         raise TypeError(f"kernel spec: expected a JSON object, got {spec!r}")
@@ -164,7 +165,7 @@ def key_from_spec(spec: dict) -> AttentionKey | MergeKey | PlannerKey:
     if isinstance(key, AttentionKey) and schedule is None:
         from .registry import scheduled
 
-        key = scheduled(key)
+        key = scheduled(key, gpu=gpu)
     return key
 
 

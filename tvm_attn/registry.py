@@ -28,6 +28,7 @@ from .planner import PLAN, PLAN_DECODE
 from .schedule import decode as decode_tiles
 from .schedule import hopper as hopper_tiles
 from .schedule import prefill as prefill_tiles
+from .schedule import tuned
 
 
 @dataclass(frozen=True)
@@ -54,7 +55,8 @@ class KernelFamily:
     min_sm: int = 0
     #: the family's own limits: why it cannot build a key, or None
     limits: Callable[[object], str | None] | None = None
-    #: the default schedule: ``(key, arch, shape) -> str``; without one, "default"
+    #: the hand-written default schedule: ``(key, arch, shape) -> str``; without one, "default". A
+    #: tuned table (:mod:`tvm_attn.schedule.tuned`) may replace it for a GPU (see :meth:`choose`)
     chooser: Callable[..., str] | None = None
     #: ``(key, arch, shape) -> bool``: whether this family is the better choice for work of ``shape``
     #: (see :meth:`choose`) among the families that build the key; without one, always
@@ -83,12 +85,19 @@ class KernelFamily:
                 return str(e)
         return self.limits(key) if self.limits is not None else None
 
-    def choose(self, key, arch: str | None = None, shape=None) -> str:
+    def choose(self, key, arch: str | None = None, shape=None, gpu: str | None = None) -> str:
         """The schedule this family builds ``key`` with by default on ``arch``. ``shape`` describes the
-        work where the choice depends on it (prefill: GQA-packed query rows per request)."""
+        work where the choice depends on it (prefill: GQA-packed query rows per request). ``gpu``: the
+        GPU the kernel is for (:func:`tvm_attn.schedule.tuned.gpu_name`: this name, else
+        ``$TVM_ATTN_GPU``); where a tuned table has an entry for it and the key's workload class, that
+        entry's schedule, else the hand-written choice (``gpu="none"``: always the hand-written one)."""
         reason = self.supports(key, arch)
         if reason is not None:
             raise ValueError(f"{self.name} cannot build {key.uri}: {reason}")
+        if self.name in tuned.TUNABLE:
+            schedule = tuned.tuned_schedule(self.name, tuned.gpu_name(gpu), key)
+            if schedule is not None:
+                return schedule
         if self.chooser is None:
             return "default"
         return self.chooser(key, arch or arch_of(key.target), shape)
@@ -198,8 +207,8 @@ def preferred_family(key, shape=None) -> KernelFamily:
     return family_of(key)
 
 
-def scheduled(key, shape=None, family: str | None = None):
-    """``key`` with the default schedule of its preferred family for ``shape`` (see
+def scheduled(key, shape=None, family: str | None = None, gpu: str | None = None):
+    """``key`` with the default schedule of its preferred family for ``shape`` on ``gpu`` (see
     :meth:`KernelFamily.choose`), or of the family named ``family`` (a ValueError if that one cannot
     build it)."""
     if not isinstance(key, AttentionKey):
@@ -211,7 +220,7 @@ def scheduled(key, shape=None, family: str | None = None):
         reason = fam.supports(key)
         if reason is not None:
             raise ValueError(f"kernel family {family} cannot build {key.uri}: {reason}")
-    schedule = fam.choose(key, shape=shape)
+    schedule = fam.choose(key, shape=shape, gpu=gpu)
     return key if schedule == key.schedule else dataclasses.replace(key, schedule=schedule)
 
 

@@ -59,17 +59,17 @@ def case_id(c) -> str:
             f"-h{c['heads'][0]}x{c['heads'][1]}-{c['variant']}")
 
 
-def key_of(c, target: str = "cuda:sm_90a"):
+def key_of(c, target: str = "cuda:sm_90a", gpu: str | None = None):
+    """The decode key of case ``c``: its ``schedule`` if it has one, else the registry's for ``gpu``
+    (a wrapper's ``gpu``; None: ``$TVM_ATTN_GPU``, which ``build_gpu_kernels.py --gpu`` sets)."""
     from tvm_attn.config import AttentionKey
-    from tvm_attn.schedule.decode import decode_schedule
+    from tvm_attn.registry import scheduled
     from tvm_attn.variants import AttentionVariant
 
     (hq, hkv), variant = c["heads"], variant_of(c["variant"]) or AttentionVariant()
-    return AttentionKey(
-        "decode", ta.PagedKV(c["page_size"], c["layout"]), hq, hkv, c["head_dim"], c["dtype"], c["dtype"],
-        variant,
-        target, c.get("schedule") or decode_schedule(c["head_dim"], c["dtype"], hq // hkv, variant),
-    )
+    key = AttentionKey("decode", ta.PagedKV(c["page_size"], c["layout"]), hq, hkv, c["head_dim"], c["dtype"],
+                       c["dtype"], variant, target, c.get("schedule") or "default")
+    return key if c.get("schedule") else scheduled(key, gpu=gpu)
 
 
 #: cp.async ring schedules that no default picks, kept correct by the GPU tier (key_of's "schedule")

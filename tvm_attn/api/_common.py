@@ -12,6 +12,7 @@ from .. import dtypes
 from ..cache import KernelCache, get_cache
 from ..config import AttentionKey
 from ..planner import PlanBuffers
+from ..schedule.tuned import gpu_name
 from ..tensor import check_writable, dtype_of, empty, like_input, shape_of, to_tvm
 from ..variants import ALiBi, AttentionVariant, Causal, LogitsSoftCap, RoPE, SlidingWindow, compose
 from ..variants.base import CONFIG_DIMS, ScalarParam, TensorParam, check_scalar
@@ -316,6 +317,15 @@ class Wrapper:
     @property
     def kernel_key(self) -> AttentionKey:
         return self._planned().key
+
+    @property
+    def gpu(self) -> str | None:
+        """The GPU whose tuned schedules this wrapper's plans take (:mod:`tvm_attn.schedule.tuned`):
+        ``$TVM_ATTN_GPU``, else the name of the wrapper's CUDA device; None on the CPU, or with
+        ``TVM_ATTN_GPU=none`` (the hand-written schedules)."""
+        if self._target == "llvm":
+            return None
+        return gpu_name(device=self._device)
 
     def _planned(self) -> KernelCall:
         if self._call is None:

@@ -5,12 +5,13 @@ Lineage: FlashInfer ``decode.py`` (``BatchDecodeWithPagedKVCacheWrapper``, ``sin
 
 from __future__ import annotations
 
+import dataclasses
 
 from ..config import AttentionKey
 from ..kv.formats import PagedKV
 from ..kv.validate import as_index_array
 from ..planner import NO_WINDOW, PLAN_DECODE, decode_workspace
-from ..registry import scheduled
+from ..registry import family_named, scheduled
 from ..schedule.decode import DecodeTiles
 from ..tensor import shape_of
 from ..variants.base import check_key_range
@@ -18,6 +19,24 @@ from ._common import (
     DevicePlan, KernelCall, Wrapper, PlanStatics, check_tensor, data_dtypes, default_sm_scale,
     default_tensors, flashinfer_variant, planned_lengths, reshape, run_single,
 )
+
+
+def pin_schedule(wrapper: BatchDecodeWithPagedKVCacheWrapper, schedule: str | None):
+    """``wrapper``'s later plans take the CUDA decode schedule ``schedule`` (e.g. ``"w4u4g4b3"``)
+    instead of the registry's choice (None: the registry's again), for tuning scripts: ``tvm-attn
+    tune`` times each candidate this way. ``plan`` raises a ValueError naming the schedule if the
+    decode family cannot build it for the planned heads, head_dim and dtype."""
+    if not isinstance(wrapper, BatchDecodeWithPagedKVCacheWrapper):
+        raise TypeError(f"wrapper: expected a BatchDecodeWithPagedKVCacheWrapper, "
+                        f"got {type(wrapper).__name__}")
+    if schedule is not None:
+        if wrapper._target == "llvm":
+            raise ValueError(f"schedule: {schedule!r}: a CPU wrapper's kernels have no schedule to pin")
+        if not isinstance(schedule, str) or DecodeTiles.launch_bounds(schedule) is None:
+            raise ValueError(f"schedule: {schedule!r} is not a decode schedule like 'w4u4g4b4'")
+    wrapper._pinned = schedule
+    wrapper._last_key = None
+    return wrapper
 
 
 class BatchDecodeWithPagedKVCacheWrapper(Wrapper):
@@ -64,6 +83,7 @@ class BatchDecodeWithPagedKVCacheWrapper(Wrapper):
         self._bufs = None  # (plan statics, PlanBuffers) of the last CUDA plan
         self._plan_range = None  # the keys the last plan was cut for (KeyRange; None: every key)
         self._last_key = None
+        self._pinned = None  # a schedule pin_schedule gave, instead of the registry's choice
 
     def plan(
         self, indptr, indices, last_page_len, num_qo_heads: int, num_kv_heads: int, head_dim: int,
@@ -115,8 +135,15 @@ class BatchDecodeWithPagedKVCacheWrapper(Wrapper):
             variant, pos_encoding_mode=pos_encoding_mode, window_left=window_left,
             logits_soft_cap=logits_soft_cap, rope_scale=rope_scale, rope_theta=rope_theta,
         )
-        return scheduled(AttentionKey("decode", fmt, num_qo_heads, num_kv_heads, head_dim, q_dtype, kv_dtype,
-                                      v, self._target))
+        key = AttentionKey("decode", fmt, num_qo_heads, num_kv_heads, head_dim, q_dtype, kv_dtype, v,
+                           self._target)
+        if self._pinned is None:
+            return scheduled(key, gpu=self.gpu)
+        pinned = dataclasses.replace(key, schedule=self._pinned)
+        reason = family_named("cuda_decode").supports(pinned)
+        if reason is not None:
+            raise ValueError(f"schedule: the pinned {self._pinned!r} cannot build {key.uri}: {reason}")
+        return pinned
 
     def _plan_cuda(self, key, sm_scale, indptr, indices, last_page_len, planned) -> None:
         batch, used = indptr.size - 1, int(indptr[-1])

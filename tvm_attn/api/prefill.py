@@ -93,7 +93,7 @@ class CudaPrefillPlan(Wrapper):
         lens = np.diff(qo_indptr)
         lens = lens[lens > 0]
         packed = None if self._graph or not lens.size else int(lens.mean() * key.group_size)
-        return scheduled(key, packed, family=self._family)
+        return scheduled(key, packed, family=self._family, gpu=self.gpu)
 
     def _plan_cuda(self, key, sm_scale, qo_indptr, kv_indptr, last, page_size, order, num_q_rows,
                    indices=None):

@@ -185,7 +185,8 @@ class CudaKVBackend:
     """
 
     def __init__(self, config, variant=None):
-        from ..schedule.decode import DecodeTiles, decode_schedule
+        from ..registry import scheduled
+        from ..schedule.decode import DecodeTiles
         from ..schedule.prefill import check_key
         from ..tir.abi import fixed_scalars
 
@@ -206,9 +207,9 @@ class CudaKVBackend:
             if tiles is not hopper:
                 check_key(pair[0])
             self.prefill_keys.append(pair)
-        group = hq // hkv
-        self.decode_key = AttentionKey("decode", PagedKV(c.page_size, "HND"), hq, hkv, d, dt, dt, user,
-                                       c.target, decode_schedule(d, dt, group, user))
+        # the registry's choice, as a wrapper's: a tuned table's for $TVM_ATTN_GPU, where it has one
+        self.decode_key = scheduled(AttentionKey("decode", PagedKV(c.page_size, "HND"), hq, hkv, d, dt, dt,
+                                                 user, c.target))
         self.decode_tiles = DecodeTiles.parse(self.decode_key.schedule, d, dt)
 
     # -- the TIR side ---------------------------------------------------------------------------------
