@@ -30,7 +30,8 @@ sys.path.insert(0, str(ROOT))
 REQUIRES = "gpu"
 
 from tvm_attn.benchmark import (  # noqa: E402
-    READ_CONFIGS, bar_plot, read_sum_name, result_header, time_torch, time_tvm, write_result,
+    READ_CONFIGS, bar_plot, page_table, read_sum_name, result_header, time_torch, time_tvm, write_result,
+    zipf_lengths,
 )
 
 HQ, HKV, D, PAGE = 32, 8, 128, 16
@@ -39,15 +40,13 @@ WINDOW = 4096
 
 
 def workloads(small: bool):
-    rng = np.random.default_rng(0)
-    zipf = rng.zipf(1.5, 64).astype(np.float64)
-    zipf = np.clip(np.round(zipf / zipf.mean() * 2048), 1, 32768).astype(int)
+    zipf = zipf_lengths(64, 2048)
     out = [
         ("b64 l2048", [2048] * 64, HQ, HKV),
         ("b16 l8192", [8192] * 16, HQ, HKV),
         ("b128 l1024", [1024] * 128, HQ, HKV),
         ("b1 l32768", [32768], HQ, HKV),
-        (f"b64 zipf mean{int(zipf.mean())}", zipf.tolist(), HQ, HKV),
+        (f"b64 zipf mean{int(np.mean(zipf))}", zipf, HQ, HKV),
         ("b64 l2048 mha", [2048] * 64, 32, 32),
     ]
     return out[:1] if small else out
@@ -68,14 +67,6 @@ def prefill_kernel_keys(target: str = "cuda:sm_90a") -> list:
 
 def kv_bytes(lens, hkv):
     return int(sum(lens)) * hkv * D * 2 * 2
-
-
-def page_table(lens, rng):
-    pages = [(n + PAGE - 1) // PAGE for n in lens]
-    indptr = np.cumsum([0] + pages).astype(np.int32)
-    indices = rng.permutation(int(indptr[-1])).astype(np.int32)
-    last = np.array([n - (p - 1) * PAGE if p else 0 for n, p in zip(lens, pages)], np.int32)
-    return indptr, indices, last
 
 
 def read_ceilings(tvm, dev, torch, cache_dir: Path, small: bool) -> dict:
@@ -152,7 +143,7 @@ def main(small: bool = False, out: str | None = None) -> list[dict]:
     variants_of = {"b64 l2048": variants, "b1 l32768": [variants[0], window]}
     for wname, lens, hq, hkv in workloads(small):
         workload = f"decode {wname} h{hq}/{hkv} d{D} p{PAGE} fp16"
-        indptr, indices, last = page_table(lens, rng)
+        indptr, indices, last = page_table(lens, PAGE, rng)
         num_pages = int(indptr[-1])
         shape = (num_pages, 2, PAGE, hkv, D)
         if torch is not None:  # random data made on the GPU: GBs of it
@@ -236,7 +227,7 @@ def main(small: bool = False, out: str | None = None) -> list[dict]:
     plan_times = {}
     for b in (1, 64, 256):
         lens = [2048] * b
-        indptr, indices, last = page_table(lens, rng)
+        indptr, indices, last = page_table(lens, PAGE, rng)
         w = ta.BatchDecodeWithPagedKVCacheWrapper("NHD", device="cuda", max_batch_size=256)
         w.plan(indptr, indices, last, HQ, HKV, D, PAGE)
         # the compiled decode plan alone (page-table check, staging and planner in one host call)

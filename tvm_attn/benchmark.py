@@ -23,6 +23,23 @@ def read_sum_name(threads: int, unroll: int) -> str:
     return f"read_sum_t{threads}u{unroll}"
 
 
+def zipf_lengths(n: int, mean: int, seed: int = 0, lo: int = 1, hi: int = 32768) -> list[int]:
+    """``n`` request lengths drawn from a Zipf law (exponent 1.5), scaled to mean ``mean`` and
+    clipped to ``[lo, hi]``: a skewed serving batch of a few long requests among many short ones."""
+    z = np.random.default_rng(seed).zipf(1.5, n).astype(np.float64)
+    return np.clip(np.round(z / z.mean() * mean), lo, hi).astype(int).tolist()
+
+
+def page_table(lens, page_size: int, rng) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(kv_indptr, kv_indices, kv_last_page_len)`` of requests of ``lens`` keys over shuffled pages
+    (a cache in use hands out pages in no order)."""
+    pages = [(n + page_size - 1) // page_size for n in lens]
+    indptr = np.cumsum([0] + pages).astype(np.int32)
+    indices = rng.permutation(int(indptr[-1])).astype(np.int32)
+    last = np.array([n - (p - 1) * page_size if p else 0 for n, p in zip(lens, pages)], np.int32)
+    return indptr, indices, last
+
+
 def time_torch(torch, fn, repeat: int = 10) -> float:
     """Median milliseconds of ``fn`` with CUDA events, after one warm-up call."""
     fn()

@@ -1,5 +1,6 @@
-"""Command line: ``tvm-attn demo`` (the main job), ``tvm-attn build`` (precompile kernels) and
-``tvm-attn build-model`` (compile a model with our kernels into one library)."""
+"""Command line: ``tvm-attn demo`` (the main job), ``tvm-attn build`` (precompile kernels),
+``tvm-attn build-model`` (compile a model with our kernels into one library) and ``tvm-attn tune``
+(per-GPU tuned schedules, :mod:`tvm_attn.tuning`)."""
 
 from __future__ import annotations
 
@@ -32,10 +33,11 @@ def parse_prompt_lens(text: str) -> tuple[int, ...]:
     return lens
 
 
-def load_kernel_specs(arg: str, target: str) -> list:
+def load_kernel_specs(arg: str, target: str, gpu: str | None = None) -> list:
     """``--kernels``: a JSON list of kernel specs (or one spec) inline, or the path of a file that
-    holds one -> their keys (``target`` for specs without one); a UsageError names the spec and
-    what is wrong with it (:func:`tvm_attn.config.key_from_spec` checks the keys)."""
+    holds one -> their keys (``target`` for specs without one, the tuned schedules of ``gpu`` for
+    specs without a schedule); a UsageError names the spec and what is wrong with it
+    (:func:`tvm_attn.config.key_from_spec` checks the keys)."""
     from .config import key_from_spec
     from .registry import family_of
 
@@ -60,7 +62,7 @@ def load_kernel_specs(arg: str, target: str) -> list:
     keys = []
     for i, spec in enumerate(specs):  # every spec checked before the first build
         try:
-            key = key_from_spec({"target": target, **spec} if isinstance(spec, dict) else spec)
+            key = key_from_spec({"target": target, **spec} if isinstance(spec, dict) else spec, gpu=gpu)
             family_of(key)  # raises if no family builds it
         except (ValueError, TypeError) as err:
             raise UsageError(f"{where}: spec {i}: {err}") from None
@@ -104,7 +106,7 @@ def cmd_build(args) -> int:
     if not compiler_available():
         print("tvm-attn build: TVM's compiler is not available in this process", file=sys.stderr)
         return 2
-    keys = load_kernel_specs(args.kernels or json.dumps(demo_kernel_specs()), args.target)
+    keys = load_kernel_specs(args.kernels or json.dumps(demo_kernel_specs()), args.target, args.gpu)
     cache = KernelCache(args.output) if args.output else KernelCache()
     print(f"building {len(keys)} kernels for {args.target} into {cache.directory}")
     total = time.perf_counter()
@@ -142,6 +144,13 @@ def cmd_build_model(args) -> int:
     return 0
 
 
+def cmd_tune(args) -> int:
+    from .tuning import main_from_args
+
+    main_from_args(args, " ".join(["tvm-attn", *sys.argv[1:]]))
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="tvm-attn", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -160,6 +169,8 @@ def main(argv=None) -> int:
                    help="llvm or cuda:<arch>, e.g. cuda:sm_90a (for specs without one)")
     b.add_argument("-o", "--output", help="cache directory (default: the user cache)")
     b.add_argument("--force", action="store_true", help="rebuild kernels already in the directory")
+    b.add_argument("--gpu", help="the GPU the kernels are for, e.g. 'NVIDIA H200': its tuned schedules "
+                                 "(tvm_attn.schedule.tuned; default: $TVM_ATTN_GPU, else hand-written)")
     b.set_defaults(func=cmd_build)
     m = sub.add_parser("build-model",
                        help="compile a Llama-architecture model with our kernels into one library")
@@ -177,6 +188,12 @@ def main(argv=None) -> int:
                    help="also write the weights as <output>.params (C++)")
     m.add_argument("--quiet", action="store_true", help="no progress bar")
     m.set_defaults(func=cmd_build_model)
+    from .tuning import add_arguments
+
+    t = sub.add_parser("tune", help="time the candidate schedules of a kernel family on a GPU "
+                                    "into a tuned table (--build here, then --run on the GPU host)")
+    add_arguments(t)
+    t.set_defaults(func=cmd_tune)
     args = parser.parse_args(argv)
     np.set_printoptions(precision=4)
     try:
@@ -196,6 +213,8 @@ def _check_args(args) -> None:
         _positive("--decode-steps", args.decode_steps, allow_zero=True)
     if args.command == "build-model" and args.layers is not None:
         _positive("--layers", args.layers)
+    if args.command == "tune":
+        _positive("--jobs", args.jobs)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,8 @@
     with Progress(["generate", "compile", "export"]) as bar:
         bar.step("generate"); ...; bar.step("compile"); ...
 
+(``bar.finish(name)`` instead counts steps that finish in any order, e.g. in parallel.)
+
 On a terminal it redraws one line (``[#####.....] 2/3 compile  1.4 s``); otherwise it prints one line
 per step, so logs stay readable.
 """
@@ -42,6 +44,16 @@ class Progress:
         self._finish_step()
         self.current, self.step_start = name, time.perf_counter()
         self._draw(name)
+
+    def finish(self, name: str, note: str = "") -> None:
+        """Count step ``name`` done, for steps that finish in any order (work in parallel processes)
+        rather than one after another; ``note`` follows its name on the line."""
+        if name not in self.steps:
+            raise ValueError(f"unknown step {name!r}; declared: {self.steps}")
+        now = time.perf_counter()
+        self.seconds[name], self.step_start = now - self.step_start, now
+        self.done += 1
+        self._draw(f"{name} {note}".rstrip())
 
     def _finish_step(self) -> None:
         if self.current is not None:
