@@ -72,8 +72,8 @@ def kernel_keys(target: str = "cuda:sm_90a", small: bool = False) -> list:
             k = scheduled(AttentionKey("prefill", kv, hq, hkv, d, "float16", "float16", v, target), packed,
                           family=BACKENDS[backend])
             keys[k.uri] = k
-            if backend == "auto" and _times_hopper_loops(k.schedule, d, fmt):
-                for schedule in HOPPER_LOOPS:
+            if backend == "auto":
+                for schedule in _pinned_schedules(k.schedule, d, fmt):
                     pinned = dataclasses.replace(k, schedule=schedule)
                     keys[pinned.uri] = pinned
     return list(keys.values())
@@ -81,15 +81,22 @@ def kernel_keys(target: str = "cuda:sm_90a", small: bool = False) -> list:
 
 #: the Hopper consumer loops timed side by side on the dense head_dim-128 workloads, as
 #: ``tvm_attn_sm90_<schedule>`` (serial or overlapped GEMMs, with or without the ping-pong; 128- or
-#: 176-key stages)
+#: 176-key stages; a ring of 3 stages, which fits shared memory at head_dim 128)
 HOPPER_LOOPS = ("wsq128k128s2", "wsq128k128s2p", "wsq128k128s2o", "wsq128k128s2po", "wsq128k176s2o",
-               "wsq128k176s2po")
+                "wsq128k176s2po", "wsq128k128s3o")
 
 
-def _times_hopper_loops(schedule: str, head_dim: int, fmt: str) -> bool:
-    """The registry chose the 128-key Hopper kernel at head_dim 128 over ragged KV: its other loops
-    are timed too."""
-    return schedule.startswith("wsq128k128") and head_dim == 128 and fmt == "ragged"
+def _pinned_schedules(schedule: str, head_dim: int, fmt: str) -> tuple:
+    """The Hopper schedules timed beside the registry's choice ``schedule``: where it chose the
+    128-key kernel at head_dim 128 over ragged KV, its other loops; over pages, the other producer
+    (gather or TMA boxes, where both address the pages) and a ring of 3 stages."""
+    if schedule.startswith("wsq128k128") and head_dim == 128 and fmt == "ragged":
+        return HOPPER_LOOPS
+    if not (schedule.startswith("wsq") and fmt == "paged"):
+        return ()
+    three = schedule.replace("s2", "s3") if head_dim == 128 else None
+    out = (three,) if schedule.endswith("g") else (three, schedule + "g", three and three + "g")
+    return tuple(s for s in out if s and s != schedule)
 
 
 #: the wrapper backends timed: the registry's choice ("tvm_attn") and the FA2-class kernel
@@ -125,6 +132,8 @@ def run_ours(workload, kname, backend, reqs, hq, hkv, d, causal, fmt, page, q_t,
         indices = perm.int().cpu().numpy()
         last = np.array([n - (p - 1) * page for n, p in zip(kv_lens, pages)], np.int32)
         w = ta.BatchPrefillWithPagedKVCacheWrapper("NHD", device="cuda", backend=backend)
+        if schedule is not None:
+            pin_schedule(w, schedule)
         w.plan(qo_indptr, p_indptr, indices, last, hq, hkv, d, page, causal=causal)
         data = [("paged_kv_cache", tvm.runtime.from_dlpack(cache_t))]
     else:
@@ -235,8 +244,8 @@ def main(small: bool = False, out: str | None = None) -> list[dict]:
             kname = "tvm_attn" if backend == "auto" else f"tvm_attn_{backend}"
             inputs = ours(kname, backend) or inputs
             chosen = rows[-1].get("schedule", "") if rows and rows[-1]["workload"] == workload else ""
-            if backend == "auto" and _times_hopper_loops(chosen, d, fmt):
-                for schedule in HOPPER_LOOPS:
+            if backend == "auto":
+                for schedule in _pinned_schedules(chosen, d, fmt):
                     ours(f"tvm_attn_sm90_{schedule}", "fa3", schedule)
         if inputs is None:
             continue

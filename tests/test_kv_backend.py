@@ -41,11 +41,12 @@ def test_header_names_every_kernel():
 
 
 @pytest.mark.parametrize("target, page_size, hopper", [("cuda:sm_90a", 16, True), ("cuda:sm_80", 16, False),
-                                                       ("cuda:sm_90a", 4, False)])
+                                                       ("cuda:sm_90a", 4, True)])
 def test_long_prefill_steps_take_the_hopper_kernel_where_the_registry_does(target, page_size, hopper):
     """Above the Hopper family's short-query bound the cache's prefill slots run its kernel on sm_90a
-    (both slots' keys: HND pages, NHD ragged); short steps keep the FA2-class tiles. On sm_80, and for
-    pages the Hopper kernel does not read, the table is the FA2-class schedule's."""
+    (both slots' keys: HND pages, NHD ragged, one schedule: the gather producer's where TMA boxes
+    cannot address the pages); short steps keep the FA2-class tiles. On sm_80 the table is the
+    FA2-class schedule's."""
     from tvm_attn.schedule.hopper import MIN_PACKED_ROWS, HopperTiles
 
     b = _backend(target=target, page_size=page_size)
@@ -59,6 +60,7 @@ def test_long_prefill_steps_take_the_hopper_kernel_where_the_registry_does(targe
         assert rows[-2] == MIN_PACKED_ROWS
         assert all(not isinstance(t, HopperTiles) for _, t in b.tiles[:-1])
         assert b.prefill_keys[-1][0].schedule == last.uri() and "wsq128" in b.header()
+        assert last.gather == (page_size < 8)
     else:
         assert b.tiles == prefill_tile_table(128, b.prefill_keys[0][0].variant)
 
