@@ -127,6 +127,36 @@ def test_workspace_size_function():
     assert big >= 256 * 32 * 129 * 4  # partial states of a fully split batch
 
 
+def test_workspace_size_follows_the_schedule(tmp_path):
+    """The size is the one the wrapper allocates for the schedule it runs: a pinned schedule's, or a
+    tuned table's for the GPU, else the hand-written one's."""
+    import json
+
+    from tvm_attn.planner import decode_workspace, decode_workspace_size
+    from tvm_attn.schedule import tuned
+    from tvm_attn.schedule.decode import DecodeTiles
+
+    def direct(schedule):
+        ws = decode_workspace(64, 32, 8, 128, DecodeTiles.parse(schedule, 128, "float16"), 132)
+        return ws.int_bytes + ws.float_bytes
+
+    hand = decode_workspace_size(64, 32, 8, 128, gpu="none")
+    for schedule in ("w4u4g4b3p", "w4u4g2b4", "w8u2g4b2"):
+        assert decode_workspace_size(64, 32, 8, 128, schedule=schedule) == direct(schedule)
+    table = tmp_path / "t.json"
+    table.write_text(json.dumps({"version": 1, "entries": [{"family": "cuda_decode", "gpu": "GPU X",
+                                                            "class": "d128-float16-g4-plain",
+                                                            "schedule": "w4u4g2b4"}]}))
+    tuned.use_table(table)
+    try:
+        assert decode_workspace_size(64, 32, 8, 128, gpu="GPU X") == direct("w4u4g2b4") != hand
+        assert decode_workspace_size(64, 32, 8, 128, gpu="GPU Y") == hand
+    finally:
+        tuned.use_table(None)
+    with pytest.raises(ValueError, match="schedule"):
+        decode_workspace_size(64, 32, 8, 128, schedule="w4u4g3b4")
+
+
 @settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
 @given(st.lists(st.tuples(st.integers(0, 300), st.integers(0, 3000)), min_size=1, max_size=12),
        st.sampled_from([1, 4, 6]), st.sampled_from([16, 64, 128]), st.integers(1, 40), st.booleans(),

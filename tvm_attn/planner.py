@@ -297,12 +297,25 @@ def prefill_workspace(max_num_tokens: int, max_batch_size: int, num_qo_heads: in
 
 
 def decode_workspace_size(max_batch_size: int, num_qo_heads: int, num_kv_heads: int, head_dim: int,
-                          kv_dtype: str = "float16", num_sms: int = 132) -> int:
-    """Bytes of device workspace a CUDA decode wrapper needs (int + float parts)."""
-    from .schedule.decode import choose_decode_tiles
+                          kv_dtype: str = "float16", num_sms: int = 132, *, schedule: str | None = None,
+                          gpu: str | None = None) -> int:
+    """Bytes of device workspace a CUDA decode wrapper needs (int + float parts) for a plain variant:
+    with the decode ``schedule`` given (as :func:`tvm_attn.api.decode.pin_schedule` takes), else the
+    one a wrapper on ``gpu`` chooses (:meth:`tvm_attn.registry.KernelFamily.choose`: a tuned table's
+    entry for that GPU, else the hand-written schedule). The size depends on the schedule: fewer heads
+    per block or more blocks per SM need more partial states."""
+    from .api._common import flashinfer_variant
+    from .config import AttentionKey
+    from .kv.formats import PagedKV
+    from .registry import scheduled
 
-    tiles = choose_decode_tiles(head_dim, kv_dtype, num_qo_heads // num_kv_heads)  # plain variants
-    ws = decode_workspace(max_batch_size, num_qo_heads, num_kv_heads, head_dim, tiles, num_sms)
+    key = AttentionKey("decode", PagedKV(16, "NHD"), num_qo_heads, num_kv_heads, head_dim, "float16",
+                       kv_dtype, flashinfer_variant(None), "cuda:sm_90a")
+    if schedule is None:
+        key = scheduled(key, gpu=gpu)
+    else:
+        key = dataclasses.replace(key, schedule=schedule)
+    ws = decode_workspace(max_batch_size, num_qo_heads, num_kv_heads, head_dim, DecodeTiles.of(key), num_sms)
     return ws.int_bytes + ws.float_bytes
 
 
