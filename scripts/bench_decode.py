@@ -48,6 +48,9 @@ def workloads(small: bool):
         ("b1 l32768", [32768], HQ, HKV),
         (f"b64 zipf mean{int(np.mean(zipf))}", zipf, HQ, HKV),
         ("b64 l2048 mha", [2048] * 64, 32, 32),
+        # FlashInfer-shaped steps at 2 GiB of KV, where launch and tail costs weigh least
+        ("b256 l2048", [2048] * 256, HQ, HKV),
+        ("b32 l16384", [16384] * 32, HQ, HKV),
     ]
     return out[:1] if small else out
 

@@ -27,13 +27,35 @@ def decode_key(hq=32, hkv=8, variant=None, head_dim=128, dtype="float16", schedu
                         variant or AttentionVariant(), "cuda:sm_90a", schedule)
 
 
+SHIPPED = tuned.PACKAGE_TABLE
+
+
 @pytest.fixture(autouse=True)
-def no_tables(monkeypatch):
-    """No GPU name and no user table from the environment; use_table undone after each test."""
+def no_tables(monkeypatch, tmp_path):
+    """No GPU name and no user table from the environment, an empty package table (the shipped
+    one has its own test); use_table undone after each test."""
     monkeypatch.delenv(tuned.GPU_ENV, raising=False)
     monkeypatch.delenv(tuned.TABLE_ENV, raising=False)
+    monkeypatch.setattr(tuned, "PACKAGE_TABLE", write(tmp_path / "empty.json", []))
     yield
     tuned.use_table(None)
+
+
+def test_the_shipped_table():
+    """The package's table: its entries check, each schedule is one ``tvm-attn tune`` builds for its
+    class (so the GPU tier's kernels for that GPU are among the candidates measured), and it is the
+    table of the committed tuning run."""
+    from pathlib import Path
+
+    entries = tuned.load_table(SHIPPED)
+    assert entries and {e.gpu for e in entries} == {H200}
+    built = {c["class"]: c for c in plan_build(classes=[e.workload_class for e in entries])}
+    for e in entries:
+        assert e.family == "cuda_decode" and e.schedule in built[e.workload_class]["candidates"]
+        assert dict(e.record)["default_schedule"] == built[e.workload_class]["default_schedule"]
+    run = Path(__file__).resolve().parents[1] / "bench" / "results" / "tuned-decode-h200.json"
+    if run.exists():  # the committed run (not installed with the package)
+        assert json.loads(run.read_text())["entries"] == json.loads(SHIPPED.read_text())["entries"]
 
 
 def write(path, entries, version=1):
@@ -209,9 +231,8 @@ def test_missing_table(tmp_path):
         tuned.use_table(tmp_path / "missing.json")
 
 
-def test_package_table_ships_and_is_empty():
-    assert tuned.load_table(tuned.PACKAGE_TABLE) == []
-    assert "tuned.json" in (tuned.PACKAGE_TABLE.parent.parent.parent / "pyproject.toml").read_text()
+def test_package_table_ships_as_package_data():
+    assert "tuned.json" in (SHIPPED.parent.parent.parent / "pyproject.toml").read_text()
 
 
 # -- choosing the winner --------------------------------------------------------------------------

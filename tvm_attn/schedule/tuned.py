@@ -21,9 +21,10 @@ holds each workload's pair. One entry per (family, gpu, class).
 
 Tables, the first with an entry winning: the user table (:func:`use_table`, else the path in
 ``$TVM_ATTN_TUNED_TABLE``), then the package's (``tuned.json`` beside this module, shipped with
-it; no entries until measurements are committed). A table that is not JSON, has another version,
-or holds an entry that does not check (unknown family, a class or schedule that does not parse
-for it, a duplicate) raises a ValueError naming the file and the entry when it is first read.
+it: the entries of the committed tuning runs, ``bench/results/tuned-decode-<gpu>.json``). A table
+that is not JSON, has another version, or holds an entry that does not check (unknown family, a
+class or schedule that does not parse for it, a duplicate) raises a ValueError naming the file and
+the entry when it is first read.
 
 The GPU (:func:`gpu_name`): a ``gpu=`` argument (``tvm-attn build --gpu``,
 ``scripts/build_gpu_kernels.py --gpu``: kernels built for another host), else ``$TVM_ATTN_GPU``,
