@@ -25,7 +25,7 @@ def page_table(kv_lens, page_size):
 
 
 def run_plan(planner, kv_lens, page_size, num_ctas, max_works, max_batch, max_partials, split=1, qo_lens=None,
-             group=1, tile_q=1, causal=0, overhead=WORK_OVERHEAD, slack=PACK_SLACK_DIV, window=-1):
+             group=1, tile_q=1, causal=0, overhead=WORK_OVERHEAD, slack=PACK_SLACK_DIV, window=-1, heads=1):
     """Decode by default (one query row per request); prefill with ``qo_lens``. ``max_batch`` sizes
     merge_indptr (max packed rows)."""
     indptr, last = page_table(kv_lens, page_size)
@@ -37,7 +37,7 @@ def run_plan(planner, kv_lens, page_size, num_ctas, max_works, max_batch, max_pa
     stats = tvm.runtime.tensor(np.zeros(PLAN_STATS, np.int32))
     params = PlanParams(max_partials=max_partials, page_size=page_size, allow_split=split, group_size=group,
                         tile_q=tile_q, causal=causal, window_left=window, work_overhead=overhead,
-                        pack_slack_div=slack)
+                        pack_slack_div=slack, kv_heads=heads)
     arrays = (tvm.runtime.tensor(a) for a in (qo_indptr, indptr, last))
     planner(*arrays, work, cta, merge, stats, *params.args())
     return work.numpy(), cta.numpy(), merge.numpy(), stats.numpy()
@@ -61,7 +61,8 @@ def test_plan_covers_every_key_once_and_balances(planner, kv_lens, page_size, nu
     for c in range(num_ctas):
         load = 0
         for w in range(cta[c], cta[c + 1]):
-            req, begin, end, out_row, row0, stride = work[:, w]
+            req, begin, end, out_row, row0, stride, head = work[:, w]
+            assert head == 0
             assert row0 == 0 and stride == (0 if out_row < 0 else stride)
             seen[req].append((begin, end, out_row))
             load += end - begin + WORK_OVERHEAD
@@ -177,7 +178,8 @@ def test_prefill_plan_covers_every_tile_and_row(planner, reqs, group, tile_q, nu
     assert status == 0 and cta[-1] == num_works <= max_works
     pieces = {}
     for w in range(num_works):
-        req, begin, end, out_row, row0, stride = work[:, w]
+        req, begin, end, out_row, row0, stride, head = work[:, w]
+        assert head == 0
         pieces.setdefault((req, row0), []).append((begin, end, out_row, stride))
     q_indptr = np.cumsum([0] + qo_lens)
     expect = {}
@@ -209,6 +211,47 @@ def test_prefill_plan_covers_every_tile_and_row(planner, reqs, group, tile_q, nu
         loads = [sum(work[Work.KV_END, w] - work[Work.KV_BEGIN, w] + overhead
                      for w in range(cta[c], cta[c + 1])) for c in range(num_ctas)]
         assert max(loads) <= max(quota + MIN_PIECE + 2 * overhead, quota + quota // 10) or num_ctas == 1
+
+
+@settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@given(st.lists(st.tuples(st.integers(0, 300), st.integers(0, 3000)), min_size=1, max_size=10),
+       st.sampled_from([1, 4]), st.sampled_from([64, 128]), st.sampled_from([2, 8]), st.integers(1, 40),
+       st.booleans(), st.booleans())
+def test_prefill_plan_with_heads_in_the_work_list(planner, reqs, group, tile_q, heads, num_ctas, split,
+                                                  causal):
+    """kv_heads > 1 (the Hopper kernel's one-dimensional grid): every (head, request, tile) is
+    covered once; a cut plan is one head's plan repeated on each head's own CTAs, so the pieces of a
+    tile write the same partial rows under every head; the capacities are prefill_capacity's."""
+    from tvm_attn.planner import prefill_capacity
+
+    qo_lens = [q for q, _ in reqs]
+    kv_lens = [max(k, q) if causal else k for q, k in reqs]
+    cap = prefill_capacity(sum(qo_lens), len(reqs), num_ctas, tile_q, group, heads, 16, heads)
+    overhead = 32 + tile_q // 2
+    work, cta, merge, stats = run_plan(planner, kv_lens, 16, num_ctas, cap.max_works, cap.max_rows + 1,
+                                       cap.max_partials, int(split), qo_lens, group, tile_q, int(causal),
+                                       overhead, 10, heads=heads)
+    num_works, num_partials, quota, status = stats
+    assert status == 0 and cta[0] == 0 and cta[-1] == num_works <= cap.max_works
+    assert np.all(np.diff(cta) >= 0)
+    pieces = {}
+    for c in range(num_ctas):
+        for w in range(cta[c], cta[c + 1]):
+            req, begin, end, out_row, row0, stride, head = work[:, w]
+            assert 0 <= head < heads
+            pieces.setdefault((head, req, row0), []).append((begin, end, out_row, stride, c))
+    items = {(b, row0) for b, q in enumerate(qo_lens) for row0 in range(0, q * group, tile_q)}
+    assert set(pieces) == {(h, b, r) for h in range(heads) for b, r in items}
+    cut_ctas = max(num_ctas // heads, 1)
+    for (head, b, row0), ps in pieces.items():
+        ps.sort()
+        assert all(p[1] == r[0] for p, r in zip(ps, ps[1:]))
+        same = sorted(p[:4] for p in pieces[(0, b, row0)])
+        assert [p[:4] for p in ps] == same  # every head's pieces are head 0's
+        if len(ps) > 1:  # cut: head h's pieces on its own CTAs
+            assert all(head * cut_ctas <= p[4] < (head + 1) * cut_ctas for p in ps)
+    if not split:
+        assert num_works == heads * len(items) and num_partials == 0
 
 
 def _decode_ws(max_batch, num_ctas=8):

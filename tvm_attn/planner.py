@@ -9,7 +9,7 @@ plan into a ValueError that says which capacity was too small.
 Workspace (sized by the wrapper's maxima, never by a step's lengths, so the buffers and the grid
 stay put for CUDA graphs):
 
-* ``work_info`` int32 ``[6, max_works]``, ``cta_indptr`` int32 ``[num_ctas + 1]`` and ``merge_indptr``
+* ``work_info`` int32 ``[7, max_works]``, ``cta_indptr`` int32 ``[num_ctas + 1]`` and ``merge_indptr``
   int32 ``[max_rows + 1]`` (decode: a row per request; prefill: a row per GQA-packed query row);
 * ``tmp_o`` float32 ``[max_partials, part_heads, head_dim]`` and ``tmp_lse`` float32
   ``[max_partials, part_heads]``, the partial states of split items (decode: all query heads of a
@@ -19,7 +19,10 @@ stay put for CUDA graphs):
   finishes its last piece); zero after every upload and every launch.
 
 The grid is ``num_ctas = num_sms * blocks_per_sm / (blocks per work)`` persistent CTAs; every CTA
-boundary cuts at most one item, so ``max_works = max_items + num_ctas``.
+boundary cuts at most one item, so ``max_works = max_items + num_ctas``. A prefill family whose
+tiles fold the KV heads into the work list (``tiles.fold_heads``: one CTA per SM, where a grid of
+``(num_sms // num_kv_heads, num_kv_heads)`` would leave SMs idle) plans every item once per head
+over a grid of ``num_sms * blocks_per_sm`` CTAs (``PlanParams.kv_heads``).
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ class Work(enum.IntEnum):
     OUT_ROW = 3  # -1: write o directly; else the first partial-state row of the piece
     ROW_BEGIN = 4  # the item's first GQA-packed query row
     OUT_STRIDE = 5  # partial rows between packed rows of the piece
+    KV_HEAD = 6  # the KV head (plans with kv_heads > 1; else 0, and the grid's y dimension is the head)
 
 
 #: rows of work_info
@@ -129,6 +133,8 @@ class PlanParams:
     work_overhead: int = _scalar("a work's cost beyond its keys, in keys", WORK_OVERHEAD)
     pack_slack_div: int = _scalar("pack whole items when no CTA exceeds its quota by more than 1/this",
                                   PACK_SLACK_DIV)
+    kv_heads: int = _scalar("KV heads planned into the work list, each item once per head (Work.KV_HEAD); "
+                            "1: the grid's y dimension is the head", 1)
 
     def args(self) -> tuple:
         """The values in signature order (``int`` for a bool)."""
@@ -273,13 +279,18 @@ def decode_capacity(max_batch, num_ctas, num_qo_heads, head_dim, blocks_per_work
 
 
 def prefill_capacity(max_tokens, max_batch, num_ctas, tile_q, group_size, num_kv_heads,
-                     head_dim) -> Workspace:
+                     head_dim, planned_heads=1) -> Workspace:
     """Prefill: an item per query tile of ``tile_q`` packed rows (each request's last tile may be
     partial). A cut item of ``n`` pieces has ``n`` partial rows per packed row, and the pieces of all
-    cut items number at most twice the CTA boundaries, so ``max_partials = 2 * num_ctas * tile_q``."""
+    cut items number at most twice the CTA boundaries, so ``max_partials = 2 * num_ctas * tile_q``.
+    ``planned_heads`` KV heads in the work list (:attr:`PlanParams.kv_heads`): each item is a work
+    per head, and a cut plan cuts one head's items over ``num_ctas // planned_heads`` CTAs and repeats
+    that plan for every head (the partial rows hold every head, as with one head per grid row)."""
     max_rows = max_tokens * group_size
     max_items = ceildiv(max_rows, tile_q) + max_batch
-    return Workspace(max_rows, num_ctas, max_items + num_ctas, 2 * num_ctas * tile_q, num_kv_heads, head_dim)
+    cut_ctas = imax(1, num_ctas // planned_heads)
+    return Workspace(max_rows, num_ctas, max_items * planned_heads + num_ctas, 2 * cut_ctas * tile_q,
+                     num_kv_heads, head_dim)
 
 
 def decode_workspace(max_batch_size: int, num_qo_heads: int, num_kv_heads: int, head_dim: int,
@@ -289,11 +300,18 @@ def decode_workspace(max_batch_size: int, num_qo_heads: int, num_kv_heads: int, 
     return decode_capacity(max_batch_size, num_ctas, num_qo_heads, head_dim, blocks)
 
 
+def planned_heads(tiles, num_kv_heads):
+    """KV heads a prefill plan puts in its work list: all of them where ``tiles.fold_heads`` (0 or 1,
+    or a C++ expression of it), else 1 (the grid's y dimension is the head)."""
+    return 1 + tiles.fold_heads * (num_kv_heads - 1)
+
+
 def prefill_workspace(max_num_tokens: int, max_batch_size: int, num_qo_heads: int, num_kv_heads: int,
                       head_dim: int, tiles, num_sms: int) -> Workspace:
-    num_ctas = grid_ctas(num_sms, tiles.blocks_per_sm, num_kv_heads)
+    heads = planned_heads(tiles, num_kv_heads)
+    num_ctas = grid_ctas(num_sms, tiles.blocks_per_sm, num_kv_heads // heads)
     return prefill_capacity(max_num_tokens, max_batch_size, num_ctas, tiles.tile_q,
-                            num_qo_heads // num_kv_heads, num_kv_heads, head_dim)
+                            num_qo_heads // num_kv_heads, num_kv_heads, head_dim, heads)
 
 
 def decode_workspace_size(max_batch_size: int, num_qo_heads: int, num_kv_heads: int, head_dim: int,
@@ -321,13 +339,17 @@ def decode_workspace_size(max_batch_size: int, num_qo_heads: int, num_kv_heads: 
 
 def prefill_workspace_size(max_num_tokens: int, max_batch_size: int, num_qo_heads: int, num_kv_heads: int,
                            head_dim: int, num_sms: int = 132) -> int:
-    """Bytes of device workspace a CUDA prefill wrapper needs, with the largest query tile."""
+    """Bytes of device workspace a CUDA prefill wrapper needs: the most of the FA2-class kernel's
+    largest query tile and the Hopper kernel's (whose plan holds a work per KV head)."""
+    from .schedule.hopper import HopperTiles
     from .schedule.prefill import choose_prefill_tiles
 
-    tiles = choose_prefill_tiles(head_dim)
-    ws = prefill_workspace(max_num_tokens, max_batch_size, num_qo_heads, num_kv_heads, head_dim, tiles,
-                           num_sms)
-    return ws.int_bytes + ws.float_bytes
+    sizes = []
+    for tiles in (choose_prefill_tiles(head_dim), HopperTiles()):
+        ws = prefill_workspace(max_num_tokens, max_batch_size, num_qo_heads, num_kv_heads, head_dim, tiles,
+                               num_sms)
+        sizes.append(ws.int_bytes + ws.float_bytes)
+    return max(sizes)
 
 
 #: int32 elements between the starts of the regions of the staging buffer (64 bytes)

@@ -101,7 +101,7 @@ class CudaPrefillPlan(Wrapper):
         planner's arrays) and ``"indices"`` (``indices``: page or block ids, ``max_num_pages`` of them
         under CUDA graphs)."""
         from ..planner import (
-            NO_WINDOW, PLAN, PREFILL_PACK_SLACK_DIV, prefill_work_overhead, prefill_workspace,
+            NO_WINDOW, PLAN, PREFILL_PACK_SLACK_DIV, planned_heads, prefill_work_overhead, prefill_workspace,
         )
         from ..registry import family_of
 
@@ -144,7 +144,8 @@ class CudaPrefillPlan(Wrapper):
         bufs.plan(module[PLAN], qo_indptr, kv_indptr, last, page_size=page_size, allow_split=split,
                   group_size=key.group_size, tile_q=tiles.tile_q, causal=keys.causal,
                   window_left=NO_WINDOW if keys.window_left is None else keys.window_left,
-                  work_overhead=prefill_work_overhead(tiles.tile_q), pack_slack_div=PREFILL_PACK_SLACK_DIV)
+                  work_overhead=prefill_work_overhead(tiles.tile_q), pack_slack_div=PREFILL_PACK_SLACK_DIV,
+                  kv_heads=planned_heads(tiles, key.num_kv_heads))
         dev = bufs.upload(index)
         qo_dev, index = (dev[:1], dev[1:]) if key.kind == "prefill" else ((), dev)
         merge = self._graph or bufs.num_partials > 0

@@ -49,6 +49,7 @@ struct PrefillTile {
   int64_t max_mean_rows;   // this tile serves batches whose mean GQA-packed query rows are <= this
   int64_t tile_q;          // packed query rows per CTA tile
   int64_t blocks_per_sm;   // resident CTAs per SM: sizes the persistent grid
+  int64_t fold_heads;      // 1: the plan puts every KV head's items in the work list (tvm_attn.planner.planned_heads)
   int64_t work_overhead;   // planner cost of a work beyond its keys
   TVMFFISafeCallType paged, paged_merge, ragged, ragged_merge;
 };
@@ -212,6 +213,7 @@ Array<int64_t> Plan(int64_t kind, int64_t tile, const Tensor& float_ws, const Te
     params.causal = causal;
     params.work_overhead = t.work_overhead;
     params.pack_slack_div = kPrefillPackSlackDiv;
+    params.kv_heads = 1 + t.fold_heads * (kNumKvHeads - 1);
   }
   int64_t int_bytes = sizeof(int32_t) * lay.int_elems(), float_bytes = sizeof(float) * lay.float_elems();
   if (int_bytes > Bytes(int_ws) || int_bytes > Bytes(pinned_ws) || float_bytes > Bytes(float_ws)) {

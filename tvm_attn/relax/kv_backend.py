@@ -260,7 +260,7 @@ class CudaKVBackend:
         rows = []
         for (max_rows, tiles), (paged, ragged) in zip(self.tiles, self.prefill_keys):
             kernels = ", ".join(_symbol(k.uri + suffix) for k in (paged, ragged) for suffix in ("", "_merge"))
-            rows.append(f"    {{{max_rows}, {tiles.tile_q}, {tiles.blocks_per_sm}, "
+            rows.append(f"    {{{max_rows}, {tiles.tile_q}, {tiles.blocks_per_sm}, {tiles.fold_heads}, "
                         f"{prefill_work_overhead(tiles.tile_q)}, {kernels}}},  // {tiles.uri()}")
         return rows
 
@@ -274,7 +274,8 @@ class CudaKVBackend:
         c = self.config
         hq, hkv, d = c.num_attention_heads, c.num_key_value_heads, c.head_dim
         dec = decode_workspace(CExpr("batch"), hq, hkv, d, self.decode_tiles, CExpr("num_sms"))
-        tile = SimpleNamespace(tile_q=CExpr("tile.tile_q"), blocks_per_sm=CExpr("tile.blocks_per_sm"))
+        tile = SimpleNamespace(tile_q=CExpr("tile.tile_q"), blocks_per_sm=CExpr("tile.blocks_per_sm"),
+                               fold_heads=CExpr("tile.fold_heads"))
         pre = prefill_workspace(CExpr("tokens"), CExpr("batch"), hq, hkv, d, tile, CExpr("num_sms"))
         init = lambda ws: ", ".join(str(getattr(ws, f.name)) for f in dataclasses.fields(ws))  # noqa: E731
         return ["// tvm_attn.planner.decode_workspace: a decode plan of `batch` requests",

@@ -40,6 +40,9 @@ class PrefillTiles:
         if self.stages != 2:
             raise ValueError(f"prefill tiles: only 2 pipeline stages are implemented, got {self.stages}")
 
+    #: the grid's y dimension is the KV head (the plan's work list holds one head's items)
+    fold_heads = 0
+
     @property
     def tile_q(self) -> int:
         """Query rows (GQA-packed rows: token x head of the group) per CTA tile."""

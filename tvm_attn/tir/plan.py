@@ -27,6 +27,13 @@ Two plans, the first that balances:
   pieces gets partial-state rows that are merged afterwards (prefill: the merge kernel; decode:
   the decode kernel, in the block that finishes the last piece).
 
+With ``kv_heads = H > 1`` (a kernel over a one-dimensional grid, :func:`tvm_attn.planner.planned_heads`)
+every item is a work per KV head (``Work.KV_HEAD``): the packed plan schedules them all, a request's
+heads one after another; the cut plan cuts one head's items over ``num_ctas // H`` CTAs and repeats
+that plan on the next CTAs for each head, so a cut tile's partial rows are the same for every head
+(tmp_o holds a slice per head) and the merge stays per packed row. With more heads than CTAs the
+plan always packs.
+
 Without split-KV (the deterministic, batch-invariant mode) the plan is always packed::
 
     plan(qo_indptr[B+1], kv_indptr[B+1], kv_last_page_len[B], work_info[WORK_FIELDS, max_works],
@@ -37,7 +44,7 @@ with the scalars of :class:`tvm_attn.planner.PlanParams`, in its order (callers 
 * ``kv_len(b) = (pages - 1) * page_size + last_page_len[b]`` (0 without pages); ragged KV passes
   ``page_size = 1`` and ones, block-sparse rows ``page_size = C`` and ``C``.
 * ``work_info[:, w]``: the fields of :class:`tvm_attn.planner.Work` (request, kv_begin, kv_end,
-  out_row, row_begin, out_stride), works in CTA order; CTA ``c`` runs works
+  out_row, row_begin, out_stride, kv_head), works in CTA order; CTA ``c`` runs works
   ``cta_indptr[c]:cta_indptr[c+1]``; ``row_begin`` is the item's first packed row; ``out_row = -1``:
   write o directly, else packed row ``r`` of the piece writes partial row ``out_row + r * out_stride``.
 * ``merge_indptr[p]..merge_indptr[p+1]``: the partial rows of global packed row
@@ -106,6 +113,7 @@ class _S(enum.IntEnum):
     POS = 7  # cut plan: keys of the item given out so far
     FIRST = 8  # cut plan: 1 until the item's first piece is out
     ITEM_WORK = 9  # cut plan: the item's first work
+    ONE_HEAD = 10  # the cost of one head's items (the cut plan cuts one head's and repeats it per head)
 
 
 @dataclass
@@ -128,10 +136,16 @@ class _Plan:
     n_batch: Any = None
     total_rows: Any = None
     few: Any = None  # every item gets a CTA of its own
+    cut_ctas: Any = None  # the CTAs a cut plan cuts one head's items over
 
     @property
     def num_ctas(self):
         return self.num_ctas_plus_one - 1
+
+    @property
+    def heads(self):
+        """KV heads in the work list (``PlanParams.kv_heads``): each item is a work per head."""
+        return self.p.kv_heads
 
     @property
     def max_works(self):
@@ -174,10 +188,10 @@ class _Plan:
     def span(self, b, t):
         return self.extent(b, t) - self.first_key(b, t)
 
-    def emit(self, w, req, begin, end, row0):
+    def emit(self, w, req, begin, end, row0, head=0):
         """Work ``w``: a whole item, written directly (a cut sets its out_row and out_stride later)."""
         record = {Work.REQUEST: req, Work.KV_BEGIN: begin, Work.KV_END: end, Work.OUT_ROW: -1,
-                  Work.ROW_BEGIN: row0, Work.OUT_STRIDE: 0}
+                  Work.ROW_BEGIN: row0, Work.OUT_STRIDE: 0, Work.KV_HEAD: head}
         with when(w < self.max_works):
             for field in Work:
                 store(self.work_info, record[field], field, w)
@@ -209,11 +223,13 @@ def _plan_totals(pl: _Plan) -> None:
     with loop("b", pl.n_batch) as b:
         store(s, s[_S.WORKS] + pl.n_tiles(b), _S.WORKS)
         with loop("t", pl.n_tiles(b)) as t:
-            store(s, s[_S.COST] + pl.span(b, t) + overhead, _S.COST)
-    pl.few = let("few", s[_S.WORKS] <= pl.num_ctas)
+            store(s, s[_S.ONE_HEAD] + pl.span(b, t) + overhead, _S.ONE_HEAD)
+    pl.few = let("few", s[_S.WORKS] * pl.heads <= pl.num_ctas)
     store(s, 0, _S.WORKS)
+    pl.cut_ctas = let("cut_ctas", tirx.max(pl.num_ctas // pl.heads, 1))
     # each CTA boundary may cut an item, adding one more piece (and its overhead)
-    store(s, s[_S.COST] + overhead * tirx.max(pl.num_ctas - 1, 0), _S.COST)
+    store(s, s[_S.ONE_HEAD] * pl.heads + overhead * tirx.max(pl.num_ctas - 1, 0), _S.COST)
+    store(s, s[_S.ONE_HEAD] + overhead * (pl.cut_ctas - 1), _S.ONE_HEAD)
     store(s, tirx.max(tirx.ceildiv(s[_S.COST], tirx.max(pl.num_ctas, 1)), 1), _S.QUOTA)
 
 
@@ -248,9 +264,10 @@ class _ListScheduler:
         store(tree, tirx.if_then_else(load[b] < load[a], b, a), node)
 
     def run(self, take):
-        """Give every item, in planning order (with causal, a request's tiles from the last, the
-        longest), to the least-loaded CTA (the first of equals); ``take(b, t, cta)`` records it.
-        With no more items than CTAs that is item i -> CTA i."""
+        """Give every item, in planning order (request, head, and with causal a request's tiles from
+        the last, the longest), to the least-loaded CTA (the first of equals); ``take(b, h, t, cta)``
+        records it. With no more works than CTAs that is work i -> CTA i. (Heads before tiles: the
+        CTAs working at one time read one head's keys, which stay in L2.)"""
         pl, leaves, load, tree, taken = self.pl, self.leaves, self.load, self.tree, self.taken
         store(taken, 0, 0)
         with loop("c", leaves) as c:
@@ -259,7 +276,7 @@ class _ListScheduler:
         with when(tirx.Not(pl.few)):
             with loop("i", leaves - 1) as i:
                 self._pick(leaves - 1 - i)
-        with loop("b", pl.n_batch) as b:
+        with loop("b", pl.n_batch) as b, loop("h", pl.heads) as h:
             with loop("i", pl.n_tiles(b)) as i:
                 t = let("t", tirx.if_then_else(pl.p.causal != 0, pl.n_tiles(b) - 1 - i, i))
                 cta = let("cta", tirx.if_then_else(pl.few, taken[0], tree[1]))
@@ -268,19 +285,20 @@ class _ListScheduler:
                 with when(tirx.Not(pl.few)):
                     with loop("l", self.levels) as lv:
                         self._pick(tirx.shift_right(leaves + cta, lv + 1))
-                take(b, t, cta)
+                take(b, h, t, cta)
 
     def count(self):
         """Count each CTA's items into ``cta_indptr[c + 1]``; returns whether to pack: no split
-        allowed, or no CTA then exceeds the quota by more than the slack."""
+        allowed, no CTA then exceeds the quota by more than the slack, or more heads than CTAs (a
+        cut plan gives each head CTAs of its own)."""
         pl, s = self.pl, self.pl.s
         with loop("c", pl.num_ctas_plus_one) as c:
             store(pl.cta_indptr, 0, c)
-        self.run(lambda b, t, cta: store(pl.cta_indptr, pl.cta_indptr[cta + 1] + 1, cta + 1))
+        self.run(lambda b, h, t, cta: store(pl.cta_indptr, pl.cta_indptr[cta + 1] + 1, cta + 1))
         store(s, 0, _S.USED)
         with loop("c", pl.num_ctas) as c:
             store(s, tirx.max(s[_S.USED], self.load[c]), _S.USED)
-        return let("pack", tirx.any(pl.p.allow_split == 0, s[_S.USED] <= self.limit))
+        return let("pack", tirx.any(pl.p.allow_split == 0, s[_S.USED] <= self.limit, pl.heads > pl.num_ctas))
 
 
 def _packed_plan(pl: _Plan, sched: _ListScheduler) -> None:
@@ -290,8 +308,8 @@ def _packed_plan(pl: _Plan, sched: _ListScheduler) -> None:
         store(cta_indptr, cta_indptr[c + 1] + cta_indptr[c], c + 1)
     store(pl.s, cta_indptr[num_ctas], _S.WORKS)
 
-    def place(b, t, cta):
-        pl.emit(cta_indptr[cta], b, pl.first_key(b, t), pl.extent(b, t), t * pl.p.tile_q)
+    def place(b, h, t, cta):
+        pl.emit(cta_indptr[cta], b, pl.first_key(b, t), pl.extent(b, t), t * pl.p.tile_q, h)
         store(cta_indptr, cta_indptr[cta] + 1, cta)
 
     sched.run(place)
@@ -304,8 +322,11 @@ def _packed_plan(pl: _Plan, sched: _ListScheduler) -> None:
 
 
 def _cut_plan(pl: _Plan) -> None:
-    """The items' keys laid end to end and cut at each CTA's quota, item after item."""
-    s, num_ctas, quota, overhead = pl.s, pl.num_ctas, pl.quota, pl.p.work_overhead
+    """The items' keys laid end to end and cut at each CTA's quota, item after item; with several
+    heads in the work list, one head's items over ``cut_ctas`` CTAs, then that plan for each head."""
+    s, num_ctas, overhead = pl.s, pl.cut_ctas, pl.p.work_overhead
+    store(s, tirx.max(tirx.ceildiv(s[_S.ONE_HEAD], num_ctas), 1), _S.QUOTA)
+    quota = let("cut_quota", s[_S.QUOTA])
     store(s, 0, _S.USED)
     with loop("b", pl.n_batch) as b:
         with loop("t", pl.n_tiles(b)) as t:
@@ -338,6 +359,29 @@ def _cut_plan(pl: _Plan) -> None:
     with loop("p", pl.max_rows_plus_one) as p:
         with when(p >= pl.total_rows):
             store(pl.merge_indptr, s[_S.PARTIALS], p)
+    if not (isinstance(pl.heads, int) and pl.heads == 1):
+        _repeat_per_head(pl)
+
+
+def _repeat_per_head(pl: _Plan) -> None:
+    """The cut plan of head 0 (works ``[0, n)`` on CTAs ``[0, cut_ctas)``) again for heads 1..H-1,
+    head h's on CTAs ``[h * cut_ctas, (h + 1) * cut_ctas)``; later CTAs get no works. The pieces
+    of every head write the same partial rows, in their own head's slice of tmp_o."""
+    s, ctas = pl.s, pl.cut_ctas
+    n = let("head_works", s[_S.WORKS])
+    with loop("h1", pl.heads - 1) as h1:
+        h = h1 + 1
+        with loop("w", n) as w:
+            with when(h * n + w < pl.max_works):
+                for field in Work:
+                    value = h if field == Work.KV_HEAD else pl.work_info[field, w]
+                    store(pl.work_info, value, field, h * n + w)
+        with loop("c", ctas) as c:
+            store(pl.cta_indptr, h * n + pl.cta_indptr[c], h * ctas + c)
+    with loop("c", pl.num_ctas_plus_one) as c:
+        with when(c >= pl.heads * ctas):
+            store(pl.cta_indptr, pl.heads * n, c)
+    store(s, pl.heads * n, _S.WORKS)
 
 
 def _merge_offsets(pl: _Plan, b, row0, rows) -> None:

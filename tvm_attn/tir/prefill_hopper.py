@@ -7,7 +7,10 @@ same planner, work records, variant hooks and online softmax as the FA2-class ke
 (:mod:`tvm_attn.tir.prefill_cuda`, whose mask, softmax and partial-state stages run here
 unchanged: a wgmma accumulator holds, per warp, exactly an mma.sync m16n8 fragment per 8 columns).
 
-Grid ``(num_ctas, num_kv_heads)``, ``128 * (1 + consumers)`` threads. Warpgroup 0 is the producer:
+Grid ``num_ctas`` (one CTA per SM), ``128 * (1 + consumers)`` threads. The plan folds the KV heads
+into the work list (:attr:`~tvm_attn.schedule.hopper.HopperTiles.fold_heads`): each work names its
+head, so every SM gets a CTA whatever the head count (a ``(num_sms // heads, heads)`` grid left 4 of
+the H200's 132 SMs idle at 8 heads). Warpgroup 0 is the producer:
 its first thread walks the CTA's works and, per work, loads the GQA-packed query tile (one TMA box
 of ``64 columns x group heads x tile_q / group tokens`` per 64-column chunk) and then each K/V tile
 into the next stage of the ring::
@@ -64,6 +67,7 @@ from tvm import tirx
 
 from ..config import AttentionKey
 from ..kv.formats import BlockSparseKV, PagedKV, RaggedKV
+from ..planner import Work
 from ..schedule.hopper import CHUNK, SMEM_LIMIT, HopperTiles, unsupported
 from ..variants.base import HookContext
 from ._builder import IRBuilder, T, let, local, loop, store, when
@@ -109,7 +113,7 @@ class HopperBlock(CtaGeometry):
     lse: tirx.Buffer
     tmp_o: tirx.Buffer
     tmp_lse: tirx.Buffer
-    kv_head: tirx.Var
+    kv_head: tirx.PrimExpr | None  # the work's KV head, set per work (_open_work)
     tid: tirx.Var
     smem: tirx.Buffer  # Q chunks, then K stages, then V stages (elements of dt)
     s_frag: tirx.Buffer | None = None
@@ -206,7 +210,6 @@ def make_prefill_hopper(key: AttentionKey, tiles: HopperTiles | None = None) -> 
             key, key.num_kv_heads)
         maps = _tensor_maps(key, idx, tiles)
         with T.thread_binding(0, num_ctas, "blockIdx.x") as cta, \
-                T.thread_binding(0, key.num_kv_heads, "blockIdx.y") as kv_head, \
                 T.thread_binding(0, tiles.threads, "threadIdx.x") as tid:
             variant = key.variant
             buf = T.alloc_buffer((D * (TQ + 2 * tiles.stages * TK),), key.kv_dtype, scope="shared.dyn",
@@ -216,7 +219,7 @@ def make_prefill_hopper(key: AttentionKey, tiles: HopperTiles | None = None) -> 
                             has_mask=variant.overrides("logits_mask"), softmax=variant.use_softmax,
                             fold_scale=variant.use_softmax and not variant.overrides("logits_transform"),
                             idx=idx, params=params, sm_scale=sm_scale, o=o, lse=lse, tmp_o=tmp_o,
-                            tmp_lse=tmp_lse, kv_head=kv_head, tid=tid, smem=buf)
+                            tmp_lse=tmp_lse, kv_head=None, tid=tid, smem=buf)
             bars = Barriers("bars", 2 * _STAGE_BARS + 2)
             b.tables = stage_tables(variant, D, params, tid, tiles.threads)
             consumer_warps = 4 * tiles.consumers
@@ -290,13 +293,20 @@ def _page_coords(b: HopperBlock, c, page, slot, part):
     return (c * CHUNK, slot, b.kv_head, half)
 
 
+def _open_work(b: HopperBlock, work_info, w, tiles_done, align: int = 1):
+    """:func:`~tvm_attn.tir.prefill_cuda.open_work`, and the work's KV head (``b.kv_head``, in the
+    scope of the work's loop body)."""
+    b.kv_head = let("kv_head", work_info[Work.KV_HEAD, w])
+    return open_work(b, work_info, w, tiles_done, align)
+
+
 # -- the producer ------------------------------------------------------------------------------------
 
 def _produce(b: HopperBlock, bars: Barriers, maps: dict, work_info, first_work, n_works, tiles_done):
     """One thread: per work, the query tile, then its K/V tiles through the ring."""
     elem = 2
     with loop("wi", n_works) as wi:
-        ws = open_work(b, work_info, let("w", first_work + wi), tiles_done, b.kv_align)
+        ws = _open_work(b, work_info, let("w", first_work + wi), tiles_done, b.kv_align)
         _load_q(b, bars, maps, ws, wi)
         with loop("it", ws.n_tiles) as it:
             n = tiles_done[0] + it
@@ -357,7 +367,7 @@ def _produce_gather(b: HopperBlock, bars: Barriers, maps: dict, work_info, first
     then of V, with cp.async into the swizzled layout TMA would write. A stage's full barrier
     completes when every thread's copies into it have landed."""
     with loop("wi", n_works) as wi:
-        ws = open_work(b, work_info, let("w", first_work + wi), tiles_done)
+        ws = _open_work(b, work_info, let("w", first_work + wi), tiles_done)
         with when(b.tid == 0):
             _load_q(b, bars, maps, ws, wi)
         with loop("it", ws.n_tiles) as it:
@@ -438,7 +448,7 @@ def _consume(b: HopperBlock, bars: Barriers, work_info, first_work, n_works, til
         with when(b.consumer == 1):
             named_barrier_arrive(TURN, 256)
     with loop("wi", n_works) as wi:
-        ws = open_work(b, work_info, let("w", first_work + wi), tiles_done, b.kv_align)
+        ws = _open_work(b, work_info, let("w", first_work + wi), tiles_done, b.kv_align)
         bars.wait(_q_full(b), wi % 2)
         init_state(b)
         loop_ = _Loop(b, bars, ws, descs, tiles_done, last_work=wi == n_works - 1)
