@@ -139,3 +139,15 @@ def test_prefill_key_stages_shrink_for_register_hungry_logits_hooks():
         v = variant if variant is not None else ta.Causal()
         key = AttentionKey("prefill", RaggedKV("NHD"), 32, 8, 128, "float16", "float16", v, TARGET, "default")
         assert PrefillTiles.parse(cuda_key(key, np.array([0, 4096], np.int32)).schedule).kv_tile == kv_tile
+
+
+def test_decode_window_is_a_key_range_not_a_mask():
+    """A sliding window clips each decode piece to the keys it shows (the variant's kv_range, a
+    range mask): inside the key loop no key is tested against the window."""
+    v = flashinfer_variant(window_left=100)
+    key = AttentionKey("decode", PagedKV(16, "NHD"), 32, 8, 128, "float16", "float16", v, TARGET,
+                       decode_schedule(128, "float16", 4, v))
+    body = _kernel_body(cuda_source(compile_key(key)), key.uri)
+    key_loop = body[body.index("for (int it = 0;"):]
+    assert "window_left" in body.split("for (int it = 0;")[0], "the piece is not clipped to the window"
+    assert "window_left" not in key_loop, "the key loop still evaluates the window mask"

@@ -137,6 +137,9 @@ class _Piece:
     end: tirx.Var = None
     k_next: tirx.Buffer | None = None  # the register prefetch's next K/V rows
     v_next: tirx.Buffer | None = None
+    #: the piece is clipped to the variant's key range and its mask is exactly that range (a sliding
+    #: window): every key of the piece is visible, no mask is evaluated
+    mask_free: bool = False
 
     def ctx(self, kv=None, head=None, qo=0) -> HookContext:
         return dataclasses.replace(self.hooks, qo_idx=qo, kv_idx=kv, qo_head_idx=head)
@@ -211,6 +214,7 @@ def _begin_work(b: _Block, w) -> _Piece:
     bounds = b.variant.kv_range(hooks)
     if bounds is not None:
         begin, end = tirx.max(begin, bounds[0]), tirx.min(end, bounds[1])
+        pc.mask_free = b.variant.mask_is_range()
     pc.begin = let("kv_begin", begin)
     pc.end = let("kv_end", tirx.if_then_else(live, tirx.max(end, pc.begin), pc.begin))
     return pc
@@ -345,7 +349,7 @@ def _qk_logits(b: _Block, pc: _Piece, base) -> None:
             sctx = pc.ctx(kv=pos, head=pc.head0 + g)
             s = variant.logits_transform(sctx, acc[0] * b.args.sm_scale)
             visible = pos < pc.end
-            m = variant.logits_mask(sctx)
+            m = None if pc.mask_free else variant.logits_mask(sctx)
             if m is not None:
                 visible = tirx.all(visible, m)
             if variant.use_softmax:
