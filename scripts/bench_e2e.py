@@ -8,6 +8,11 @@ Two steps, because the GPU host has TVM's runtime only:
     python scripts/bench_e2e.py --build e2e/ --target cuda:sm_90a         # here: compile both models + cubins
     python scripts/bench_e2e.py --run e2e/ --out bench/results/e2e-h100.json  # GPU host (writes a PNG too)
 
+For an sm_90a target a third model, ``tvm_attn_fa2``, is the same tvm_attn model built for sm_90:
+the registry's Hopper prefill family needs sm_90a, so that cache's prefill slots hold the FA2-class
+kernels. It times the time to first token only (its decode slot is the same kernel), the baseline
+the Hopper prefill kernel's TTFT is measured against.
+
 Each model runs in its own process (its KV cache for 64 x 4k tokens takes 34 GB), with the same
 weights. Correctness first: before timing, both models prefill the same prompt and decode a step;
 rows are written only when their logits agree (fp16 tolerance). The JSON's ``kv_cache_slots`` says
@@ -41,7 +46,10 @@ REQUIRES = "gpu"
 
 from tvm_attn.benchmark import bar_plot, result_header, write_result  # noqa: E402
 
-MODELS = {"tvm_attn": "tvm_attn", "tvm_builtin": "tvm_builtin_tir"}  # kv_cache -> the row's kernel name
+#: library stem -> (its KV cache, the row's kernel name)
+MODELS = {"tvm_attn": ("tvm_attn", "tvm_attn"), "tvm_builtin": ("tvm_builtin", "tvm_builtin_tir")}
+#: the FA2-class baseline of an sm_90a build (see the module docstring): TTFT only
+FA2_MODEL = "tvm_attn_fa2"
 BATCHES, CONTEXTS, TTFT_PROMPT = (1, 16, 64), (1024, 4096), 2048
 
 
@@ -54,9 +62,12 @@ def build(directory: Path, target: str, config: str = "llama3-8b", **overrides) 
         overrides.setdefault("dtype", "float16")
 
     directory.mkdir(parents=True, exist_ok=True)
-    for kv_cache in MODELS:
-        print(f"building {config} with the {kv_cache} KV cache for {target}")
-        build_model(config, target, directory / f"{kv_cache}.so", kv_cache=kv_cache, seed=0, **overrides)
+    models = {stem: (kv_cache, target) for stem, (kv_cache, _) in MODELS.items()}
+    if target == "cuda:sm_90a":
+        models[FA2_MODEL] = ("tvm_attn", "cuda:sm_90")
+    for stem, (kv_cache, model_target) in models.items():
+        print(f"building {config} with the {kv_cache} KV cache for {model_target} ({stem})")
+        build_model(config, model_target, directory / f"{stem}.so", kv_cache=kv_cache, seed=0, **overrides)
 
 
 def fast_random_weights(meta: dict, device) -> list:
@@ -176,7 +187,7 @@ def attention_split(library: Path, batch: int, ctx: int) -> dict:
     return out
 
 
-def run_one(library: Path, small: bool) -> dict:
+def run_one(library: Path, small: bool, ttft_only: bool = False) -> dict:
     """Measure one model (called in its own process); returns its timings and check logits."""
     import tvm
 
@@ -233,7 +244,7 @@ def run_one(library: Path, small: bool) -> dict:
     print(f"{library.name}: ttft {result['ttft_us'] / 1e3:.1f} ms ({time.perf_counter() - t_phase:.0f} s)",
           flush=True)
     repeat, warmup = (3, 2) if small else (20, 2)
-    for ctx in contexts:
+    for ctx in () if ttft_only else contexts:
         # fill max(batches) sequences to ctx once; each batch size decodes the first b of them, and
         # popn takes the timed steps' tokens back off so every cell starts at the same context
         t_phase = time.perf_counter()
@@ -258,7 +269,7 @@ def run_one(library: Path, small: bool) -> dict:
                   flush=True)
         for sid in ids:
             s.remove_sequence(sid)
-    if meta["kv_cache"] == "tvm_attn" and device == "cuda":
+    if meta["kv_cache"] == "tvm_attn" and device == "cuda" and not ttft_only:
         result["cache_plan_us"] = cache_plan_time(library, meta, dev)
     result["check"] = [c.astype(np.float32).tolist() for c in check]
     result["kv_cache_slots"] = meta["kv_cache_slots"]
@@ -269,25 +280,32 @@ def run_one(library: Path, small: bool) -> dict:
 
 
 def run(directory: Path, out: str | None, small: bool) -> list[dict]:
+    models = dict(MODELS)
+    if (directory / f"{FA2_MODEL}.so").exists():
+        models[FA2_MODEL] = ("tvm_attn", FA2_MODEL)
     results = {}
-    for kv_cache in MODELS:
-        library = directory / f"{kv_cache}.so"
+    for stem in models:
+        library = directory / f"{stem}.so"
         with tempfile.NamedTemporaryFile(suffix=".json") as f:
             cmd = [sys.executable, str(Path(__file__).resolve()), "--run-one", str(library), "--to", f.name]
-            subprocess.run(cmd + (["--small"] if small else []), check=True)
-            results[kv_cache] = json.loads(Path(f.name).read_text())
+            cmd += (["--small"] if small else []) + (["--ttft-only"] if stem == FA2_MODEL else [])
+            subprocess.run(cmd, check=True)
+            results[stem] = json.loads(Path(f.name).read_text())
     ref = results["tvm_builtin"]["check"]
-    mine = results["tvm_attn"]["check"]
-    errs = [float(np.abs(np.asarray(a) - np.asarray(b)).max()) for a, b in zip(mine, ref)]
     scale = max(float(np.abs(np.asarray(r)).max()) for r in ref)
-    matched = max(errs) <= 2e-2 * (1 + scale)
+    errs, matched = {}, {}
+    for stem in models:
+        if stem != "tvm_builtin":
+            errs[stem] = [float(np.abs(np.asarray(a) - np.asarray(b)).max())
+                          for a, b in zip(results[stem]["check"], ref)]
+            matched[stem] = max(errs[stem]) <= 2e-2 * (1 + scale)
     meta = json.loads((directory / "tvm_attn.json").read_text())
     name = f"{meta['config_name']} {meta['config']['dtype']}"
     rows = []
-    for kv_cache, kernel in MODELS.items():
-        if kv_cache == "tvm_attn" and not matched:
+    for stem, (_, kernel) in models.items():
+        if not matched.get(stem, True):
             continue
-        r = results[kv_cache]
+        r = results[stem]
         rows.append({"workload": f"ttft prompt{TTFT_PROMPT if not small else 48} b1 {name}", "kernel": kernel,
                      "median_us": round(r["ttft_us"], 1), "TBps": None, "TFLOPs": None,
                      "pct_of_ceiling": None})
@@ -299,20 +317,21 @@ def run(directory: Path, out: str | None, small: bool) -> list[dict]:
     split = {}
     if split_at and meta["target"].startswith("cuda"):
         attn = attention_split(directory / "tvm_attn.so", *split_at)
-        for kv_cache, kernel in MODELS.items():
-            itl = results[kv_cache]["itl_us"].get(f"{split_at[0]}x{split_at[1]}")
-            if kv_cache in attn and itl is not None:
-                split[kernel] = {"itl_us": round(itl, 1), "attention_us": round(attn[kv_cache], 1),
-                                 "rest_us": round(itl - attn[kv_cache], 1)}
+        for stem, (_, kernel) in MODELS.items():
+            itl = results[stem]["itl_us"].get(f"{split_at[0]}x{split_at[1]}")
+            if stem in attn and itl is not None:
+                split[kernel] = {"itl_us": round(itl, 1), "attention_us": round(attn[stem], 1),
+                                 "rest_us": round(itl - attn[stem], 1)}
                 rows.append({"workload": f"decode attention only b{split_at[0]} ctx{split_at[1]} {name}",
-                             "kernel": kernel, "median_us": round(attn[kv_cache], 1), "TBps": None,
+                             "kernel": kernel, "median_us": round(attn[stem], 1), "TBps": None,
                              "TFLOPs": None, "pct_of_ceiling": None})
     device_name = _device_name(meta["target"])
     result = {
         **result_header(device_name, f"python scripts/bench_e2e.py --run {directory} --out {out or '-'}",
                         ROOT),
         "ceilings": {},
-        "rows": rows, "kv_cache_slots": {k: results[k]["kv_cache_slots"] for k in MODELS},
+        "rows": rows, "kv_cache_slots": {k: results[k]["kv_cache_slots"] for k in models},
+        "targets": {k: json.loads((directory / f"{k}.json").read_text())["target"] for k in models},
         "check": {"reference": "tvm_builtin_tir model, same weights", "max_abs_logit_diff": errs,
                   "matched": matched},
         "cache_plan_us": results["tvm_attn"].get("cache_plan_us"),
@@ -326,11 +345,14 @@ def run(directory: Path, out: str | None, small: bool) -> list[dict]:
     }
     for row in rows:
         print(f"{row['workload']:<44}{row['kernel']:<20}{row['median_us']:>12.1f} us")
-    print("logit check vs the built-in model:", "matched" if matched else "MISMATCH", errs)
+    for stem in errs:
+        print(f"logit check of {stem} vs the built-in model:", "matched" if matched[stem] else "MISMATCH",
+              errs[stem])
     if out:
         write_result(out, result, plot)
-    if not matched:
-        raise SystemExit("tvm_attn's model disagrees with the built-in one; its rows were not written")
+    wrong = [stem for stem, ok in matched.items() if not ok]
+    if wrong:
+        raise SystemExit(f"{', '.join(wrong)} disagree(s) with the built-in model; those rows were not written")
     return rows
 
 
@@ -355,10 +377,11 @@ def main(small: bool = False, argv=None) -> list[dict]:
     p.add_argument("--small", action="store_true", help="tiny model, tiny workloads (a smoke run)")
     p.add_argument("--run-one", help=argparse.SUPPRESS)
     p.add_argument("--to", help=argparse.SUPPRESS)
+    p.add_argument("--ttft-only", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args([] if argv is None and small else argv)
     small = small or a.small
     if a.run_one:
-        Path(a.to).write_text(json.dumps(run_one(Path(a.run_one), small)))
+        Path(a.to).write_text(json.dumps(run_one(Path(a.run_one), small, a.ttft_only)))
         return []
     if a.build:
         build(Path(a.build), a.target, *(("tiny",) if small else ()))
