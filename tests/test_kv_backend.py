@@ -98,7 +98,7 @@ def test_generated_planner_interface_matches_python(tmp_path):
     import tvm
     import tvm_ffi
 
-    from tvm_attn.planner import PlanParams, Workspace, decode_workspace, prefill_workspace
+    from tvm_attn.planner import REGION_ALIGN, PlanParams, Workspace, decode_workspace, prefill_workspace
     from tvm_attn.relax.kv_backend import SOURCE
     from tvm_attn.tir.plan import make_planner
 
@@ -109,7 +109,10 @@ def test_generated_planner_interface_matches_python(tmp_path):
     stubs = "\n".join(f'extern "C" int __tvm_ffi_{n}(void*, const TVMFFIAny*, int32_t, TVMFFIAny*) '
                       "{ return 0; }" for n in b.functions() if n != PLAN)
     set_fields = " ".join(f"p.{n} = {100 + i};" for i, n in enumerate(names))
+    probe = Workspace(*range(1, len(dataclasses.fields(Workspace)) + 1))
+    regions = [name for name, _ in probe.int_regions() + probe.float_regions()]
     values = [f"l.{f.name}" for f in dataclasses.fields(Workspace)] + ["l.int_elems()", "l.float_elems()"]
+    values += [f"l.{name}_at()" for name in regions]
     show = f'printf("{" ".join(["%lld"] * len(values))}\\n", {", ".join(f"(long long){v}" for v in values)});'
     layouts = "\n".join(f"{{ Layout l = DecodeLayout({s}, {bt}); {show} }}" for s, bt, _ in cases)
     layouts += "\n" + "\n".join(f"{{ Layout l = PrefillLayout({s}, {tok}, {bt}, kPrefillTiles[{i}]); "
@@ -147,4 +150,22 @@ int main() {{
     want = [decode_workspace(bt, *heads, b.decode_tiles, s) for s, bt, _ in cases]
     want += [prefill_workspace(tok, bt, *heads, tiles, s) for s, bt, tok in cases for _, tiles in b.tiles]
     got = [[int(x) for x in line.split()] for line in out[1:]]
-    assert got == [[*dataclasses.astuple(w), w.int_bytes // 4, w.float_bytes // 4] for w in want]
+    assert got == [[*dataclasses.astuple(w), w.int_bytes // 4, w.float_bytes // 4, *_region_starts(w)]
+                   for w in want]
+    # every region on a 64-byte boundary (TVM's compiled planner assumes it of its array arguments)
+    assert all(start % REGION_ALIGN == 0 for line in got for start in line[-len(regions):])
+
+
+def _region_starts(ws):
+    """Where a layout starts each int region, then each float region (planner.region_size apart)."""
+    import math
+
+    from tvm_attn.planner import region_size
+
+    starts = []
+    for regions in (ws.int_regions(), ws.float_regions()):
+        at = 0
+        for _, shape in regions:
+            starts.append(at)
+            at += region_size(math.prod(shape))
+    return starts

@@ -236,7 +236,8 @@ class Workspace:
     merge_blocks: int = 0
 
     def int_regions(self) -> tuple:
-        """``(name, shape)`` of the int32 arrays, in the order a packed layout stores them."""
+        """``(name, shape)`` of the int32 arrays, in the order a layout stores them, each from a
+        multiple of :data:`REGION_ALIGN` elements."""
         return (("work_info", (WORK_FIELDS, self.max_works)), ("cta_indptr", (self.num_ctas + 1,)),
                 ("merge_indptr", (self.max_rows + 1,)), ("merge_count", (self.max_rows, self.merge_blocks)))
 
@@ -247,11 +248,23 @@ class Workspace:
 
     @property
     def int_bytes(self) -> int:
-        return 4 * sum(_elems(shape) for _, shape in self.int_regions())
+        return 4 * sum(region_size(_elems(shape)) for _, shape in self.int_regions())
 
     @property
     def float_bytes(self) -> int:
-        return 4 * sum(_elems(shape) for _, shape in self.float_regions())
+        return 4 * sum(region_size(_elems(shape)) for _, shape in self.float_regions())
+
+
+#: int32 / float32 elements a workspace region's start is a multiple of: 64 bytes, the alignment
+#: TVM's compiled functions assume of every array argument (:data:`tvm_attn.tensor.ALIGNMENT`);
+#: LLVM's SSE loads of the planner's cta_indptr faulted on a region 8 bytes off it
+REGION_ALIGN = 16
+
+
+def region_size(n):
+    """Elements a region of ``n`` takes, padded to the next region's aligned start (ints or
+    :class:`CExpr`)."""
+    return (n + (REGION_ALIGN - 1)) // REGION_ALIGN * REGION_ALIGN
 
 
 def _elems(shape):
@@ -352,10 +365,6 @@ def prefill_workspace_size(max_num_tokens: int, max_batch_size: int, num_qo_head
     return max(sizes)
 
 
-#: int32 elements between the starts of the regions of the staging buffer (64 bytes)
-_ALIGN = 16
-
-
 #: DLPack's device type of page-locked host memory (cudaMallocHost)
 _CUDA_HOST = 3
 
@@ -407,7 +416,7 @@ class PlanBuffers:
     def __init__(self, ws: Workspace, device, index_capacity: tuple[int, ...] = ()):
         self.ws = ws
         sizes = [_elems(shape) for _, shape in ws.int_regions()] + [max(int(c), 1) for c in index_capacity]
-        starts = np.concatenate([[0], np.cumsum([-(-size // _ALIGN) * _ALIGN for size in sizes])]).tolist()
+        starts = np.concatenate([[0], np.cumsum([region_size(size) for size in sizes])]).tolist()
         end = starts.pop()
         # every upload copies the fixed regions
         self._fixed_end = starts[self._FIXED] if len(sizes) > self._FIXED else end

@@ -189,6 +189,23 @@ inline int64_t Bytes(const Tensor& x) {
   return n;
 }
 
+// int32 arrays on 64-byte boundaries: TVM's compiled planner assumes that alignment of every array
+// argument (its vector loads fault 8 bytes off it), which the cache's host arrays and a std::vector
+// do not promise; the planner's index inputs are copied into one of these.
+class AlignedInts {
+ public:
+  explicit AlignedInts(int64_t n) : raw_(n + kAlign) {
+    auto at = reinterpret_cast<uintptr_t>(raw_.data());
+    data_ = raw_.data() + (kAlign - (at / sizeof(int32_t)) % kAlign) % kAlign;
+  }
+  int32_t* data() { return data_; }
+
+ private:
+  static constexpr int64_t kAlign = 64 / sizeof(int32_t);
+  std::vector<int32_t> raw_;
+  int32_t* data_;
+};
+
 // Runs the planner into the page-locked int workspace and copies the result to the device.
 Array<int64_t> Plan(int64_t kind, int64_t tile, const Tensor& float_ws, const Tensor& int_ws,
                     const Tensor& pinned_ws, const int32_t* qo_indptr, const int32_t* kv_indptr,
@@ -224,11 +241,17 @@ Array<int64_t> Plan(int64_t kind, int64_t tile, const Tensor& float_ws, const Te
   }
   DLDevice host{kDLCPU, 0};
   int32_t* pinned = static_cast<int32_t*>(pinned_ws.GetDLTensorPtr()->data);
-  int32_t stats[kPlanStats] = {0};
-  // the planner only reads its three index arrays
-  View qo_v(const_cast<int32_t*>(qo_indptr), host, kInt32, {batch + 1});
-  View kv_v(const_cast<int32_t*>(kv_indptr), host, kInt32, {batch + 1});
-  View last_v(const_cast<int32_t*>(last_page_len), host, kInt32, {batch});
+  // the planner's inputs and stats, each region of `args` 64-byte aligned (as are the layout's)
+  int64_t span = (batch + 1 + 15) / 16 * 16;
+  AlignedInts args(3 * span + kPlanStats);
+  int32_t *qo_a = args.data(), *kv_a = qo_a + span, *last_a = kv_a + span, *stats = last_a + span;
+  std::copy(qo_indptr, qo_indptr + batch + 1, qo_a);
+  std::copy(kv_indptr, kv_indptr + batch + 1, kv_a);
+  std::copy(last_page_len, last_page_len + batch, last_a);
+  std::fill(stats, stats + kPlanStats, 0);
+  View qo_v(qo_a, host, kInt32, {batch + 1});
+  View kv_v(kv_a, host, kInt32, {batch + 1});
+  View last_v(last_a, host, kInt32, {batch});
   View work_v = lay.work_info(pinned, host), cta_v = lay.cta_indptr(pinned, host);
   View merge_v = lay.merge_indptr(pinned, host);
   View stats_v(stats, host, kInt32, {kPlanStats});

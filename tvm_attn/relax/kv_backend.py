@@ -140,9 +140,10 @@ def planner_header() -> list[str]:
 
 def _layout_struct() -> list[str]:
     """``Layout``: a :class:`~tvm_attn.planner.Workspace` whose regions are views
-    (``work_info(base, device)``, ...) at the offsets Python lays them out at, and which
+    (``work_info(base, device)``, ...) at the offsets Python lays them out at (each start a multiple
+    of :data:`~tvm_attn.planner.REGION_ALIGN` elements), and which
     ``Save`` / ``Load`` into and from a plan_info array."""
-    from ..planner import CExpr, Workspace
+    from ..planner import CExpr, Workspace, region_size
 
     names = [f.name for f in dataclasses.fields(Workspace)]
     ws = Workspace(*(CExpr(n) for n in names))
@@ -158,7 +159,7 @@ def _layout_struct() -> list[str]:
                       f"  View {name}({ptr}* base, DLDevice dev) const {{",
                       f"    return View(base + {name}_at(), dev, {dtype}, {{{dims}}});",
                       "  }"]
-            at = f"{name}_at() + {_product(shape)}"
+            at = str(region_size(CExpr(f"{name}_at() + {_product(shape)}")))  # the next aligned start
         lines.append(f"  int64_t {kind}_elems() const {{ return {at}; }}")
     loads = ", ".join(f"info[at + {i}]" for i in range(len(names)))
     lines += ["  void Save(Array<int64_t>* info) const {",
