@@ -352,7 +352,8 @@ def run(directory: Path, out: str | None, small: bool) -> list[dict]:
         write_result(out, result, plot)
     wrong = [stem for stem, ok in matched.items() if not ok]
     if wrong:
-        raise SystemExit(f"{', '.join(wrong)} disagree(s) with the built-in model; those rows were not written")
+        raise SystemExit(f"{', '.join(wrong)} disagree(s) with the built-in model; "
+                         "those rows were not written")
     return rows
 
 

@@ -38,6 +38,9 @@ def test_hopper_kernel_source_and_ptxas(key):
     head = body[: body.index("{")]
     chunks = key.head_dim // 64
     paged = isinstance(key.kv, PagedKV)
+    # the KV head: with TMA each work's (a one-dimensional grid, a CTA per SM), with the gather
+    # producer the grid's y index
+    assert ("blockIdx.y" in body) == (not tiles.fold_heads), "the grid's y dimension"
     if tiles.gather:
         # Q through TMA; per tile and part, a copy per 16-row pass and chunk, then one arrival on
         # the stage's barrier when they have landed

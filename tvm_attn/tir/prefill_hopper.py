@@ -7,10 +7,11 @@ same planner, work records, variant hooks and online softmax as the FA2-class ke
 (:mod:`tvm_attn.tir.prefill_cuda`, whose mask, softmax and partial-state stages run here
 unchanged: a wgmma accumulator holds, per warp, exactly an mma.sync m16n8 fragment per 8 columns).
 
-Grid ``num_ctas`` (one CTA per SM), ``128 * (1 + consumers)`` threads. The plan folds the KV heads
-into the work list (:attr:`~tvm_attn.schedule.hopper.HopperTiles.fold_heads`): each work names its
-head, so every SM gets a CTA whatever the head count (a ``(num_sms // heads, heads)`` grid left 4 of
-the H200's 132 SMs idle at 8 heads). Warpgroup 0 is the producer:
+Grid ``num_ctas`` (one CTA per SM), ``128 * (1 + consumers)`` threads. With TMA the plan folds the
+KV heads into the work list (:attr:`~tvm_attn.schedule.hopper.HopperTiles.fold_heads`): each work
+names its head, so every SM gets a CTA whatever the head count (a ``(num_sms // heads, heads)`` grid
+left 4 of the H200's 132 SMs idle at 8 heads); the gather producer keeps that grid, the head its y
+index. Warpgroup 0 is the producer:
 its first thread walks the CTA's works and, per work, loads the GQA-packed query tile (one TMA box
 of ``64 columns x group heads x tile_q / group tokens`` per 64-column chunk) and then each K/V tile
 into the next stage of the ring::
@@ -61,6 +62,7 @@ the planner serve both.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 from tvm import tirx
@@ -209,8 +211,11 @@ def make_prefill_hopper(key: AttentionKey, tiles: HopperTiles | None = None) -> 
         idx, num_ctas, work_info, cta_indptr, tmp_o, tmp_lse, _, o, lse, sm_scale, params = kernel_params(
             key, key.num_kv_heads)
         maps = _tensor_maps(key, idx, tiles)
-        with T.thread_binding(0, num_ctas, "blockIdx.x") as cta, \
-                T.thread_binding(0, tiles.threads, "threadIdx.x") as tid:
+        with T.thread_binding(0, num_ctas, "blockIdx.x") as cta, contextlib.ExitStack() as grid:
+            # the KV head: each work's (folded plans), else the grid's y dimension
+            kv_head = None if tiles.fold_heads else grid.enter_context(
+                T.thread_binding(0, key.num_kv_heads, "blockIdx.y"))
+            tid = grid.enter_context(T.thread_binding(0, tiles.threads, "threadIdx.x"))
             variant = key.variant
             buf = T.alloc_buffer((D * (TQ + 2 * tiles.stages * TK),), key.kv_dtype, scope="shared.dyn",
                                  align=1024)
@@ -219,7 +224,7 @@ def make_prefill_hopper(key: AttentionKey, tiles: HopperTiles | None = None) -> 
                             has_mask=variant.overrides("logits_mask"), softmax=variant.use_softmax,
                             fold_scale=variant.use_softmax and not variant.overrides("logits_transform"),
                             idx=idx, params=params, sm_scale=sm_scale, o=o, lse=lse, tmp_o=tmp_o,
-                            tmp_lse=tmp_lse, kv_head=None, tid=tid, smem=buf)
+                            tmp_lse=tmp_lse, kv_head=kv_head, tid=tid, smem=buf)
             bars = Barriers("bars", 2 * _STAGE_BARS + 2)
             b.tables = stage_tables(variant, D, params, tid, tiles.threads)
             consumer_warps = 4 * tiles.consumers
@@ -294,9 +299,10 @@ def _page_coords(b: HopperBlock, c, page, slot, part):
 
 
 def _open_work(b: HopperBlock, work_info, w, tiles_done, align: int = 1):
-    """:func:`~tvm_attn.tir.prefill_cuda.open_work`, and the work's KV head (``b.kv_head``, in the
-    scope of the work's loop body)."""
-    b.kv_head = let("kv_head", work_info[Work.KV_HEAD, w])
+    """:func:`~tvm_attn.tir.prefill_cuda.open_work`, and with folded heads the work's KV head
+    (``b.kv_head``, in the scope of the work's loop body)."""
+    if b.tiles.fold_heads:
+        b.kv_head = let("kv_head", work_info[Work.KV_HEAD, w])
     return open_work(b, work_info, w, tiles_done, align)
 
 
