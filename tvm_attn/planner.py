@@ -37,7 +37,7 @@ import tvm
 import tvm_ffi
 
 from .schedule.decode import DecodeTiles
-from .tensor import aligned_zeros, is_aligned
+from .tensor import ALIGNMENT, aligned_zeros, is_aligned
 
 
 class Work(enum.IntEnum):
@@ -258,7 +258,7 @@ class Workspace:
 #: int32 / float32 elements a workspace region's start is a multiple of: 64 bytes, the alignment
 #: TVM's compiled functions assume of every array argument (:data:`tvm_attn.tensor.ALIGNMENT`);
 #: LLVM's SSE loads of the planner's cta_indptr faulted on a region 8 bytes off it
-REGION_ALIGN = 16
+REGION_ALIGN = ALIGNMENT // 4
 
 
 def region_size(n):

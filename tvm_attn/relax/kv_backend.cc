@@ -194,14 +194,13 @@ inline int64_t Bytes(const Tensor& x) {
 // do not promise; the planner's index inputs are copied into one of these.
 class AlignedInts {
  public:
-  explicit AlignedInts(int64_t n) : raw_(n + kAlign) {
+  explicit AlignedInts(int64_t n) : raw_(n + kRegionAlign) {
     auto at = reinterpret_cast<uintptr_t>(raw_.data());
-    data_ = raw_.data() + (kAlign - (at / sizeof(int32_t)) % kAlign) % kAlign;
+    data_ = raw_.data() + (kRegionAlign - (at / sizeof(int32_t)) % kRegionAlign) % kRegionAlign;
   }
   int32_t* data() { return data_; }
 
  private:
-  static constexpr int64_t kAlign = 64 / sizeof(int32_t);
   std::vector<int32_t> raw_;
   int32_t* data_;
 };
@@ -242,7 +241,7 @@ Array<int64_t> Plan(int64_t kind, int64_t tile, const Tensor& float_ws, const Te
   DLDevice host{kDLCPU, 0};
   int32_t* pinned = static_cast<int32_t*>(pinned_ws.GetDLTensorPtr()->data);
   // the planner's inputs and stats, each region of `args` 64-byte aligned (as are the layout's)
-  int64_t span = (batch + 1 + 15) / 16 * 16;
+  int64_t span = (batch + kRegionAlign) / kRegionAlign * kRegionAlign;  // batch + 1, aligned
   AlignedInts args(3 * span + kPlanStats);
   int32_t *qo_a = args.data(), *kv_a = qo_a + span, *last_a = kv_a + span, *stats = last_a + span;
   std::copy(qo_indptr, qo_indptr + batch + 1, qo_a);

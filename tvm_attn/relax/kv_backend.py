@@ -108,7 +108,7 @@ def planner_header() -> list[str]:
     fields and the status codes (``kWorkKvEnd``, ``kStatStatus``, ``kStatusMaxWorks``, ...) with
     ``StatusName``; ``PlanParams``, the planner's scalars by name with their defaults, whose ``Call``
     passes them in the planner's order; and ``Layout`` (:func:`_layout_struct`)."""
-    from ..planner import NO_WINDOW, PLAN_STATS, PlanParams, Stat, Status, Work
+    from ..planner import NO_WINDOW, PLAN_STATS, REGION_ALIGN, PlanParams, Stat, Status, Work
 
     lines = ["// -- tvm_attn.planner: the planner's interface"]
     for enum_type, name, prefix, count in ((Work, "WorkField", "kWork", "kWorkFields"),
@@ -119,6 +119,7 @@ def planner_header() -> list[str]:
         lines.append(f"enum {name} : int {{ {', '.join(fields)} }};")
     names = ", ".join(f'"{m.name.lower()}"' for m in Status)
     lines += [f"constexpr int kPlanStats = {PLAN_STATS};  // entries of the planner's stats",
+              f"constexpr int64_t kRegionAlign = {REGION_ALIGN};  // int32 elements: array starts, 64 bytes",
               f"constexpr int64_t kNoWindow = {NO_WINDOW};",
               "inline const char* StatusName(int64_t s) {",
               f"  static const char* names[] = {{{names}}};",
